@@ -1,0 +1,270 @@
+//! Tenants, teams, users, API keys and plans: who may spend, on what, and how fast.
+//!
+//! These are plain values. They come from the declarative configuration file and from
+//! the admin API, and the engine reads them through [`Directory`], which is swapped
+//! whole (copy-on-write) when an admin changes it, so a decision never sees half an
+//! update. API keys live in their own map because there can be 100k of them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::budget::BudgetSpec;
+use crate::money::Money;
+
+/// How strictly a tenant's calls are governed; for gradual rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnforcementMode {
+    /// Denials are enforced.
+    #[default]
+    Enforce,
+    /// Every check runs and would-be denials are recorded, but the call is permitted.
+    Shadow,
+    /// No check runs; spend is still recorded.
+    Off,
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    /// Manages every tenant, plans included; spends nothing itself.
+    PlatformAdmin,
+    /// Manages its own tenant (budgets, teams, users, keys); cannot change the plan.
+    TenantAdmin,
+    /// Spends within its tenant; reads its own usage; changes nothing.
+    Member,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub plan: String,
+    pub timezone: Tz,
+    pub mode: EnforcementMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Team {
+    pub tenant: String,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct User {
+    pub tenant: String,
+    pub id: String,
+    pub team: Option<String>,
+    pub role: String,
+}
+
+/// The SHA-256 of an API key's secret; the secret itself is never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    pub fn of(secret: &str) -> Self {
+        KeyHash(Sha256::digest(secret.as_bytes()).into())
+    }
+
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = hex::decode(s).ok()?;
+        bytes.try_into().ok().map(KeyHash)
+    }
+}
+
+/// The prefix every Bursar key secret starts with, so leaked keys are easy to scan for.
+pub const KEY_SECRET_PREFIX: &str = "bsr_";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiKey {
+    pub id: Uuid,
+    pub name: String,
+    #[serde(skip)]
+    pub hash: KeyHash,
+    /// The first characters of the secret, to recognise a key in a list.
+    pub prefix: String,
+    /// `None` only for platform admin keys.
+    pub tenant: Option<String>,
+    pub team: Option<String>,
+    pub user: Option<String>,
+    pub kind: KeyKind,
+    /// Overrides the user's role for rate limits.
+    pub role: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl ApiKey {
+    pub fn is_active(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| now < e)
+    }
+}
+
+/// What a plan allows for one task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskPolicy {
+    /// Model classes allowed for this task.
+    pub classes: Vec<String>,
+    /// The class used when a caller asks for a class rather than a model.
+    pub default_class: String,
+    /// The most output tokens one call of this task may ask for.
+    pub max_tokens: u32,
+}
+
+/// Rate limits for one role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleLimits {
+    pub requests_per_minute: Option<NonZeroU32>,
+    pub tokens_per_minute: Option<NonZeroU32>,
+}
+
+/// How a call's provider cost turns into the charge to the tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateCard {
+    /// Charge = cost × markup_bps / 10,000 (10,000 = at cost), rounded up.
+    #[serde(default = "default_markup_bps")]
+    pub markup_bps: u32,
+    /// Fixed rates per agent type per 1,000 tokens (e.g. `CONTENT = "0.04"`); a call
+    /// tagged with one of these agents is charged by tokens instead of by markup.
+    #[serde(default)]
+    pub agent_per_1k_tokens: BTreeMap<String, Money>,
+}
+
+/// Charging at cost, so a plan without a rate card shows a zero margin, not a made-up one.
+pub const DEFAULT_MARKUP_BPS: u32 = 10_000;
+
+fn default_markup_bps() -> u32 {
+    DEFAULT_MARKUP_BPS
+}
+
+impl Default for RateCard {
+    fn default() -> Self {
+        RateCard {
+            markup_bps: DEFAULT_MARKUP_BPS,
+            agent_per_1k_tokens: BTreeMap::new(),
+        }
+    }
+}
+
+impl RateCard {
+    /// The charge for a call; one rounding, up, as for costs.
+    pub fn charge(&self, cost: Money, agent: Option<&str>, tokens: u64, quantity: u64) -> Money {
+        if let Some(rate) = agent.and_then(|a| self.agent_per_1k_tokens.get(a)) {
+            let units = if tokens > 0 { tokens } else { quantity.saturating_mul(1000) };
+            // rate nano-USD per 1,000 tokens = rate pico-USD per token.
+            return Money::from_pico_ceil(i128::from(rate.nanos()) * i128::from(units));
+        }
+        Money::from_pico_ceil(
+            i128::from(cost.nanos()) * i128::from(self.markup_bps) * crate::money::PICOS_PER_NANO
+                / 10_000,
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub id: String,
+    pub features: BTreeSet<String>,
+    pub tasks: BTreeMap<String, TaskPolicy>,
+    /// The task of a call that names none.
+    pub default_task: String,
+    pub rate_limits: BTreeMap<String, RoleLimits>,
+    /// Budgets every tenant on this plan gets.
+    pub default_budgets: Vec<BudgetSpec>,
+    pub rate_card: RateCard,
+    /// What the tenant pays for the plan per month; for margin reports.
+    pub price_per_month: Money,
+}
+
+/// The catalog the engine decides against, swapped whole on change.
+#[derive(Debug, Clone, Default)]
+pub struct Directory {
+    pub tenants: HashMap<String, Tenant>,
+    pub teams: HashMap<(String, String), Team>,
+    pub users: HashMap<(String, String), User>,
+    pub plans: HashMap<String, Plan>,
+}
+
+/// API keys by hash, and by id for admin operations.
+#[derive(Debug, Default)]
+pub struct KeyRing {
+    by_hash: HashMap<KeyHash, Arc<ApiKey>>,
+    by_id: HashMap<Uuid, KeyHash>,
+}
+
+impl KeyRing {
+    pub fn insert(&mut self, key: ApiKey) {
+        let hash = key.hash;
+        if let Some(old) = self.by_id.insert(key.id, hash) {
+            self.by_hash.remove(&old);
+        }
+        self.by_hash.insert(hash, Arc::new(key));
+    }
+
+    pub fn by_hash(&self, hash: &KeyHash) -> Option<&Arc<ApiKey>> {
+        self.by_hash.get(hash)
+    }
+
+    pub fn by_id(&self, id: &Uuid) -> Option<&Arc<ApiKey>> {
+        self.by_id.get(id).and_then(|h| self.by_hash.get(h))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ApiKey>> {
+        self.by_hash.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_rates_charge_per_thousand_tokens() {
+        let mut card = RateCard::default();
+        card.agent_per_1k_tokens
+            .insert("CONTENT".into(), Money::parse("0.04").unwrap());
+        // 2,500 tokens at $0.04 per 1K = $0.10, whatever the provider cost.
+        assert_eq!(
+            card.charge(Money::parse("0.01").unwrap(), Some("CONTENT"), 2_500, 0).to_string(),
+            "0.1"
+        );
+        // Other agents pay cost × markup.
+        card.markup_bps = 15_000;
+        assert_eq!(
+            card.charge(Money::parse("0.01").unwrap(), Some("SEO"), 2_500, 0).to_string(),
+            "0.015"
+        );
+    }
+
+    #[test]
+    fn key_hash_hex_round_trips() {
+        let h = KeyHash::of("bsr_secret");
+        assert_eq!(KeyHash::from_hex(&h.to_hex()), Some(h));
+        assert_eq!(KeyHash::from_hex("zz"), None);
+    }
+}

@@ -1,0 +1,664 @@
+//! The declarative configuration file.
+//!
+//! One TOML file declares the server settings, plans, tenants, teams, users, keys and
+//! budgets. Unknown keys are refused, and [`Config::parse`] checks the whole file and
+//! reports every problem at once, so a bad file never starts a half-configured gateway.
+//! Environment overrides for the server settings are applied by the binary.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::budget::{Budget, BudgetSpec, EmergencyAction, ScopeKind, Selector, Thresholds, Window};
+use crate::catalog::{
+    ApiKey, Directory, EnforcementMode, KeyHash, KeyKind, Plan, RateCard, RoleLimits, TaskPolicy,
+    Team, Tenant, User, KEY_SECRET_PREFIX,
+};
+use crate::engine::{EngineConfig, ExpiryPolicy, DEFAULT_HOLD_TTL, DEFAULT_MIN_OUTPUT_TOKENS, MAX_HOLD_TTL};
+use crate::money::Money;
+use crate::pricebook::PriceBook;
+
+/// Loopback by default: a gateway that holds provider keys is not exposed by accident.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Beside the working directory, so the first run needs no set-up.
+pub const DEFAULT_DATA_DIR: &str = "./bursar-data";
+/// 1 MiB: ample for an authorization request, small enough to refuse floods early.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+/// Secrets shorter than this are guessable.
+pub const MIN_SECRET_LEN: usize = 24;
+
+/// The configuration shipped with Bursar: used when no file is given.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/default.toml");
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub listen: Option<String>,
+    pub data_dir: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    /// A price book file replacing the built-in one.
+    pub price_book: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngineSection {
+    hold_ttl_secs: Option<u64>,
+    expiry_policy: Option<ExpiryPolicy>,
+    min_output_tokens: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    id: Option<String>,
+    tenant: Option<String>,
+    scope: String,
+    value: Option<String>,
+    window: String,
+    limit: String,
+    warn_percent: Option<u8>,
+    emergency_percent: Option<u8>,
+    emergency_action: Option<EmergencyAction>,
+    #[serde(default)]
+    rollover: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateCard {
+    markup_bps: Option<u32>,
+    #[serde(default)]
+    agent_per_1k_tokens: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoleLimits {
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    id: String,
+    #[serde(default)]
+    features: Vec<String>,
+    default_task: String,
+    tasks: BTreeMap<String, TaskPolicy>,
+    #[serde(default)]
+    rate_limits: BTreeMap<String, RawRoleLimits>,
+    #[serde(default)]
+    budgets: Vec<RawBudget>,
+    rate_card: Option<RawRateCard>,
+    price_per_month: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    id: String,
+    name: Option<String>,
+    plan: String,
+    timezone: Option<String>,
+    mode: Option<EnforcementMode>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTeam {
+    tenant: String,
+    id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    tenant: String,
+    id: String,
+    team: Option<String>,
+    role: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    name: String,
+    tenant: Option<String>,
+    team: Option<String>,
+    user: Option<String>,
+    kind: KeyKind,
+    role: Option<String>,
+    /// The secret in clear: for demos and tests only.
+    secret: Option<String>,
+    /// The SHA-256 of the secret, hex: for production files.
+    sha256: Option<String>,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    engine: EngineSection,
+    #[serde(default)]
+    plans: Vec<RawPlan>,
+    #[serde(default)]
+    tenants: Vec<RawTenant>,
+    #[serde(default)]
+    teams: Vec<RawTeam>,
+    #[serde(default)]
+    users: Vec<RawUser>,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+    #[serde(default)]
+    budgets: Vec<RawBudget>,
+}
+
+/// Every problem of a configuration, reported together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "the configuration has {} problem(s):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSection,
+    pub engine: EngineConfig,
+    pub directory: Directory,
+    pub keys: Vec<ApiKey>,
+    pub budgets: Vec<Budget>,
+}
+
+/// Ids become parts of bucket keys and URLs: keep them to a safe alphabet.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Parses a budget from its parts; shared by the file and the admin API.
+#[allow(clippy::too_many_arguments)]
+pub fn parse_budget_spec(
+    scope: &str,
+    value: Option<&str>,
+    window: &str,
+    limit: &str,
+    warn_percent: Option<u8>,
+    emergency_percent: Option<u8>,
+    emergency_action: Option<EmergencyAction>,
+    rollover: bool,
+) -> Result<BudgetSpec, Vec<String>> {
+    let mut problems = Vec::new();
+    let scope_kind = ScopeKind::parse(scope);
+    if scope_kind.is_none() {
+        problems.push(format!(
+            "unknown scope `{scope}` (global, tenant, team, user, api_key, end_user, workflow, campaign, agent, feature, task, tag:NAME)"
+        ));
+    }
+    let w = Window::parse(window);
+    if w.is_none() {
+        problems.push(format!(
+            "unknown window `{window}` (daily, weekly, monthly, lifetime, rolling:Nm|Nh|Nd)"
+        ));
+    }
+    let limit = match Money::parse_non_negative(limit) {
+        Ok(m) if m > Money::ZERO => Some(m),
+        Ok(_) => {
+            problems.push("limit must be greater than zero".into());
+            None
+        }
+        Err(e) => {
+            problems.push(format!("limit: {e}"));
+            None
+        }
+    };
+    let d = Thresholds::default();
+    let t = Thresholds {
+        warn_percent: warn_percent.unwrap_or(d.warn_percent),
+        emergency_percent: emergency_percent.unwrap_or(d.emergency_percent),
+        emergency_action: emergency_action.unwrap_or(d.emergency_action),
+    };
+    if !(t.warn_percent > 0 && t.warn_percent <= t.emergency_percent && t.emergency_percent <= 100) {
+        problems.push(format!(
+            "thresholds must satisfy 0 < warn ({}) ≤ emergency ({}) ≤ 100",
+            t.warn_percent, t.emergency_percent
+        ));
+    }
+    if rollover && matches!(w, Some(Window::Lifetime | Window::Rolling { .. })) {
+        problems.push("rollover needs a calendar window (daily, weekly, monthly)".into());
+    }
+    if let Some(v) = value {
+        if v.is_empty() || v.len() > 200 {
+            problems.push("value must be 1 to 200 characters".into());
+        }
+    }
+    match (scope_kind, w, limit) {
+        (Some(scope), Some(window), Some(limit)) if problems.is_empty() => Ok(BudgetSpec {
+            selector: match (&scope, value) {
+                (_, Some(v)) => Selector::Value(v.to_string()),
+                _ => Selector::Each,
+            },
+            scope,
+            window,
+            limit,
+            thresholds: t,
+            rollover,
+        }),
+        _ => Err(problems),
+    }
+}
+
+impl Config {
+    /// Parses and checks a configuration against a price book.
+    pub fn parse(text: &str, book: &PriceBook, now: DateTime<Utc>) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let mut p: Vec<String> = Vec::new();
+        let classes: BTreeSet<&str> = book.classes();
+
+        let engine = EngineConfig {
+            hold_ttl: raw.engine.hold_ttl_secs.map_or(DEFAULT_HOLD_TTL, Duration::from_secs),
+            expiry_policy: raw.engine.expiry_policy.unwrap_or_default(),
+            min_output_tokens: raw.engine.min_output_tokens.unwrap_or(DEFAULT_MIN_OUTPUT_TOKENS),
+        };
+        if engine.hold_ttl.is_zero() || engine.hold_ttl > MAX_HOLD_TTL {
+            p.push(format!("engine.hold_ttl_secs must be between 1 and {}", MAX_HOLD_TTL.as_secs()));
+        }
+        if raw.server.max_body_bytes == Some(0) {
+            p.push("server.max_body_bytes must be greater than zero".into());
+        }
+
+        let mut dir = Directory::default();
+        for rp in raw.plans {
+            let owner = format!("plan `{}`", rp.id);
+            if !valid_id(&rp.id) {
+                p.push(format!("{owner}: invalid id"));
+            }
+            if !rp.tasks.contains_key(&rp.default_task) {
+                p.push(format!("{owner}: default_task `{}` is not one of its tasks", rp.default_task));
+            }
+            for (name, t) in &rp.tasks {
+                if t.classes.is_empty() {
+                    p.push(format!("{owner}: task `{name}` allows no model class"));
+                }
+                for c in &t.classes {
+                    if !classes.contains(c.as_str()) {
+                        p.push(format!(
+                            "{owner}: task `{name}`: class `{c}` is not in the price book ({})",
+                            classes.iter().copied().collect::<Vec<_>>().join(", ")
+                        ));
+                    }
+                }
+                if !t.classes.contains(&t.default_class) {
+                    p.push(format!(
+                        "{owner}: task `{name}`: default_class `{}` is not one of its classes",
+                        t.default_class
+                    ));
+                }
+                if t.max_tokens == 0 {
+                    p.push(format!("{owner}: task `{name}`: max_tokens must be at least 1"));
+                }
+            }
+            let mut rate_limits = BTreeMap::new();
+            for (role, l) in rp.rate_limits {
+                let rpm = l.requests_per_minute.map(NonZeroU32::new);
+                let tpm = l.tokens_per_minute.map(NonZeroU32::new);
+                if matches!(rpm, Some(None)) || matches!(tpm, Some(None)) {
+                    p.push(format!("{owner}: rate limit of role `{role}` must be at least 1"));
+                }
+                rate_limits.insert(
+                    role,
+                    RoleLimits {
+                        requests_per_minute: rpm.flatten(),
+                        tokens_per_minute: tpm.flatten(),
+                    },
+                );
+            }
+            let mut default_budgets = Vec::new();
+            for (i, b) in rp.budgets.iter().enumerate() {
+                if b.id.is_some() || b.tenant.is_some() {
+                    p.push(format!("{owner}: budget {i}: a plan budget takes no id or tenant"));
+                }
+                match parse_budget_spec(
+                    &b.scope,
+                    b.value.as_deref(),
+                    &b.window,
+                    &b.limit,
+                    b.warn_percent,
+                    b.emergency_percent,
+                    b.emergency_action,
+                    b.rollover,
+                ) {
+                    Ok(spec) if spec.scope == ScopeKind::Global => {
+                        p.push(format!("{owner}: budget {i}: a plan budget cannot be global"))
+                    }
+                    Ok(spec) => default_budgets.push(spec),
+                    Err(e) => p.extend(e.into_iter().map(|e| format!("{owner}: budget {i}: {e}"))),
+                }
+            }
+            let rate_card = match rp.rate_card {
+                None => RateCard::default(),
+                Some(rc) => {
+                    let mut agent = BTreeMap::new();
+                    for (a, v) in rc.agent_per_1k_tokens {
+                        match Money::parse_non_negative(&v) {
+                            Ok(m) => {
+                                agent.insert(a, m);
+                            }
+                            Err(e) => p.push(format!("{owner}: rate card agent `{a}`: {e}")),
+                        }
+                    }
+                    RateCard {
+                        markup_bps: rc.markup_bps.unwrap_or(crate::catalog::DEFAULT_MARKUP_BPS),
+                        agent_per_1k_tokens: agent,
+                    }
+                }
+            };
+            let price_per_month = match rp.price_per_month.as_deref().map(Money::parse_non_negative) {
+                None => Money::ZERO,
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    p.push(format!("{owner}: price_per_month: {e}"));
+                    Money::ZERO
+                }
+            };
+            let plan = Plan {
+                id: rp.id.clone(),
+                features: rp.features.into_iter().collect(),
+                tasks: rp.tasks,
+                default_task: rp.default_task,
+                rate_limits,
+                default_budgets,
+                rate_card,
+                price_per_month,
+            };
+            if dir.plans.insert(rp.id.clone(), plan).is_some() {
+                p.push(format!("{owner}: declared twice"));
+            }
+        }
+
+        for t in raw.tenants {
+            let owner = format!("tenant `{}`", t.id);
+            if !valid_id(&t.id) {
+                p.push(format!("{owner}: invalid id"));
+            }
+            if !dir.plans.contains_key(&t.plan) {
+                p.push(format!("{owner}: plan `{}` does not exist", t.plan));
+            }
+            let tz = match t.timezone.as_deref().map(str::parse::<Tz>) {
+                None => Tz::UTC,
+                Some(Ok(tz)) => tz,
+                Some(Err(_)) => {
+                    p.push(format!(
+                        "{owner}: time zone `{}` is not an IANA time zone (e.g. Europe/Paris)",
+                        t.timezone.unwrap_or_default()
+                    ));
+                    Tz::UTC
+                }
+            };
+            let tenant = Tenant {
+                name: t.name.unwrap_or_else(|| t.id.clone()),
+                id: t.id.clone(),
+                plan: t.plan,
+                timezone: tz,
+                mode: t.mode.unwrap_or_default(),
+            };
+            if dir.tenants.insert(t.id.clone(), tenant).is_some() {
+                p.push(format!("{owner}: declared twice"));
+            }
+        }
+
+        for t in raw.teams {
+            if !dir.tenants.contains_key(&t.tenant) {
+                p.push(format!("team `{}`: tenant `{}` does not exist", t.id, t.tenant));
+            }
+            if !valid_id(&t.id) {
+                p.push(format!("team `{}`: invalid id", t.id));
+            }
+            let team = Team {
+                tenant: t.tenant.clone(),
+                id: t.id.clone(),
+            };
+            if dir.teams.insert((t.tenant, t.id.clone()), team).is_some() {
+                p.push(format!("team `{}`: declared twice", t.id));
+            }
+        }
+
+        for u in raw.users {
+            if !dir.tenants.contains_key(&u.tenant) {
+                p.push(format!("user `{}`: tenant `{}` does not exist", u.id, u.tenant));
+            }
+            if !valid_id(&u.id) {
+                p.push(format!("user `{}`: invalid id", u.id));
+            }
+            if let Some(team) = &u.team {
+                if !dir.teams.contains_key(&(u.tenant.clone(), team.clone())) {
+                    p.push(format!("user `{}`: team `{team}` does not exist", u.id));
+                }
+            }
+            let user = User {
+                tenant: u.tenant.clone(),
+                id: u.id.clone(),
+                team: u.team,
+                role: u.role.unwrap_or_else(|| "member".into()),
+            };
+            if dir.users.insert((u.tenant, u.id.clone()), user).is_some() {
+                p.push(format!("user `{}`: declared twice", u.id));
+            }
+        }
+
+        let mut keys = Vec::new();
+        let mut seen_hashes = HashSet::new();
+        for k in raw.keys {
+            let owner = format!("key `{}`", k.name);
+            let hash = match (&k.secret, &k.sha256) {
+                (Some(s), None) => {
+                    if !s.starts_with(KEY_SECRET_PREFIX) || s.len() < MIN_SECRET_LEN {
+                        p.push(format!(
+                            "{owner}: secret must start with `{KEY_SECRET_PREFIX}` and have at least {MIN_SECRET_LEN} characters"
+                        ));
+                    }
+                    Some(KeyHash::of(s))
+                }
+                (None, Some(h)) => {
+                    let parsed = KeyHash::from_hex(h);
+                    if parsed.is_none() {
+                        p.push(format!("{owner}: sha256 must be 64 hex characters"));
+                    }
+                    parsed
+                }
+                _ => {
+                    p.push(format!("{owner}: give exactly one of `secret` and `sha256`"));
+                    None
+                }
+            };
+            match (&k.kind, &k.tenant) {
+                (KeyKind::PlatformAdmin, Some(_)) => {
+                    p.push(format!("{owner}: a platform admin key belongs to no tenant"))
+                }
+                (KeyKind::TenantAdmin | KeyKind::Member, None) => {
+                    p.push(format!("{owner}: a tenant key needs a tenant"))
+                }
+                (_, Some(t)) if !dir.tenants.contains_key(t) => {
+                    p.push(format!("{owner}: tenant `{t}` does not exist"))
+                }
+                _ => {}
+            }
+            let tenant = k.tenant.clone().unwrap_or_default();
+            if let Some(team) = &k.team {
+                if !dir.teams.contains_key(&(tenant.clone(), team.clone())) {
+                    p.push(format!("{owner}: team `{team}` does not exist"));
+                }
+            }
+            if let Some(user) = &k.user {
+                if !dir.users.contains_key(&(tenant.clone(), user.clone())) {
+                    p.push(format!("{owner}: user `{user}` does not exist"));
+                }
+            }
+            let Some(hash) = hash else { continue };
+            if !seen_hashes.insert(hash) {
+                p.push(format!("{owner}: the same secret is declared twice"));
+            }
+            // A key declared in the file keeps one id across restarts: derived from its hash.
+            let id = Uuid::from_slice(&hash.0[..16]).unwrap_or_default();
+            keys.push(ApiKey {
+                id,
+                name: k.name,
+                hash,
+                prefix: k
+                    .secret
+                    .as_deref()
+                    .map(|s| s.chars().take(8).collect())
+                    .unwrap_or_else(|| KEY_SECRET_PREFIX.into()),
+                tenant: k.tenant,
+                team: k.team,
+                user: k.user,
+                kind: k.kind,
+                role: k.role,
+                created_at: now,
+                expires_at: k.expires_at,
+                revoked_at: None,
+            });
+        }
+
+        let mut budgets = Vec::new();
+        let mut ids: HashMap<String, usize> = HashMap::new();
+        for (i, b) in raw.budgets.iter().enumerate() {
+            let id = b.id.clone().unwrap_or_else(|| format!("budget-{i}"));
+            let owner = format!("budget `{id}`");
+            if !valid_id(&id) {
+                p.push(format!("{owner}: invalid id"));
+            }
+            if ids.insert(id.clone(), i).is_some() {
+                p.push(format!("{owner}: declared twice"));
+            }
+            if let Some(t) = &b.tenant {
+                if !dir.tenants.contains_key(t) {
+                    p.push(format!("{owner}: tenant `{t}` does not exist"));
+                }
+            }
+            match parse_budget_spec(
+                &b.scope,
+                b.value.as_deref(),
+                &b.window,
+                &b.limit,
+                b.warn_percent,
+                b.emergency_percent,
+                b.emergency_action,
+                b.rollover,
+            ) {
+                Ok(spec) => {
+                    if b.tenant.is_none() && spec.scope != ScopeKind::Global {
+                        p.push(format!("{owner}: only a global budget has no tenant"));
+                    }
+                    if b.tenant.is_some() && spec.scope == ScopeKind::Global {
+                        p.push(format!("{owner}: a global budget has no tenant"));
+                    }
+                    budgets.push(Budget {
+                        id,
+                        tenant: b.tenant.clone(),
+                        spec,
+                    });
+                }
+                Err(e) => p.extend(e.into_iter().map(|e| format!("{owner}: {e}"))),
+            }
+        }
+
+        if !p.is_empty() {
+            return Err(ConfigErrors(p));
+        }
+        Ok(Config {
+            server: raw.server,
+            engine,
+            directory: dir,
+            keys,
+            budgets,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn book() -> PriceBook {
+        PriceBook::builtin().unwrap()
+    }
+
+    #[test]
+    fn the_default_config_is_valid() {
+        let c = Config::parse(DEFAULT_CONFIG, &book(), Utc::now()).unwrap();
+        assert!(!c.directory.tenants.is_empty());
+        assert!(!c.keys.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::parse("[server]\nlisten = \"x\"\ncolour = 1\n", &book(), Utc::now()).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let text = r#"
+[[plans]]
+id = "free"
+default_task = "chat"
+[plans.tasks.chat]
+classes = ["tiny"]
+default_class = "huge"
+max_tokens = 0
+[plans.rate_limits.member]
+requests_per_minute = 0
+
+[[tenants]]
+id = "acme"
+plan = "gold"
+timezone = "Mars/Olympus"
+
+[[budgets]]
+tenant = "acme"
+scope = "tenant"
+window = "fortnightly"
+limit = "-5"
+warn_percent = 95
+emergency_percent = 90
+"#;
+        let err = Config::parse(text, &book(), Utc::now()).unwrap_err();
+        let all = err.to_string();
+        for needle in [
+            "class `tiny`",
+            "default_class `huge`",
+            "max_tokens must be at least 1",
+            "rate limit of role `member`",
+            "plan `gold` does not exist",
+            "Mars/Olympus",
+            "unknown window `fortnightly`",
+            "limit",
+            "thresholds",
+        ] {
+            assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+        }
+        assert!(err.0.len() >= 9, "{all}");
+    }
+}

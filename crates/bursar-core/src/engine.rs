@@ -1,0 +1,1649 @@
+//! The governance engine: one decision per call, in the order of the specification.
+//!
+//! key → tenant, plan, role → feature/task gate → model access → rate limits → budgets
+//! (reserve on every scope) → shape (`max_tokens`, emergency downgrade) → record.
+//!
+//! The engine keeps the live state in memory: counters per bucket, open holds, recent
+//! outcomes, idempotency records and rate-limit cells. Every change is made under one
+//! lock together with the [`LedgerSink::append`] of the entry that records it, so the
+//! ledger order is the order of the changes and a replay of the ledger meets the same
+//! states. The engine does no I/O itself; the sink hands the entry to a store and gives
+//! back a ticket the caller awaits before acknowledging.
+//!
+//! Architecture invariants (each held by a test):
+//! - a hold is placed on all of its buckets or on none (all-or-nothing, never shrunk
+//!   to fit), and in enforce mode held + spent never passes a limit because of a hold;
+//! - an authorization is finished (settled, voided or expired) at most once;
+//! - the same idempotency key with the same request returns the first result.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::budget::{
+    BucketKey, Budget, Counter, EmergencyAction, Level, ScopeKind, Selector, Window,
+};
+use crate::catalog::{ApiKey, Directory, EnforcementMode, KeyHash, KeyKind, KeyRing, Plan, Tenant};
+use crate::ledger::{flags, AlertEvent, Entry, EntryKind, HoldDetail, Tags};
+use crate::money::{Money, PICOS_PER_NANO};
+use crate::pricebook::{LookupError, Model, PriceBook, TokenUsage};
+use crate::ratelimit::Gcra;
+use crate::tokens::{self, ChatMessage};
+
+/// Holds not finished within 15 minutes expire: long enough for a slow reasoning call,
+/// short enough that a crashed client does not pin budget for long.
+pub const DEFAULT_HOLD_TTL: Duration = Duration::from_secs(15 * 60);
+/// The longest hold a caller may ask for.
+pub const MAX_HOLD_TTL: Duration = Duration::from_secs(24 * 3600);
+/// A permit shaped by the budget below 16 output tokens would be useless; deny instead.
+pub const DEFAULT_MIN_OUTPUT_TOKENS: u32 = 16;
+/// Idempotency keys are remembered for a day, as payment APIs do.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Finished authorizations stay in memory this long to answer retried settles; older
+/// ones are looked up in the store.
+pub const FINISHED_RETENTION: Duration = Duration::from_secs(3600);
+/// A prompt longer than this many tokens is refused before counting further.
+pub const MAX_PROMPT_TOKENS: u64 = 10_000_000;
+/// At most this many units of a metered API in one authorization.
+pub const MAX_QUANTITY: u64 = 1_000_000;
+
+/// What happens to a hold that is never settled or voided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiryPolicy {
+    /// Charge the whole hold: the call may have reached the provider (the safe default).
+    #[default]
+    ChargeHold,
+    /// Release the hold at no cost.
+    Release,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub hold_ttl: Duration,
+    pub expiry_policy: ExpiryPolicy,
+    pub min_output_tokens: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            hold_ttl: DEFAULT_HOLD_TTL,
+            expiry_policy: ExpiryPolicy::default(),
+            min_output_tokens: DEFAULT_MIN_OUTPUT_TOKENS,
+        }
+    }
+}
+
+/// Where the engine's entries go. `append` is called with the engine's lock held, so it
+/// must only enqueue; the ticket resolves when the entry is durable.
+pub trait LedgerSink {
+    type Ticket;
+    fn append(&self, entries: Vec<Entry>, alerts: Vec<AlertEvent>) -> Self::Ticket;
+}
+
+/// Every denial has a stable code; the HTTP edge maps it to a status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyCode {
+    InvalidApiKey,
+    ApiKeyRevoked,
+    ApiKeyExpired,
+    AdminKeyCannotSpend,
+    TenantNotFound,
+    FeatureNotInPlan,
+    TaskNotInPlan,
+    ModelClassNotAllowed,
+    UnknownModel,
+    UnknownApi,
+    NoPriceInEffect,
+    PromptTooLong,
+    InvalidRequest,
+    RateLimited,
+    ExceedsRateLimitCapacity,
+    BudgetExceeded,
+    IdempotencyKeyReused,
+}
+
+impl DenyCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyCode::InvalidApiKey => "invalid_api_key",
+            DenyCode::ApiKeyRevoked => "api_key_revoked",
+            DenyCode::ApiKeyExpired => "api_key_expired",
+            DenyCode::AdminKeyCannotSpend => "admin_key_cannot_spend",
+            DenyCode::TenantNotFound => "tenant_not_found",
+            DenyCode::FeatureNotInPlan => "feature_not_in_plan",
+            DenyCode::TaskNotInPlan => "task_not_in_plan",
+            DenyCode::ModelClassNotAllowed => "model_class_not_allowed",
+            DenyCode::UnknownModel => "unknown_model",
+            DenyCode::UnknownApi => "unknown_api",
+            DenyCode::NoPriceInEffect => "no_price_in_effect",
+            DenyCode::PromptTooLong => "prompt_too_long",
+            DenyCode::InvalidRequest => "invalid_request",
+            DenyCode::RateLimited => "rate_limited",
+            DenyCode::ExceedsRateLimitCapacity => "exceeds_rate_limit_capacity",
+            DenyCode::BudgetExceeded => "budget_exceeded",
+            DenyCode::IdempotencyKeyReused => "idempotency_key_reused",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Denial {
+    pub code: DenyCode,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl Denial {
+    fn new(code: DenyCode, message: impl Into<String>) -> Self {
+        Denial {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl From<LookupError> for Denial {
+    fn from(e: LookupError) -> Self {
+        let code = match e {
+            LookupError::UnknownModel(_) => DenyCode::UnknownModel,
+            LookupError::UnknownApi(_) => DenyCode::UnknownApi,
+            LookupError::NoPriceInEffect { .. } => DenyCode::NoPriceInEffect,
+        };
+        Denial::new(code, e.to_string())
+    }
+}
+
+/// The prompt of a model call, in whichever form the caller has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    Messages(Vec<ChatMessage>),
+    Text(String),
+    /// Already counted by the caller.
+    Tokens(u64),
+}
+
+/// What a call spends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Metered {
+    Model {
+        model: String,
+        prompt: Prompt,
+        max_tokens: Option<u32>,
+    },
+    Api {
+        api: String,
+        quantity: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizeRequest {
+    pub metered: Metered,
+    pub tags: Tags,
+    pub idempotency_key: Option<String>,
+    /// SHA-256 (hex) of the request body, computed at the edge.
+    pub fingerprint: Option<String>,
+    pub ttl: Option<Duration>,
+}
+
+/// One budget as the caller sees it after the decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetView {
+    pub budget_id: String,
+    pub scope: String,
+    pub value: String,
+    pub window: String,
+    pub period_start: i64,
+    pub limit: Money,
+    pub spent: Money,
+    pub held: Money,
+    pub remaining: Money,
+    pub level: Level,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Permit {
+    pub authorization_id: Uuid,
+    pub model: Option<String>,
+    pub api: Option<String>,
+    pub price_version: String,
+    pub held: Money,
+    pub prompt_tokens: u64,
+    pub max_tokens: Option<u32>,
+    pub quantity: u64,
+    pub expires_at: DateTime<Utc>,
+    pub downgraded_from: Option<String>,
+    /// In shadow mode: the denial that enforce mode would have returned.
+    pub shadow_denial: Option<DenyCode>,
+    pub budgets: Vec<BudgetView>,
+    /// True when this is the stored answer to an earlier request with the same key.
+    pub replayed: bool,
+}
+
+/// What the call actually used.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    pub tokens: TokenUsage,
+    pub quantity: u64,
+    /// The model the provider says it used; defaults to the permitted model.
+    pub model_used: Option<String>,
+    pub latency_ms: Option<u32>,
+    /// Usage counted by the caller rather than reported by the provider.
+    pub estimated: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Settled,
+    Voided,
+    Expired,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settlement {
+    pub authorization_id: Uuid,
+    pub outcome: Outcome,
+    pub cost: Money,
+    pub charge: Money,
+    pub released: Money,
+    pub overage: Money,
+    pub model_used: Option<String>,
+    pub price_version: String,
+    pub drift: bool,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishCode {
+    AuthorizationNotFound,
+    AuthorizationExpired,
+    AuthorizationVoided,
+    AuthorizationAlreadySettled,
+    UnknownModel,
+    InvalidUsage,
+}
+
+impl FinishCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishCode::AuthorizationNotFound => "authorization_not_found",
+            FinishCode::AuthorizationExpired => "authorization_expired",
+            FinishCode::AuthorizationVoided => "authorization_voided",
+            FinishCode::AuthorizationAlreadySettled => "authorization_already_settled",
+            FinishCode::UnknownModel => "unknown_model",
+            FinishCode::InvalidUsage => "invalid_usage",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FinishError {
+    pub code: FinishCode,
+    pub message: String,
+}
+
+impl FinishError {
+    fn new(code: FinishCode, message: impl Into<String>) -> Self {
+        FinishError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// An open hold.
+#[derive(Debug, Clone)]
+struct Hold {
+    /// When the hold was made: prices are those in effect then.
+    at_ms: i64,
+    tenant: String,
+    key_id: Option<Uuid>,
+    detail: Arc<HoldDetail>,
+    held: Money,
+    model: Option<String>,
+    api: Option<String>,
+    price_version: String,
+    expires_at_ms: i64,
+    agent: Option<String>,
+    permit: Permit,
+}
+
+/// A finished authorization, kept for a while to answer retries.
+#[derive(Debug, Clone)]
+struct Finished {
+    tenant: String,
+    usage: Option<Usage>,
+    settlement: Settlement,
+    finished_at_ms: i64,
+    /// Kept so a late settle of an expired hold can be reconciled once.
+    hold: Option<Hold>,
+}
+
+#[derive(Debug, Clone)]
+struct IdempotencyRecord {
+    fingerprint: Option<String>,
+    authorization: Uuid,
+    at_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    counters: HashMap<BucketKey, Counter>,
+    holds: HashMap<Uuid, Hold>,
+    finished: HashMap<Uuid, Finished>,
+    idempotency: HashMap<(String, String), IdempotencyRecord>,
+    limiters: HashMap<String, Gcra>,
+    levels: HashMap<BucketKey, Level>,
+}
+
+/// Budgets in force, by owner.
+#[derive(Debug, Clone, Default)]
+pub struct BudgetSet {
+    pub global: Vec<Arc<Budget>>,
+    pub by_tenant: HashMap<String, Vec<Arc<Budget>>>,
+}
+
+impl BudgetSet {
+    pub fn from_budgets(budgets: impl IntoIterator<Item = Budget>) -> Self {
+        let mut set = BudgetSet::default();
+        for b in budgets {
+            let b = Arc::new(b);
+            match &b.tenant {
+                None => set.global.push(b),
+                Some(t) => set.by_tenant.entry(t.clone()).or_default().push(b),
+            }
+        }
+        set
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Budget>> {
+        self.global.iter().chain(self.by_tenant.values().flatten())
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Budget>> {
+        self.all().find(|b| b.id == id)
+    }
+}
+
+/// The identity a request presents, resolved from its key.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key: Arc<ApiKey>,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    book: Arc<PriceBook>,
+    directory: RwLock<Arc<Directory>>,
+    keys: RwLock<KeyRing>,
+    budgets: RwLock<Arc<BudgetSet>>,
+    state: Mutex<State>,
+}
+
+/// A budget applicable to a call, with the bucket it would use.
+struct Applicable {
+    budget: Arc<Budget>,
+    bucket: BucketKey,
+    tz: Tz,
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, book: Arc<PriceBook>) -> Self {
+        Engine {
+            config,
+            book,
+            directory: RwLock::new(Arc::new(Directory::default())),
+            keys: RwLock::new(KeyRing::default()),
+            budgets: RwLock::new(Arc::new(BudgetSet::default())),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn price_book(&self) -> &Arc<PriceBook> {
+        &self.book
+    }
+
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.read().clone()
+    }
+
+    pub fn set_directory(&self, d: Directory) {
+        *self.directory.write() = Arc::new(d);
+    }
+
+    pub fn budgets(&self) -> Arc<BudgetSet> {
+        self.budgets.read().clone()
+    }
+
+    pub fn set_budgets(&self, b: BudgetSet) {
+        *self.budgets.write() = Arc::new(b);
+    }
+
+    pub fn upsert_key(&self, key: ApiKey) {
+        self.keys.write().insert(key);
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.read().len()
+    }
+
+    pub fn key_by_id(&self, id: &Uuid) -> Option<Arc<ApiKey>> {
+        self.keys.read().by_id(id).cloned()
+    }
+
+    pub fn keys_of(&self, tenant: Option<&str>) -> Vec<Arc<ApiKey>> {
+        let mut v: Vec<_> = self
+            .keys
+            .read()
+            .iter()
+            .filter(|k| tenant.is_none() || k.tenant.as_deref() == tenant)
+            .cloned()
+            .collect();
+        v.sort_by_key(|k| k.created_at);
+        v
+    }
+
+    /// Step 1: the key. Unknown, revoked and expired keys are told apart.
+    pub fn identify(&self, secret: &str, now: DateTime<Utc>) -> Result<Caller, Denial> {
+        let hash = KeyHash::of(secret);
+        let key = self
+            .keys
+            .read()
+            .by_hash(&hash)
+            .cloned()
+            .ok_or_else(|| Denial::new(DenyCode::InvalidApiKey, "the API key is not valid"))?;
+        if key.revoked_at.is_some() {
+            return Err(Denial::new(DenyCode::ApiKeyRevoked, "the API key was revoked"));
+        }
+        if key.expires_at.is_some_and(|e| now >= e) {
+            return Err(Denial::new(DenyCode::ApiKeyExpired, "the API key has expired"));
+        }
+        Ok(Caller { key })
+    }
+
+    /// The scope value of a call for a budget scope, if the call has one.
+    fn scope_value(
+        scope: &ScopeKind,
+        tenant: &str,
+        key: &ApiKey,
+        team: Option<&str>,
+        tags: &Tags,
+    ) -> Option<String> {
+        match scope {
+            ScopeKind::Global => Some("*".to_string()),
+            ScopeKind::Tenant => Some(tenant.to_string()),
+            ScopeKind::Team => team.map(str::to_string),
+            ScopeKind::User => key.user.clone(),
+            ScopeKind::ApiKey => Some(key.id.to_string()),
+            ScopeKind::EndUser => tags.end_user.clone(),
+            ScopeKind::Workflow => tags.workflow.clone(),
+            ScopeKind::Campaign => tags.campaign.clone(),
+            ScopeKind::Agent => tags.agent.clone(),
+            ScopeKind::Feature => tags.feature.clone(),
+            ScopeKind::Task => tags.task.clone(),
+            ScopeKind::Tag(k) => tags.custom.get(k).cloned(),
+        }
+    }
+
+    fn applicable(
+        &self,
+        tenant: &Tenant,
+        key: &ApiKey,
+        team: Option<&str>,
+        tags: &Tags,
+        now: DateTime<Utc>,
+    ) -> Vec<Applicable> {
+        let set = self.budgets.read().clone();
+        let own = set.by_tenant.get(&tenant.id).map(Vec::as_slice).unwrap_or(&[]);
+        let mut out = Vec::with_capacity(set.global.len() + own.len());
+        for (budget, tz) in set
+            .global
+            .iter()
+            .map(|b| (b, Tz::UTC))
+            .chain(own.iter().map(|b| (b, tenant.timezone)))
+        {
+            let Some(value) = Self::scope_value(&budget.spec.scope, &tenant.id, key, team, tags)
+            else {
+                continue;
+            };
+            if let Selector::Value(v) = &budget.spec.selector {
+                if *v != value {
+                    continue;
+                }
+            }
+            let bucket = BucketKey {
+                budget: budget.id.clone(),
+                period_start: budget.spec.window.period_start(now, tz),
+                value,
+            };
+            out.push(Applicable {
+                budget: budget.clone(),
+                bucket,
+                tz,
+            });
+        }
+        out
+    }
+
+    /// Used (held + spent) and limit of a bucket at `now`, rolling windows and rollover
+    /// included.
+    fn standing(state: &State, a: &Applicable, now: DateTime<Utc>) -> (Counter, Money) {
+        let spec = &a.budget.spec;
+        let counter = match spec.window.rolling_floor(now) {
+            Some(floor) => {
+                let step = (a.bucket.period_start - floor) / (crate::budget::ROLLING_SLICES - 1).max(1);
+                let mut sum = Counter::default();
+                let mut start = floor;
+                while start <= a.bucket.period_start && step > 0 {
+                    let k = BucketKey {
+                        budget: a.bucket.budget.clone(),
+                        value: a.bucket.value.clone(),
+                        period_start: start,
+                    };
+                    if let Some(c) = state.counters.get(&k) {
+                        sum.held += c.held;
+                        sum.spent += c.spent;
+                    }
+                    start += step;
+                }
+                if step <= 0 {
+                    sum = state.counters.get(&a.bucket).copied().unwrap_or_default();
+                }
+                sum
+            }
+            None => state.counters.get(&a.bucket).copied().unwrap_or_default(),
+        };
+        let mut limit = spec.limit;
+        if spec.rollover && !matches!(spec.window, Window::Rolling { .. } | Window::Lifetime) {
+            let prev_instant = Utc
+                .timestamp_opt(a.bucket.period_start - 1, 0)
+                .single()
+                .unwrap_or(now);
+            let prev = BucketKey {
+                budget: a.bucket.budget.clone(),
+                value: a.bucket.value.clone(),
+                period_start: spec.window.period_start(prev_instant, a.tz),
+            };
+            if let Some(p) = state.counters.get(&prev) {
+                limit += spec.limit.saturating_sub(p.used()).max(Money::ZERO);
+            }
+        }
+        (counter, limit)
+    }
+
+    fn view(a: &Applicable, counter: Counter, limit: Money) -> BudgetView {
+        BudgetView {
+            budget_id: a.budget.id.clone(),
+            scope: a.budget.spec.scope.to_string(),
+            value: a.bucket.value.clone(),
+            window: a.budget.spec.window.to_string(),
+            period_start: a.bucket.period_start,
+            limit,
+            spent: counter.spent,
+            held: counter.held,
+            remaining: limit.saturating_sub(counter.used()).max(Money::ZERO),
+            level: Level::of(counter.used(), limit, &a.budget.spec.thresholds),
+        }
+    }
+
+    /// Decides a call and, when permitted, holds its worst-case cost on every budget it
+    /// touches. The entry is appended to `sink` before the lock is released.
+    pub fn authorize<S: LedgerSink>(
+        &self,
+        caller: &Caller,
+        req: AuthorizeRequest,
+        now: DateTime<Utc>,
+        sink: &S,
+    ) -> Result<(Permit, S::Ticket), Denial> {
+        let key = &caller.key;
+        let (KeyKind::Member | KeyKind::TenantAdmin) = key.kind else {
+            return Err(Denial::new(
+                DenyCode::AdminKeyCannotSpend,
+                "a platform admin key cannot spend; use a tenant key",
+            ));
+        };
+        let dir = self.directory();
+        let tenant_id = key.tenant.clone().unwrap_or_default();
+        let tenant = dir
+            .tenants
+            .get(&tenant_id)
+            .ok_or_else(|| Denial::new(DenyCode::TenantNotFound, "the key's tenant no longer exists"))?;
+        let plan = dir.plans.get(&tenant.plan).ok_or_else(|| {
+            Denial::new(DenyCode::TenantNotFound, "the tenant's plan no longer exists")
+        })?;
+        let user = key
+            .user
+            .as_ref()
+            .and_then(|u| dir.users.get(&(tenant_id.clone(), u.clone())));
+        let team = key
+            .team
+            .clone()
+            .or_else(|| user.and_then(|u| u.team.clone()));
+        let role = key
+            .role
+            .clone()
+            .or_else(|| user.map(|u| u.role.clone()))
+            .unwrap_or_else(|| "default".to_string());
+        let mut tags = req.tags.clone();
+        let task_name = tags.task.clone().unwrap_or_else(|| plan.default_task.clone());
+        tags.task = Some(task_name.clone());
+        let mode = tenant.mode;
+        // In shadow mode the first denial is remembered and the call goes on.
+        let mut shadow: Option<DenyCode> = None;
+        let mut gate = |d: Denial| -> Result<(), Denial> {
+            match mode {
+                EnforcementMode::Enforce => Err(d),
+                EnforcementMode::Shadow => {
+                    shadow.get_or_insert(d.code);
+                    Ok(())
+                }
+                EnforcementMode::Off => Ok(()),
+            }
+        };
+
+        // Feature and task gate.
+        if let Some(f) = &tags.feature {
+            if !plan.features.contains(f) {
+                gate(Denial::new(
+                    DenyCode::FeatureNotInPlan,
+                    format!("feature `{f}` is not in plan `{}`", plan.id),
+                ))?;
+            }
+        }
+        let task = plan.tasks.get(&task_name);
+        if task.is_none() {
+            gate(Denial::new(
+                DenyCode::TaskNotInPlan,
+                format!("task `{task_name}` is not in plan `{}`", plan.id),
+            ))?;
+        }
+
+        // Model access, prompt size and the price in effect.
+        let mut downgraded_from = None;
+        let priced = match &req.metered {
+            Metered::Model {
+                model,
+                prompt,
+                max_tokens,
+            } => {
+                let m = self.book.resolve(model)?;
+                if let Some(t) = task {
+                    if !t.classes.iter().any(|c| *c == m.class) {
+                        gate(Denial::new(
+                            DenyCode::ModelClassNotAllowed,
+                            format!(
+                                "model `{}` is of class `{}`, which plan `{}` does not allow for task `{task_name}` (allowed: {})",
+                                m.id,
+                                m.class,
+                                plan.id,
+                                t.classes.join(", ")
+                            ),
+                        ))?;
+                    }
+                }
+                let prompt_tokens = match prompt {
+                    Prompt::Tokens(n) => *n,
+                    Prompt::Text(t) => tokens::count_text(m.tokenizer, t),
+                    Prompt::Messages(msgs) => tokens::count_messages(m.tokenizer, msgs),
+                };
+                if prompt_tokens > MAX_PROMPT_TOKENS || prompt_tokens >= u64::from(m.context_window) {
+                    return Err(Denial::new(
+                        DenyCode::PromptTooLong,
+                        format!(
+                            "the prompt has {prompt_tokens} tokens; `{}` takes at most {}",
+                            m.id, m.context_window
+                        ),
+                    ));
+                }
+                let mut cap = m.max_output_tokens;
+                if let Some(t) = task {
+                    cap = cap.min(t.max_tokens);
+                }
+                let room = u64::from(m.context_window) - prompt_tokens;
+                cap = cap.min(u32::try_from(room).unwrap_or(u32::MAX));
+                let wanted = max_tokens.map_or(cap, |mt| mt.min(cap));
+                if *max_tokens == Some(0) {
+                    return Err(Denial::new(DenyCode::InvalidRequest, "max_tokens must be at least 1"));
+                }
+                Priced::Model {
+                    model: m,
+                    prompt_tokens,
+                    max_tokens: wanted,
+                }
+            }
+            Metered::Api { api, quantity } => {
+                if *quantity == 0 || *quantity > MAX_QUANTITY {
+                    return Err(Denial::new(
+                        DenyCode::InvalidRequest,
+                        format!("quantity must be between 1 and {MAX_QUANTITY}"),
+                    ));
+                }
+                Priced::Api {
+                    api: self.book.resolve_api(api)?.id.clone(),
+                    quantity: *quantity,
+                }
+            }
+        };
+
+        let ttl = req.ttl.unwrap_or(self.config.hold_ttl).min(MAX_HOLD_TTL);
+        let applicable = self.applicable(tenant, key, team.as_deref(), &tags, now);
+        let limits = plan.rate_limits.get(&role).copied().unwrap_or_default();
+        let id = Uuid::now_v7();
+        let now_ms = ms(now);
+
+        let mut state = self.state.lock();
+
+        // Idempotency: a retry gets the first answer, a different request gets 409.
+        if let Some(k) = &req.idempotency_key {
+            if let Some(rec) = state.idempotency.get(&(tenant_id.clone(), k.clone())) {
+                if rec.fingerprint != req.fingerprint {
+                    return Err(Denial::new(
+                        DenyCode::IdempotencyKeyReused,
+                        "this Idempotency-Key was used with a different request",
+                    ));
+                }
+                let first = rec.authorization;
+                let permit = state
+                    .holds
+                    .get(&first)
+                    .map(|h| h.permit.clone())
+                    .or_else(|| state.finished.get(&first).and_then(|f| f.hold.as_ref().map(|h| h.permit.clone())));
+                if let Some(mut p) = permit {
+                    p.replayed = true;
+                    return Ok((p, sink.append(Vec::new(), Vec::new())));
+                }
+                return Err(Denial::new(
+                    DenyCode::IdempotencyKeyReused,
+                    "this Idempotency-Key belongs to an authorization that is no longer held in memory",
+                ));
+            }
+        }
+
+        // Rate limits, checked before anything is taken.
+        let estimated_tokens = priced.estimated_tokens();
+        let mut rate_checks: Vec<(String, u64, u32)> = Vec::new();
+        if mode != EnforcementMode::Off {
+            if let Some(rpm) = limits.requests_per_minute {
+                rate_checks.push((format!("rq|{tenant_id}|{role}|{}", key.id), 1, rpm.get()));
+            }
+            if let Some(tpm) = limits.tokens_per_minute {
+                rate_checks.push((format!("tk|{tenant_id}|{role}|{}", key.id), estimated_tokens, tpm.get()));
+            }
+        }
+        let mut rate_updates: Vec<(String, Gcra)> = Vec::with_capacity(rate_checks.len());
+        for (cell, n, per_minute) in &rate_checks {
+            let g = state.limiters.get(cell).copied().unwrap_or_default();
+            match g.check(now_ms, *n, *per_minute) {
+                Ok(next) => rate_updates.push((cell.clone(), next)),
+                Err(crate::ratelimit::RateError::Wait(wait)) => {
+                    let mut d = Denial::new(
+                        DenyCode::RateLimited,
+                        format!("rate limit of {per_minute} per minute reached for role `{role}`"),
+                    );
+                    d.retry_after = Some(wait);
+                    if mode == EnforcementMode::Enforce {
+                        return Err(d);
+                    }
+                    shadow.get_or_insert(d.code);
+                }
+                Err(crate::ratelimit::RateError::NeverFits) => {
+                    let d = Denial::new(
+                        DenyCode::ExceedsRateLimitCapacity,
+                        format!("this request needs {n} units; the limit is {per_minute} per minute"),
+                    );
+                    if mode == EnforcementMode::Enforce {
+                        return Err(d);
+                    }
+                    shadow.get_or_insert(d.code);
+                }
+            }
+        }
+
+        // Budgets: the room left on the tightest bucket, and emergency actions.
+        let mut room = Money::MAX;
+        let mut downgrade = false;
+        let mut standings = Vec::with_capacity(applicable.len());
+        for a in &applicable {
+            let (counter, limit) = Self::standing(&state, a, now);
+            let t = &a.budget.spec.thresholds;
+            let level = Level::of(counter.used(), limit, t);
+            let effective_limit = match t.emergency_action {
+                EmergencyAction::Block => limit.mul_div_floor(i64::from(t.emergency_percent), 100),
+                EmergencyAction::Downgrade => {
+                    if level >= Level::Emergency {
+                        downgrade = true;
+                    }
+                    limit
+                }
+                EmergencyAction::AlertOnly => limit,
+            };
+            room = room.min(effective_limit.saturating_sub(counter.used()).max(Money::ZERO));
+            standings.push((counter, limit));
+        }
+
+        let mut priced = priced;
+        if downgrade {
+            if let (Priced::Model { model, .. }, Some(t)) = (&mut priced, task) {
+                if let Some(cheaper) = self.cheapest_allowed(model, &t.classes, now) {
+                    downgraded_from = Some(model.id.clone());
+                    *model = cheaper;
+                }
+            }
+        }
+
+        // Price the worst case, shaping max_tokens down to what the room can pay.
+        let (held, price_version, max_tokens) = match &priced {
+            Priced::Model {
+                model,
+                prompt_tokens,
+                max_tokens,
+            } => {
+                let price = model.price_at(now)?;
+                let base = price.cost_pico(&TokenUsage {
+                    input_tokens: *prompt_tokens,
+                    cached_input_tokens: 0,
+                    output_tokens: 0,
+                });
+                let out = i128::from(price.output.picos());
+                let mut mt = *max_tokens;
+                let full = Money::from_pico_ceil(base + out * i128::from(mt));
+                if full > room && mode == EnforcementMode::Enforce {
+                    let room_pico = i128::from(room.nanos()) * PICOS_PER_NANO;
+                    let affordable = if out > 0 { (room_pico - base).max(0) / out } else { 0 };
+                    mt = u32::try_from(affordable).unwrap_or(0).min(mt);
+                }
+                let hold = Money::from_pico_ceil(base + out * i128::from(mt));
+                (hold, model.version_of(price).to_string(), Some(mt))
+            }
+            Priced::Api { api, quantity } => {
+                let a = self.book.resolve_api(api)?;
+                let price = a.price_at(now)?;
+                (price.cost(*quantity), a.version_of(price).to_string(), None)
+            }
+        };
+        let too_small = max_tokens.is_some_and(|mt| {
+            mt < self.config.min_output_tokens.min(priced.max_tokens_wanted())
+        });
+        if held > room || too_small {
+            let tight = applicable
+                .iter()
+                .zip(&standings)
+                .min_by_key(|(_, (c, l))| l.saturating_sub(c.used()))
+                .map(|(a, _)| format!("{} budget `{}` ({})", a.budget.spec.window, a.budget.id, a.budget.spec.scope))
+                .unwrap_or_default();
+            let d = Denial::new(
+                DenyCode::BudgetExceeded,
+                format!("the call's worst case of ${held} does not fit the {tight}: ${room} left"),
+            );
+            if mode == EnforcementMode::Enforce {
+                return Err(d);
+            }
+            shadow.get_or_insert(d.code);
+        }
+
+        // Permit: take the rate cells, hold on every bucket, record.
+        for (cell, g) in rate_updates {
+            state.limiters.insert(cell, g);
+        }
+        let mut views = Vec::with_capacity(applicable.len());
+        let mut alerts = Vec::new();
+        for (a, (counter, limit)) in applicable.iter().zip(&standings) {
+            let c = state.counters.entry(a.bucket.clone()).or_default();
+            c.held += held;
+            let after = Counter {
+                held: counter.held + held,
+                spent: counter.spent,
+            };
+            views.push(Self::view(a, after, *limit));
+            Self::note_level(&mut state, a, after.used(), *limit, now_ms, &tenant_id, &mut alerts);
+        }
+        let expires_at_ms = now_ms + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let (model_id, api_id, prompt_tokens, quantity) = match &priced {
+            Priced::Model {
+                model, prompt_tokens, ..
+            } => (Some(model.id.clone()), None, *prompt_tokens, 0),
+            Priced::Api { api, quantity } => (None, Some(api.clone()), 0, *quantity),
+        };
+        let model_requested = match &req.metered {
+            Metered::Model { model, .. } => Some(model.clone()),
+            Metered::Api { api, .. } => Some(api.clone()),
+        };
+        let detail = Arc::new(HoldDetail {
+            buckets: applicable.iter().map(|a| a.bucket.clone()).collect(),
+            tags: tags.clone(),
+            team,
+            user: key.user.clone(),
+            expires_at_ms,
+            idempotency_key: req.idempotency_key.clone(),
+            fingerprint: req.fingerprint.clone(),
+            max_tokens,
+            prompt_tokens,
+            quantity,
+            rate_tokens: estimated_tokens,
+        });
+        let permit = Permit {
+            authorization_id: id,
+            model: model_id.clone(),
+            api: api_id.clone(),
+            price_version: price_version.clone(),
+            held,
+            prompt_tokens,
+            max_tokens,
+            quantity,
+            expires_at: from_ms(expires_at_ms),
+            downgraded_from: downgraded_from.clone(),
+            shadow_denial: shadow,
+            budgets: views,
+            replayed: false,
+        };
+        let mut entry_flags = 0;
+        if shadow.is_some() {
+            entry_flags |= flags::SHADOW_DENIED;
+        }
+        if downgraded_from.is_some() {
+            entry_flags |= flags::DOWNGRADED;
+        }
+        let entry = Entry {
+            at_ms: now_ms,
+            kind: EntryKind::Hold,
+            authorization: id,
+            tenant: tenant_id.clone(),
+            key_id: Some(key.id),
+            held_delta: held,
+            cost_delta: Money::ZERO,
+            charge_delta: Money::ZERO,
+            model_requested,
+            model_used: model_id.clone().or(api_id.clone()),
+            price_version: Some(price_version.clone()),
+            usage: TokenUsage {
+                input_tokens: prompt_tokens,
+                cached_input_tokens: 0,
+                output_tokens: u64::from(max_tokens.unwrap_or(0)),
+            },
+            quantity,
+            latency_ms: None,
+            flags: entry_flags,
+            detail: Some(detail.clone()),
+        };
+        if let Some(k) = &req.idempotency_key {
+            state.idempotency.insert(
+                (tenant_id.clone(), k.clone()),
+                IdempotencyRecord {
+                    fingerprint: req.fingerprint.clone(),
+                    authorization: id,
+                    at_ms: now_ms,
+                },
+            );
+        }
+        state.holds.insert(
+            id,
+            Hold {
+                at_ms: now_ms,
+                tenant: tenant_id,
+                key_id: Some(key.id),
+                detail,
+                held,
+                model: model_id,
+                api: api_id,
+                price_version,
+                expires_at_ms,
+                agent: tags.agent.clone(),
+                permit: permit.clone(),
+            },
+        );
+        let ticket = sink.append(vec![entry], alerts);
+        Ok((permit, ticket))
+    }
+
+    /// The cheapest model (by output price) of the cheapest allowed class, preferring the
+    /// same provider.
+    fn cheapest_allowed<'a>(
+        &'a self,
+        current: &Model,
+        classes: &[String],
+        now: DateTime<Utc>,
+    ) -> Option<&'a Model> {
+        let out_price = |m: &Model| m.price_at(now).map(|p| p.output).ok();
+        let current_price = out_price(current)?;
+        self.book
+            .models()
+            .iter()
+            .filter(|m| classes.contains(&m.class) && m.class != "embedding")
+            .filter_map(|m| out_price(m).map(|p| (m, p)))
+            .filter(|(_, p)| *p < current_price)
+            .min_by_key(|(m, p)| (m.provider != current.provider, *p))
+            .map(|(m, _)| m)
+    }
+
+    /// Records a level change on a bucket as an alert, once per level and period.
+    fn note_level(
+        state: &mut State,
+        a: &Applicable,
+        used: Money,
+        limit: Money,
+        now_ms: i64,
+        tenant: &str,
+        alerts: &mut Vec<AlertEvent>,
+    ) {
+        let level = Level::of(used, limit, &a.budget.spec.thresholds);
+        let last = state.levels.get(&a.bucket).copied().unwrap_or(Level::Normal);
+        if level > last {
+            state.levels.insert(a.bucket.clone(), level);
+            alerts.push(AlertEvent {
+                at_ms: now_ms,
+                tenant: a.budget.tenant.clone().or_else(|| Some(tenant.to_string())),
+                bucket: a.bucket.clone(),
+                level,
+                limit,
+                used,
+                reason: "threshold".into(),
+            });
+        }
+    }
+
+    /// Settles an authorization from the real usage, releasing the rest of the hold.
+    pub fn settle<S: LedgerSink>(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        usage: Usage,
+        now: DateTime<Utc>,
+        sink: &S,
+    ) -> Result<(Settlement, S::Ticket), FinishError> {
+        self.finish(tenant, id, Some(usage), Outcome::Settled, now, sink)
+    }
+
+    /// Voids an authorization: the call failed. `usage`, when given, is its true cost
+    /// (a provider may bill a failed call); otherwise the cost is zero.
+    pub fn void<S: LedgerSink>(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        usage: Option<Usage>,
+        now: DateTime<Utc>,
+        sink: &S,
+    ) -> Result<(Settlement, S::Ticket), FinishError> {
+        self.finish(tenant, id, usage, Outcome::Voided, now, sink)
+    }
+
+    fn price_usage(
+        &self,
+        hold: &Hold,
+        usage: Option<&Usage>,
+        now: DateTime<Utc>,
+    ) -> Result<(Money, String, Option<String>, bool), FinishError> {
+        let Some(u) = usage else {
+            return Ok((Money::ZERO, hold.price_version.clone(), hold.model.clone().or(hold.api.clone()), false));
+        };
+        if let Some(api) = &hold.api {
+            let a = self
+                .book
+                .resolve_api(api)
+                .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?;
+            let at = from_ms(hold.at_ms).min(now);
+            let price = a
+                .price_at(at)
+                .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?;
+            return Ok((price.cost(u.quantity), a.version_of(price).to_string(), Some(api.clone()), false));
+        }
+        let permitted = hold.model.clone().unwrap_or_default();
+        let used = match &u.model_used {
+            Some(m) => self
+                .book
+                .resolve(m)
+                .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?,
+            None => self
+                .book
+                .resolve(&permitted)
+                .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?,
+        };
+        if u.tokens.cached_input_tokens > u.tokens.input_tokens {
+            return Err(FinishError::new(
+                FinishCode::InvalidUsage,
+                "cached_input_tokens cannot exceed input_tokens",
+            ));
+        }
+        // The price in effect when the call was authorized.
+        let at = from_ms(hold.at_ms).min(now);
+        let price = used
+            .price_at(at)
+            .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?;
+        let drift = used.id != permitted;
+        Ok((price.cost(&u.tokens), used.version_of(price).to_string(), Some(used.id.clone()), drift))
+    }
+
+    fn finish<S: LedgerSink>(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        usage: Option<Usage>,
+        outcome: Outcome,
+        now: DateTime<Utc>,
+        sink: &S,
+    ) -> Result<(Settlement, S::Ticket), FinishError> {
+        if let Some(u) = &usage {
+            if u.tokens.input_tokens > MAX_PROMPT_TOKENS
+                || u.tokens.output_tokens > MAX_PROMPT_TOKENS
+                || u.quantity > MAX_QUANTITY
+            {
+                return Err(FinishError::new(FinishCode::InvalidUsage, "usage is out of range"));
+            }
+        }
+        let now_ms = ms(now);
+        let mut state = self.state.lock();
+        let Some(hold) = state.holds.get(&id).filter(|h| h.tenant == tenant).cloned() else {
+            return self.finish_finished(&mut state, tenant, id, usage, outcome, now, sink);
+        };
+        let (cost, price_version, model_used, drift) = self.price_usage(&hold, usage.as_ref(), now)?;
+        let tokens = usage.as_ref().map(|u| u.tokens).unwrap_or_default();
+        let quantity = usage.as_ref().map_or(0, |u| u.quantity);
+        let charge = self.charge_for(&hold.tenant, cost, hold.agent.as_deref(), tokens.total(), quantity);
+        let overage = cost.saturating_sub(hold.held).max(Money::ZERO);
+        let mut entry_flags = 0;
+        if overage > Money::ZERO {
+            entry_flags |= flags::OVERAGE;
+        }
+        if drift {
+            entry_flags |= flags::DRIFT;
+        }
+        if usage.as_ref().is_some_and(|u| u.estimated) {
+            entry_flags |= flags::ESTIMATED;
+        }
+        let kind = match outcome {
+            Outcome::Settled => EntryKind::Settle,
+            Outcome::Voided => EntryKind::Void,
+            Outcome::Expired => EntryKind::Expire,
+        };
+        let entry = Entry {
+            at_ms: now_ms,
+            kind,
+            authorization: id,
+            tenant: hold.tenant.clone(),
+            key_id: hold.key_id,
+            held_delta: -hold.held,
+            cost_delta: cost,
+            charge_delta: charge,
+            model_requested: hold.model.clone().or(hold.api.clone()),
+            model_used: model_used.clone(),
+            price_version: Some(price_version.clone()),
+            usage: tokens,
+            quantity,
+            latency_ms: usage.as_ref().and_then(|u| u.latency_ms),
+            flags: entry_flags,
+            detail: None,
+        };
+        let alerts = self.apply_to_buckets(&mut state, &hold, -hold.held, cost, now, now_ms, overage, drift);
+        state.holds.remove(&id);
+        let settlement = Settlement {
+            authorization_id: id,
+            outcome,
+            cost,
+            charge,
+            released: hold.held,
+            overage,
+            model_used,
+            price_version,
+            drift,
+            replayed: false,
+        };
+        state.finished.insert(
+            id,
+            Finished {
+                tenant: hold.tenant.clone(),
+                usage,
+                settlement: settlement.clone(),
+                finished_at_ms: now_ms,
+                hold: Some(hold),
+            },
+        );
+        let ticket = sink.append(vec![entry], alerts);
+        Ok((settlement, ticket))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_to_buckets(
+        &self,
+        state: &mut State,
+        hold: &Hold,
+        held_delta: Money,
+        cost_delta: Money,
+        now: DateTime<Utc>,
+        now_ms: i64,
+        overage: Money,
+        drift: bool,
+    ) -> Vec<AlertEvent> {
+        let budgets = self.budgets.read().clone();
+        let dir = self.directory.read().clone();
+        let tz = dir.tenants.get(&hold.tenant).map_or(Tz::UTC, |t| t.timezone);
+        let mut alerts = Vec::new();
+        for b in &hold.detail.buckets {
+            let c = state.counters.entry(b.clone()).or_default();
+            c.held += held_delta;
+            c.spent += cost_delta;
+            let used = c.used();
+            if let Some(budget) = budgets.get(&b.budget) {
+                let a = Applicable {
+                    budget: budget.clone(),
+                    bucket: b.clone(),
+                    tz: if budget.tenant.is_some() { tz } else { Tz::UTC },
+                };
+                let (_, limit) = Self::standing(state, &a, now);
+                Self::note_level(state, &a, used, limit, now_ms, &hold.tenant, &mut alerts);
+                if overage > Money::ZERO || drift {
+                    alerts.push(AlertEvent {
+                        at_ms: now_ms,
+                        tenant: Some(hold.tenant.clone()),
+                        bucket: b.clone(),
+                        level: Level::of(used, limit, &budget.spec.thresholds),
+                        limit,
+                        used,
+                        reason: if overage > Money::ZERO { "overage" } else { "drift" }.into(),
+                    });
+                }
+            }
+        }
+        alerts
+    }
+
+    fn charge_for(&self, tenant: &str, cost: Money, agent: Option<&str>, tokens: u64, quantity: u64) -> Money {
+        let dir = self.directory.read().clone();
+        dir.tenants
+            .get(tenant)
+            .and_then(|t| dir.plans.get(&t.plan))
+            .map_or(cost, |p: &Plan| p.rate_card.charge(cost, agent, tokens, quantity))
+    }
+
+    /// A settle or void of an authorization that is not open: replay, reconcile or refuse.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_finished<S: LedgerSink>(
+        &self,
+        state: &mut State,
+        tenant: &str,
+        id: Uuid,
+        usage: Option<Usage>,
+        outcome: Outcome,
+        now: DateTime<Utc>,
+        sink: &S,
+    ) -> Result<(Settlement, S::Ticket), FinishError> {
+        let Some(f) = state.finished.get(&id).filter(|f| f.tenant == tenant).cloned() else {
+            return Err(FinishError::new(
+                FinishCode::AuthorizationNotFound,
+                format!("no authorization `{id}`"),
+            ));
+        };
+        match f.settlement.outcome {
+            Outcome::Settled | Outcome::Voided if f.settlement.outcome == outcome && f.usage == usage => {
+                let mut s = f.settlement.clone();
+                s.replayed = true;
+                Ok((s, sink.append(Vec::new(), Vec::new())))
+            }
+            Outcome::Settled => Err(FinishError::new(
+                FinishCode::AuthorizationAlreadySettled,
+                format!("authorization `{id}` was already settled at ${}", f.settlement.cost),
+            )),
+            Outcome::Voided => Err(FinishError::new(
+                FinishCode::AuthorizationVoided,
+                format!("authorization `{id}` was voided"),
+            )),
+            Outcome::Expired => {
+                // A late report of an expired hold: record the true cost as an adjustment
+                // against what the expiry charged, once, and still answer 409.
+                if let (Some(hold), Some(u)) = (f.hold.clone(), usage.as_ref()) {
+                    let now_ms = ms(now);
+                    let (cost, price_version, model_used, drift) = self.price_usage(&hold, Some(u), now)?;
+                    let delta = cost - f.settlement.cost;
+                    let charge = self.charge_for(tenant, cost, hold.agent.as_deref(), u.tokens.total(), u.quantity)
+                        - f.settlement.charge;
+                    let entry = Entry {
+                        at_ms: now_ms,
+                        kind: EntryKind::Adjustment,
+                        authorization: id,
+                        tenant: tenant.to_string(),
+                        key_id: hold.key_id,
+                        held_delta: Money::ZERO,
+                        cost_delta: delta,
+                        charge_delta: charge,
+                        model_requested: hold.model.clone().or(hold.api.clone()),
+                        model_used,
+                        price_version: Some(price_version),
+                        usage: u.tokens,
+                        quantity: u.quantity,
+                        latency_ms: u.latency_ms,
+                        flags: flags::RECONCILED | if drift { flags::DRIFT } else { 0 },
+                        detail: None,
+                    };
+                    let alerts = self.apply_to_buckets(state, &hold, Money::ZERO, delta, now, now_ms, Money::ZERO, drift);
+                    if let Some(rec) = state.finished.get_mut(&id) {
+                        rec.hold = None;
+                    }
+                    let _ticket = sink.append(vec![entry], alerts);
+                    return Err(FinishError::new(
+                        FinishCode::AuthorizationExpired,
+                        format!(
+                            "authorization `{id}` had expired and was charged ${}; the reported usage (${cost}) was recorded as an adjustment",
+                            f.settlement.cost
+                        ),
+                    ));
+                }
+                Err(FinishError::new(
+                    FinishCode::AuthorizationExpired,
+                    format!("authorization `{id}` had expired and was charged ${}", f.settlement.cost),
+                ))
+            }
+        }
+    }
+
+    /// Expires holds past their TTL and forgets old outcomes and idempotency keys.
+    pub fn expire_due<S: LedgerSink>(&self, now: DateTime<Utc>, sink: &S) -> (usize, Option<S::Ticket>) {
+        let now_ms = ms(now);
+        let due: Vec<Uuid> = {
+            let state = self.state.lock();
+            state
+                .holds
+                .iter()
+                .filter(|(_, h)| h.expires_at_ms <= now_ms)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let mut state = self.state.lock();
+        let mut entries = Vec::with_capacity(due.len());
+        let mut alerts = Vec::new();
+        for id in &due {
+            let Some(hold) = state.holds.remove(id) else { continue };
+            let cost = match self.config.expiry_policy {
+                ExpiryPolicy::ChargeHold => hold.held,
+                ExpiryPolicy::Release => Money::ZERO,
+            };
+            let charge = self.charge_for(&hold.tenant, cost, hold.agent.as_deref(), 0, hold.detail.quantity);
+            alerts.extend(self.apply_to_buckets(&mut state, &hold, -hold.held, cost, now, now_ms, Money::ZERO, false));
+            entries.push(Entry {
+                at_ms: now_ms,
+                kind: EntryKind::Expire,
+                authorization: *id,
+                tenant: hold.tenant.clone(),
+                key_id: hold.key_id,
+                held_delta: -hold.held,
+                cost_delta: cost,
+                charge_delta: charge,
+                model_requested: hold.model.clone().or(hold.api.clone()),
+                model_used: hold.model.clone().or(hold.api.clone()),
+                price_version: Some(hold.price_version.clone()),
+                usage: TokenUsage::default(),
+                quantity: 0,
+                latency_ms: None,
+                flags: 0,
+                detail: None,
+            });
+            state.finished.insert(
+                *id,
+                Finished {
+                    tenant: hold.tenant.clone(),
+                    usage: None,
+                    settlement: Settlement {
+                        authorization_id: *id,
+                        outcome: Outcome::Expired,
+                        cost,
+                        charge,
+                        released: hold.held,
+                        overage: Money::ZERO,
+                        model_used: hold.model.clone(),
+                        price_version: hold.price_version.clone(),
+                        drift: false,
+                        replayed: false,
+                    },
+                    finished_at_ms: now_ms,
+                    hold: Some(hold),
+                },
+            );
+        }
+        let keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
+        state.finished.retain(|_, f| f.finished_at_ms > keep_finished);
+        let keep_idem = now_ms - i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(0);
+        state.idempotency.retain(|_, r| r.at_ms > keep_idem);
+        let n = entries.len();
+        let ticket = (n > 0).then(|| sink.append(entries, alerts));
+        (n, ticket)
+    }
+
+    /// Counters of every bucket, for reports and for comparing with a rebuild.
+    pub fn counters(&self) -> HashMap<BucketKey, Counter> {
+        self.state.lock().counters.clone()
+    }
+
+    /// Open holds.
+    pub fn open_holds(&self) -> usize {
+        self.state.lock().holds.len()
+    }
+
+    /// The budgets a key's calls touch right now, without holding anything.
+    pub fn standing_for(&self, caller: &Caller, tags: &Tags, now: DateTime<Utc>) -> Vec<BudgetView> {
+        let dir = self.directory();
+        let Some(tenant) = caller.key.tenant.as_ref().and_then(|t| dir.tenants.get(t)) else {
+            return Vec::new();
+        };
+        let user = caller
+            .key
+            .user
+            .as_ref()
+            .and_then(|u| dir.users.get(&(tenant.id.clone(), u.clone())));
+        let team = caller.key.team.clone().or_else(|| user.and_then(|u| u.team.clone()));
+        let applicable = self.applicable(tenant, &caller.key, team.as_deref(), tags, now);
+        let state = self.state.lock();
+        applicable
+            .iter()
+            .map(|a| {
+                let (c, l) = Self::standing(&state, a, now);
+                Self::view(a, c, l)
+            })
+            .collect()
+    }
+
+    /// Views of all buckets of one budget (for the admin API).
+    pub fn buckets_of(&self, budget_id: &str) -> Vec<(BucketKey, Counter)> {
+        let state = self.state.lock();
+        let mut v: Vec<_> = state
+            .counters
+            .iter()
+            .filter(|(k, _)| k.budget == budget_id)
+            .map(|(k, c)| (k.clone(), *c))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Rebuilds the live state from the ledger, in order (recovery on start).
+    pub fn recover<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
+        let mut state = self.state.lock();
+        *state = State::default();
+        for e in entries {
+            match e.kind {
+                EntryKind::Hold => {
+                    let Some(d) = &e.detail else { continue };
+                    for b in &d.buckets {
+                        state.counters.entry(b.clone()).or_default().held += e.held_delta;
+                    }
+                    if let Some(k) = &d.idempotency_key {
+                        state.idempotency.insert(
+                            (e.tenant.clone(), k.clone()),
+                            IdempotencyRecord {
+                                fingerprint: d.fingerprint.clone(),
+                                authorization: e.authorization,
+                                at_ms: e.at_ms,
+                            },
+                        );
+                    }
+                    let (model, api) = match (&e.model_used, d.quantity) {
+                        (m, 0) => (m.clone(), None),
+                        (m, _) => (None, m.clone()),
+                    };
+                    let price_version = e.price_version.clone().unwrap_or_default();
+                    let permit = Permit {
+                        authorization_id: e.authorization,
+                        model: model.clone(),
+                        api: api.clone(),
+                        price_version: price_version.clone(),
+                        held: e.held_delta,
+                        prompt_tokens: d.prompt_tokens,
+                        max_tokens: d.max_tokens,
+                        quantity: d.quantity,
+                        expires_at: from_ms(d.expires_at_ms),
+                        downgraded_from: None,
+                        shadow_denial: None,
+                        budgets: Vec::new(),
+                        replayed: false,
+                    };
+                    state.holds.insert(
+                        e.authorization,
+                        Hold {
+                            at_ms: e.at_ms,
+                            tenant: e.tenant.clone(),
+                            key_id: e.key_id,
+                            detail: d.clone(),
+                            held: e.held_delta,
+                            model,
+                            api,
+                            price_version,
+                            expires_at_ms: d.expires_at_ms,
+                            agent: d.tags.agent.clone(),
+                            permit,
+                        },
+                    );
+                }
+                kind => {
+                    let hold = state
+                        .holds
+                        .get(&e.authorization)
+                        .cloned()
+                        .or_else(|| state.finished.get(&e.authorization).and_then(|f| f.hold.clone()));
+                    let Some(hold) = hold else { continue };
+                    for b in &hold.detail.buckets {
+                        let c = state.counters.entry(b.clone()).or_default();
+                        c.held += e.held_delta;
+                        c.spent += e.cost_delta;
+                    }
+                    if kind == EntryKind::Adjustment {
+                        if let Some(f) = state.finished.get_mut(&e.authorization) {
+                            f.hold = None;
+                        }
+                        continue;
+                    }
+                    state.holds.remove(&e.authorization);
+                    let outcome = match kind {
+                        EntryKind::Settle => Outcome::Settled,
+                        EntryKind::Expire => Outcome::Expired,
+                        _ => Outcome::Voided,
+                    };
+                    state.finished.insert(
+                        e.authorization,
+                        Finished {
+                            tenant: e.tenant.clone(),
+                            usage: (kind == EntryKind::Settle).then(|| Usage {
+                                tokens: e.usage,
+                                quantity: e.quantity,
+                                model_used: e.model_used.clone(),
+                                latency_ms: e.latency_ms,
+                                estimated: e.flags & flags::ESTIMATED != 0,
+                            }),
+                            settlement: Settlement {
+                                authorization_id: e.authorization,
+                                outcome,
+                                cost: e.cost_delta,
+                                charge: e.charge_delta,
+                                released: -e.held_delta,
+                                overage: e.cost_delta.saturating_sub(-e.held_delta).max(Money::ZERO),
+                                model_used: e.model_used.clone(),
+                                price_version: e.price_version.clone().unwrap_or_default(),
+                                drift: e.flags & flags::DRIFT != 0,
+                                replayed: false,
+                            },
+                            finished_at_ms: e.at_ms,
+                            hold: (kind == EntryKind::Expire).then_some(hold),
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A call priced against the book, before shaping.
+enum Priced<'a> {
+    Model {
+        model: &'a Model,
+        prompt_tokens: u64,
+        max_tokens: u32,
+    },
+    Api {
+        api: String,
+        quantity: u64,
+    },
+}
+
+impl Priced<'_> {
+    fn estimated_tokens(&self) -> u64 {
+        match self {
+            Priced::Model {
+                prompt_tokens,
+                max_tokens,
+                ..
+            } => prompt_tokens + u64::from(*max_tokens),
+            Priced::Api { .. } => 0,
+        }
+    }
+
+    fn max_tokens_wanted(&self) -> u32 {
+        match self {
+            Priced::Model { max_tokens, .. } => *max_tokens,
+            Priced::Api { .. } => u32::MAX,
+        }
+    }
+}
+
+/// Builds the budget of a plan default for one tenant.
+pub fn plan_budget_id(tenant: &str, index: usize) -> String {
+    format!("{tenant}.plan.{index}")
+}
+
+/// Budgets that apply to one tenant from its plan.
+pub fn plan_budgets(tenant: &Tenant, plan: &Plan) -> Vec<Budget> {
+    plan.default_budgets
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| Budget {
+            id: plan_budget_id(&tenant.id, i),
+            tenant: Some(tenant.id.clone()),
+            spec: spec.clone(),
+        })
+        .collect()
+}
+
+/// For tests and tools: all buckets' counters sorted.
+pub fn sorted(counters: &HashMap<BucketKey, Counter>) -> BTreeMap<BucketKey, Counter> {
+    counters.iter().map(|(k, v)| (k.clone(), *v)).collect()
+}

@@ -1,0 +1,18 @@
+//! Bursar's domain core: money, prices, plans, budgets, reservations and decisions.
+//!
+//! Architecture invariant: nothing in this crate does I/O. Files, sockets and clocks are
+//! the callers'; time comes in as a `now` argument and ledger entries leave through the
+//! [`engine::LedgerSink`] trait, so every rule here is tested with plain values.
+
+pub mod budget;
+pub mod catalog;
+pub mod config;
+pub mod engine;
+pub mod ledger;
+pub mod litellm;
+pub mod money;
+pub mod pricebook;
+pub mod ratelimit;
+pub mod tokens;
+
+pub use money::Money;
