@@ -246,8 +246,9 @@ pub struct Budget {
     pub spec: BudgetSpec,
 }
 
-/// One counter: a budget, a scope value and a period.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// One counter: a budget, a scope value and a period. Travels as its compact text form,
+/// `budget|value|period_start`, which keeps ledger entries small.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BucketKey {
     pub budget: String,
     pub value: String,
@@ -257,6 +258,19 @@ pub struct BucketKey {
 impl fmt::Display for BucketKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}|{}|{}", self.budget, self.value, self.period_start)
+    }
+}
+
+impl Serialize for BucketKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BucketKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        BucketKey::parse(&s).ok_or_else(|| serde::de::Error::custom("malformed bucket key"))
     }
 }
 

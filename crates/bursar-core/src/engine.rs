@@ -990,6 +990,7 @@ impl Engine {
             latency_ms: None,
             flags: entry_flags,
             detail: Some(detail.clone()),
+            hold: None,
         };
         if let Some(k) = &req.idempotency_key {
             state.idempotency.insert(
@@ -1197,6 +1198,7 @@ impl Engine {
             latency_ms: usage.as_ref().and_then(|u| u.latency_ms),
             flags: entry_flags,
             detail: None,
+            hold: Some(hold.detail.clone()),
         };
         let alerts = self.apply_to_buckets(&mut state, &hold, -hold.held, cost, now, now_ms, overage, drift);
         state.holds.remove(&id);
@@ -1337,6 +1339,7 @@ impl Engine {
                         latency_ms: u.latency_ms,
                         flags: flags::RECONCILED | if drift { flags::DRIFT } else { 0 },
                         detail: None,
+                        hold: Some(hold.detail.clone()),
                     };
                     let alerts = self.apply_to_buckets(state, &hold, Money::ZERO, delta, now, now_ms, Money::ZERO, drift);
                     if let Some(rec) = state.finished.get_mut(&id) {
@@ -1399,6 +1402,7 @@ impl Engine {
                 latency_ms: None,
                 flags: 0,
                 detail: None,
+                hold: Some(hold.detail.clone()),
             });
             state.finished.insert(
                 *id,

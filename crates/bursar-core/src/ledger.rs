@@ -152,6 +152,20 @@ pub struct Entry {
     pub flags: u32,
     /// Present on hold entries only.
     pub detail: Option<Arc<HoldDetail>>,
+    /// The hold this entry acts on, for every kind; not stored (the hold entry has it),
+    /// so a store can update its counters without looking the hold up.
+    #[serde(skip)]
+    pub hold: Option<Arc<HoldDetail>>,
+}
+
+impl Entry {
+    /// The buckets this entry changes.
+    pub fn buckets(&self) -> &[BucketKey] {
+        self.detail
+            .as_ref()
+            .or(self.hold.as_ref())
+            .map_or(&[], |d| d.buckets.as_slice())
+    }
 }
 
 /// The hash before the first entry.
@@ -272,6 +286,7 @@ mod tests {
             latency_ms: Some(3),
             flags: 0,
             detail: None,
+            hold: None,
         }
     }
 
