@@ -238,7 +238,7 @@ pub struct BudgetSpec {
 }
 
 /// A budget in force: a spec owned by a tenant (or global, `tenant = None`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Budget {
     pub id: String,
     pub tenant: Option<String>,
@@ -301,6 +301,7 @@ impl Counter {
 }
 
 /// Where a bucket stands against its thresholds.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Level {

@@ -54,6 +54,7 @@ pub const MAX_PROMPT_TOKENS: u64 = 10_000_000;
 pub const MAX_QUANTITY: u64 = 1_000_000;
 
 /// What happens to a hold that is never settled or voided.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExpiryPolicy {
@@ -89,6 +90,7 @@ pub trait LedgerSink {
 }
 
 /// Every denial has a stable code; the HTTP edge maps it to a status.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DenyCode {
@@ -198,6 +200,7 @@ pub struct AuthorizeRequest {
 }
 
 /// One budget as the caller sees it after the decision.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BudgetView {
     pub budget_id: String,
@@ -212,6 +215,7 @@ pub struct BudgetView {
     pub level: Level,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Permit {
     pub authorization_id: Uuid,
@@ -232,6 +236,7 @@ pub struct Permit {
 }
 
 /// What the call actually used.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Usage {
     pub tokens: TokenUsage,
@@ -243,6 +248,7 @@ pub struct Usage {
     pub estimated: bool,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -251,6 +257,7 @@ pub enum Outcome {
     Expired,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settlement {
     pub authorization_id: Uuid,
@@ -265,6 +272,7 @@ pub struct Settlement {
     pub replayed: bool,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishCode {

@@ -85,6 +85,7 @@ pub mod flags {
 }
 
 /// Attribution of a call, recorded with its hold.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tags {
@@ -166,6 +167,11 @@ impl Entry {
             .or(self.hold.as_ref())
             .map_or(&[], |d| d.buckets.as_slice())
     }
+}
+
+/// SHA-256 (hex) of a request body: tells a retry from a reuse of an idempotency key.
+pub fn fingerprint(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
 }
 
 /// The hash before the first entry.

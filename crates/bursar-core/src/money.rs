@@ -234,6 +234,20 @@ impl<'de> Deserialize<'de> for Money {
     }
 }
 
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Money {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some("USD as an exact decimal string, up to 9 decimal places"))
+            .examples(["0.000150"])
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Money {}
+
 /// A per-token price in pico-dollars (10⁻¹² USD). One pico-dollar per token is one
 /// micro-dollar per million tokens, so a per-million-token price with up to six decimals
 /// is held exactly.

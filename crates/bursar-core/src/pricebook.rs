@@ -441,6 +441,7 @@ impl MeteredApi {
 }
 
 /// Token usage of one call, as the provider reports it (or as counted).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenUsage {
     /// All prompt tokens, cached ones included.

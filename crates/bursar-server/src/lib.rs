@@ -1,1 +1,310 @@
+//! Bursar's HTTP edge: the authorization API, the admin API, usage, health, metrics and
+//! the OpenAPI document.
+//!
+//! API boundary: wire types (request bodies) live here and are parsed strictly (unknown
+//! fields refused); the decisions are the engine's. Handlers get narrow handles through
+//! [`Services`]: the engine, the ledger handle, a read-only store reader and the clock.
+//! A request is acknowledged only after the ledger entry it caused is durable.
 
+pub mod admin;
+pub mod api;
+pub mod error;
+pub mod extract;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bursar_core::budget::Budget;
+use bursar_core::catalog::{ApiKey, Directory};
+use bursar_core::config::Config;
+use bursar_core::engine::{plan_budgets, BudgetSet, Engine};
+use bursar_core::pricebook::PriceBook;
+use bursar_store::sqlite::{self, CatalogRow, LedgerHandle, Reader};
+use bursar_store::StoreError;
+use chrono::{DateTime, Utc};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use utoipa::OpenApi;
+
+pub use error::ApiError;
+
+/// Expired holds are looked for every second: a hold outlives its TTL by at most that.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The source of time; injected so tests move time instead of sleeping.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock tests set by hand.
+pub struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl ManualClock {
+    pub fn new(at: DateTime<Utc>) -> Self {
+        ManualClock(Mutex::new(at))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        let mut t = self.0.lock();
+        *t += chrono::Duration::from_std(by).unwrap_or_default();
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock()
+    }
+}
+
+/// The catalog as the admin API changes it: what the file declared plus what was
+/// created through the API (stored in the catalog table, which wins on restart).
+#[derive(Debug, Clone, Default)]
+pub struct CatalogState {
+    pub directory: Directory,
+    pub file_budgets: Vec<Budget>,
+    pub api_budgets: HashMap<String, Budget>,
+}
+
+impl CatalogState {
+    /// Every budget in force: global and tenant budgets of the file and the API, and the
+    /// plan defaults of every tenant.
+    pub fn budget_set(&self) -> BudgetSet {
+        let mut all: HashMap<String, Budget> = HashMap::new();
+        for t in self.directory.tenants.values() {
+            if let Some(p) = self.directory.plans.get(&t.plan) {
+                for b in plan_budgets(t, p) {
+                    all.insert(b.id.clone(), b);
+                }
+            }
+        }
+        for b in self.file_budgets.iter().chain(self.api_budgets.values()) {
+            all.insert(b.id.clone(), b.clone());
+        }
+        let mut v: Vec<Budget> = all.into_values().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        BudgetSet::from_budgets(v)
+    }
+}
+
+/// Everything a handler may use; no locks of its own beyond the admin catalog.
+pub struct Services {
+    pub engine: Arc<Engine>,
+    pub ledger: LedgerHandle,
+    pub reader: Reader,
+    pub clock: Arc<dyn Clock>,
+    pub max_body_bytes: usize,
+    pub metrics: PrometheusHandle,
+    pub catalog: tokio::sync::Mutex<CatalogState>,
+    pub data_dir: PathBuf,
+}
+
+/// One Prometheus recorder per process, shared by every server in it (tests run several).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5,
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                ])
+                .map(|b| b.build_recorder())
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Opens the store, rebuilds the engine from the ledger and the catalog, and expires
+/// holds that ran out while Bursar was down.
+pub fn build(
+    config: Config,
+    book: Arc<PriceBook>,
+    data_dir: &Path,
+    clock: Arc<dyn Clock>,
+) -> Result<(Arc<Services>, std::thread::JoinHandle<()>), StoreError> {
+    let path = sqlite::ledger_path(data_dir);
+    let opened = sqlite::open(&path)?;
+    let engine = Arc::new(Engine::new(config.engine.clone(), book));
+    let mut catalog = CatalogState {
+        directory: config.directory.clone(),
+        file_budgets: config.budgets.clone(),
+        api_budgets: HashMap::new(),
+    };
+    for k in config.keys {
+        engine.upsert_key(k);
+    }
+    admin::apply_catalog_rows(&engine, &mut catalog, &opened.catalog);
+    engine.set_directory(catalog.directory.clone());
+    engine.set_budgets(catalog.budget_set());
+    engine.recover(opened.entries.iter());
+    let reader = Reader::open(&path)?;
+    let services = Arc::new(Services {
+        engine,
+        ledger: opened.handle,
+        reader,
+        clock,
+        max_body_bytes: config
+            .server
+            .max_body_bytes
+            .unwrap_or(bursar_core::config::DEFAULT_MAX_BODY_BYTES),
+        metrics: metrics_handle(),
+        catalog: tokio::sync::Mutex::new(catalog),
+        data_dir: data_dir.to_path_buf(),
+    });
+    Ok((services, opened.writer))
+}
+
+impl Services {
+    /// Expires due holds and waits until the expiries are durable.
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        let (n, ticket) = self.engine.expire_due(self.clock.now(), &self.ledger);
+        if let Some(t) = ticket {
+            t.wait().await?;
+        }
+        metrics::gauge!("bursar_open_holds").set(self.engine.open_holds() as f64);
+        Ok(n)
+    }
+}
+
+/// Runs the sweeper until the process ends.
+pub fn spawn_sweeper(services: Arc<Services>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            match services.sweep().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(expired = n, "expired holds past their TTL"),
+                Err(e) => tracing::error!(error = %e, "expiring holds failed"),
+            }
+        }
+    })
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Bursar", description = "AI spend governance gateway: authorization, admin and usage APIs."),
+    paths(
+        api::authorize, api::settle, api::void, api::get_authorization, api::usage,
+        admin::list_plans, admin::list_tenants, admin::create_tenant, admin::get_tenant, admin::update_tenant,
+        admin::create_team, admin::create_user,
+        admin::list_keys, admin::create_key, admin::revoke_key,
+        admin::list_budgets, admin::create_budget, admin::get_budget, admin::delete_budget,
+        admin::list_alerts, admin::tenant_usage,
+        healthz, readyz, metrics_text,
+    ),
+    components(schemas(error::ErrorBody, error::ErrorDetail))
+)]
+pub struct ApiDoc;
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: the ledger accepts writes. A failing store answers 503 (fail closed).
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "the store is failing")))]
+pub async fn readyz(State(s): State<Arc<Services>>) -> impl IntoResponse {
+    if s.ledger.is_healthy() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "ledger store unavailable")
+    }
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
+pub async fn metrics_text(State(s): State<Arc<Services>>) -> impl IntoResponse {
+    metrics::gauge!("bursar_open_holds").set(s.engine.open_holds() as f64);
+    metrics::gauge!("bursar_api_keys").set(s.engine.key_count() as f64);
+    s.metrics.render()
+}
+
+async fn openapi_json() -> impl IntoResponse {
+    Json(ApiDoc::openapi())
+}
+
+async fn fallback() -> ApiError {
+    ApiError::not_found("route")
+}
+
+pub fn router(services: Arc<Services>) -> Router {
+    let limit = services.max_body_bytes;
+    Router::new()
+        .route("/v1/authorizations", post(api::authorize))
+        .route("/v1/authorizations/{id}", get(api::get_authorization))
+        .route("/v1/authorizations/{id}/settle", post(api::settle))
+        .route("/v1/authorizations/{id}/void", post(api::void))
+        .route("/v1/usage", get(api::usage))
+        .route("/v1/admin/plans", get(admin::list_plans))
+        .route("/v1/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
+        .route("/v1/admin/tenants/{tenant}", get(admin::get_tenant).patch(admin::update_tenant))
+        .route("/v1/admin/tenants/{tenant}/teams", post(admin::create_team))
+        .route("/v1/admin/tenants/{tenant}/users", post(admin::create_user))
+        .route("/v1/admin/tenants/{tenant}/keys", get(admin::list_keys).post(admin::create_key))
+        .route("/v1/admin/tenants/{tenant}/keys/{key}/revoke", post(admin::revoke_key))
+        .route("/v1/admin/tenants/{tenant}/budgets", get(admin::list_budgets).post(admin::create_budget))
+        .route(
+            "/v1/admin/tenants/{tenant}/budgets/{budget}",
+            get(admin::get_budget).delete(admin::delete_budget),
+        )
+        .route("/v1/admin/tenants/{tenant}/alerts", get(admin::list_alerts))
+        .route("/v1/admin/tenants/{tenant}/usage", get(admin::tenant_usage))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+            tower_http::request_id::MakeRequestUuid,
+        ))
+        .with_state(services)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    services: Arc<Services>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(services);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Keys are stored in the catalog with their hash, never the secret.
+pub fn key_row(key: &ApiKey) -> CatalogRow {
+    admin::key_row(key)
+}

@@ -1,1 +1,561 @@
-fn main() {}
+//! The `bursar` command: a thin shell over the library crates.
+//!
+//! `serve` starts the gateway; `ledger verify` proves the ledger; `prices` lists or
+//! imports price books; `config check` validates a configuration file; `tenants`,
+//! `keys`, `plans` and `budgets` drive a running Bursar's admin API.
+
+// A command-line tool's job is to print.
+#![allow(clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use bursar_client::{Client, Method};
+use bursar_core::config::{Config, DEFAULT_CONFIG, DEFAULT_DATA_DIR, DEFAULT_LISTEN};
+use bursar_core::pricebook::PriceBook;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "bursar", version, about = "AI spend governance gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// The configuration file (default: the built-in demo configuration).
+    #[arg(long, env = "BURSAR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the embedded store lives (default: server.data_dir, else ./bursar-data).
+    #[arg(long, env = "BURSAR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct RemoteArgs {
+    /// The running Bursar.
+    #[arg(long, env = "BURSAR_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An admin key (platform or tenant admin).
+    #[arg(long, env = "BURSAR_ADMIN_KEY")]
+    admin_key: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Address to listen on (default: server.listen, else 127.0.0.1:8080).
+        #[arg(long, env = "BURSAR_LISTEN")]
+        listen: Option<String>,
+    },
+    /// Ledger tools.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Price book tools.
+    Prices {
+        #[command(subcommand)]
+        command: PricesCommand,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Tenants (admin API of a running Bursar).
+    Tenants {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: TenantsCommand,
+    },
+    /// API keys (admin API of a running Bursar).
+    Keys {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Plans (admin API of a running Bursar).
+    Plans {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Budgets (admin API of a running Bursar).
+    Budgets {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: BudgetsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Recompute the hash chain and rebuild every counter from the entries; exit 1 on
+    /// any difference, naming the entry.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PricesCommand {
+    /// List the models and metered APIs of the price book in use.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Convert LiteLLM's model_prices_and_context_window.json into a Bursar price book.
+    Import {
+        /// The LiteLLM JSON file.
+        file: PathBuf,
+        /// Where to write the price book (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The date the imported prices take effect (default: today, UTC).
+        #[arg(long)]
+        effective: Option<chrono::NaiveDate>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check a configuration file and name every problem.
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Print the built-in default configuration.
+    Default,
+}
+
+#[derive(Subcommand)]
+enum TenantsCommand {
+    List,
+    Create {
+        id: String,
+        #[arg(long)]
+        plan: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        timezone: Option<String>,
+        /// enforce, shadow or off
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Change a tenant's plan (platform admin only).
+    SetPlan { id: String, plan: String },
+    /// Change a tenant's enforcement mode: enforce, shadow or off.
+    SetMode { id: String, mode: String },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Create a key; its secret is printed once.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        /// member or tenant_admin
+        #[arg(long, default_value = "member")]
+        kind: String,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long)]
+        role: Option<String>,
+        /// RFC 3339 time after which the key stops working.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    Revoke {
+        #[arg(long)]
+        tenant: String,
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BudgetsCommand {
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    Show {
+        #[arg(long)]
+        tenant: String,
+        id: String,
+    },
+    /// Create or replace a budget.
+    Set {
+        #[arg(long)]
+        tenant: String,
+        id: String,
+        #[arg(long)]
+        scope: String,
+        #[arg(long)]
+        value: Option<String>,
+        #[arg(long)]
+        window: String,
+        /// USD, e.g. 100 or 0.50
+        #[arg(long)]
+        limit: String,
+        #[arg(long)]
+        warn_percent: Option<u8>,
+        #[arg(long)]
+        emergency_percent: Option<u8>,
+        /// block, downgrade or alert_only
+        #[arg(long)]
+        emergency_action: Option<String>,
+        #[arg(long)]
+        rollover: bool,
+    },
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        id: String,
+    },
+}
+
+struct Loaded {
+    config: Config,
+    book: Arc<PriceBook>,
+    data_dir: PathBuf,
+}
+
+fn load(args: &ConfigArgs) -> Result<Loaded> {
+    let text = match &args.config {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        None => DEFAULT_CONFIG.to_string(),
+    };
+    // The price book must be known before the plans are checked against its classes.
+    let raw: toml::Table = toml::from_str(&text).context("the configuration is not valid TOML")?;
+    let book_path = raw
+        .get("server")
+        .and_then(|s| s.get("price_book"))
+        .and_then(|p| p.as_str())
+        .map(PathBuf::from);
+    let book = match &book_path {
+        Some(p) => {
+            let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            PriceBook::from_toml(&t).with_context(|| format!("price book {}", p.display()))?
+        }
+        None => PriceBook::builtin().context("the built-in price book")?,
+    };
+    let config = Config::parse(&text, &book, chrono::Utc::now()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| config.server.data_dir.clone().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    Ok(Loaded {
+        config,
+        book: Arc::new(book),
+        data_dir,
+    })
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BURSAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn serve(config: ConfigArgs, listen: Option<String>) -> Result<()> {
+    init_logs();
+    let loaded = load(&config)?;
+    let addr = listen
+        .or_else(|| loaded.config.server.listen.clone())
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let (services, _writer) = bursar_server::build(
+        loaded.config,
+        loaded.book.clone(),
+        &loaded.data_dir,
+        Arc::new(bursar_server::SystemClock),
+    )
+    .context("opening the store")?;
+    let expired = services.sweep().await.context("expiring overdue holds")?;
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        listen = %local,
+        data_dir = %loaded.data_dir.display(),
+        price_book = loaded.book.version(),
+        models = loaded.book.models().len(),
+        keys = services.engine.key_count(),
+        open_holds = services.engine.open_holds(),
+        expired_on_start = expired,
+        "bursar is ready"
+    );
+    bursar_server::spawn_sweeper(services.clone());
+    bursar_server::serve(listener, services, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn verify(config: ConfigArgs) -> Result<bool> {
+    let loaded = load(&config)?;
+    let path = bursar_store::sqlite::ledger_path(&loaded.data_dir);
+    let v = bursar_store::sqlite::verify(&path)?;
+    if v.ok() {
+        println!(
+            "ledger OK: {} entries, hash chain intact, {} counters rebuilt and equal to the stored ones",
+            v.entries, v.buckets
+        );
+        Ok(true)
+    } else {
+        println!("ledger FAILED verification ({} problem(s)):", v.problems.len());
+        for p in &v.problems {
+            println!("  - {p}");
+        }
+        Ok(false)
+    }
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn remote(r: &RemoteArgs, method: Method, path: &str, body: Option<Value>) -> Result<()> {
+    let c = Client::new(&r.url, &r.admin_key);
+    let v: Value = c.call(method, path, body.as_ref()).await?;
+    print_json(&v)
+}
+
+fn import_prices(file: &Path, out: Option<&Path>, effective: Option<chrono::NaiveDate>) -> Result<()> {
+    let json = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let day = effective.unwrap_or_else(|| chrono::Utc::now().date_naive());
+    let imported = bursar_core::litellm::import(&json, day, &file.display().to_string())?;
+    // Refuse to write a book Bursar itself would not load.
+    PriceBook::from_toml(&imported.toml).context("the imported price book does not load")?;
+    match out {
+        Some(p) => {
+            std::fs::write(p, &imported.toml).with_context(|| format!("writing {}", p.display()))?;
+            println!(
+                "imported {} models into {} ({} entries skipped)",
+                imported.models,
+                p.display(),
+                imported.skipped.len()
+            );
+        }
+        None => println!("{}", imported.toml),
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Serve { config, listen } => serve(config, listen).await.map(|()| true),
+        Command::Ledger {
+            command: LedgerCommand::Verify { config },
+        } => verify(config),
+        Command::Prices { command } => match command {
+            PricesCommand::List { config } => {
+                let loaded = load(&config)?;
+                println!("price book {}", loaded.book.version());
+                for m in loaded.book.models() {
+                    let p = m.prices.last();
+                    println!(
+                        "{:<32} {:<11} {:<10} in {:>9} out {:>9} cached {:>9} /1M  ({})",
+                        m.id,
+                        m.provider,
+                        m.class,
+                        p.map(|p| p.input.to_string()).unwrap_or_default(),
+                        p.map(|p| p.output.to_string()).unwrap_or_default(),
+                        p.map(|p| p.cached_input.to_string()).unwrap_or_default(),
+                        p.map(|p| p.effective.to_string()).unwrap_or_default(),
+                    );
+                }
+                for a in loaded.book.apis() {
+                    let p = a.prices.last();
+                    println!(
+                        "{:<32} {:<11} per {:<6} {:>9}",
+                        a.id,
+                        a.provider,
+                        a.unit,
+                        p.map(|p| p.per_call.to_string()).unwrap_or_default()
+                    );
+                }
+                Ok(true)
+            }
+            PricesCommand::Import { file, out, effective } => {
+                import_prices(&file, out.as_deref(), effective).map(|()| true)
+            }
+        },
+        Command::Config { command } => match command {
+            ConfigCommand::Check { config } => {
+                let loaded = load(&config)?;
+                println!(
+                    "configuration OK: {} plans, {} tenants, {} keys, {} budgets",
+                    loaded.config.directory.plans.len(),
+                    loaded.config.directory.tenants.len(),
+                    loaded.config.keys.len(),
+                    loaded.config.budgets.len()
+                );
+                Ok(true)
+            }
+            ConfigCommand::Default => {
+                print!("{DEFAULT_CONFIG}");
+                Ok(true)
+            }
+        },
+        Command::Tenants { remote: r, command } => {
+            match command {
+                TenantsCommand::List => remote(&r, Method::GET, "/v1/admin/tenants", None).await?,
+                TenantsCommand::Create {
+                    id,
+                    plan,
+                    name,
+                    timezone,
+                    mode,
+                } => {
+                    let body = json!({"id": id, "plan": plan, "name": name, "timezone": timezone, "mode": mode});
+                    remote(&r, Method::POST, "/v1/admin/tenants", Some(body)).await?
+                }
+                TenantsCommand::SetPlan { id, plan } => {
+                    remote(&r, Method::PATCH, &format!("/v1/admin/tenants/{id}"), Some(json!({"plan": plan}))).await?
+                }
+                TenantsCommand::SetMode { id, mode } => {
+                    remote(&r, Method::PATCH, &format!("/v1/admin/tenants/{id}"), Some(json!({"mode": mode}))).await?
+                }
+            }
+            Ok(true)
+        }
+        Command::Keys { remote: r, command } => {
+            match command {
+                KeysCommand::List { tenant } => {
+                    remote(&r, Method::GET, &format!("/v1/admin/tenants/{tenant}/keys"), None).await?
+                }
+                KeysCommand::Create {
+                    tenant,
+                    name,
+                    kind,
+                    user,
+                    team,
+                    role,
+                    expires_at,
+                } => {
+                    let body = json!({"name": name, "kind": kind, "user": user, "team": team, "role": role, "expires_at": expires_at});
+                    remote(&r, Method::POST, &format!("/v1/admin/tenants/{tenant}/keys"), Some(body)).await?
+                }
+                KeysCommand::Revoke { tenant, id } => {
+                    remote(
+                        &r,
+                        Method::POST,
+                        &format!("/v1/admin/tenants/{tenant}/keys/{id}/revoke"),
+                        None,
+                    )
+                    .await?
+                }
+            }
+            Ok(true)
+        }
+        Command::Plans { remote: r } => {
+            remote(&r, Method::GET, "/v1/admin/plans", None).await?;
+            Ok(true)
+        }
+        Command::Budgets { remote: r, command } => {
+            match command {
+                BudgetsCommand::List { tenant } => {
+                    remote(&r, Method::GET, &format!("/v1/admin/tenants/{tenant}/budgets"), None).await?
+                }
+                BudgetsCommand::Show { tenant, id } => {
+                    remote(&r, Method::GET, &format!("/v1/admin/tenants/{tenant}/budgets/{id}"), None).await?
+                }
+                BudgetsCommand::Set {
+                    tenant,
+                    id,
+                    scope,
+                    value,
+                    window,
+                    limit,
+                    warn_percent,
+                    emergency_percent,
+                    emergency_action,
+                    rollover,
+                } => {
+                    let body = json!({
+                        "id": id, "scope": scope, "value": value, "window": window, "limit": limit,
+                        "warn_percent": warn_percent, "emergency_percent": emergency_percent,
+                        "emergency_action": emergency_action, "rollover": rollover,
+                    });
+                    remote(&r, Method::POST, &format!("/v1/admin/tenants/{tenant}/budgets"), Some(body)).await?
+                }
+                BudgetsCommand::Delete { tenant, id } => {
+                    let c = Client::new(&r.url, &r.admin_key);
+                    let _: Value = c
+                        .call::<Value, Value>(Method::DELETE, &format!("/v1/admin/tenants/{tenant}/budgets/{id}"), None)
+                        .await?;
+                    println!("deleted");
+                }
+            }
+            Ok(true)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.to_string().contains("configuration has") {
+                return ExitCode::from(2);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The authorization API: authorize (reserve) → settle (actual usage) or void.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use bursar_core::engine::{
+    AuthorizeRequest, BudgetView, Caller, FinishCode, FinishError, Metered, Permit, Prompt,
+    Settlement, Usage,
+};
+use bursar_core::ledger::{fingerprint, EntryKind, Tags};
+use bursar_core::pricebook::TokenUsage;
+use bursar_core::tokens::ChatMessage;
+use bursar_core::Money;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::extract::{Authed, JsonBody};
+use crate::Services;
+
+/// Idempotency keys longer than this are refused: they are stored with every hold.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+/// Messages in one authorization request.
+pub const MAX_MESSAGES: usize = 10_000;
+
+/// Ask to spend. Give `model` with one of `messages`, `prompt` or `prompt_tokens`; or
+/// `api` with `quantity` for a metered, non-token API.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeBody {
+    pub model: Option<String>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub messages: Option<Vec<ChatMessage>>,
+    pub prompt: Option<String>,
+    pub prompt_tokens: Option<u64>,
+    /// The most output tokens the call may produce; set by Bursar when absent.
+    pub max_tokens: Option<u32>,
+    pub api: Option<String>,
+    pub quantity: Option<u64>,
+    #[serde(default)]
+    pub tags: Tags,
+    /// How long the hold lives before it expires (default from the configuration).
+    pub ttl_seconds: Option<u64>,
+}
+
+/// Report what the call used.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SettleBody {
+    pub usage: Option<TokenUsage>,
+    pub quantity: Option<u64>,
+    /// The model the provider reports it used (drift is recorded and priced as used).
+    pub model_used: Option<String>,
+    pub latency_ms: Option<u32>,
+    /// True when the usage was counted by the caller, not reported by the provider.
+    #[serde(default)]
+    pub estimated: bool,
+}
+
+/// The call failed. Give its usage if the provider billed anything.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VoidBody {
+    pub usage: Option<TokenUsage>,
+    pub quantity: Option<u64>,
+    pub model_used: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Where an authorization stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuthorizationView {
+    pub authorization_id: Uuid,
+    /// `held`, `settled`, `voided`, `expired`.
+    pub state: String,
+    pub entries: Vec<EntryView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntryView {
+    pub seq: i64,
+    pub kind: String,
+    pub held_delta: Money,
+    pub cost_delta: Money,
+}
+
+/// "My usage vs my limits".
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageView {
+    pub tenant: Option<String>,
+    pub key_id: Uuid,
+    pub budgets: Vec<BudgetView>,
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be visible ASCII"))?;
+    if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!("Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
+        ));
+    }
+    Ok(Some(s.to_string()))
+}
+
+fn to_request(body: AuthorizeBody) -> Result<Metered, ApiError> {
+    match (body.model, body.api) {
+        (Some(model), None) => {
+            if body.quantity.is_some() {
+                return Err(ApiError::bad_request("invalid_request", "`quantity` goes with `api`, not `model`"));
+            }
+            let prompt = match (body.messages, body.prompt, body.prompt_tokens) {
+                (Some(m), None, None) => {
+                    if m.len() > MAX_MESSAGES {
+                        return Err(ApiError::bad_request(
+                            "invalid_request",
+                            format!("at most {MAX_MESSAGES} messages"),
+                        ));
+                    }
+                    Prompt::Messages(m)
+                }
+                (None, Some(p), None) => Prompt::Text(p),
+                (None, None, Some(n)) => Prompt::Tokens(n),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        "give exactly one of `messages`, `prompt` and `prompt_tokens` with `model`",
+                    ))
+                }
+            };
+            Ok(Metered::Model {
+                model,
+                prompt,
+                max_tokens: body.max_tokens,
+            })
+        }
+        (None, Some(api)) => {
+            if body.messages.is_some() || body.prompt.is_some() || body.prompt_tokens.is_some() || body.max_tokens.is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "a metered `api` takes `quantity`, not prompts or tokens",
+                ));
+            }
+            Ok(Metered::Api {
+                api,
+                quantity: body.quantity.unwrap_or(1),
+            })
+        }
+        _ => Err(ApiError::bad_request(
+            "invalid_request",
+            "give exactly one of `model` and `api`",
+        )),
+    }
+}
+
+fn record_decision(outcome: &'static str, code: &'static str, started: Instant) {
+    metrics::counter!("bursar_decisions_total", "outcome" => outcome, "code" => code).increment(1);
+    metrics::histogram!("bursar_authorize_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// Authorize a call: hold its worst-case cost on every budget it touches.
+#[utoipa::path(
+    post, path = "/v1/authorizations", request_body = AuthorizeBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the first answer")),
+    responses(
+        (status = 200, description = "permitted", body = Permit),
+        (status = 402, description = "budget exceeded", body = crate::error::ErrorBody),
+        (status = 403, description = "plan, feature or model class not allowed", body = crate::error::ErrorBody),
+        (status = 409, description = "idempotency key reused with another request", body = crate::error::ErrorBody),
+        (status = 422, description = "invalid request", body = crate::error::ErrorBody),
+        (status = 429, description = "rate limited (see Retry-After)", body = crate::error::ErrorBody),
+        (status = 503, description = "store unavailable: fail closed", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn authorize(
+    State(s): State<Arc<Services>>,
+    Authed(caller): Authed,
+    headers: HeaderMap,
+    body: JsonBody<AuthorizeBody>,
+) -> Result<Json<Permit>, ApiError> {
+    let started = Instant::now();
+    let idempotency_key = idempotency_key(&headers)?;
+    let ttl = body.value.ttl_seconds.map(Duration::from_secs);
+    if ttl.is_some_and(|t| t.is_zero()) {
+        return Err(ApiError::bad_request("invalid_request", "ttl_seconds must be at least 1"));
+    }
+    let tags = body.value.tags.clone();
+    let req = AuthorizeRequest {
+        metered: to_request(body.value)?,
+        tags,
+        fingerprint: idempotency_key.as_ref().map(|_| fingerprint(&body.raw)),
+        idempotency_key,
+        ttl,
+    };
+    match s.engine.authorize(&caller, req, s.clock.now(), &s.ledger) {
+        Ok((permit, ticket)) => {
+            ticket.wait().await?;
+            record_decision("permit", permit.shadow_denial.map_or("ok", |c| c.as_str()), started);
+            Ok(Json(permit))
+        }
+        Err(d) => {
+            record_decision("deny", d.code.as_str(), started);
+            Err(d.into())
+        }
+    }
+}
+
+/// A finished authorization no longer in memory: answer from the ledger.
+fn finished_in_store(s: &Services, tenant: &str, id: Uuid) -> Result<ApiError, ApiError> {
+    if !s.reader.exists(id, tenant)? {
+        return Ok(FinishError {
+            code: FinishCode::AuthorizationNotFound,
+            message: format!("no authorization `{id}`"),
+        }
+        .into());
+    }
+    let entries = s.reader.entries_of(id)?;
+    let code = match entries.iter().rev().find(|e| e.1 != EntryKind::Adjustment).map(|e| e.1) {
+        Some(EntryKind::Settle) => FinishCode::AuthorizationAlreadySettled,
+        Some(EntryKind::Void) => FinishCode::AuthorizationVoided,
+        Some(EntryKind::Expire) => FinishCode::AuthorizationExpired,
+        _ => FinishCode::AuthorizationNotFound,
+    };
+    Ok(FinishError {
+        code,
+        message: format!("authorization `{id}` is already finished ({})", code.as_str()),
+    }
+    .into())
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            FinishCode::AuthorizationNotFound.as_str(),
+            format!("`{id}` is not an authorization id"),
+        )
+    })
+}
+
+fn tenant_of(caller: &Caller) -> Result<String, ApiError> {
+    caller
+        .key
+        .tenant
+        .clone()
+        .ok_or_else(|| ApiError::forbidden("a platform admin key has no authorizations"))
+}
+
+async fn finish(
+    s: &Services,
+    caller: &Caller,
+    id: &str,
+    usage: Option<Usage>,
+    settle: bool,
+) -> Result<Json<Settlement>, ApiError> {
+    let id = parse_id(id)?;
+    let tenant = tenant_of(caller)?;
+    let now = s.clock.now();
+    let result = if settle {
+        s.engine.settle(&tenant, id, usage.unwrap_or_default(), now, &s.ledger)
+    } else {
+        s.engine.void(&tenant, id, usage, now, &s.ledger)
+    };
+    match result {
+        Ok((settlement, ticket)) => {
+            ticket.wait().await?;
+            let kind = if settle { "settle" } else { "void" };
+            metrics::counter!("bursar_finished_total", "kind" => kind).increment(1);
+            if settlement.overage > Money::ZERO {
+                metrics::counter!("bursar_overages_total").increment(1);
+            }
+            Ok(Json(settlement))
+        }
+        Err(e) if e.code == FinishCode::AuthorizationNotFound => Err(finished_in_store(s, &tenant, id)?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Settle an authorization with the call's real usage; the rest of the hold is released.
+#[utoipa::path(
+    post, path = "/v1/authorizations/{id}/settle", request_body = SettleBody,
+    params(("id" = String, Path, description = "authorization id")),
+    responses(
+        (status = 200, description = "settled (or the first settlement, replayed)", body = Settlement),
+        (status = 404, description = "authorization_not_found", body = crate::error::ErrorBody),
+        (status = 409, description = "authorization_already_settled, authorization_voided or authorization_expired", body = crate::error::ErrorBody),
+        (status = 422, description = "invalid usage or unknown model", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn settle(
+    State(s): State<Arc<Services>>,
+    Authed(caller): Authed,
+    Path(id): Path<String>,
+    body: JsonBody<SettleBody>,
+) -> Result<Json<Settlement>, ApiError> {
+    let b = body.value;
+    let usage = Usage {
+        tokens: b.usage.unwrap_or_default(),
+        quantity: b.quantity.unwrap_or(0),
+        model_used: b.model_used,
+        latency_ms: b.latency_ms,
+        estimated: b.estimated,
+    };
+    finish(&s, &caller, &id, Some(usage), true).await
+}
+
+/// Void an authorization: the call failed; it is recorded at its true cost (usually $0).
+#[utoipa::path(
+    post, path = "/v1/authorizations/{id}/void", request_body = VoidBody,
+    params(("id" = String, Path, description = "authorization id")),
+    responses(
+        (status = 200, description = "voided", body = Settlement),
+        (status = 404, description = "authorization_not_found", body = crate::error::ErrorBody),
+        (status = 409, description = "already finished", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn void(
+    State(s): State<Arc<Services>>,
+    Authed(caller): Authed,
+    Path(id): Path<String>,
+    body: JsonBody<VoidBody>,
+) -> Result<Json<Settlement>, ApiError> {
+    let b = body.value;
+    let usage = (b.usage.is_some() || b.quantity.is_some()).then(|| Usage {
+        tokens: b.usage.unwrap_or_default(),
+        quantity: b.quantity.unwrap_or(0),
+        model_used: b.model_used,
+        latency_ms: None,
+        estimated: false,
+    });
+    finish(&s, &caller, &id, usage, false).await
+}
+
+/// Where an authorization stands, with its ledger entries.
+#[utoipa::path(
+    get, path = "/v1/authorizations/{id}",
+    params(("id" = String, Path, description = "authorization id")),
+    responses((status = 200, body = AuthorizationView), (status = 404, body = crate::error::ErrorBody))
+)]
+pub async fn get_authorization(
+    State(s): State<Arc<Services>>,
+    Authed(caller): Authed,
+    Path(id): Path<String>,
+) -> Result<Json<AuthorizationView>, ApiError> {
+    let id = parse_id(&id)?;
+    let tenant = tenant_of(&caller)?;
+    if !s.reader.exists(id, &tenant)? {
+        return Err(FinishError {
+            code: FinishCode::AuthorizationNotFound,
+            message: format!("no authorization `{id}`"),
+        }
+        .into());
+    }
+    let entries = s.reader.entries_of(id)?;
+    let state = match entries.iter().rev().find(|e| e.1 != EntryKind::Adjustment).map(|e| e.1) {
+        Some(EntryKind::Settle) => "settled",
+        Some(EntryKind::Void) => "voided",
+        Some(EntryKind::Expire) => "expired",
+        _ => "held",
+    };
+    Ok(Json(AuthorizationView {
+        authorization_id: id,
+        state: state.into(),
+        entries: entries
+            .into_iter()
+            .map(|(seq, kind, held, cost)| EntryView {
+                seq,
+                kind: kind.as_str().into(),
+                held_delta: held,
+                cost_delta: cost,
+            })
+            .collect(),
+    }))
+}
+
+/// My usage against my limits: every budget this key's calls touch, now.
+#[utoipa::path(get, path = "/v1/usage", responses((status = 200, body = UsageView)))]
+pub async fn usage(State(s): State<Arc<Services>>, Authed(caller): Authed) -> Json<UsageView> {
+    let budgets = s.engine.standing_for(&caller, &Tags::default(), s.clock.now());
+    Json(UsageView {
+        tenant: caller.key.tenant.clone(),
+        key_id: caller.key.id,
+        budgets,
+    })
+}
