@@ -1,0 +1,595 @@
+//! The engine's promises with plain values: no overspend on any scope, exactly once,
+//! nothing lost, exact money. A sink collects entries in ledger order so each test can
+//! replay them and check the invariant after every entry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bursar_core::budget::{BucketKey, Counter};
+use bursar_core::config::Config;
+use bursar_core::engine::{
+    AuthorizeRequest, Caller, DenyCode, Engine, FinishCode, LedgerSink, Metered, Outcome, Prompt, Usage,
+};
+use bursar_core::ledger::{flags, AlertEvent, Entry, EntryKind, Replay, Tags};
+use bursar_core::money::Money;
+use bursar_core::pricebook::{PriceBook, TokenUsage};
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use proptest::prelude::*;
+
+#[derive(Default)]
+struct VecSink {
+    entries: Mutex<Vec<Entry>>,
+    alerts: Mutex<Vec<AlertEvent>>,
+}
+
+impl LedgerSink for VecSink {
+    type Ticket = ();
+    fn append(&self, entries: Vec<Entry>, alerts: Vec<AlertEvent>) {
+        self.entries.lock().extend(entries);
+        self.alerts.lock().extend(alerts);
+    }
+}
+
+const CONFIG: &str = r#"
+[engine]
+hold_ttl_secs = 60
+
+[[plans]]
+id = "pro"
+features = ["chat"]
+default_task = "chat"
+[plans.tasks.chat]
+classes = ["small", "standard"]
+default_class = "small"
+max_tokens = 1000
+
+[[tenants]]
+id = "acme"
+plan = "pro"
+[[tenants]]
+id = "shadowco"
+plan = "pro"
+mode = "shadow"
+
+[[teams]]
+tenant = "acme"
+id = "growth"
+[[users]]
+tenant = "acme"
+id = "ann"
+team = "growth"
+
+[[keys]]
+name = "ann"
+tenant = "acme"
+user = "ann"
+kind = "member"
+secret = "bsr_test_ann_0000000000000000000"
+[[keys]]
+name = "shadow"
+tenant = "shadowco"
+kind = "member"
+secret = "bsr_test_shadow_00000000000000000"
+
+[[budgets]]
+id = "acme-month"
+tenant = "acme"
+scope = "tenant"
+window = "monthly"
+limit = "LIMIT_TENANT"
+[[budgets]]
+id = "growth-day"
+tenant = "acme"
+scope = "team"
+value = "growth"
+window = "daily"
+limit = "LIMIT_TEAM"
+[[budgets]]
+id = "ann-day"
+tenant = "acme"
+scope = "user"
+window = "daily"
+limit = "LIMIT_USER"
+[[budgets]]
+id = "campaign"
+tenant = "acme"
+scope = "campaign"
+window = "lifetime"
+limit = "LIMIT_CAMPAIGN"
+[[budgets]]
+id = "shadow-cap"
+tenant = "shadowco"
+scope = "tenant"
+window = "lifetime"
+limit = "0.001"
+"#;
+
+fn now() -> DateTime<Utc> {
+    "2026-03-10T12:00:00Z".parse().unwrap()
+}
+
+fn engine(limits: [&str; 4]) -> (Engine, Config) {
+    let book = Arc::new(PriceBook::builtin().unwrap());
+    let text = CONFIG
+        .replace("LIMIT_TENANT", limits[0])
+        .replace("LIMIT_TEAM", limits[1])
+        .replace("LIMIT_USER", limits[2])
+        .replace("LIMIT_CAMPAIGN", limits[3]);
+    let config = Config::parse(&text, &book, now()).unwrap();
+    let engine = Engine::new(config.engine.clone(), book);
+    engine.set_directory(config.directory.clone());
+    for k in &config.keys {
+        engine.upsert_key(k.clone());
+    }
+    engine.set_budgets(bursar_core::engine::BudgetSet::from_budgets(config.budgets.clone()));
+    (engine, config)
+}
+
+fn caller(e: &Engine, secret: &str) -> Caller {
+    e.identify(secret, now()).unwrap()
+}
+
+fn ask(prompt_tokens: u64, max_tokens: u32, campaign: Option<&str>) -> AuthorizeRequest {
+    AuthorizeRequest {
+        metered: Metered::Model {
+            model: "gpt-4o-mini".into(),
+            prompt: Prompt::Tokens(prompt_tokens),
+            max_tokens: Some(max_tokens),
+        },
+        tags: Tags {
+            campaign: campaign.map(str::to_string),
+            ..Tags::default()
+        },
+        idempotency_key: None,
+        fingerprint: None,
+        ttl: None,
+    }
+}
+
+/// Replays entries in order and checks held + spent ≤ limit after each one, for every
+/// bucket; returns the final counters.
+fn check_never_over(entries: &[Entry], limits: &HashMap<String, Money>) -> HashMap<BucketKey, Counter> {
+    let mut replay = Replay::default();
+    for (i, e) in entries.iter().enumerate() {
+        replay.apply(i as u64 + 1, e);
+        for b in e.buckets() {
+            let c = replay.counters[b];
+            let limit = limits[&b.budget];
+            assert!(
+                c.used() <= limit,
+                "entry {i}: bucket {b} at {} over its limit {limit}",
+                c.used()
+            );
+        }
+    }
+    assert!(replay.problems.is_empty(), "{:?}", replay.problems);
+    replay.counters
+}
+
+fn limits_of(config: &Config) -> HashMap<String, Money> {
+    config.budgets.iter().map(|b| (b.id.clone(), b.spec.limit)).collect()
+}
+
+#[test]
+fn exactly_n_of_many_concurrent_authorizations_fit() {
+    // Each call holds 1,000 prompt tokens at $0.15/M + 100 output at $0.60/M = $0.00021.
+    // The user's daily budget fits exactly 137 of them.
+    let hold = Money::parse("0.00021").unwrap();
+    let n = 137;
+    let limit = Money::from_nanos(hold.nanos() * n);
+    let (engine, config) = engine(["1000", "1000", &limit.to_string(), "1000"]);
+    let engine = Arc::new(engine);
+    let sink = Arc::new(VecSink::default());
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let permitted = std::sync::atomic::AtomicI64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                for _ in 0..64 {
+                    match engine.authorize(&c, ask(1000, 100, Some("spring")), now(), sink.as_ref()) {
+                        Ok((p, ())) => {
+                            assert_eq!(p.held, hold);
+                            permitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(d) => assert_eq!(d.code, DenyCode::BudgetExceeded, "{d}"),
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(permitted.into_inner(), n);
+    let entries = sink.entries.lock().clone();
+    let counters = check_never_over(&entries, &limits_of(&config));
+    assert_eq!(counters, engine.counters());
+}
+
+#[test]
+fn a_hold_is_all_or_nothing_across_scopes() {
+    // The campaign budget is the tightest; a denial leaves every other scope untouched.
+    let (engine, _) = engine(["10", "10", "10", "0.0003"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    engine.authorize(&c, ask(1000, 100, Some("c1")), now(), &sink).unwrap();
+    let before = engine.counters();
+    // Does not fit the campaign even shaped: 1000 prompt tokens alone cost $0.00015, and
+    // $0.00009 is left, so the shaped output would be below the minimum.
+    let d = engine.authorize(&c, ask(1000, 100, Some("c1")), now(), &sink).unwrap_err();
+    assert_eq!(d.code, DenyCode::BudgetExceeded);
+    assert_eq!(engine.counters(), before);
+    // Another campaign has its own counter.
+    engine.authorize(&c, ask(1000, 100, Some("c2")), now(), &sink).unwrap();
+}
+
+#[test]
+fn max_tokens_is_shaped_to_the_plan_and_the_budget() {
+    let sink = VecSink::default();
+    // No max_tokens and ample budget: the plan's cap for the task (1,000), never the
+    // model's whole output window (16,384).
+    let (engine, _) = engine(["10", "10", "10", "10"]);
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let mut r = ask(100, 1, None);
+    r.metered = Metered::Model {
+        model: "gpt-4o-mini".into(),
+        prompt: Prompt::Tokens(100),
+        max_tokens: None,
+    };
+    let (p, ()) = engine.authorize(&c, r, now(), &sink).unwrap();
+    assert_eq!(p.max_tokens, Some(1000));
+    // Asking for more than the plan allows is capped to the plan.
+    let (p, ()) = engine.authorize(&c, ask(100, 5000, None), now(), &sink).unwrap();
+    assert_eq!(p.max_tokens, Some(1000));
+    // With $0.0003 left the call is shaped to what the budget can pay:
+    // (0.0003 − 100 × 0.00000015) / 0.0000006 = 475 output tokens.
+    let (engine, _) = self::engine(["10", "10", "0.0003", "10"]);
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let (p, ()) = engine.authorize(&c, ask(100, 5000, None), now(), &sink).unwrap();
+    assert_eq!(p.max_tokens, Some(475));
+    assert!(p.held <= Money::parse("0.0003").unwrap());
+    // Nothing useful is left: denied, not shaped to a uselessly small answer.
+    let d = engine.authorize(&c, ask(100, 5000, None), now(), &sink).unwrap_err();
+    assert_eq!(d.code, DenyCode::BudgetExceeded);
+}
+
+#[test]
+fn settle_is_exactly_once_and_releases_the_rest() {
+    let (engine, config) = engine(["10", "10", "10", "10"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let (p, ()) = engine.authorize(&c, ask(1000, 100, None), now(), &sink).unwrap();
+    let usage = Usage {
+        tokens: TokenUsage {
+            input_tokens: 1000,
+            cached_input_tokens: 0,
+            output_tokens: 40,
+        },
+        ..Usage::default()
+    };
+    let (s1, ()) = engine.settle("acme", p.authorization_id, usage.clone(), now(), &sink).unwrap();
+    assert_eq!(s1.cost, Money::parse("0.000174").unwrap());
+    let (s2, ()) = engine.settle("acme", p.authorization_id, usage.clone(), now(), &sink).unwrap();
+    assert!(s2.replayed);
+    assert_eq!(s2.cost, s1.cost);
+    let mut other = usage;
+    other.tokens.output_tokens = 41;
+    let e = engine.settle("acme", p.authorization_id, other, now(), &sink).unwrap_err();
+    assert_eq!(e.code, FinishCode::AuthorizationAlreadySettled);
+    let e = engine.void("acme", p.authorization_id, None, now(), &sink).unwrap_err();
+    assert_eq!(e.code, FinishCode::AuthorizationAlreadySettled);
+    // Another tenant cannot see it.
+    let e = engine.void("shadowco", p.authorization_id, None, now(), &sink).unwrap_err();
+    assert_eq!(e.code, FinishCode::AuthorizationNotFound);
+    let entries = sink.entries.lock().clone();
+    assert_eq!(entries.iter().filter(|e| e.kind == EntryKind::Settle).count(), 1);
+    let counters = check_never_over(&entries, &limits_of(&config));
+    assert!(counters.values().all(|c| c.held == Money::ZERO && c.spent == s1.cost));
+}
+
+#[test]
+fn expired_holds_are_charged_and_a_late_settle_is_reconciled_once() {
+    let (engine, _) = engine(["10", "10", "10", "10"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let (p, ()) = engine.authorize(&c, ask(1000, 100, None), now(), &sink).unwrap();
+    let (n, _) = engine.expire_due(now() + chrono::Duration::seconds(59), &sink);
+    assert_eq!(n, 0);
+    let later = now() + chrono::Duration::seconds(61);
+    let (n, _) = engine.expire_due(later, &sink);
+    assert_eq!(n, 1);
+    assert_eq!(engine.open_holds(), 0);
+    let spent: Money = engine.counters().values().map(|c| c.spent).max().unwrap();
+    assert_eq!(spent, p.held, "an expired hold is charged in full by default");
+    let usage = Usage {
+        tokens: TokenUsage {
+            input_tokens: 1000,
+            cached_input_tokens: 0,
+            output_tokens: 10,
+        },
+        ..Usage::default()
+    };
+    let e = engine.settle("acme", p.authorization_id, usage.clone(), later, &sink).unwrap_err();
+    assert_eq!(e.code, FinishCode::AuthorizationExpired);
+    let e = engine.settle("acme", p.authorization_id, usage, later, &sink).unwrap_err();
+    assert_eq!(e.code, FinishCode::AuthorizationExpired);
+    let entries = sink.entries.lock().clone();
+    let adjustments: Vec<&Entry> = entries.iter().filter(|e| e.kind == EntryKind::Adjustment).collect();
+    assert_eq!(adjustments.len(), 1, "reconciled once");
+    assert!(adjustments[0].flags & flags::RECONCILED != 0);
+    // Real cost 1000 × 0.15 + 10 × 0.60 per M = $0.000156.
+    let spent: Money = engine.counters().values().map(|c| c.spent).max().unwrap();
+    assert_eq!(spent, Money::parse("0.000156").unwrap());
+}
+
+#[test]
+fn usage_above_the_hold_is_an_overage_never_refused() {
+    let (engine, _) = engine(["10", "10", "10", "10"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let (p, ()) = engine.authorize(&c, ask(10, 10, None), now(), &sink).unwrap();
+    let usage = Usage {
+        tokens: TokenUsage {
+            input_tokens: 5000,
+            cached_input_tokens: 0,
+            output_tokens: 5000,
+        },
+        ..Usage::default()
+    };
+    let (s, ()) = engine.settle("acme", p.authorization_id, usage, now(), &sink).unwrap();
+    assert!(s.overage > Money::ZERO);
+    assert_eq!(s.cost, s.released + s.overage);
+    assert!(sink.entries.lock().last().unwrap().flags & flags::OVERAGE != 0);
+    assert!(sink.alerts.lock().iter().any(|a| a.reason == "overage"));
+}
+
+#[test]
+fn drift_is_priced_as_the_model_used() {
+    let (engine, _) = engine(["10", "10", "10", "10"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let (p, ()) = engine.authorize(&c, ask(1000, 100, None), now(), &sink).unwrap();
+    let usage = Usage {
+        tokens: TokenUsage {
+            input_tokens: 1000,
+            cached_input_tokens: 0,
+            output_tokens: 100,
+        },
+        model_used: Some("openai/gpt-4o-2024-08-06".into()),
+        ..Usage::default()
+    };
+    let (s, ()) = engine.settle("acme", p.authorization_id, usage, now(), &sink).unwrap();
+    assert!(s.drift);
+    assert_eq!(s.model_used.as_deref(), Some("gpt-4o"));
+    assert!(s.price_version.starts_with("gpt-4o@"));
+    assert!(s.cost > p.held);
+}
+
+#[test]
+fn shadow_mode_records_would_be_denials_and_permits() {
+    let (engine, _) = engine(["10", "10", "10", "10"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_shadow_00000000000000000");
+    let (p, ()) = engine.authorize(&c, ask(100_000, 1000, None), now(), &sink).unwrap();
+    assert_eq!(p.shadow_denial, Some(DenyCode::BudgetExceeded));
+    assert_eq!(p.max_tokens, Some(1000), "shadow mode does not shape");
+    let mut wrong_class = ask(10, 10, None);
+    wrong_class.metered = Metered::Model {
+        model: "o3".into(),
+        prompt: Prompt::Tokens(10),
+        max_tokens: Some(10),
+    };
+    let (p2, ()) = engine.authorize(&c, wrong_class, now(), &sink).unwrap();
+    assert_eq!(p2.shadow_denial, Some(DenyCode::ModelClassNotAllowed));
+    let entries = sink.entries.lock();
+    assert!(entries.iter().all(|e| e.flags & flags::SHADOW_DENIED != 0));
+}
+
+#[test]
+fn idempotent_authorize_returns_the_first_permit() {
+    let (engine, _) = engine(["10", "10", "10", "10"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let mut r = ask(100, 10, None);
+    r.idempotency_key = Some("k1".into());
+    r.fingerprint = Some("f1".into());
+    let (p1, ()) = engine.authorize(&c, r.clone(), now(), &sink).unwrap();
+    let (p2, ()) = engine.authorize(&c, r.clone(), now(), &sink).unwrap();
+    assert_eq!(p1.authorization_id, p2.authorization_id);
+    assert!(p2.replayed);
+    r.fingerprint = Some("f2".into());
+    assert_eq!(
+        engine.authorize(&c, r, now(), &sink).unwrap_err().code,
+        DenyCode::IdempotencyKeyReused
+    );
+    assert_eq!(sink.entries.lock().len(), 1);
+}
+
+#[test]
+fn recovery_rebuilds_the_same_state() {
+    let (engine, config) = engine(["10", "10", "10", "10"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let mut open = None;
+    for i in 0..20u64 {
+        let (p, ()) = engine.authorize(&c, ask(100 + i, 50, Some("r")), now(), &sink).unwrap();
+        match i % 3 {
+            0 => {
+                let u = Usage {
+                    tokens: TokenUsage {
+                        input_tokens: 100 + i,
+                        cached_input_tokens: 0,
+                        output_tokens: i,
+                    },
+                    ..Usage::default()
+                };
+                engine.settle("acme", p.authorization_id, u, now(), &sink).unwrap();
+            }
+            1 => {
+                engine.void("acme", p.authorization_id, None, now(), &sink).unwrap();
+            }
+            _ => open = Some(p.authorization_id),
+        }
+    }
+    let entries = sink.entries.lock().clone();
+    let (fresh, _) = self::engine(["10", "10", "10", "10"]);
+    fresh.recover(entries.iter());
+    assert_eq!(fresh.counters(), engine.counters());
+    assert_eq!(fresh.open_holds(), engine.open_holds());
+    // A recovered open hold can be settled; a recovered settled one replays.
+    let open = open.unwrap();
+    fresh.void("acme", open, None, now(), &sink).unwrap();
+    let _ = config;
+}
+
+#[test]
+fn rolling_windows_forget_old_spend() {
+    let book = Arc::new(PriceBook::builtin().unwrap());
+    let text = CONFIG
+        .replace("LIMIT_TENANT", "10")
+        .replace("LIMIT_TEAM", "10")
+        .replace("LIMIT_USER", "10")
+        .replace("LIMIT_CAMPAIGN", "10")
+        + "\n[[budgets]]\nid = \"roll\"\ntenant = \"acme\"\nscope = \"tenant\"\nwindow = \"rolling:1h\"\nlimit = \"0.0005\"\n";
+    let config = Config::parse(&text, &book, now()).unwrap();
+    let engine = Engine::new(config.engine.clone(), book);
+    engine.set_directory(config.directory.clone());
+    for k in &config.keys {
+        engine.upsert_key(k.clone());
+    }
+    engine.set_budgets(bursar_core::engine::BudgetSet::from_budgets(config.budgets.clone()));
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let (p, ()) = engine.authorize(&c, ask(1000, 100, None), now(), &sink).unwrap();
+    let full = Usage {
+        tokens: TokenUsage {
+            input_tokens: 1000,
+            cached_input_tokens: 0,
+            output_tokens: 100,
+        },
+        ..Usage::default()
+    };
+    engine.settle("acme", p.authorization_id, full.clone(), now(), &sink).unwrap();
+    engine.authorize(&c, ask(1000, 100, None), now(), &sink).unwrap();
+    // $0.00042 of $0.0005 used: a third call is shaped to what is left, a big one denied.
+    let d = engine
+        .authorize(&c, ask(1000, 100, None), now() + chrono::Duration::minutes(30), &sink)
+        .unwrap_err();
+    assert_eq!(d.code, DenyCode::BudgetExceeded);
+    // An hour later the first calls have rolled out of the window.
+    engine
+        .authorize(&c, ask(1000, 100, None), now() + chrono::Duration::minutes(62), &sink)
+        .unwrap();
+}
+
+#[test]
+fn rate_limits_say_when_to_retry() {
+    let book = Arc::new(PriceBook::builtin().unwrap());
+    let text = CONFIG
+        .replace("LIMIT_TENANT", "10")
+        .replace("LIMIT_TEAM", "10")
+        .replace("LIMIT_USER", "10")
+        .replace("LIMIT_CAMPAIGN", "10")
+        .replace("max_tokens = 1000\n", "max_tokens = 1000\n[plans.rate_limits.member]\nrequests_per_minute = 5\ntokens_per_minute = 3000\n");
+    let config = Config::parse(&text, &book, now()).unwrap();
+    let engine = Engine::new(config.engine.clone(), book);
+    engine.set_directory(config.directory.clone());
+    for k in &config.keys {
+        engine.upsert_key(k.clone());
+    }
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    for _ in 0..5 {
+        engine.authorize(&c, ask(10, 10, None), now(), &sink).unwrap();
+    }
+    let d = engine.authorize(&c, ask(10, 10, None), now(), &sink).unwrap_err();
+    assert_eq!(d.code, DenyCode::RateLimited);
+    assert_eq!(d.retry_after, Some(Duration::from_secs(12)));
+    let d = engine
+        .authorize(&c, ask(3000, 10, None), now() + chrono::Duration::minutes(5), &sink)
+        .unwrap_err();
+    assert_eq!(d.code, DenyCode::ExceedsRateLimitCapacity);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Random limits on four nested scopes and a random mix of authorize, settle, void
+    /// and expiry: no bucket ever exceeds its limit, and the counters always equal a
+    /// replay of the ledger.
+    #[test]
+    fn no_scope_is_ever_overspent(
+        limits in proptest::array::uniform4(1u32..2_000),
+        ops in proptest::collection::vec((0u8..4, 1u64..5_000, 1u32..2_000, 0u8..3), 1..120),
+    ) {
+        let limits: Vec<String> = limits.iter().map(|l| Money::from_nanos(i64::from(*l) * 1_000).to_string()).collect();
+        let (engine, config) = engine([&limits[0], &limits[1], &limits[2], &limits[3]]);
+        let sink = VecSink::default();
+        let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+        let mut open: Vec<(uuid::Uuid, u64, u32)> = Vec::new();
+        let mut t = now();
+        for (op, prompt, max_out, campaign) in ops {
+            match op {
+                0 | 1 => {
+                    let camp = ["a", "b", "c"][campaign as usize];
+                    if let Ok((p, ())) = engine.authorize(&c, ask(prompt, max_out, Some(camp)), t, &sink) {
+                        open.push((p.authorization_id, p.prompt_tokens, p.max_tokens.unwrap_or(0)));
+                    }
+                }
+                2 => if let Some((id, pt, mt)) = open.pop() {
+                    let u = Usage { tokens: TokenUsage { input_tokens: pt, cached_input_tokens: pt / 3, output_tokens: u64::from(mt) / 2 }, ..Usage::default() };
+                    let (s, ()) = engine.settle("acme", id, u, t, &sink).unwrap();
+                    prop_assert_eq!(s.overage, Money::ZERO);
+                    prop_assert_eq!(s.outcome, Outcome::Settled);
+                },
+                _ => {
+                    if let Some((id, _, _)) = open.first().copied() {
+                        engine.void("acme", id, None, t, &sink).unwrap();
+                        open.remove(0);
+                    } else {
+                        t += chrono::Duration::seconds(61);
+                        engine.expire_due(t, &sink);
+                    }
+                }
+            }
+        }
+        let entries = sink.entries.lock().clone();
+        let counters = check_never_over(&entries, &limits_of(&config));
+        prop_assert_eq!(counters, engine.counters());
+    }
+
+    /// The cost of a call is the same exact amount whatever spelling of the model id the
+    /// caller and the provider use, and equals the sum of its ledger entries.
+    #[test]
+    fn cost_is_exact_across_spellings(
+        input in 0u64..2_000_000,
+        cached_share in 0u64..=100,
+        output in 0u64..100_000,
+        spelling in 0usize..6,
+    ) {
+        let spellings = ["gpt-4o-mini", "openai/gpt-4o-mini", "GPT-4o-Mini", "gpt-4o-mini-2024-07-18", "openrouter/openai/gpt-4o-mini", "gpt-4o-mini-latest"];
+        let (engine, _) = engine(["1000000", "1000000", "1000000", "1000000"]);
+        let sink = VecSink::default();
+        let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+        let mut r = ask(10, 10, None);
+        r.metered = Metered::Model { model: spellings[spelling].into(), prompt: Prompt::Tokens(10), max_tokens: Some(10) };
+        let (p, ()) = engine.authorize(&c, r, now(), &sink).unwrap();
+        prop_assert_eq!(p.model.as_deref(), Some("gpt-4o-mini"));
+        let usage = TokenUsage { input_tokens: input, cached_input_tokens: input * cached_share / 100, output_tokens: output };
+        let u = Usage { tokens: usage, model_used: Some(spellings[(spelling + 1) % 6].into()), ..Usage::default() };
+        let (s, ()) = engine.settle("acme", p.authorization_id, u, now(), &sink).unwrap();
+        prop_assert!(!s.drift);
+        let book = PriceBook::builtin().unwrap();
+        let price = book.resolve("gpt-4o-mini").unwrap().price_at(now()).unwrap().clone();
+        prop_assert_eq!(s.cost, price.cost(&usage));
+        // Exact: the pico-dollar total rounded up once.
+        let pico = i128::from(usage.input_tokens - usage.cached_input_tokens) * 150_000
+            + i128::from(usage.cached_input_tokens) * 75_000
+            + i128::from(usage.output_tokens) * 600_000;
+        prop_assert_eq!(i128::from(s.cost.nanos()), (pico + 999) / 1000);
+        let entries = sink.entries.lock();
+        let total: Money = entries.iter().map(|e| e.cost_delta).sum();
+        prop_assert_eq!(total, s.cost);
+        let held: Money = entries.iter().map(|e| e.held_delta).sum();
+        prop_assert_eq!(held, Money::ZERO);
+    }
+}
