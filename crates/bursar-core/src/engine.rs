@@ -1210,6 +1210,11 @@ impl Engine {
         };
         let alerts = self.apply_to_buckets(&mut state, &hold, -hold.held, cost, now, now_ms, overage, drift);
         state.holds.remove(&id);
+        // Kept in canonical form, so a retry names the model in any spelling.
+        let usage = usage.map(|mut u| {
+            u.model_used = model_used.clone();
+            u
+        });
         let settlement = Settlement {
             authorization_id: id,
             outcome,
@@ -1307,6 +1312,13 @@ impl Engine {
                 format!("no authorization `{id}`"),
             ));
         };
+        let usage = usage.map(|mut u| {
+            u.model_used = match &u.model_used {
+                Some(m) => Some(self.book.resolve(m).map_or_else(|_| m.clone(), |m| m.id.clone())),
+                None => f.settlement.model_used.clone(),
+            };
+            u
+        });
         match f.settlement.outcome {
             Outcome::Settled | Outcome::Voided if f.settlement.outcome == outcome && f.usage == usage => {
                 let mut s = f.settlement.clone();
@@ -1353,13 +1365,23 @@ impl Engine {
                     if let Some(rec) = state.finished.get_mut(&id) {
                         rec.hold = None;
                     }
-                    let _ticket = sink.append(vec![entry], alerts);
-                    return Err(FinishError::new(
-                        FinishCode::AuthorizationExpired,
-                        format!(
-                            "authorization `{id}` had expired and was charged ${}; the reported usage (${cost}) was recorded as an adjustment",
-                            f.settlement.cost
-                        ),
+                    let ticket = sink.append(vec![entry], alerts);
+                    // Answered as an expiry (the caller learns it was late), with the
+                    // true cost now on record.
+                    return Ok((
+                        Settlement {
+                            authorization_id: id,
+                            outcome: Outcome::Expired,
+                            cost,
+                            charge: f.settlement.charge + charge,
+                            released: Money::ZERO,
+                            overage: Money::ZERO,
+                            model_used: Some(hold.model.clone().or(hold.api.clone()).unwrap_or_default()),
+                            price_version: hold.price_version.clone(),
+                            drift,
+                            replayed: false,
+                        },
+                        ticket,
                     ));
                 }
                 Err(FinishError::new(

@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use bursar_core::engine::{
-    AuthorizeRequest, BudgetView, Caller, FinishCode, FinishError, Metered, Permit, Prompt,
+    AuthorizeRequest, BudgetView, Caller, FinishCode, FinishError, Metered, Outcome, Permit, Prompt,
     Settlement, Usage,
 };
 use bursar_core::ledger::{fingerprint, EntryKind, Tags};
@@ -273,6 +273,16 @@ async fn finish(
     match result {
         Ok((settlement, ticket)) => {
             ticket.wait().await?;
+            if settlement.outcome == Outcome::Expired {
+                return Err(FinishError {
+                    code: FinishCode::AuthorizationExpired,
+                    message: format!(
+                        "authorization `{id}` had expired and was charged by policy; the reported usage (${}) was recorded as an adjustment",
+                        settlement.cost
+                    ),
+                }
+                .into());
+            }
             let kind = if settle { "settle" } else { "void" };
             metrics::counter!("bursar_finished_total", "kind" => kind).increment(1);
             if settlement.overage > Money::ZERO {

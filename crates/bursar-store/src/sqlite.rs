@@ -571,6 +571,13 @@ pub fn verify(path: &Path) -> Result<Verification, StoreError> {
     })
 }
 
+/// Every entry of the ledger in order, read-only (audits, tests, exports).
+pub fn read_entries(path: &Path) -> Result<LedgerReport, StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.execute_batch("PRAGMA busy_timeout = 5000;")?;
+    read_ledger(&conn)
+}
+
 /// The counters table as stored.
 pub fn stored_counters(conn: &Connection) -> Result<HashMap<BucketKey, Counter>, StoreError> {
     let mut stmt = conn.prepare("SELECT bucket, held, spent FROM counters")?;

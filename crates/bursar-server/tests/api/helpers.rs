@@ -1,0 +1,216 @@
+//! `spawn_app()`: a real Bursar router on port 0 over a fresh SQLite store in a temp dir,
+//! with a clock the test controls.
+
+use std::sync::Arc;
+
+use bursar_core::config::Config;
+use bursar_core::pricebook::PriceBook;
+use bursar_server::{ManualClock, Services};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+pub const ADMIN: &str = "bsr_test_platform_admin_000000000";
+pub const A_ADMIN: &str = "bsr_test_a_admin_0000000000000000";
+pub const A_MEMBER: &str = "bsr_test_a_member_000000000000000";
+pub const B_ADMIN: &str = "bsr_test_b_admin_0000000000000000";
+pub const B_MEMBER: &str = "bsr_test_b_member_000000000000000";
+pub const SHADOW_MEMBER: &str = "bsr_test_shadow_member_0000000000";
+
+pub const CONFIG: &str = r#"
+[engine]
+hold_ttl_secs = 60
+
+[[plans]]
+id = "pro"
+features = ["chat", "search"]
+default_task = "chat"
+[plans.tasks.chat]
+classes = ["small", "standard"]
+default_class = "small"
+max_tokens = 1000
+[plans.tasks.search]
+classes = ["small"]
+default_class = "small"
+max_tokens = 100
+[plans.rate_limits.limited]
+requests_per_minute = 3
+[plans.rate_card]
+markup_bps = 15000
+
+[[plans]]
+id = "free"
+default_task = "chat"
+[plans.tasks.chat]
+classes = ["small"]
+default_class = "small"
+max_tokens = 100
+
+[[tenants]]
+id = "a"
+plan = "pro"
+timezone = "America/New_York"
+[[tenants]]
+id = "b"
+plan = "pro"
+[[tenants]]
+id = "s"
+plan = "pro"
+mode = "shadow"
+
+[[users]]
+tenant = "a"
+id = "ann"
+role = "member"
+
+[[keys]]
+name = "platform"
+kind = "platform_admin"
+secret = "bsr_test_platform_admin_000000000"
+[[keys]]
+name = "a admin"
+tenant = "a"
+kind = "tenant_admin"
+secret = "bsr_test_a_admin_0000000000000000"
+[[keys]]
+name = "a member"
+tenant = "a"
+user = "ann"
+kind = "member"
+secret = "bsr_test_a_member_000000000000000"
+[[keys]]
+name = "b admin"
+tenant = "b"
+kind = "tenant_admin"
+secret = "bsr_test_b_admin_0000000000000000"
+[[keys]]
+name = "b member"
+tenant = "b"
+kind = "member"
+secret = "bsr_test_b_member_000000000000000"
+[[keys]]
+name = "s member"
+tenant = "s"
+kind = "member"
+secret = "bsr_test_shadow_member_0000000000"
+
+[[budgets]]
+id = "a-month"
+tenant = "a"
+scope = "tenant"
+window = "monthly"
+limit = "100"
+[[budgets]]
+id = "s-cap"
+tenant = "s"
+scope = "tenant"
+window = "lifetime"
+limit = "0.0001"
+"#;
+
+pub struct TestApp {
+    pub base: String,
+    pub services: Arc<Services>,
+    pub clock: Arc<ManualClock>,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn start_time() -> DateTime<Utc> {
+    "2026-05-14T10:00:00Z".parse().unwrap()
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(CONFIG).await
+}
+
+pub async fn spawn_app_with(config: &str) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    spawn_app_in(config, dir).await
+}
+
+pub async fn spawn_app_in(config: &str, dir: tempfile::TempDir) -> TestApp {
+    let book = Arc::new(PriceBook::builtin().unwrap());
+    let config = Config::parse(config, &book, start_time()).unwrap();
+    let clock = Arc::new(ManualClock::new(start_time()));
+    let (services, _writer) = bursar_server::build(config, book, dir.path(), clock.clone()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let s = services.clone();
+    tokio::spawn(async move {
+        let _ = bursar_server::serve(listener, s, std::future::pending()).await;
+    });
+    TestApp {
+        base: format!("http://{addr}"),
+        services,
+        clock,
+        http: reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap(),
+        dir,
+    }
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Resp {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+impl TestApp {
+    pub async fn send(&self, method: reqwest::Method, path: &str, key: &str, body: Option<&Value>, idem: Option<&str>) -> Resp {
+        let mut r = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(key);
+        if let Some(b) = body {
+            r = r.json(b);
+        }
+        if let Some(k) = idem {
+            r = r.header("Idempotency-Key", k);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Resp { status, body, headers }
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> Resp {
+        self.send(reqwest::Method::POST, path, key, Some(&body), None).await
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> Resp {
+        self.send(reqwest::Method::GET, path, key, None, None).await
+    }
+
+    pub async fn raw_post(&self, path: &str, key: &str, body: Vec<u8>) -> Resp {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Resp { status, body, headers }
+    }
+
+    pub async fn authorize(&self, key: &str, body: Value) -> Resp {
+        self.post("/v1/authorizations", key, body).await
+    }
+
+    pub async fn settle(&self, key: &str, id: &str, body: Value) -> Resp {
+        self.post(&format!("/v1/authorizations/{id}/settle"), key, body).await
+    }
+
+    pub fn db_path(&self) -> std::path::PathBuf {
+        bursar_store::sqlite::ledger_path(self.dir.path())
+    }
+}
