@@ -270,7 +270,10 @@ impl Client {
         }
         let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(b) => (b.error.code, b.error.message),
-            Err(_) => ("unknown".into(), String::from_utf8_lossy(&bytes).into_owned()),
+            Err(_) => (
+                "unknown".into(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ),
         };
         Err(Error::Api {
             status: status.as_u16(),
@@ -281,18 +284,32 @@ impl Client {
     }
 
     /// Authorize a call; with an idempotency key, a retry returns the first answer.
-    pub async fn authorize(&self, req: &Authorize, idempotency_key: Option<&str>) -> Result<Permit, Error> {
-        let mut r = self.http.post(format!("{}/v1/authorizations", self.base)).json(req);
+    pub async fn authorize(
+        &self,
+        req: &Authorize,
+        idempotency_key: Option<&str>,
+    ) -> Result<Permit, Error> {
+        let mut r = self
+            .http
+            .post(format!("{}/v1/authorizations", self.base))
+            .json(req);
         if let Some(k) = idempotency_key {
             r = r.header("Idempotency-Key", k);
         }
         self.send(r).await
     }
 
-    pub async fn settle(&self, authorization_id: &str, usage: &Settle) -> Result<Settlement, Error> {
+    pub async fn settle(
+        &self,
+        authorization_id: &str,
+        usage: &Settle,
+    ) -> Result<Settlement, Error> {
         let r = self
             .http
-            .post(format!("{}/v1/authorizations/{authorization_id}/settle", self.base))
+            .post(format!(
+                "{}/v1/authorizations/{authorization_id}/settle",
+                self.base
+            ))
             .json(usage);
         self.send(r).await
     }
@@ -300,7 +317,10 @@ impl Client {
     pub async fn void(&self, authorization_id: &str, body: &Void) -> Result<Settlement, Error> {
         let r = self
             .http
-            .post(format!("{}/v1/authorizations/{authorization_id}/void", self.base))
+            .post(format!(
+                "{}/v1/authorizations/{authorization_id}/void",
+                self.base
+            ))
             .json(body);
         self.send(r).await
     }

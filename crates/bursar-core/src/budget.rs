@@ -102,7 +102,9 @@ pub enum Window {
     Weekly,
     Monthly,
     /// The last `seconds`, moving in slices of `seconds / ROLLING_SLICES`.
-    Rolling { seconds: u32 },
+    Rolling {
+        seconds: u32,
+    },
     Lifetime,
 }
 
@@ -143,7 +145,10 @@ impl Window {
             // A day that starts inside a DST gap starts at the first instant that exists.
             tz.from_local_datetime(&naive)
                 .earliest()
-                .or_else(|| tz.from_local_datetime(&(naive + Duration::hours(1))).earliest())
+                .or_else(|| {
+                    tz.from_local_datetime(&(naive + Duration::hours(1)))
+                        .earliest()
+                })
                 .map_or(now.timestamp(), |t| t.timestamp())
         };
         match self {
@@ -367,11 +372,20 @@ mod tests {
     fn rolling_windows_move_by_slices() {
         let w = Window::parse("rolling:24h").unwrap();
         let now = at("2025-03-01T10:30:00Z");
-        assert_eq!(w.period_start(now, Tz::UTC), at("2025-03-01T10:00:00Z").timestamp());
-        assert_eq!(w.rolling_floor(now), Some(at("2025-02-28T11:00:00Z").timestamp()));
+        assert_eq!(
+            w.period_start(now, Tz::UTC),
+            at("2025-03-01T10:00:00Z").timestamp()
+        );
+        assert_eq!(
+            w.rolling_floor(now),
+            Some(at("2025-02-28T11:00:00Z").timestamp())
+        );
         assert_eq!(w.to_string(), "rolling:1d");
         assert_eq!(Window::parse("rolling:5x"), None);
-        assert_eq!(Window::parse("rolling:1m"), Some(Window::Rolling { seconds: 60 }));
+        assert_eq!(
+            Window::parse("rolling:1m"),
+            Some(Window::Rolling { seconds: 60 })
+        );
         assert_eq!(Window::parse("fortnightly"), None);
     }
 
@@ -397,7 +411,10 @@ mod tests {
 
     #[test]
     fn scope_kinds_parse() {
-        assert_eq!(ScopeKind::parse("tag:env"), Some(ScopeKind::Tag("env".into())));
+        assert_eq!(
+            ScopeKind::parse("tag:env"),
+            Some(ScopeKind::Tag("env".into()))
+        );
         assert_eq!(ScopeKind::parse("workflow"), Some(ScopeKind::Workflow));
         assert_eq!(ScopeKind::parse("planet"), None);
         assert_eq!(ScopeKind::Tag("env".into()).to_string(), "tag:env");

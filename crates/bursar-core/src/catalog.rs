@@ -169,7 +169,11 @@ impl RateCard {
     /// The charge for a call; one rounding, up, as for costs.
     pub fn charge(&self, cost: Money, agent: Option<&str>, tokens: u64, quantity: u64) -> Money {
         if let Some(rate) = agent.and_then(|a| self.agent_per_1k_tokens.get(a)) {
-            let units = if tokens > 0 { tokens } else { quantity.saturating_mul(1000) };
+            let units = if tokens > 0 {
+                tokens
+            } else {
+                quantity.saturating_mul(1000)
+            };
             // rate nano-USD per 1,000 tokens = rate pico-USD per token.
             return Money::from_pico_ceil(i128::from(rate.nanos()) * i128::from(units));
         }
@@ -252,13 +256,15 @@ mod tests {
             .insert("CONTENT".into(), Money::parse("0.04").unwrap());
         // 2,500 tokens at $0.04 per 1K = $0.10, whatever the provider cost.
         assert_eq!(
-            card.charge(Money::parse("0.01").unwrap(), Some("CONTENT"), 2_500, 0).to_string(),
+            card.charge(Money::parse("0.01").unwrap(), Some("CONTENT"), 2_500, 0)
+                .to_string(),
             "0.1"
         );
         // Other agents pay cost × markup.
         card.markup_bps = 15_000;
         assert_eq!(
-            card.charge(Money::parse("0.01").unwrap(), Some("SEO"), 2_500, 0).to_string(),
+            card.charge(Money::parse("0.01").unwrap(), Some("SEO"), 2_500, 0)
+                .to_string(),
             "0.015"
         );
     }

@@ -20,7 +20,9 @@ use crate::catalog::{
     ApiKey, Directory, EnforcementMode, KeyHash, KeyKind, Plan, RateCard, RoleLimits, TaskPolicy,
     Team, Tenant, User, KEY_SECRET_PREFIX,
 };
-use crate::engine::{EngineConfig, ExpiryPolicy, DEFAULT_HOLD_TTL, DEFAULT_MIN_OUTPUT_TOKENS, MAX_HOLD_TTL};
+use crate::engine::{
+    EngineConfig, ExpiryPolicy, DEFAULT_HOLD_TTL, DEFAULT_MIN_OUTPUT_TOKENS, MAX_HOLD_TTL,
+};
 use crate::money::Money;
 use crate::pricebook::PriceBook;
 
@@ -194,7 +196,8 @@ pub struct Config {
 pub fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 /// Parses a budget from its parts; shared by the file and the admin API.
@@ -239,7 +242,8 @@ pub fn parse_budget_spec(
         emergency_percent: emergency_percent.unwrap_or(d.emergency_percent),
         emergency_action: emergency_action.unwrap_or(d.emergency_action),
     };
-    if !(t.warn_percent > 0 && t.warn_percent <= t.emergency_percent && t.emergency_percent <= 100) {
+    if !(t.warn_percent > 0 && t.warn_percent <= t.emergency_percent && t.emergency_percent <= 100)
+    {
         problems.push(format!(
             "thresholds must satisfy 0 < warn ({}) ≤ emergency ({}) ≤ 100",
             t.warn_percent, t.emergency_percent
@@ -277,12 +281,21 @@ impl Config {
         let classes: BTreeSet<&str> = book.classes();
 
         let engine = EngineConfig {
-            hold_ttl: raw.engine.hold_ttl_secs.map_or(DEFAULT_HOLD_TTL, Duration::from_secs),
+            hold_ttl: raw
+                .engine
+                .hold_ttl_secs
+                .map_or(DEFAULT_HOLD_TTL, Duration::from_secs),
             expiry_policy: raw.engine.expiry_policy.unwrap_or_default(),
-            min_output_tokens: raw.engine.min_output_tokens.unwrap_or(DEFAULT_MIN_OUTPUT_TOKENS),
+            min_output_tokens: raw
+                .engine
+                .min_output_tokens
+                .unwrap_or(DEFAULT_MIN_OUTPUT_TOKENS),
         };
         if engine.hold_ttl.is_zero() || engine.hold_ttl > MAX_HOLD_TTL {
-            p.push(format!("engine.hold_ttl_secs must be between 1 and {}", MAX_HOLD_TTL.as_secs()));
+            p.push(format!(
+                "engine.hold_ttl_secs must be between 1 and {}",
+                MAX_HOLD_TTL.as_secs()
+            ));
         }
         if raw.server.max_body_bytes == Some(0) {
             p.push("server.max_body_bytes must be greater than zero".into());
@@ -295,7 +308,10 @@ impl Config {
                 p.push(format!("{owner}: invalid id"));
             }
             if !rp.tasks.contains_key(&rp.default_task) {
-                p.push(format!("{owner}: default_task `{}` is not one of its tasks", rp.default_task));
+                p.push(format!(
+                    "{owner}: default_task `{}` is not one of its tasks",
+                    rp.default_task
+                ));
             }
             for (name, t) in &rp.tasks {
                 if t.classes.is_empty() {
@@ -316,7 +332,9 @@ impl Config {
                     ));
                 }
                 if t.max_tokens == 0 {
-                    p.push(format!("{owner}: task `{name}`: max_tokens must be at least 1"));
+                    p.push(format!(
+                        "{owner}: task `{name}`: max_tokens must be at least 1"
+                    ));
                 }
             }
             let mut rate_limits = BTreeMap::new();
@@ -324,7 +342,9 @@ impl Config {
                 let rpm = l.requests_per_minute.map(NonZeroU32::new);
                 let tpm = l.tokens_per_minute.map(NonZeroU32::new);
                 if matches!(rpm, Some(None)) || matches!(tpm, Some(None)) {
-                    p.push(format!("{owner}: rate limit of role `{role}` must be at least 1"));
+                    p.push(format!(
+                        "{owner}: rate limit of role `{role}` must be at least 1"
+                    ));
                 }
                 rate_limits.insert(
                     role,
@@ -337,7 +357,9 @@ impl Config {
             let mut default_budgets = Vec::new();
             for (i, b) in rp.budgets.iter().enumerate() {
                 if b.id.is_some() || b.tenant.is_some() {
-                    p.push(format!("{owner}: budget {i}: a plan budget takes no id or tenant"));
+                    p.push(format!(
+                        "{owner}: budget {i}: a plan budget takes no id or tenant"
+                    ));
                 }
                 match parse_budget_spec(
                     &b.scope,
@@ -349,9 +371,9 @@ impl Config {
                     b.emergency_action,
                     b.rollover,
                 ) {
-                    Ok(spec) if spec.scope == ScopeKind::Global => {
-                        p.push(format!("{owner}: budget {i}: a plan budget cannot be global"))
-                    }
+                    Ok(spec) if spec.scope == ScopeKind::Global => p.push(format!(
+                        "{owner}: budget {i}: a plan budget cannot be global"
+                    )),
                     Ok(spec) => default_budgets.push(spec),
                     Err(e) => p.extend(e.into_iter().map(|e| format!("{owner}: budget {i}: {e}"))),
                 }
@@ -374,7 +396,8 @@ impl Config {
                     }
                 }
             };
-            let price_per_month = match rp.price_per_month.as_deref().map(Money::parse_non_negative) {
+            let price_per_month = match rp.price_per_month.as_deref().map(Money::parse_non_negative)
+            {
                 None => Money::ZERO,
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
@@ -430,7 +453,10 @@ impl Config {
 
         for t in raw.teams {
             if !dir.tenants.contains_key(&t.tenant) {
-                p.push(format!("team `{}`: tenant `{}` does not exist", t.id, t.tenant));
+                p.push(format!(
+                    "team `{}`: tenant `{}` does not exist",
+                    t.id, t.tenant
+                ));
             }
             if !valid_id(&t.id) {
                 p.push(format!("team `{}`: invalid id", t.id));
@@ -446,7 +472,10 @@ impl Config {
 
         for u in raw.users {
             if !dir.tenants.contains_key(&u.tenant) {
-                p.push(format!("user `{}`: tenant `{}` does not exist", u.id, u.tenant));
+                p.push(format!(
+                    "user `{}`: tenant `{}` does not exist",
+                    u.id, u.tenant
+                ));
             }
             if !valid_id(&u.id) {
                 p.push(format!("user `{}`: invalid id", u.id));
@@ -488,14 +517,16 @@ impl Config {
                     parsed
                 }
                 _ => {
-                    p.push(format!("{owner}: give exactly one of `secret` and `sha256`"));
+                    p.push(format!(
+                        "{owner}: give exactly one of `secret` and `sha256`"
+                    ));
                     None
                 }
             };
             match (&k.kind, &k.tenant) {
-                (KeyKind::PlatformAdmin, Some(_)) => {
-                    p.push(format!("{owner}: a platform admin key belongs to no tenant"))
-                }
+                (KeyKind::PlatformAdmin, Some(_)) => p.push(format!(
+                    "{owner}: a platform admin key belongs to no tenant"
+                )),
                 (KeyKind::TenantAdmin | KeyKind::Member, None) => {
                     p.push(format!("{owner}: a tenant key needs a tenant"))
                 }
@@ -614,7 +645,12 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused() {
-        let err = Config::parse("[server]\nlisten = \"x\"\ncolour = 1\n", &book(), Utc::now()).unwrap_err();
+        let err = Config::parse(
+            "[server]\nlisten = \"x\"\ncolour = 1\n",
+            &book(),
+            Utc::now(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
     }
 

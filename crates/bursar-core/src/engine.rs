@@ -487,10 +487,16 @@ impl Engine {
             .cloned()
             .ok_or_else(|| Denial::new(DenyCode::InvalidApiKey, "the API key is not valid"))?;
         if key.revoked_at.is_some() {
-            return Err(Denial::new(DenyCode::ApiKeyRevoked, "the API key was revoked"));
+            return Err(Denial::new(
+                DenyCode::ApiKeyRevoked,
+                "the API key was revoked",
+            ));
         }
         if key.expires_at.is_some_and(|e| now >= e) {
-            return Err(Denial::new(DenyCode::ApiKeyExpired, "the API key has expired"));
+            return Err(Denial::new(
+                DenyCode::ApiKeyExpired,
+                "the API key has expired",
+            ));
         }
         Ok(Caller { key })
     }
@@ -528,7 +534,11 @@ impl Engine {
         now: DateTime<Utc>,
     ) -> Vec<Applicable> {
         let set = self.budgets.read().clone();
-        let own = set.by_tenant.get(&tenant.id).map(Vec::as_slice).unwrap_or(&[]);
+        let own = set
+            .by_tenant
+            .get(&tenant.id)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let mut out = Vec::with_capacity(set.global.len() + own.len());
         for (budget, tz) in set
             .global
@@ -565,7 +575,8 @@ impl Engine {
         let spec = &a.budget.spec;
         let counter = match spec.window.rolling_floor(now) {
             Some(floor) => {
-                let step = (a.bucket.period_start - floor) / (crate::budget::ROLLING_SLICES - 1).max(1);
+                let step =
+                    (a.bucket.period_start - floor) / (crate::budget::ROLLING_SLICES - 1).max(1);
                 let mut sum = Counter::default();
                 let mut start = floor;
                 while start <= a.bucket.period_start && step > 0 {
@@ -638,12 +649,17 @@ impl Engine {
         };
         let dir = self.directory();
         let tenant_id = key.tenant.clone().unwrap_or_default();
-        let tenant = dir
-            .tenants
-            .get(&tenant_id)
-            .ok_or_else(|| Denial::new(DenyCode::TenantNotFound, "the key's tenant no longer exists"))?;
+        let tenant = dir.tenants.get(&tenant_id).ok_or_else(|| {
+            Denial::new(
+                DenyCode::TenantNotFound,
+                "the key's tenant no longer exists",
+            )
+        })?;
         let plan = dir.plans.get(&tenant.plan).ok_or_else(|| {
-            Denial::new(DenyCode::TenantNotFound, "the tenant's plan no longer exists")
+            Denial::new(
+                DenyCode::TenantNotFound,
+                "the tenant's plan no longer exists",
+            )
         })?;
         let user = key
             .user
@@ -659,7 +675,10 @@ impl Engine {
             .or_else(|| user.map(|u| u.role.clone()))
             .unwrap_or_else(|| "default".to_string());
         let mut tags = req.tags.clone();
-        let task_name = tags.task.clone().unwrap_or_else(|| plan.default_task.clone());
+        let task_name = tags
+            .task
+            .clone()
+            .unwrap_or_else(|| plan.default_task.clone());
         tags.task = Some(task_name.clone());
         let mode = tenant.mode;
         // In shadow mode the first denial is remembered and the call goes on.
@@ -702,7 +721,7 @@ impl Engine {
             } => {
                 let m = self.book.resolve(model)?;
                 if let Some(t) = task {
-                    if !t.classes.iter().any(|c| *c == m.class) {
+                    if !t.classes.contains(&m.class) {
                         gate(Denial::new(
                             DenyCode::ModelClassNotAllowed,
                             format!(
@@ -720,7 +739,8 @@ impl Engine {
                     Prompt::Text(t) => tokens::count_text(m.tokenizer, t),
                     Prompt::Messages(msgs) => tokens::count_messages(m.tokenizer, msgs),
                 };
-                if prompt_tokens > MAX_PROMPT_TOKENS || prompt_tokens >= u64::from(m.context_window) {
+                if prompt_tokens > MAX_PROMPT_TOKENS || prompt_tokens >= u64::from(m.context_window)
+                {
                     return Err(Denial::new(
                         DenyCode::PromptTooLong,
                         format!(
@@ -737,7 +757,10 @@ impl Engine {
                 cap = cap.min(u32::try_from(room).unwrap_or(u32::MAX));
                 let wanted = max_tokens.map_or(cap, |mt| mt.min(cap));
                 if *max_tokens == Some(0) {
-                    return Err(Denial::new(DenyCode::InvalidRequest, "max_tokens must be at least 1"));
+                    return Err(Denial::new(
+                        DenyCode::InvalidRequest,
+                        "max_tokens must be at least 1",
+                    ));
                 }
                 Priced::Model {
                     model: m,
@@ -781,7 +804,12 @@ impl Engine {
                     .holds
                     .get(&first)
                     .map(|h| h.permit.clone())
-                    .or_else(|| state.finished.get(&first).and_then(|f| f.hold.as_ref().map(|h| h.permit.clone())));
+                    .or_else(|| {
+                        state
+                            .finished
+                            .get(&first)
+                            .and_then(|f| f.hold.as_ref().map(|h| h.permit.clone()))
+                    });
                 if let Some(mut p) = permit {
                     p.replayed = true;
                     return Ok((p, sink.append(Vec::new(), Vec::new())));
@@ -801,7 +829,11 @@ impl Engine {
                 rate_checks.push((format!("rq|{tenant_id}|{role}|{}", key.id), 1, rpm.get()));
             }
             if let Some(tpm) = limits.tokens_per_minute {
-                rate_checks.push((format!("tk|{tenant_id}|{role}|{}", key.id), estimated_tokens, tpm.get()));
+                rate_checks.push((
+                    format!("tk|{tenant_id}|{role}|{}", key.id),
+                    estimated_tokens,
+                    tpm.get(),
+                ));
             }
         }
         let mut rate_updates: Vec<(String, Gcra)> = Vec::with_capacity(rate_checks.len());
@@ -823,7 +855,9 @@ impl Engine {
                 Err(crate::ratelimit::RateError::NeverFits) => {
                     let d = Denial::new(
                         DenyCode::ExceedsRateLimitCapacity,
-                        format!("this request needs {n} units; the limit is {per_minute} per minute"),
+                        format!(
+                            "this request needs {n} units; the limit is {per_minute} per minute"
+                        ),
                     );
                     if mode == EnforcementMode::Enforce {
                         return Err(d);
@@ -851,7 +885,11 @@ impl Engine {
                 }
                 EmergencyAction::AlertOnly => limit,
             };
-            room = room.min(effective_limit.saturating_sub(counter.used()).max(Money::ZERO));
+            room = room.min(
+                effective_limit
+                    .saturating_sub(counter.used())
+                    .max(Money::ZERO),
+            );
             standings.push((counter, limit));
         }
 
@@ -883,7 +921,11 @@ impl Engine {
                 let full = Money::from_pico_ceil(base + out * i128::from(mt));
                 if full > room && mode == EnforcementMode::Enforce {
                     let room_pico = i128::from(room.nanos()) * PICOS_PER_NANO;
-                    let affordable = if out > 0 { (room_pico - base).max(0) / out } else { 0 };
+                    let affordable = if out > 0 {
+                        (room_pico - base).max(0) / out
+                    } else {
+                        0
+                    };
                     mt = u32::try_from(affordable).unwrap_or(0).min(mt);
                 }
                 let hold = Money::from_pico_ceil(base + out * i128::from(mt));
@@ -896,14 +938,22 @@ impl Engine {
             }
         };
         let too_small = max_tokens.is_some_and(|mt| {
-            mt < self.config.min_output_tokens.min(priced.max_tokens_wanted())
+            mt < self
+                .config
+                .min_output_tokens
+                .min(priced.max_tokens_wanted())
         });
         if held > room || too_small {
             let tight = applicable
                 .iter()
                 .zip(&standings)
                 .min_by_key(|(_, (c, l))| l.saturating_sub(c.used()))
-                .map(|(a, _)| format!("{} budget `{}` ({})", a.budget.spec.window, a.budget.id, a.budget.spec.scope))
+                .map(|(a, _)| {
+                    format!(
+                        "{} budget `{}` ({})",
+                        a.budget.spec.window, a.budget.id, a.budget.spec.scope
+                    )
+                })
                 .unwrap_or_default();
             let d = Denial::new(
                 DenyCode::BudgetExceeded,
@@ -929,12 +979,22 @@ impl Engine {
                 spent: counter.spent,
             };
             views.push(Self::view(a, after, *limit));
-            Self::note_level(&mut state, a, after.used(), *limit, now_ms, &tenant_id, &mut alerts);
+            Self::note_level(
+                &mut state,
+                a,
+                after.used(),
+                *limit,
+                now_ms,
+                &tenant_id,
+                &mut alerts,
+            );
         }
         let expires_at_ms = now_ms + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
         let (model_id, api_id, prompt_tokens, quantity) = match &priced {
             Priced::Model {
-                model, prompt_tokens, ..
+                model,
+                prompt_tokens,
+                ..
             } => (Some(model.id.clone()), None, *prompt_tokens, 0),
             Priced::Api { api, quantity } => (None, Some(api.clone()), 0, *quantity),
         };
@@ -1061,7 +1121,11 @@ impl Engine {
         alerts: &mut Vec<AlertEvent>,
     ) {
         let level = Level::of(used, limit, &a.budget.spec.thresholds);
-        let last = state.levels.get(&a.bucket).copied().unwrap_or(Level::Normal);
+        let last = state
+            .levels
+            .get(&a.bucket)
+            .copied()
+            .unwrap_or(Level::Normal);
         if level > last {
             state.levels.insert(a.bucket.clone(), level);
             alerts.push(AlertEvent {
@@ -1108,7 +1172,12 @@ impl Engine {
         now: DateTime<Utc>,
     ) -> Result<(Money, String, Option<String>, bool), FinishError> {
         let Some(u) = usage else {
-            return Ok((Money::ZERO, hold.price_version.clone(), hold.model.clone().or(hold.api.clone()), false));
+            return Ok((
+                Money::ZERO,
+                hold.price_version.clone(),
+                hold.model.clone().or(hold.api.clone()),
+                false,
+            ));
         };
         if let Some(api) = &hold.api {
             let a = self
@@ -1119,7 +1188,12 @@ impl Engine {
             let price = a
                 .price_at(at)
                 .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?;
-            return Ok((price.cost(u.quantity), a.version_of(price).to_string(), Some(api.clone()), false));
+            return Ok((
+                price.cost(u.quantity),
+                a.version_of(price).to_string(),
+                Some(api.clone()),
+                false,
+            ));
         }
         let permitted = hold.model.clone().unwrap_or_default();
         let used = match &u.model_used {
@@ -1144,7 +1218,12 @@ impl Engine {
             .price_at(at)
             .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?;
         let drift = used.id != permitted;
-        Ok((price.cost(&u.tokens), used.version_of(price).to_string(), Some(used.id.clone()), drift))
+        Ok((
+            price.cost(&u.tokens),
+            used.version_of(price).to_string(),
+            Some(used.id.clone()),
+            drift,
+        ))
     }
 
     fn finish<S: LedgerSink>(
@@ -1161,7 +1240,10 @@ impl Engine {
                 || u.tokens.output_tokens > MAX_PROMPT_TOKENS
                 || u.quantity > MAX_QUANTITY
             {
-                return Err(FinishError::new(FinishCode::InvalidUsage, "usage is out of range"));
+                return Err(FinishError::new(
+                    FinishCode::InvalidUsage,
+                    "usage is out of range",
+                ));
             }
         }
         let now_ms = ms(now);
@@ -1169,10 +1251,17 @@ impl Engine {
         let Some(hold) = state.holds.get(&id).filter(|h| h.tenant == tenant).cloned() else {
             return self.finish_finished(&mut state, tenant, id, usage, outcome, now, sink);
         };
-        let (cost, price_version, model_used, drift) = self.price_usage(&hold, usage.as_ref(), now)?;
+        let (cost, price_version, model_used, drift) =
+            self.price_usage(&hold, usage.as_ref(), now)?;
         let tokens = usage.as_ref().map(|u| u.tokens).unwrap_or_default();
         let quantity = usage.as_ref().map_or(0, |u| u.quantity);
-        let charge = self.charge_for(&hold.tenant, cost, hold.agent.as_deref(), tokens.total(), quantity);
+        let charge = self.charge_for(
+            &hold.tenant,
+            cost,
+            hold.agent.as_deref(),
+            tokens.total(),
+            quantity,
+        );
         let overage = cost.saturating_sub(hold.held).max(Money::ZERO);
         let mut entry_flags = 0;
         if overage > Money::ZERO {
@@ -1208,7 +1297,9 @@ impl Engine {
             detail: None,
             hold: Some(hold.detail.clone()),
         };
-        let alerts = self.apply_to_buckets(&mut state, &hold, -hold.held, cost, now, now_ms, overage, drift);
+        let alerts = self.apply_to_buckets(
+            &mut state, &hold, -hold.held, cost, now, now_ms, overage, drift,
+        );
         state.holds.remove(&id);
         // Kept in canonical form, so a retry names the model in any spelling.
         let usage = usage.map(|mut u| {
@@ -1255,7 +1346,10 @@ impl Engine {
     ) -> Vec<AlertEvent> {
         let budgets = self.budgets.read().clone();
         let dir = self.directory.read().clone();
-        let tz = dir.tenants.get(&hold.tenant).map_or(Tz::UTC, |t| t.timezone);
+        let tz = dir
+            .tenants
+            .get(&hold.tenant)
+            .map_or(Tz::UTC, |t| t.timezone);
         let mut alerts = Vec::new();
         for b in &hold.detail.buckets {
             let c = state.counters.entry(b.clone()).or_default();
@@ -1278,7 +1372,12 @@ impl Engine {
                         level: Level::of(used, limit, &budget.spec.thresholds),
                         limit,
                         used,
-                        reason: if overage > Money::ZERO { "overage" } else { "drift" }.into(),
+                        reason: if overage > Money::ZERO {
+                            "overage"
+                        } else {
+                            "drift"
+                        }
+                        .into(),
                     });
                 }
             }
@@ -1286,12 +1385,21 @@ impl Engine {
         alerts
     }
 
-    fn charge_for(&self, tenant: &str, cost: Money, agent: Option<&str>, tokens: u64, quantity: u64) -> Money {
+    fn charge_for(
+        &self,
+        tenant: &str,
+        cost: Money,
+        agent: Option<&str>,
+        tokens: u64,
+        quantity: u64,
+    ) -> Money {
         let dir = self.directory.read().clone();
         dir.tenants
             .get(tenant)
             .and_then(|t| dir.plans.get(&t.plan))
-            .map_or(cost, |p: &Plan| p.rate_card.charge(cost, agent, tokens, quantity))
+            .map_or(cost, |p: &Plan| {
+                p.rate_card.charge(cost, agent, tokens, quantity)
+            })
     }
 
     /// A settle or void of an authorization that is not open: replay, reconcile or refuse.
@@ -1306,7 +1414,12 @@ impl Engine {
         now: DateTime<Utc>,
         sink: &S,
     ) -> Result<(Settlement, S::Ticket), FinishError> {
-        let Some(f) = state.finished.get(&id).filter(|f| f.tenant == tenant).cloned() else {
+        let Some(f) = state
+            .finished
+            .get(&id)
+            .filter(|f| f.tenant == tenant)
+            .cloned()
+        else {
             return Err(FinishError::new(
                 FinishCode::AuthorizationNotFound,
                 format!("no authorization `{id}`"),
@@ -1314,20 +1427,29 @@ impl Engine {
         };
         let usage = usage.map(|mut u| {
             u.model_used = match &u.model_used {
-                Some(m) => Some(self.book.resolve(m).map_or_else(|_| m.clone(), |m| m.id.clone())),
+                Some(m) => Some(
+                    self.book
+                        .resolve(m)
+                        .map_or_else(|_| m.clone(), |m| m.id.clone()),
+                ),
                 None => f.settlement.model_used.clone(),
             };
             u
         });
         match f.settlement.outcome {
-            Outcome::Settled | Outcome::Voided if f.settlement.outcome == outcome && f.usage == usage => {
+            Outcome::Settled | Outcome::Voided
+                if f.settlement.outcome == outcome && f.usage == usage =>
+            {
                 let mut s = f.settlement.clone();
                 s.replayed = true;
                 Ok((s, sink.append(Vec::new(), Vec::new())))
             }
             Outcome::Settled => Err(FinishError::new(
                 FinishCode::AuthorizationAlreadySettled,
-                format!("authorization `{id}` was already settled at ${}", f.settlement.cost),
+                format!(
+                    "authorization `{id}` was already settled at ${}",
+                    f.settlement.cost
+                ),
             )),
             Outcome::Voided => Err(FinishError::new(
                 FinishCode::AuthorizationVoided,
@@ -1338,10 +1460,16 @@ impl Engine {
                 // against what the expiry charged, once, and still answer 409.
                 if let (Some(hold), Some(u)) = (f.hold.clone(), usage.as_ref()) {
                     let now_ms = ms(now);
-                    let (cost, price_version, model_used, drift) = self.price_usage(&hold, Some(u), now)?;
+                    let (cost, price_version, model_used, drift) =
+                        self.price_usage(&hold, Some(u), now)?;
                     let delta = cost - f.settlement.cost;
-                    let charge = self.charge_for(tenant, cost, hold.agent.as_deref(), u.tokens.total(), u.quantity)
-                        - f.settlement.charge;
+                    let charge = self.charge_for(
+                        tenant,
+                        cost,
+                        hold.agent.as_deref(),
+                        u.tokens.total(),
+                        u.quantity,
+                    ) - f.settlement.charge;
                     let entry = Entry {
                         at_ms: now_ms,
                         kind: EntryKind::Adjustment,
@@ -1361,7 +1489,16 @@ impl Engine {
                         detail: None,
                         hold: Some(hold.detail.clone()),
                     };
-                    let alerts = self.apply_to_buckets(state, &hold, Money::ZERO, delta, now, now_ms, Money::ZERO, drift);
+                    let alerts = self.apply_to_buckets(
+                        state,
+                        &hold,
+                        Money::ZERO,
+                        delta,
+                        now,
+                        now_ms,
+                        Money::ZERO,
+                        drift,
+                    );
                     if let Some(rec) = state.finished.get_mut(&id) {
                         rec.hold = None;
                     }
@@ -1376,7 +1513,9 @@ impl Engine {
                             charge: f.settlement.charge + charge,
                             released: Money::ZERO,
                             overage: Money::ZERO,
-                            model_used: Some(hold.model.clone().or(hold.api.clone()).unwrap_or_default()),
+                            model_used: Some(
+                                hold.model.clone().or(hold.api.clone()).unwrap_or_default(),
+                            ),
                             price_version: hold.price_version.clone(),
                             drift,
                             replayed: false,
@@ -1386,14 +1525,21 @@ impl Engine {
                 }
                 Err(FinishError::new(
                     FinishCode::AuthorizationExpired,
-                    format!("authorization `{id}` had expired and was charged ${}", f.settlement.cost),
+                    format!(
+                        "authorization `{id}` had expired and was charged ${}",
+                        f.settlement.cost
+                    ),
                 ))
             }
         }
     }
 
     /// Expires holds past their TTL and forgets old outcomes and idempotency keys.
-    pub fn expire_due<S: LedgerSink>(&self, now: DateTime<Utc>, sink: &S) -> (usize, Option<S::Ticket>) {
+    pub fn expire_due<S: LedgerSink>(
+        &self,
+        now: DateTime<Utc>,
+        sink: &S,
+    ) -> (usize, Option<S::Ticket>) {
         let now_ms = ms(now);
         let due: Vec<Uuid> = {
             let state = self.state.lock();
@@ -1408,13 +1554,30 @@ impl Engine {
         let mut entries = Vec::with_capacity(due.len());
         let mut alerts = Vec::new();
         for id in &due {
-            let Some(hold) = state.holds.remove(id) else { continue };
+            let Some(hold) = state.holds.remove(id) else {
+                continue;
+            };
             let cost = match self.config.expiry_policy {
                 ExpiryPolicy::ChargeHold => hold.held,
                 ExpiryPolicy::Release => Money::ZERO,
             };
-            let charge = self.charge_for(&hold.tenant, cost, hold.agent.as_deref(), 0, hold.detail.quantity);
-            alerts.extend(self.apply_to_buckets(&mut state, &hold, -hold.held, cost, now, now_ms, Money::ZERO, false));
+            let charge = self.charge_for(
+                &hold.tenant,
+                cost,
+                hold.agent.as_deref(),
+                0,
+                hold.detail.quantity,
+            );
+            alerts.extend(self.apply_to_buckets(
+                &mut state,
+                &hold,
+                -hold.held,
+                cost,
+                now,
+                now_ms,
+                Money::ZERO,
+                false,
+            ));
             entries.push(Entry {
                 at_ms: now_ms,
                 kind: EntryKind::Expire,
@@ -1457,7 +1620,9 @@ impl Engine {
             );
         }
         let keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
-        state.finished.retain(|_, f| f.finished_at_ms > keep_finished);
+        state
+            .finished
+            .retain(|_, f| f.finished_at_ms > keep_finished);
         let keep_idem = now_ms - i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(0);
         state.idempotency.retain(|_, r| r.at_ms > keep_idem);
         let n = entries.len();
@@ -1476,7 +1641,12 @@ impl Engine {
     }
 
     /// The budgets a key's calls touch right now, without holding anything.
-    pub fn standing_for(&self, caller: &Caller, tags: &Tags, now: DateTime<Utc>) -> Vec<BudgetView> {
+    pub fn standing_for(
+        &self,
+        caller: &Caller,
+        tags: &Tags,
+        now: DateTime<Utc>,
+    ) -> Vec<BudgetView> {
         let dir = self.directory();
         let Some(tenant) = caller.key.tenant.as_ref().and_then(|t| dir.tenants.get(t)) else {
             return Vec::new();
@@ -1486,7 +1656,11 @@ impl Engine {
             .user
             .as_ref()
             .and_then(|u| dir.users.get(&(tenant.id.clone(), u.clone())));
-        let team = caller.key.team.clone().or_else(|| user.and_then(|u| u.team.clone()));
+        let team = caller
+            .key
+            .team
+            .clone()
+            .or_else(|| user.and_then(|u| u.team.clone()));
         let applicable = self.applicable(tenant, &caller.key, team.as_deref(), tags, now);
         let state = self.state.lock();
         applicable
@@ -1570,11 +1744,12 @@ impl Engine {
                     );
                 }
                 kind => {
-                    let hold = state
-                        .holds
-                        .get(&e.authorization)
-                        .cloned()
-                        .or_else(|| state.finished.get(&e.authorization).and_then(|f| f.hold.clone()));
+                    let hold = state.holds.get(&e.authorization).cloned().or_else(|| {
+                        state
+                            .finished
+                            .get(&e.authorization)
+                            .and_then(|f| f.hold.clone())
+                    });
                     let Some(hold) = hold else { continue };
                     for b in &hold.detail.buckets {
                         let c = state.counters.entry(b.clone()).or_default();
@@ -1610,7 +1785,10 @@ impl Engine {
                                 cost: e.cost_delta,
                                 charge: e.charge_delta,
                                 released: -e.held_delta,
-                                overage: e.cost_delta.saturating_sub(-e.held_delta).max(Money::ZERO),
+                                overage: e
+                                    .cost_delta
+                                    .saturating_sub(-e.held_delta)
+                                    .max(Money::ZERO),
                                 model_used: e.model_used.clone(),
                                 price_version: e.price_version.clone().unwrap_or_default(),
                                 drift: e.flags & flags::DRIFT != 0,

@@ -85,7 +85,9 @@ fn picos_to_per_mtok(p: i64) -> String {
 }
 
 fn as_u32(v: &Option<serde_json::Value>) -> Option<u32> {
-    v.as_ref().and_then(|v| v.as_u64()).and_then(|n| u32::try_from(n).ok())
+    v.as_ref()
+        .and_then(|v| v.as_u64())
+        .and_then(|n| u32::try_from(n).ok())
 }
 
 fn toml_str(s: &str) -> String {
@@ -133,7 +135,9 @@ pub fn import(json: &str, effective: NaiveDate, source: &str) -> Result<Imported
             continue;
         }
         let (Some(inp), Some(outp)) = (
-            e.input_cost_per_token.as_ref().and_then(|n| per_token_to_picos(&n.to_string())),
+            e.input_cost_per_token
+                .as_ref()
+                .and_then(|n| per_token_to_picos(&n.to_string())),
             e.output_cost_per_token
                 .as_ref()
                 .map_or(Some(0), |n| per_token_to_picos(&n.to_string())),
@@ -149,16 +153,29 @@ pub fn import(json: &str, effective: NaiveDate, source: &str) -> Result<Imported
         let id = name.rsplit('/').next().unwrap_or(name).to_ascii_lowercase();
         let id: String = id
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "-_.:".contains(c) { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.:".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .collect();
         let key = id.replace(['.', '_', ':'], "-");
         if id.is_empty() || !seen.insert(key) {
             continue;
         }
-        let provider = e.litellm_provider.clone().unwrap_or_else(|| "unknown".into());
+        let provider = e
+            .litellm_provider
+            .clone()
+            .unwrap_or_else(|| "unknown".into());
         let class = if mode == "embedding" {
             "embedding"
-        } else if id.starts_with("o1") || id.starts_with("o3") || id.starts_with("o4") || id.contains("reason") {
+        } else if id.starts_with("o1")
+            || id.starts_with("o3")
+            || id.starts_with("o4")
+            || id.contains("reason")
+        {
             "reasoning"
         } else if outp < 2_000_000 {
             "small"
@@ -167,8 +184,15 @@ pub fn import(json: &str, effective: NaiveDate, source: &str) -> Result<Imported
         } else {
             "premium"
         };
-        let tokenizer = if provider == "openai" || provider == "azure" || provider == "text-completion-openai" {
-            if id.starts_with("gpt-4-") || id == "gpt-4" || id.starts_with("gpt-3.5") || id.starts_with("text-embedding") {
+        let tokenizer = if provider == "openai"
+            || provider == "azure"
+            || provider == "text-completion-openai"
+        {
+            if id.starts_with("gpt-4-")
+                || id == "gpt-4"
+                || id.starts_with("gpt-3.5")
+                || id.starts_with("text-embedding")
+            {
                 "cl100k_base"
             } else {
                 "o200k_base"
@@ -176,11 +200,16 @@ pub fn import(json: &str, effective: NaiveDate, source: &str) -> Result<Imported
         } else {
             "estimate"
         };
-        let context = as_u32(&e.max_input_tokens).or(as_u32(&e.max_tokens)).unwrap_or(8192);
+        let context = as_u32(&e.max_input_tokens)
+            .or(as_u32(&e.max_tokens))
+            .unwrap_or(8192);
         let max_out = if mode == "embedding" {
             0
         } else {
-            as_u32(&e.max_output_tokens).or(as_u32(&e.max_tokens)).unwrap_or(4096).max(1)
+            as_u32(&e.max_output_tokens)
+                .or(as_u32(&e.max_tokens))
+                .unwrap_or(4096)
+                .max(1)
         };
         let _ = writeln!(
             out,
@@ -248,7 +277,10 @@ mod tests {
         let c = book.resolve("claude-3-5-sonnet-20241022").unwrap();
         assert_eq!(c.prices[0].output.to_string(), "15");
         assert_eq!(c.class, "standard");
-        assert_eq!(book.resolve("text-embedding-3-small").unwrap().class, "embedding");
+        assert_eq!(
+            book.resolve("text-embedding-3-small").unwrap().class,
+            "embedding"
+        );
         assert!(imp.skipped.iter().any(|s| s.starts_with("broken")));
         assert!(import("[1,2]", day, "x").is_err());
         assert_eq!(import("{}", day, "x"), Err(ImportError::Empty));

@@ -119,8 +119,8 @@ impl Money {
     /// Rounds an exact pico-dollar amount **up** to the next nano-dollar: the one rounding
     /// rule of Bursar (see the module documentation). Saturates at the bounds of `Money`.
     pub fn from_pico_ceil(pico: i128) -> Self {
-        let nanos = pico.div_euclid(PICOS_PER_NANO)
-            + i128::from(pico.rem_euclid(PICOS_PER_NANO) != 0);
+        let nanos =
+            pico.div_euclid(PICOS_PER_NANO) + i128::from(pico.rem_euclid(PICOS_PER_NANO) != 0);
         Money(nanos.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64)
     }
 
@@ -239,7 +239,9 @@ impl utoipa::PartialSchema for Money {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         utoipa::openapi::ObjectBuilder::new()
             .schema_type(utoipa::openapi::schema::Type::String)
-            .description(Some("USD as an exact decimal string, up to 9 decimal places"))
+            .description(Some(
+                "USD as an exact decimal string, up to 9 decimal places",
+            ))
             .examples(["0.000150"])
             .into()
     }

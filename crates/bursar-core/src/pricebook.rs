@@ -167,44 +167,14 @@ pub struct PriceBook {
     api_index: HashMap<String, usize>,
 }
 
-/// Provider prefixes that callers put in front of a model id (`openai/gpt-4o`,
-/// `openrouter/anthropic/claude-3.5-sonnet`, `vertex_ai/gemini-1.5-pro`).
-const PROVIDER_PREFIXES: &[&str] = &[
-    "openai",
-    "azure",
-    "anthropic",
-    "google",
-    "gemini",
-    "vertex_ai",
-    "vertex",
-    "mistral",
-    "mistralai",
-    "deepseek",
-    "deepseek-ai",
-    "perplexity",
-    "xai",
-    "x-ai",
-    "openrouter",
-    "bedrock",
-    "models",
-];
-
-/// Lowercases, drops provider prefixes and treats `.` and `-` alike (`claude-3.5-sonnet`
-/// and `claude-3-5-sonnet` are one spelling).
+/// Lowercases, drops any path of provider prefixes (`openai/gpt-4o`,
+/// `openrouter/anthropic/claude-3.5-sonnet`, `vertex_ai/gemini-1.5-pro`: the model is the
+/// last segment) and treats `.`, `_`, `:` and `-` alike (`claude-3.5-sonnet` and
+/// `claude-3-5-sonnet` are one spelling).
 fn normalize_key(id: &str) -> String {
-    let mut s = id.trim().to_ascii_lowercase();
-    loop {
-        let Some((prefix, rest)) = s.split_once('/') else {
-            break;
-        };
-        if PROVIDER_PREFIXES.contains(&prefix) || rest.contains('/') {
-            s = rest.to_string();
-        } else {
-            s = rest.to_string();
-            break;
-        }
-    }
-    s.replace(['.', '_', ':'], "-")
+    let lower = id.trim().to_ascii_lowercase();
+    let last = lower.rsplit('/').next().unwrap_or_default();
+    last.replace(['.', '_', ':'], "-")
 }
 
 /// Removes one trailing date or `latest` marker: `-2024-07-18`, `-20241022`, `@20241022`,
@@ -216,7 +186,10 @@ fn strip_date_suffix(key: &str) -> Option<String> {
     }
     let parts: Vec<&str> = key.split(['-', '@']).collect();
     let n = parts.len();
-    if n >= 4 && is_digits(parts[n - 3], 4) && is_digits(parts[n - 2], 2) && is_digits(parts[n - 1], 2)
+    if n >= 4
+        && is_digits(parts[n - 3], 4)
+        && is_digits(parts[n - 2], 2)
+        && is_digits(parts[n - 1], 2)
     {
         let cut = parts[n - 3].len() + parts[n - 2].len() + parts[n - 1].len() + 3;
         return Some(key[..key.len() - cut].to_string());
@@ -228,12 +201,7 @@ fn strip_date_suffix(key: &str) -> Option<String> {
     None
 }
 
-fn parse_per_mtok(
-    field: &str,
-    owner: &str,
-    v: &str,
-    problems: &mut Vec<String>,
-) -> PicoPerToken {
+fn parse_per_mtok(field: &str, owner: &str, v: &str, problems: &mut Vec<String>) -> PicoPerToken {
     PicoPerToken::parse_per_mtok(v).unwrap_or_else(|e: AmountError| {
         problems.push(format!("{owner}: {field}: {e}"));
         PicoPerToken::ZERO
@@ -255,7 +223,8 @@ impl PriceBook {
 
     /// Parses and checks a price book; every problem found is reported at once.
     pub fn from_toml(text: &str) -> Result<Self, PriceBookError> {
-        let raw: RawBook = toml::from_str(text).map_err(|e| PriceBookError::Syntax(e.to_string()))?;
+        let raw: RawBook =
+            toml::from_str(text).map_err(|e| PriceBookError::Syntax(e.to_string()))?;
         let mut problems = Vec::new();
         let mut models: Vec<Model> = Vec::with_capacity(raw.model.len());
         for m in raw.model {
@@ -267,18 +236,23 @@ impl PriceBook {
                 .price
                 .iter()
                 .map(|p| {
-                    let input = parse_per_mtok("input_per_mtok", &owner, &p.input_per_mtok, &mut problems);
+                    let input =
+                        parse_per_mtok("input_per_mtok", &owner, &p.input_per_mtok, &mut problems);
                     TokenPrice {
                         effective: p.effective,
                         input,
-                        output: parse_per_mtok("output_per_mtok", &owner, &p.output_per_mtok, &mut problems),
+                        output: parse_per_mtok(
+                            "output_per_mtok",
+                            &owner,
+                            &p.output_per_mtok,
+                            &mut problems,
+                        ),
                         cached_input: p.cached_input_per_mtok.as_deref().map_or(input, |c| {
                             parse_per_mtok("cached_input_per_mtok", &owner, c, &mut problems)
                         }),
-                        per_request: p
-                            .per_request
-                            .as_deref()
-                            .map_or(Money::ZERO, |r| parse_money("per_request", &owner, r, &mut problems)),
+                        per_request: p.per_request.as_deref().map_or(Money::ZERO, |r| {
+                            parse_money("per_request", &owner, r, &mut problems)
+                        }),
                         source: p.source.clone(),
                     }
                 })
@@ -570,11 +544,24 @@ source = "test"
         let b = book();
         let m = b.resolve("claude-3-5-sonnet").unwrap();
         let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
-        assert_eq!(m.price_at(at("2024-12-31T23:59:59Z")).unwrap().input.to_string(), "3");
-        assert_eq!(m.price_at(at("2025-01-01T00:00:00Z")).unwrap().input.to_string(), "2");
+        assert_eq!(
+            m.price_at(at("2024-12-31T23:59:59Z"))
+                .unwrap()
+                .input
+                .to_string(),
+            "3"
+        );
+        assert_eq!(
+            m.price_at(at("2025-01-01T00:00:00Z"))
+                .unwrap()
+                .input
+                .to_string(),
+            "2"
+        );
         assert!(m.price_at(at("2024-01-01T00:00:00Z")).is_err());
         assert_eq!(
-            m.version_of(m.price_at(at("2025-02-01T00:00:00Z")).unwrap()).to_string(),
+            m.version_of(m.price_at(at("2025-02-01T00:00:00Z")).unwrap())
+                .to_string(),
             "claude-3-5-sonnet@2025-01-01"
         );
     }

@@ -70,7 +70,10 @@ mod tests {
 
     #[test]
     fn never_fits_is_not_wait() {
-        assert_eq!(Gcra::default().check(0, 101, 100), Err(RateError::NeverFits));
+        assert_eq!(
+            Gcra::default().check(0, 101, 100),
+            Err(RateError::NeverFits)
+        );
         assert!(Gcra::default().check(0, 100, 100).is_ok());
     }
 

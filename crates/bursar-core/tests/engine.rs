@@ -2,6 +2,9 @@
 //! nothing lost, exact money. A sink collects entries in ledger order so each test can
 //! replay them and check the invariant after every entry.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +12,8 @@ use std::time::Duration;
 use bursar_core::budget::{BucketKey, Counter};
 use bursar_core::config::Config;
 use bursar_core::engine::{
-    AuthorizeRequest, Caller, DenyCode, Engine, FinishCode, LedgerSink, Metered, Outcome, Prompt, Usage,
+    AuthorizeRequest, Caller, DenyCode, Engine, FinishCode, LedgerSink, Metered, Outcome, Prompt,
+    Usage,
 };
 use bursar_core::ledger::{flags, AlertEvent, Entry, EntryKind, Replay, Tags};
 use bursar_core::money::Money;
@@ -123,7 +127,9 @@ fn engine(limits: [&str; 4]) -> (Engine, Config) {
     for k in &config.keys {
         engine.upsert_key(k.clone());
     }
-    engine.set_budgets(bursar_core::engine::BudgetSet::from_budgets(config.budgets.clone()));
+    engine.set_budgets(bursar_core::engine::BudgetSet::from_budgets(
+        config.budgets.clone(),
+    ));
     (engine, config)
 }
 
@@ -150,7 +156,10 @@ fn ask(prompt_tokens: u64, max_tokens: u32, campaign: Option<&str>) -> Authorize
 
 /// Replays entries in order and checks held + spent ≤ limit after each one, for every
 /// bucket; returns the final counters.
-fn check_never_over(entries: &[Entry], limits: &HashMap<String, Money>) -> HashMap<BucketKey, Counter> {
+fn check_never_over(
+    entries: &[Entry],
+    limits: &HashMap<String, Money>,
+) -> HashMap<BucketKey, Counter> {
     let mut replay = Replay::default();
     for (i, e) in entries.iter().enumerate() {
         replay.apply(i as u64 + 1, e);
@@ -169,7 +178,11 @@ fn check_never_over(entries: &[Entry], limits: &HashMap<String, Money>) -> HashM
 }
 
 fn limits_of(config: &Config) -> HashMap<String, Money> {
-    config.budgets.iter().map(|b| (b.id.clone(), b.spec.limit)).collect()
+    config
+        .budgets
+        .iter()
+        .map(|b| (b.id.clone(), b.spec.limit))
+        .collect()
 }
 
 #[test]
@@ -188,7 +201,8 @@ fn exactly_n_of_many_concurrent_authorizations_fit() {
         for _ in 0..16 {
             s.spawn(|| {
                 for _ in 0..64 {
-                    match engine.authorize(&c, ask(1000, 100, Some("spring")), now(), sink.as_ref()) {
+                    match engine.authorize(&c, ask(1000, 100, Some("spring")), now(), sink.as_ref())
+                    {
                         Ok((p, ())) => {
                             assert_eq!(p.held, hold);
                             permitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -211,15 +225,21 @@ fn a_hold_is_all_or_nothing_across_scopes() {
     let (engine, _) = engine(["10", "10", "10", "0.0003"]);
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
-    engine.authorize(&c, ask(1000, 100, Some("c1")), now(), &sink).unwrap();
+    engine
+        .authorize(&c, ask(1000, 100, Some("c1")), now(), &sink)
+        .unwrap();
     let before = engine.counters();
     // Does not fit the campaign even shaped: 1000 prompt tokens alone cost $0.00015, and
     // $0.00009 is left, so the shaped output would be below the minimum.
-    let d = engine.authorize(&c, ask(1000, 100, Some("c1")), now(), &sink).unwrap_err();
+    let d = engine
+        .authorize(&c, ask(1000, 100, Some("c1")), now(), &sink)
+        .unwrap_err();
     assert_eq!(d.code, DenyCode::BudgetExceeded);
     assert_eq!(engine.counters(), before);
     // Another campaign has its own counter.
-    engine.authorize(&c, ask(1000, 100, Some("c2")), now(), &sink).unwrap();
+    engine
+        .authorize(&c, ask(1000, 100, Some("c2")), now(), &sink)
+        .unwrap();
 }
 
 #[test]
@@ -238,17 +258,23 @@ fn max_tokens_is_shaped_to_the_plan_and_the_budget() {
     let (p, ()) = engine.authorize(&c, r, now(), &sink).unwrap();
     assert_eq!(p.max_tokens, Some(1000));
     // Asking for more than the plan allows is capped to the plan.
-    let (p, ()) = engine.authorize(&c, ask(100, 5000, None), now(), &sink).unwrap();
+    let (p, ()) = engine
+        .authorize(&c, ask(100, 5000, None), now(), &sink)
+        .unwrap();
     assert_eq!(p.max_tokens, Some(1000));
     // With $0.0003 left the call is shaped to what the budget can pay:
     // (0.0003 − 100 × 0.00000015) / 0.0000006 = 475 output tokens.
     let (engine, _) = self::engine(["10", "10", "0.0003", "10"]);
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
-    let (p, ()) = engine.authorize(&c, ask(100, 5000, None), now(), &sink).unwrap();
+    let (p, ()) = engine
+        .authorize(&c, ask(100, 5000, None), now(), &sink)
+        .unwrap();
     assert_eq!(p.max_tokens, Some(475));
     assert!(p.held <= Money::parse("0.0003").unwrap());
     // Nothing useful is left: denied, not shaped to a uselessly small answer.
-    let d = engine.authorize(&c, ask(100, 5000, None), now(), &sink).unwrap_err();
+    let d = engine
+        .authorize(&c, ask(100, 5000, None), now(), &sink)
+        .unwrap_err();
     assert_eq!(d.code, DenyCode::BudgetExceeded);
 }
 
@@ -257,7 +283,9 @@ fn settle_is_exactly_once_and_releases_the_rest() {
     let (engine, config) = engine(["10", "10", "10", "10"]);
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
-    let (p, ()) = engine.authorize(&c, ask(1000, 100, None), now(), &sink).unwrap();
+    let (p, ()) = engine
+        .authorize(&c, ask(1000, 100, None), now(), &sink)
+        .unwrap();
     let usage = Usage {
         tokens: TokenUsage {
             input_tokens: 1000,
@@ -266,24 +294,42 @@ fn settle_is_exactly_once_and_releases_the_rest() {
         },
         ..Usage::default()
     };
-    let (s1, ()) = engine.settle("acme", p.authorization_id, usage.clone(), now(), &sink).unwrap();
+    let (s1, ()) = engine
+        .settle("acme", p.authorization_id, usage.clone(), now(), &sink)
+        .unwrap();
     assert_eq!(s1.cost, Money::parse("0.000174").unwrap());
-    let (s2, ()) = engine.settle("acme", p.authorization_id, usage.clone(), now(), &sink).unwrap();
+    let (s2, ()) = engine
+        .settle("acme", p.authorization_id, usage.clone(), now(), &sink)
+        .unwrap();
     assert!(s2.replayed);
     assert_eq!(s2.cost, s1.cost);
     let mut other = usage;
     other.tokens.output_tokens = 41;
-    let e = engine.settle("acme", p.authorization_id, other, now(), &sink).unwrap_err();
+    let e = engine
+        .settle("acme", p.authorization_id, other, now(), &sink)
+        .unwrap_err();
     assert_eq!(e.code, FinishCode::AuthorizationAlreadySettled);
-    let e = engine.void("acme", p.authorization_id, None, now(), &sink).unwrap_err();
+    let e = engine
+        .void("acme", p.authorization_id, None, now(), &sink)
+        .unwrap_err();
     assert_eq!(e.code, FinishCode::AuthorizationAlreadySettled);
     // Another tenant cannot see it.
-    let e = engine.void("shadowco", p.authorization_id, None, now(), &sink).unwrap_err();
+    let e = engine
+        .void("shadowco", p.authorization_id, None, now(), &sink)
+        .unwrap_err();
     assert_eq!(e.code, FinishCode::AuthorizationNotFound);
     let entries = sink.entries.lock().clone();
-    assert_eq!(entries.iter().filter(|e| e.kind == EntryKind::Settle).count(), 1);
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Settle)
+            .count(),
+        1
+    );
     let counters = check_never_over(&entries, &limits_of(&config));
-    assert!(counters.values().all(|c| c.held == Money::ZERO && c.spent == s1.cost));
+    assert!(counters
+        .values()
+        .all(|c| c.held == Money::ZERO && c.spent == s1.cost));
 }
 
 #[test]
@@ -291,7 +337,9 @@ fn expired_holds_are_charged_and_a_late_settle_is_reconciled_once() {
     let (engine, _) = engine(["10", "10", "10", "10"]);
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
-    let (p, ()) = engine.authorize(&c, ask(1000, 100, None), now(), &sink).unwrap();
+    let (p, ()) = engine
+        .authorize(&c, ask(1000, 100, None), now(), &sink)
+        .unwrap();
     let (n, _) = engine.expire_due(now() + chrono::Duration::seconds(59), &sink);
     assert_eq!(n, 0);
     let later = now() + chrono::Duration::seconds(61);
@@ -299,7 +347,10 @@ fn expired_holds_are_charged_and_a_late_settle_is_reconciled_once() {
     assert_eq!(n, 1);
     assert_eq!(engine.open_holds(), 0);
     let spent: Money = engine.counters().values().map(|c| c.spent).max().unwrap();
-    assert_eq!(spent, p.held, "an expired hold is charged in full by default");
+    assert_eq!(
+        spent, p.held,
+        "an expired hold is charged in full by default"
+    );
     let usage = Usage {
         tokens: TokenUsage {
             input_tokens: 1000,
@@ -309,13 +360,20 @@ fn expired_holds_are_charged_and_a_late_settle_is_reconciled_once() {
         ..Usage::default()
     };
     // The first late settle records the true cost against the expiry charge...
-    let (late, ()) = engine.settle("acme", p.authorization_id, usage.clone(), later, &sink).unwrap();
+    let (late, ()) = engine
+        .settle("acme", p.authorization_id, usage.clone(), later, &sink)
+        .unwrap();
     assert_eq!(late.outcome, Outcome::Expired);
     // ...and only the first.
-    let e = engine.settle("acme", p.authorization_id, usage, later, &sink).unwrap_err();
+    let e = engine
+        .settle("acme", p.authorization_id, usage, later, &sink)
+        .unwrap_err();
     assert_eq!(e.code, FinishCode::AuthorizationExpired);
     let entries = sink.entries.lock().clone();
-    let adjustments: Vec<&Entry> = entries.iter().filter(|e| e.kind == EntryKind::Adjustment).collect();
+    let adjustments: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Adjustment)
+        .collect();
     assert_eq!(adjustments.len(), 1, "reconciled once");
     assert!(adjustments[0].flags & flags::RECONCILED != 0);
     // Real cost 1000 × 0.15 + 10 × 0.60 per M = $0.000156.
@@ -328,7 +386,9 @@ fn usage_above_the_hold_is_an_overage_never_refused() {
     let (engine, _) = engine(["10", "10", "10", "10"]);
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
-    let (p, ()) = engine.authorize(&c, ask(10, 10, None), now(), &sink).unwrap();
+    let (p, ()) = engine
+        .authorize(&c, ask(10, 10, None), now(), &sink)
+        .unwrap();
     let usage = Usage {
         tokens: TokenUsage {
             input_tokens: 5000,
@@ -337,7 +397,9 @@ fn usage_above_the_hold_is_an_overage_never_refused() {
         },
         ..Usage::default()
     };
-    let (s, ()) = engine.settle("acme", p.authorization_id, usage, now(), &sink).unwrap();
+    let (s, ()) = engine
+        .settle("acme", p.authorization_id, usage, now(), &sink)
+        .unwrap();
     assert!(s.overage > Money::ZERO);
     assert_eq!(s.cost, s.released + s.overage);
     assert!(sink.entries.lock().last().unwrap().flags & flags::OVERAGE != 0);
@@ -349,7 +411,9 @@ fn drift_is_priced_as_the_model_used() {
     let (engine, _) = engine(["10", "10", "10", "10"]);
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
-    let (p, ()) = engine.authorize(&c, ask(1000, 100, None), now(), &sink).unwrap();
+    let (p, ()) = engine
+        .authorize(&c, ask(1000, 100, None), now(), &sink)
+        .unwrap();
     let usage = Usage {
         tokens: TokenUsage {
             input_tokens: 1000,
@@ -359,7 +423,9 @@ fn drift_is_priced_as_the_model_used() {
         model_used: Some("openai/gpt-4o-2024-08-06".into()),
         ..Usage::default()
     };
-    let (s, ()) = engine.settle("acme", p.authorization_id, usage, now(), &sink).unwrap();
+    let (s, ()) = engine
+        .settle("acme", p.authorization_id, usage, now(), &sink)
+        .unwrap();
     assert!(s.drift);
     assert_eq!(s.model_used.as_deref(), Some("gpt-4o"));
     assert!(s.price_version.starts_with("gpt-4o@"));
@@ -371,7 +437,9 @@ fn shadow_mode_records_would_be_denials_and_permits() {
     let (engine, _) = engine(["10", "10", "10", "10"]);
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_shadow_00000000000000000");
-    let (p, ()) = engine.authorize(&c, ask(100_000, 1000, None), now(), &sink).unwrap();
+    let (p, ()) = engine
+        .authorize(&c, ask(100_000, 1000, None), now(), &sink)
+        .unwrap();
     assert_eq!(p.shadow_denial, Some(DenyCode::BudgetExceeded));
     assert_eq!(p.max_tokens, Some(1000), "shadow mode does not shape");
     let mut wrong_class = ask(10, 10, None);
@@ -413,7 +481,9 @@ fn recovery_rebuilds_the_same_state() {
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
     let mut open = None;
     for i in 0..20u64 {
-        let (p, ()) = engine.authorize(&c, ask(100 + i, 50, Some("r")), now(), &sink).unwrap();
+        let (p, ()) = engine
+            .authorize(&c, ask(100 + i, 50, Some("r")), now(), &sink)
+            .unwrap();
         match i % 3 {
             0 => {
                 let u = Usage {
@@ -424,10 +494,14 @@ fn recovery_rebuilds_the_same_state() {
                     },
                     ..Usage::default()
                 };
-                engine.settle("acme", p.authorization_id, u, now(), &sink).unwrap();
+                engine
+                    .settle("acme", p.authorization_id, u, now(), &sink)
+                    .unwrap();
             }
             1 => {
-                engine.void("acme", p.authorization_id, None, now(), &sink).unwrap();
+                engine
+                    .void("acme", p.authorization_id, None, now(), &sink)
+                    .unwrap();
             }
             _ => open = Some(p.authorization_id),
         }
@@ -458,10 +532,14 @@ fn rolling_windows_forget_old_spend() {
     for k in &config.keys {
         engine.upsert_key(k.clone());
     }
-    engine.set_budgets(bursar_core::engine::BudgetSet::from_budgets(config.budgets.clone()));
+    engine.set_budgets(bursar_core::engine::BudgetSet::from_budgets(
+        config.budgets.clone(),
+    ));
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
-    let (p, ()) = engine.authorize(&c, ask(1000, 100, None), now(), &sink).unwrap();
+    let (p, ()) = engine
+        .authorize(&c, ask(1000, 100, None), now(), &sink)
+        .unwrap();
     let full = Usage {
         tokens: TokenUsage {
             input_tokens: 1000,
@@ -470,16 +548,30 @@ fn rolling_windows_forget_old_spend() {
         },
         ..Usage::default()
     };
-    engine.settle("acme", p.authorization_id, full.clone(), now(), &sink).unwrap();
-    engine.authorize(&c, ask(1000, 100, None), now(), &sink).unwrap();
+    engine
+        .settle("acme", p.authorization_id, full.clone(), now(), &sink)
+        .unwrap();
+    engine
+        .authorize(&c, ask(1000, 100, None), now(), &sink)
+        .unwrap();
     // $0.00042 of $0.0005 used: a third call is shaped to what is left, a big one denied.
     let d = engine
-        .authorize(&c, ask(1000, 100, None), now() + chrono::Duration::minutes(30), &sink)
+        .authorize(
+            &c,
+            ask(1000, 100, None),
+            now() + chrono::Duration::minutes(30),
+            &sink,
+        )
         .unwrap_err();
     assert_eq!(d.code, DenyCode::BudgetExceeded);
     // An hour later the first calls have rolled out of the window.
     engine
-        .authorize(&c, ask(1000, 100, None), now() + chrono::Duration::minutes(62), &sink)
+        .authorize(
+            &c,
+            ask(1000, 100, None),
+            now() + chrono::Duration::minutes(62),
+            &sink,
+        )
         .unwrap();
 }
 
@@ -501,13 +593,22 @@ fn rate_limits_say_when_to_retry() {
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
     for _ in 0..5 {
-        engine.authorize(&c, ask(10, 10, None), now(), &sink).unwrap();
+        engine
+            .authorize(&c, ask(10, 10, None), now(), &sink)
+            .unwrap();
     }
-    let d = engine.authorize(&c, ask(10, 10, None), now(), &sink).unwrap_err();
+    let d = engine
+        .authorize(&c, ask(10, 10, None), now(), &sink)
+        .unwrap_err();
     assert_eq!(d.code, DenyCode::RateLimited);
     assert_eq!(d.retry_after, Some(Duration::from_secs(12)));
     let d = engine
-        .authorize(&c, ask(3000, 10, None), now() + chrono::Duration::minutes(5), &sink)
+        .authorize(
+            &c,
+            ask(3000, 10, None),
+            now() + chrono::Duration::minutes(5),
+            &sink,
+        )
         .unwrap_err();
     assert_eq!(d.code, DenyCode::ExceedsRateLimitCapacity);
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use bursar_core::budget::{Budget, BucketKey, Counter, EmergencyAction};
+use bursar_core::budget::{BucketKey, Budget, Counter, EmergencyAction};
 use bursar_core::catalog::{
     ApiKey, EnforcementMode, KeyHash, KeyKind, Plan, Team, Tenant, User, KEY_SECRET_PREFIX,
 };
@@ -96,12 +96,18 @@ pub fn apply_catalog_rows(engine: &Engine, catalog: &mut CatalogState, rows: &[C
                     .is_ok(),
                 "team" => serde_json::from_str::<Team>(body)
                     .map(|t| {
-                        catalog.directory.teams.insert((t.tenant.clone(), t.id.clone()), t);
+                        catalog
+                            .directory
+                            .teams
+                            .insert((t.tenant.clone(), t.id.clone()), t);
                     })
                     .is_ok(),
                 "user" => serde_json::from_str::<User>(body)
                     .map(|u| {
-                        catalog.directory.users.insert((u.tenant.clone(), u.id.clone()), u);
+                        catalog
+                            .directory
+                            .users
+                            .insert((u.tenant.clone(), u.id.clone()), u);
                     })
                     .is_ok(),
                 "key" => match serde_json::from_str::<KeyRecord>(body) {
@@ -147,9 +153,9 @@ fn require_admin(caller: &ApiKey, tenant: &str, catalog: &CatalogState) -> Resul
     match caller.kind {
         KeyKind::PlatformAdmin if exists => Ok(()),
         KeyKind::TenantAdmin if caller.tenant.as_deref() == Some(tenant) && exists => Ok(()),
-        KeyKind::Member if caller.tenant.as_deref() == Some(tenant) && exists => Err(ApiError::forbidden(
-            "a member key cannot manage its tenant; use a tenant admin key",
-        )),
+        KeyKind::Member if caller.tenant.as_deref() == Some(tenant) && exists => Err(
+            ApiError::forbidden("a member key cannot manage its tenant; use a tenant admin key"),
+        ),
         _ => Err(ApiError::not_found("tenant")),
     }
 }
@@ -240,15 +246,25 @@ pub async fn create_tenant(
     require_platform(&caller.key)?;
     let b = body.value;
     if !valid_id(&b.id) {
-        return Err(ApiError::bad_request("invalid_id", "ids are 1-64 characters of a-z, A-Z, 0-9, - _ . :"));
+        return Err(ApiError::bad_request(
+            "invalid_id",
+            "ids are 1-64 characters of a-z, A-Z, 0-9, - _ . :",
+        ));
     }
     let tz = parse_tz(b.timezone.as_deref())?.unwrap_or(Tz::UTC);
     let mut catalog = s.catalog.lock().await;
     if catalog.directory.tenants.contains_key(&b.id) {
-        return Err(ApiError::new(StatusCode::CONFLICT, "already_exists", format!("tenant `{}` exists", b.id)));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!("tenant `{}` exists", b.id),
+        ));
     }
     if !catalog.directory.plans.contains_key(&b.plan) {
-        return Err(ApiError::bad_request("unknown_plan", format!("plan `{}` does not exist", b.plan)));
+        return Err(ApiError::bad_request(
+            "unknown_plan",
+            format!("plan `{}` does not exist", b.plan),
+        ));
     }
     let tenant = Tenant {
         name: b.name.unwrap_or_else(|| b.id.clone()),
@@ -258,7 +274,10 @@ pub async fn create_tenant(
         mode: b.mode.unwrap_or_default(),
     };
     commit(&s, vec![row("tenant", &tenant.id, &tenant)]).await?;
-    catalog.directory.tenants.insert(tenant.id.clone(), tenant.clone());
+    catalog
+        .directory
+        .tenants
+        .insert(tenant.id.clone(), tenant.clone());
     s.engine.set_directory(catalog.directory.clone());
     s.engine.set_budgets(catalog.budget_set());
     Ok((StatusCode::CREATED, Json(tenant)))
@@ -315,7 +334,10 @@ pub async fn update_tenant(
         .ok_or_else(|| ApiError::not_found("tenant"))?;
     if let Some(p) = b.plan {
         if !catalog.directory.plans.contains_key(&p) {
-            return Err(ApiError::bad_request("unknown_plan", format!("plan `{p}` does not exist")));
+            return Err(ApiError::bad_request(
+                "unknown_plan",
+                format!("plan `{p}` does not exist"),
+            ));
         }
         t.plan = p;
     }
@@ -358,8 +380,15 @@ pub async fn create_team(
         tenant: tenant.clone(),
         id: body.value.id,
     };
-    commit(&s, vec![row("team", &format!("{tenant}/{}", team.id), &team)]).await?;
-    catalog.directory.teams.insert((tenant, team.id.clone()), team.clone());
+    commit(
+        &s,
+        vec![row("team", &format!("{tenant}/{}", team.id), &team)],
+    )
+    .await?;
+    catalog
+        .directory
+        .teams
+        .insert((tenant, team.id.clone()), team.clone());
     s.engine.set_directory(catalog.directory.clone());
     Ok((StatusCode::CREATED, Json(team)))
 }
@@ -387,8 +416,15 @@ pub async fn create_user(
         return Err(ApiError::bad_request("invalid_id", "invalid user id"));
     }
     if let Some(team) = &b.team {
-        if !catalog.directory.teams.contains_key(&(tenant.clone(), team.clone())) {
-            return Err(ApiError::bad_request("unknown_team", format!("team `{team}` does not exist")));
+        if !catalog
+            .directory
+            .teams
+            .contains_key(&(tenant.clone(), team.clone()))
+        {
+            return Err(ApiError::bad_request(
+                "unknown_team",
+                format!("team `{team}` does not exist"),
+            ));
         }
     }
     let user = User {
@@ -397,8 +433,15 @@ pub async fn create_user(
         team: b.team,
         role: b.role.unwrap_or_else(|| "member".into()),
     };
-    commit(&s, vec![row("user", &format!("{tenant}/{}", user.id), &user)]).await?;
-    catalog.directory.users.insert((tenant, user.id.clone()), user.clone());
+    commit(
+        &s,
+        vec![row("user", &format!("{tenant}/{}", user.id), &user)],
+    )
+    .await?;
+    catalog
+        .directory
+        .users
+        .insert((tenant, user.id.clone()), user.clone());
     s.engine.set_directory(catalog.directory.clone());
     Ok((StatusCode::CREATED, Json(user)))
 }
@@ -495,21 +538,41 @@ pub async fn create_key(
         ));
     }
     if b.name.is_empty() || b.name.len() > 200 {
-        return Err(ApiError::bad_request("invalid_request", "name must have 1 to 200 characters"));
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "name must have 1 to 200 characters",
+        ));
     }
     if let Some(team) = &b.team {
-        if !catalog.directory.teams.contains_key(&(tenant.clone(), team.clone())) {
-            return Err(ApiError::bad_request("unknown_team", format!("team `{team}` does not exist")));
+        if !catalog
+            .directory
+            .teams
+            .contains_key(&(tenant.clone(), team.clone()))
+        {
+            return Err(ApiError::bad_request(
+                "unknown_team",
+                format!("team `{team}` does not exist"),
+            ));
         }
     }
     if let Some(user) = &b.user {
-        if !catalog.directory.users.contains_key(&(tenant.clone(), user.clone())) {
-            return Err(ApiError::bad_request("unknown_user", format!("user `{user}` does not exist")));
+        if !catalog
+            .directory
+            .users
+            .contains_key(&(tenant.clone(), user.clone()))
+        {
+            return Err(ApiError::bad_request(
+                "unknown_user",
+                format!("user `{user}` does not exist"),
+            ));
         }
     }
     let now = s.clock.now();
     if b.expires_at.is_some_and(|e| e <= now) {
-        return Err(ApiError::bad_request("invalid_request", "expires_at is in the past"));
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "expires_at is in the past",
+        ));
     }
     let secret = format!(
         "{KEY_SECRET_PREFIX}{}",
@@ -638,10 +701,16 @@ pub async fn create_budget(
     require_admin(&caller.key, &tenant, &catalog)?;
     let b = body.value;
     if !valid_id(&b.id) {
-        return Err(ApiError::bad_request("invalid_id", "ids are 1-64 characters of a-z, A-Z, 0-9, - _ . :"));
+        return Err(ApiError::bad_request(
+            "invalid_id",
+            "ids are 1-64 characters of a-z, A-Z, 0-9, - _ . :",
+        ));
     }
     if b.scope == "global" {
-        return Err(ApiError::bad_request("invalid_scope", "a tenant budget cannot be global"));
+        return Err(ApiError::bad_request(
+            "invalid_scope",
+            "a tenant budget cannot be global",
+        ));
     }
     let spec = parse_budget_spec(
         &b.scope,
@@ -677,7 +746,10 @@ fn find_budget(s: &Services, tenant: &str, budget: &str) -> Result<Budget, ApiEr
     let set = s.engine.budgets();
     set.by_tenant
         .get(tenant)
-        .and_then(|v| v.iter().find(|b| b.id == budget || b.id == format!("{tenant}.{budget}")))
+        .and_then(|v| {
+            v.iter()
+                .find(|b| b.id == budget || b.id == format!("{tenant}.{budget}"))
+        })
         .map(|b| b.as_ref().clone())
         .ok_or_else(|| ApiError::not_found("budget"))
 }

@@ -7,8 +7,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use bursar_core::engine::{
-    AuthorizeRequest, BudgetView, Caller, FinishCode, FinishError, Metered, Outcome, Permit, Prompt,
-    Settlement, Usage,
+    AuthorizeRequest, BudgetView, Caller, FinishCode, FinishError, Metered, Outcome, Permit,
+    Prompt, Settlement, Usage,
 };
 use bursar_core::ledger::{fingerprint, EntryKind, Tags};
 use bursar_core::pricebook::TokenUsage;
@@ -100,9 +100,12 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let s = v
-        .to_str()
-        .map_err(|_| ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be visible ASCII"))?;
+    let s = v.to_str().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be visible ASCII",
+        )
+    })?;
     if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY_LEN {
         return Err(ApiError::bad_request(
             "invalid_idempotency_key",
@@ -116,27 +119,29 @@ fn to_request(body: AuthorizeBody) -> Result<Metered, ApiError> {
     match (body.model, body.api) {
         (Some(model), None) => {
             if body.quantity.is_some() {
-                return Err(ApiError::bad_request("invalid_request", "`quantity` goes with `api`, not `model`"));
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "`quantity` goes with `api`, not `model`",
+                ));
             }
-            let prompt = match (body.messages, body.prompt, body.prompt_tokens) {
-                (Some(m), None, None) => {
-                    if m.len() > MAX_MESSAGES {
-                        return Err(ApiError::bad_request(
-                            "invalid_request",
-                            format!("at most {MAX_MESSAGES} messages"),
-                        ));
+            let prompt =
+                match (body.messages, body.prompt, body.prompt_tokens) {
+                    (Some(m), None, None) => {
+                        if m.len() > MAX_MESSAGES {
+                            return Err(ApiError::bad_request(
+                                "invalid_request",
+                                format!("at most {MAX_MESSAGES} messages"),
+                            ));
+                        }
+                        Prompt::Messages(m)
                     }
-                    Prompt::Messages(m)
-                }
-                (None, Some(p), None) => Prompt::Text(p),
-                (None, None, Some(n)) => Prompt::Tokens(n),
-                _ => {
-                    return Err(ApiError::bad_request(
+                    (None, Some(p), None) => Prompt::Text(p),
+                    (None, None, Some(n)) => Prompt::Tokens(n),
+                    _ => return Err(ApiError::bad_request(
                         "invalid_request",
                         "give exactly one of `messages`, `prompt` and `prompt_tokens` with `model`",
-                    ))
-                }
-            };
+                    )),
+                };
             Ok(Metered::Model {
                 model,
                 prompt,
@@ -144,7 +149,11 @@ fn to_request(body: AuthorizeBody) -> Result<Metered, ApiError> {
             })
         }
         (None, Some(api)) => {
-            if body.messages.is_some() || body.prompt.is_some() || body.prompt_tokens.is_some() || body.max_tokens.is_some() {
+            if body.messages.is_some()
+                || body.prompt.is_some()
+                || body.prompt_tokens.is_some()
+                || body.max_tokens.is_some()
+            {
                 return Err(ApiError::bad_request(
                     "invalid_request",
                     "a metered `api` takes `quantity`, not prompts or tokens",
@@ -191,7 +200,10 @@ pub async fn authorize(
     let idempotency_key = idempotency_key(&headers)?;
     let ttl = body.value.ttl_seconds.map(Duration::from_secs);
     if ttl.is_some_and(|t| t.is_zero()) {
-        return Err(ApiError::bad_request("invalid_request", "ttl_seconds must be at least 1"));
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "ttl_seconds must be at least 1",
+        ));
     }
     let tags = body.value.tags.clone();
     let req = AuthorizeRequest {
@@ -204,7 +216,11 @@ pub async fn authorize(
     match s.engine.authorize(&caller, req, s.clock.now(), &s.ledger) {
         Ok((permit, ticket)) => {
             ticket.wait().await?;
-            record_decision("permit", permit.shadow_denial.map_or("ok", |c| c.as_str()), started);
+            record_decision(
+                "permit",
+                permit.shadow_denial.map_or("ok", |c| c.as_str()),
+                started,
+            );
             Ok(Json(permit))
         }
         Err(d) => {
@@ -224,7 +240,12 @@ fn finished_in_store(s: &Services, tenant: &str, id: Uuid) -> Result<ApiError, A
         .into());
     }
     let entries = s.reader.entries_of(id)?;
-    let code = match entries.iter().rev().find(|e| e.1 != EntryKind::Adjustment).map(|e| e.1) {
+    let code = match entries
+        .iter()
+        .rev()
+        .find(|e| e.1 != EntryKind::Adjustment)
+        .map(|e| e.1)
+    {
         Some(EntryKind::Settle) => FinishCode::AuthorizationAlreadySettled,
         Some(EntryKind::Void) => FinishCode::AuthorizationVoided,
         Some(EntryKind::Expire) => FinishCode::AuthorizationExpired,
@@ -232,7 +253,10 @@ fn finished_in_store(s: &Services, tenant: &str, id: Uuid) -> Result<ApiError, A
     };
     Ok(FinishError {
         code,
-        message: format!("authorization `{id}` is already finished ({})", code.as_str()),
+        message: format!(
+            "authorization `{id}` is already finished ({})",
+            code.as_str()
+        ),
     }
     .into())
 }
@@ -266,7 +290,8 @@ async fn finish(
     let tenant = tenant_of(caller)?;
     let now = s.clock.now();
     let result = if settle {
-        s.engine.settle(&tenant, id, usage.unwrap_or_default(), now, &s.ledger)
+        s.engine
+            .settle(&tenant, id, usage.unwrap_or_default(), now, &s.ledger)
     } else {
         s.engine.void(&tenant, id, usage, now, &s.ledger)
     };
@@ -290,7 +315,9 @@ async fn finish(
             }
             Ok(Json(settlement))
         }
-        Err(e) if e.code == FinishCode::AuthorizationNotFound => Err(finished_in_store(s, &tenant, id)?),
+        Err(e) if e.code == FinishCode::AuthorizationNotFound => {
+            Err(finished_in_store(s, &tenant, id)?)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -371,7 +398,12 @@ pub async fn get_authorization(
         .into());
     }
     let entries = s.reader.entries_of(id)?;
-    let state = match entries.iter().rev().find(|e| e.1 != EntryKind::Adjustment).map(|e| e.1) {
+    let state = match entries
+        .iter()
+        .rev()
+        .find(|e| e.1 != EntryKind::Adjustment)
+        .map(|e| e.1)
+    {
         Some(EntryKind::Settle) => "settled",
         Some(EntryKind::Void) => "voided",
         Some(EntryKind::Expire) => "expired",
@@ -395,7 +427,9 @@ pub async fn get_authorization(
 /// My usage against my limits: every budget this key's calls touch, now.
 #[utoipa::path(get, path = "/v1/usage", responses((status = 200, body = UsageView)))]
 pub async fn usage(State(s): State<Arc<Services>>, Authed(caller): Authed) -> Json<UsageView> {
-    let budgets = s.engine.standing_for(&caller, &Tags::default(), s.clock.now());
+    let budgets = s
+        .engine
+        .standing_for(&caller, &Tags::default(), s.clock.now());
     Json(UsageView {
         tenant: caller.key.tenant.clone(),
         key_id: caller.key.id,

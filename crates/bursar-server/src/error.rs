@@ -54,7 +54,11 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
@@ -82,7 +86,9 @@ impl IntoResponse for ApiError {
         }
         let message = if self.status.is_server_error() {
             match self.code {
-                "store_unavailable" => "the ledger store is unavailable; no money was held (fail closed)".to_string(),
+                "store_unavailable" => {
+                    "the ledger store is unavailable; no money was held (fail closed)".to_string()
+                }
                 _ => "internal error".to_string(),
             }
         } else {
@@ -156,6 +162,10 @@ impl From<FinishError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string())
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
     }
 }

@@ -121,8 +121,8 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets(&[
-                    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5,
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001,
+                    0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                 ])
                 .map(|b| b.build_recorder())
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
@@ -202,15 +202,35 @@ pub fn spawn_sweeper(services: Arc<Services>) -> tokio::task::JoinHandle<()> {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Bursar", description = "AI spend governance gateway: authorization, admin and usage APIs."),
+    info(
+        title = "Bursar",
+        description = "AI spend governance gateway: authorization, admin and usage APIs."
+    ),
     paths(
-        api::authorize, api::settle, api::void, api::get_authorization, api::usage,
-        admin::list_plans, admin::list_tenants, admin::create_tenant, admin::get_tenant, admin::update_tenant,
-        admin::create_team, admin::create_user,
-        admin::list_keys, admin::create_key, admin::revoke_key,
-        admin::list_budgets, admin::create_budget, admin::get_budget, admin::delete_budget,
-        admin::list_alerts, admin::tenant_usage,
-        healthz, readyz, metrics_text,
+        api::authorize,
+        api::settle,
+        api::void,
+        api::get_authorization,
+        api::usage,
+        admin::list_plans,
+        admin::list_tenants,
+        admin::create_tenant,
+        admin::get_tenant,
+        admin::update_tenant,
+        admin::create_team,
+        admin::create_user,
+        admin::list_keys,
+        admin::create_key,
+        admin::revoke_key,
+        admin::list_budgets,
+        admin::create_budget,
+        admin::get_budget,
+        admin::delete_budget,
+        admin::list_alerts,
+        admin::tenant_usage,
+        healthz,
+        readyz,
+        metrics_text,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail))
 )]
@@ -301,7 +321,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(services);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Keys are stored in the catalog with their hash, never the secret.

@@ -121,7 +121,9 @@ impl Ticket {
     pub fn wait_blocking(self) -> Result<(), StoreError> {
         self.0
             .blocking_recv()
-            .unwrap_or(Err(StoreError::Unavailable("the ledger writer stopped".into())))
+            .unwrap_or(Err(StoreError::Unavailable(
+                "the ledger writer stopped".into(),
+            )))
     }
 }
 
@@ -320,15 +322,23 @@ impl Writer {
             )?;
             for cmd in batch {
                 match cmd {
-                    Command::Append { entries, alerts, .. } => {
+                    Command::Append {
+                        entries, alerts, ..
+                    } => {
                         for e in entries {
                             let hash = e.chain_hash(&self.last_hash);
                             let tenant = Self::intern(&mut self.dict, &tx, Some(&e.tenant))?;
-                            let model_req = Self::intern(&mut self.dict, &tx, e.model_requested.as_deref())?;
-                            let model_used = Self::intern(&mut self.dict, &tx, e.model_used.as_deref())?;
-                            let price = Self::intern(&mut self.dict, &tx, e.price_version.as_deref())?;
+                            let model_req =
+                                Self::intern(&mut self.dict, &tx, e.model_requested.as_deref())?;
+                            let model_used =
+                                Self::intern(&mut self.dict, &tx, e.model_used.as_deref())?;
+                            let price =
+                                Self::intern(&mut self.dict, &tx, e.price_version.as_deref())?;
                             let detail = match &e.detail {
-                                Some(d) => Some(serde_json::to_string(d.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+                                Some(d) => Some(
+                                    serde_json::to_string(d.as_ref())
+                                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                                ),
                                 None => None,
                             };
                             insert.execute(params![
@@ -486,7 +496,11 @@ fn read_ledger(conn: &Connection) -> Result<LedgerReport, StoreError> {
             quantity: from_i64(r.get(15)?),
             latency_ms: r.get(16)?,
             flags: r.get(17)?,
-            hold: if detail.is_some() { None } else { holds.get(&authorization).cloned() },
+            hold: if detail.is_some() {
+                None
+            } else {
+                holds.get(&authorization).cloned()
+            },
             detail,
         };
         let h = e.chain_hash(&prev);
@@ -582,12 +596,17 @@ pub fn read_entries(path: &Path) -> Result<LedgerReport, StoreError> {
 pub fn stored_counters(conn: &Connection) -> Result<HashMap<BucketKey, Counter>, StoreError> {
     let mut stmt = conn.prepare("SELECT bucket, held, spent FROM counters")?;
     let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
     })?;
     let mut out = HashMap::new();
     for row in rows {
         let (b, held, spent) = row?;
-        let key = BucketKey::parse(&b).ok_or_else(|| StoreError::Corrupt(format!("bad bucket `{b}`")))?;
+        let key =
+            BucketKey::parse(&b).ok_or_else(|| StoreError::Corrupt(format!("bad bucket `{b}`")))?;
         out.insert(
             key,
             Counter {
@@ -683,7 +702,10 @@ impl Reader {
     }
 
     /// Entries of one authorization, in order (for audits and for answers about old ids).
-    pub fn entries_of(&self, auth: Uuid) -> Result<Vec<(i64, EntryKind, Money, Money)>, StoreError> {
+    pub fn entries_of(
+        &self,
+        auth: Uuid,
+    ) -> Result<Vec<(i64, EntryKind, Money, Money)>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn.prepare_cached(
             "SELECT seq, kind, held, cost FROM ledger WHERE auth = ?1 ORDER BY seq",

@@ -155,9 +155,15 @@ enum TenantsCommand {
         mode: Option<String>,
     },
     /// Change a tenant's plan (platform admin only).
-    SetPlan { id: String, plan: String },
+    SetPlan {
+        id: String,
+        plan: String,
+    },
     /// Change a tenant's enforcement mode: enforce, shadow or off.
-    SetMode { id: String, mode: String },
+    SetMode {
+        id: String,
+        mode: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -242,7 +248,9 @@ struct Loaded {
 
 fn load(args: &ConfigArgs) -> Result<Loaded> {
     let text = match &args.config {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
         None => DEFAULT_CONFIG.to_string(),
     };
     // The price book must be known before the plans are checked against its classes.
@@ -254,12 +262,14 @@ fn load(args: &ConfigArgs) -> Result<Loaded> {
         .map(PathBuf::from);
     let book = match &book_path {
         Some(p) => {
-            let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let t =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             PriceBook::from_toml(&t).with_context(|| format!("price book {}", p.display()))?
         }
         None => PriceBook::builtin().context("the built-in price book")?,
     };
-    let config = Config::parse(&text, &book, chrono::Utc::now()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config =
+        Config::parse(&text, &book, chrono::Utc::now()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let data_dir = args
         .data_dir
         .clone()
@@ -347,7 +357,10 @@ fn verify(config: ConfigArgs) -> Result<bool> {
         );
         Ok(true)
     } else {
-        println!("ledger FAILED verification ({} problem(s)):", v.problems.len());
+        println!(
+            "ledger FAILED verification ({} problem(s)):",
+            v.problems.len()
+        );
         for p in &v.problems {
             println!("  - {p}");
         }
@@ -366,15 +379,21 @@ async fn remote(r: &RemoteArgs, method: Method, path: &str, body: Option<Value>)
     print_json(&v)
 }
 
-fn import_prices(file: &Path, out: Option<&Path>, effective: Option<chrono::NaiveDate>) -> Result<()> {
-    let json = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+fn import_prices(
+    file: &Path,
+    out: Option<&Path>,
+    effective: Option<chrono::NaiveDate>,
+) -> Result<()> {
+    let json =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let day = effective.unwrap_or_else(|| chrono::Utc::now().date_naive());
     let imported = bursar_core::litellm::import(&json, day, &file.display().to_string())?;
     // Refuse to write a book Bursar itself would not load.
     PriceBook::from_toml(&imported.toml).context("the imported price book does not load")?;
     match out {
         Some(p) => {
-            std::fs::write(p, &imported.toml).with_context(|| format!("writing {}", p.display()))?;
+            std::fs::write(p, &imported.toml)
+                .with_context(|| format!("writing {}", p.display()))?;
             println!(
                 "imported {} models into {} ({} entries skipped)",
                 imported.models,
@@ -422,9 +441,11 @@ async fn run(cli: Cli) -> Result<bool> {
                 }
                 Ok(true)
             }
-            PricesCommand::Import { file, out, effective } => {
-                import_prices(&file, out.as_deref(), effective).map(|()| true)
-            }
+            PricesCommand::Import {
+                file,
+                out,
+                effective,
+            } => import_prices(&file, out.as_deref(), effective).map(|()| true),
         },
         Command::Config { command } => match command {
             ConfigCommand::Check { config } => {
@@ -457,10 +478,22 @@ async fn run(cli: Cli) -> Result<bool> {
                     remote(&r, Method::POST, "/v1/admin/tenants", Some(body)).await?
                 }
                 TenantsCommand::SetPlan { id, plan } => {
-                    remote(&r, Method::PATCH, &format!("/v1/admin/tenants/{id}"), Some(json!({"plan": plan}))).await?
+                    remote(
+                        &r,
+                        Method::PATCH,
+                        &format!("/v1/admin/tenants/{id}"),
+                        Some(json!({"plan": plan})),
+                    )
+                    .await?
                 }
                 TenantsCommand::SetMode { id, mode } => {
-                    remote(&r, Method::PATCH, &format!("/v1/admin/tenants/{id}"), Some(json!({"mode": mode}))).await?
+                    remote(
+                        &r,
+                        Method::PATCH,
+                        &format!("/v1/admin/tenants/{id}"),
+                        Some(json!({"mode": mode})),
+                    )
+                    .await?
                 }
             }
             Ok(true)
@@ -468,7 +501,13 @@ async fn run(cli: Cli) -> Result<bool> {
         Command::Keys { remote: r, command } => {
             match command {
                 KeysCommand::List { tenant } => {
-                    remote(&r, Method::GET, &format!("/v1/admin/tenants/{tenant}/keys"), None).await?
+                    remote(
+                        &r,
+                        Method::GET,
+                        &format!("/v1/admin/tenants/{tenant}/keys"),
+                        None,
+                    )
+                    .await?
                 }
                 KeysCommand::Create {
                     tenant,
@@ -480,7 +519,13 @@ async fn run(cli: Cli) -> Result<bool> {
                     expires_at,
                 } => {
                     let body = json!({"name": name, "kind": kind, "user": user, "team": team, "role": role, "expires_at": expires_at});
-                    remote(&r, Method::POST, &format!("/v1/admin/tenants/{tenant}/keys"), Some(body)).await?
+                    remote(
+                        &r,
+                        Method::POST,
+                        &format!("/v1/admin/tenants/{tenant}/keys"),
+                        Some(body),
+                    )
+                    .await?
                 }
                 KeysCommand::Revoke { tenant, id } => {
                     remote(
@@ -501,10 +546,22 @@ async fn run(cli: Cli) -> Result<bool> {
         Command::Budgets { remote: r, command } => {
             match command {
                 BudgetsCommand::List { tenant } => {
-                    remote(&r, Method::GET, &format!("/v1/admin/tenants/{tenant}/budgets"), None).await?
+                    remote(
+                        &r,
+                        Method::GET,
+                        &format!("/v1/admin/tenants/{tenant}/budgets"),
+                        None,
+                    )
+                    .await?
                 }
                 BudgetsCommand::Show { tenant, id } => {
-                    remote(&r, Method::GET, &format!("/v1/admin/tenants/{tenant}/budgets/{id}"), None).await?
+                    remote(
+                        &r,
+                        Method::GET,
+                        &format!("/v1/admin/tenants/{tenant}/budgets/{id}"),
+                        None,
+                    )
+                    .await?
                 }
                 BudgetsCommand::Set {
                     tenant,
@@ -523,12 +580,22 @@ async fn run(cli: Cli) -> Result<bool> {
                         "warn_percent": warn_percent, "emergency_percent": emergency_percent,
                         "emergency_action": emergency_action, "rollover": rollover,
                     });
-                    remote(&r, Method::POST, &format!("/v1/admin/tenants/{tenant}/budgets"), Some(body)).await?
+                    remote(
+                        &r,
+                        Method::POST,
+                        &format!("/v1/admin/tenants/{tenant}/budgets"),
+                        Some(body),
+                    )
+                    .await?
                 }
                 BudgetsCommand::Delete { tenant, id } => {
                     let c = Client::new(&r.url, &r.admin_key);
                     let _: Value = c
-                        .call::<Value, Value>(Method::DELETE, &format!("/v1/admin/tenants/{tenant}/budgets/{id}"), None)
+                        .call::<Value, Value>(
+                            Method::DELETE,
+                            &format!("/v1/admin/tenants/{tenant}/budgets/{id}"),
+                            None,
+                        )
                         .await?;
                     println!("deleted");
                 }
@@ -540,7 +607,10 @@ async fn run(cli: Cli) -> Result<bool> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -14,29 +14,113 @@ struct Case {
 async fn bad_authorize_requests() {
     let app = spawn_app().await;
     let cases = [
-        Case { body: "{not json", status: 400, code: "invalid_json" },
-        Case { body: "", status: 400, code: "invalid_json" },
-        Case { body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"colour":"red"}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"prompt_tokens":5}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"model":"gpt-4o-mini"}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"api":"web_search"}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"model":"gpt-4o-mini","prompt_tokens":-5}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"model":"gpt-4o-mini","prompt_tokens":"five"}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"max_tokens":-1}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"max_tokens":0}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"model":"gpt-4o-mini","prompt_tokens":999999999999}"#, status: 422, code: "prompt_too_long" },
-        Case { body: r#"{"model":"gpt-4o-mini","prompt_tokens":200000}"#, status: 422, code: "prompt_too_long" },
-        Case { body: r#"{"model":"gpt-5-turbo-ultra","prompt_tokens":5}"#, status: 422, code: "unknown_model" },
-        Case { body: r#"{"api":"teleport","quantity":1}"#, status: 422, code: "unknown_api" },
-        Case { body: r#"{"api":"web_search","quantity":0}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"api":"web_search","quantity":99999999999}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"tags":{"planet":"mars"}}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"ttl_seconds":0}"#, status: 422, code: "invalid_request" },
-        Case { body: r#"{"model":"gpt-4o-mini","messages":[{"role":"user"}]}"#, status: 422, code: "invalid_request" },
+        Case {
+            body: "{not json",
+            status: 400,
+            code: "invalid_json",
+        },
+        Case {
+            body: "",
+            status: 400,
+            code: "invalid_json",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"colour":"red"}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"prompt_tokens":5}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini"}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"api":"web_search"}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","prompt_tokens":-5}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","prompt_tokens":"five"}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"max_tokens":-1}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"max_tokens":0}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","prompt_tokens":999999999999}"#,
+            status: 422,
+            code: "prompt_too_long",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","prompt_tokens":200000}"#,
+            status: 422,
+            code: "prompt_too_long",
+        },
+        Case {
+            body: r#"{"model":"gpt-5-turbo-ultra","prompt_tokens":5}"#,
+            status: 422,
+            code: "unknown_model",
+        },
+        Case {
+            body: r#"{"api":"teleport","quantity":1}"#,
+            status: 422,
+            code: "unknown_api",
+        },
+        Case {
+            body: r#"{"api":"web_search","quantity":0}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"api":"web_search","quantity":99999999999}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"tags":{"planet":"mars"}}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","prompt_tokens":5,"ttl_seconds":0}"#,
+            status: 422,
+            code: "invalid_request",
+        },
+        Case {
+            body: r#"{"model":"gpt-4o-mini","messages":[{"role":"user"}]}"#,
+            status: 422,
+            code: "invalid_request",
+        },
     ];
     for c in &cases {
-        let r = app.raw_post("/v1/authorizations", A_MEMBER, c.body.as_bytes().to_vec()).await;
-        assert_eq!((r.status, r.code()), (c.status, c.code), "{} → {:?}", c.body, r.body);
+        let r = app
+            .raw_post("/v1/authorizations", A_MEMBER, c.body.as_bytes().to_vec())
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (c.status, c.code),
+            "{} → {:?}",
+            c.body,
+            r.body
+        );
         assert!(!r.body["error"]["message"].as_str().unwrap_or("").is_empty());
     }
     // None of them held anything.
@@ -48,8 +132,13 @@ async fn bad_authorize_requests() {
 #[tokio::test]
 async fn oversized_bodies_and_missing_keys() {
     let app = spawn_app().await;
-    let big = format!(r#"{{"model":"gpt-4o-mini","prompt":"{}"}}"#, "a".repeat(2 << 20));
-    let r = app.raw_post("/v1/authorizations", A_MEMBER, big.into_bytes()).await;
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","prompt":"{}"}}"#,
+        "a".repeat(2 << 20)
+    );
+    let r = app
+        .raw_post("/v1/authorizations", A_MEMBER, big.into_bytes())
+        .await;
     assert_eq!((r.status, r.code()), (413, "body_too_large"));
     let r = app
         .http
@@ -69,40 +158,69 @@ async fn oversized_bodies_and_missing_keys() {
 async fn bad_settles_each_have_their_code_and_lose_nothing() {
     let app = spawn_app().await;
     let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 100, "max_tokens": 10});
-    let usage = json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 10}});
+    let usage =
+        json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 10}});
     // Unknown, and not even an id.
-    let r = app.settle(A_MEMBER, "0190c6a5-0000-7000-8000-000000000000", usage.clone()).await;
+    let r = app
+        .settle(
+            A_MEMBER,
+            "0190c6a5-0000-7000-8000-000000000000",
+            usage.clone(),
+        )
+        .await;
     assert_eq!((r.status, r.code()), (404, "authorization_not_found"));
     let r = app.settle(A_MEMBER, "not-an-id", usage.clone()).await;
     assert_eq!((r.status, r.code()), (404, "authorization_not_found"));
     // Voided, then settled.
     let p = app.authorize(A_MEMBER, ask.clone()).await;
     let voided = p.body["authorization_id"].as_str().unwrap().to_string();
-    let v = app.post(&format!("/v1/authorizations/{voided}/void"), A_MEMBER, json!({"reason": "provider 500"})).await;
+    let v = app
+        .post(
+            &format!("/v1/authorizations/{voided}/void"),
+            A_MEMBER,
+            json!({"reason": "provider 500"}),
+        )
+        .await;
     assert_eq!((v.status, v.body["cost"].as_str()), (200, Some("0")));
     let r = app.settle(A_MEMBER, &voided, usage.clone()).await;
     assert_eq!((r.status, r.code()), (409, "authorization_voided"));
     // Settled, then settled with other usage, then voided.
     let p = app.authorize(A_MEMBER, ask.clone()).await;
     let settled = p.body["authorization_id"].as_str().unwrap().to_string();
-    assert_eq!(app.settle(A_MEMBER, &settled, usage.clone()).await.status, 200);
-    let other = json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 9}});
+    assert_eq!(
+        app.settle(A_MEMBER, &settled, usage.clone()).await.status,
+        200
+    );
+    let other =
+        json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 9}});
     let r = app.settle(A_MEMBER, &settled, other).await;
     assert_eq!((r.status, r.code()), (409, "authorization_already_settled"));
-    let r = app.post(&format!("/v1/authorizations/{settled}/void"), A_MEMBER, json!({})).await;
+    let r = app
+        .post(
+            &format!("/v1/authorizations/{settled}/void"),
+            A_MEMBER,
+            json!({}),
+        )
+        .await;
     assert_eq!((r.status, r.code()), (409, "authorization_already_settled"));
     // Impossible usage: refused, and the hold stays open (it will expire and be charged).
     let p = app.authorize(A_MEMBER, ask.clone()).await;
     let open = p.body["authorization_id"].as_str().unwrap().to_string();
     let r = app
-        .settle(A_MEMBER, &open, json!({"usage": {"input_tokens": 10, "cached_input_tokens": 20, "output_tokens": 1}}))
+        .settle(
+            A_MEMBER,
+            &open,
+            json!({"usage": {"input_tokens": 10, "cached_input_tokens": 20, "output_tokens": 1}}),
+        )
         .await;
     assert_eq!((r.status, r.code()), (422, "invalid_usage"));
     let r = app
         .settle(A_MEMBER, &open, json!({"usage": {"input_tokens": 10, "cached_input_tokens": 0, "output_tokens": 1}, "model_used": "gpt-nine"}))
         .await;
     assert_eq!((r.status, r.code()), (422, "unknown_model"));
-    let r = app.settle(A_MEMBER, &open, json!({"usage": {"input_tokens": -1}})).await;
+    let r = app
+        .settle(A_MEMBER, &open, json!({"usage": {"input_tokens": -1}}))
+        .await;
     assert_eq!((r.status, r.code()), (422, "invalid_request"));
     assert_eq!(app.services.engine.open_holds(), 1);
     // Expired: see the promises tests. Everything recorded still verifies.
@@ -115,30 +233,84 @@ async fn bad_settles_each_have_their_code_and_lose_nothing() {
 async fn bad_admin_input() {
     let app = spawn_app().await;
     let cases = [
-        (json!({"id": "x", "scope": "tenant", "window": "daily", "limit": "0.0000000001"}), "amount_too_precise"),
-        (json!({"id": "x", "scope": "tenant", "window": "daily", "limit": "-3"}), "invalid_budget"),
-        (json!({"id": "x", "scope": "tenant", "window": "daily", "limit": "lots"}), "invalid_budget"),
-        (json!({"id": "x", "scope": "tenant", "window": "hourly", "limit": "3"}), "invalid_budget"),
-        (json!({"id": "x", "scope": "galaxy", "window": "daily", "limit": "3"}), "invalid_budget"),
-        (json!({"id": "x", "scope": "tenant", "window": "daily", "limit": "3", "warn_percent": 95, "emergency_percent": 90}), "invalid_budget"),
-        (json!({"id": "x y", "scope": "tenant", "window": "daily", "limit": "3"}), "invalid_id"),
-        (json!({"id": "x", "scope": "global", "window": "daily", "limit": "3"}), "invalid_scope"),
+        (
+            json!({"id": "x", "scope": "tenant", "window": "daily", "limit": "0.0000000001"}),
+            "amount_too_precise",
+        ),
+        (
+            json!({"id": "x", "scope": "tenant", "window": "daily", "limit": "-3"}),
+            "invalid_budget",
+        ),
+        (
+            json!({"id": "x", "scope": "tenant", "window": "daily", "limit": "lots"}),
+            "invalid_budget",
+        ),
+        (
+            json!({"id": "x", "scope": "tenant", "window": "hourly", "limit": "3"}),
+            "invalid_budget",
+        ),
+        (
+            json!({"id": "x", "scope": "galaxy", "window": "daily", "limit": "3"}),
+            "invalid_budget",
+        ),
+        (
+            json!({"id": "x", "scope": "tenant", "window": "daily", "limit": "3", "warn_percent": 95, "emergency_percent": 90}),
+            "invalid_budget",
+        ),
+        (
+            json!({"id": "x y", "scope": "tenant", "window": "daily", "limit": "3"}),
+            "invalid_id",
+        ),
+        (
+            json!({"id": "x", "scope": "global", "window": "daily", "limit": "3"}),
+            "invalid_scope",
+        ),
     ];
     for (body, code) in cases {
-        let r = app.post("/v1/admin/tenants/a/budgets", A_ADMIN, body.clone()).await;
+        let r = app
+            .post("/v1/admin/tenants/a/budgets", A_ADMIN, body.clone())
+            .await;
         assert_eq!((r.status, r.code()), (422, code), "{body} → {:?}", r.body);
     }
     let r = app
-        .post("/v1/admin/tenants", ADMIN, json!({"id": "c", "plan": "pro", "timezone": "Europe/Atlantis"}))
+        .post(
+            "/v1/admin/tenants",
+            ADMIN,
+            json!({"id": "c", "plan": "pro", "timezone": "Europe/Atlantis"}),
+        )
         .await;
     assert_eq!((r.status, r.code()), (422, "invalid_timezone"));
-    let r = app.post("/v1/admin/tenants", ADMIN, json!({"id": "c", "plan": "platinum"})).await;
+    let r = app
+        .post(
+            "/v1/admin/tenants",
+            ADMIN,
+            json!({"id": "c", "plan": "platinum"}),
+        )
+        .await;
     assert_eq!((r.status, r.code()), (422, "unknown_plan"));
-    let r = app.post("/v1/admin/tenants", ADMIN, json!({"id": "a", "plan": "pro"})).await;
+    let r = app
+        .post(
+            "/v1/admin/tenants",
+            ADMIN,
+            json!({"id": "a", "plan": "pro"}),
+        )
+        .await;
     assert_eq!((r.status, r.code()), (409, "already_exists"));
-    let r = app.post("/v1/admin/tenants", A_ADMIN, json!({"id": "c", "plan": "pro"})).await;
+    let r = app
+        .post(
+            "/v1/admin/tenants",
+            A_ADMIN,
+            json!({"id": "c", "plan": "pro"}),
+        )
+        .await;
     assert_eq!(r.status, 403);
-    let r = app.post("/v1/admin/tenants", ADMIN, json!({"id": "c", "plan": "pro", "timezone": "Asia/Tokyo"})).await;
+    let r = app
+        .post(
+            "/v1/admin/tenants",
+            ADMIN,
+            json!({"id": "c", "plan": "pro", "timezone": "Asia/Tokyo"}),
+        )
+        .await;
     assert_eq!(r.status, 201);
 }
 
@@ -147,14 +319,25 @@ async fn operations_endpoints() {
     let app = spawn_app().await;
     assert_eq!(app.get("/healthz", "").await.status, 200);
     assert_eq!(app.get("/readyz", "").await.status, 200);
-    app.authorize(A_MEMBER, json!({"model": "gpt-4o-mini", "prompt_tokens": 5})).await;
+    app.authorize(
+        A_MEMBER,
+        json!({"model": "gpt-4o-mini", "prompt_tokens": 5}),
+    )
+    .await;
     let m = app.get("/metrics", "").await;
     let text = m.body.as_str().unwrap();
     assert!(text.contains("bursar_decisions_total"), "{text}");
     let doc = app.get("/openapi.json", "").await;
     assert_eq!(doc.status, 200);
-    for path in ["/v1/authorizations", "/v1/authorizations/{id}/settle", "/v1/admin/tenants/{tenant}/budgets"] {
-        assert!(doc.body["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    for path in [
+        "/v1/authorizations",
+        "/v1/authorizations/{id}/settle",
+        "/v1/admin/tenants/{tenant}/budgets",
+    ] {
+        assert!(
+            doc.body["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
     }
     assert!(doc.body["components"]["schemas"]["Permit"].is_object());
 }

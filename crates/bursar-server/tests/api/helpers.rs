@@ -132,7 +132,8 @@ pub async fn spawn_app_in(config: &str, dir: tempfile::TempDir) -> TestApp {
     let book = Arc::new(PriceBook::builtin().unwrap());
     let config = Config::parse(config, &book, start_time()).unwrap();
     let clock = Arc::new(ManualClock::new(start_time()));
-    let (services, _writer) = bursar_server::build(config, book, dir.path(), clock.clone()).unwrap();
+    let (services, _writer) =
+        bursar_server::build(config, book, dir.path(), clock.clone()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let s = services.clone();
@@ -143,7 +144,10 @@ pub async fn spawn_app_in(config: &str, dir: tempfile::TempDir) -> TestApp {
         base: format!("http://{addr}"),
         services,
         clock,
-        http: reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap(),
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap(),
         dir,
     }
 }
@@ -161,8 +165,18 @@ impl Resp {
 }
 
 impl TestApp {
-    pub async fn send(&self, method: reqwest::Method, path: &str, key: &str, body: Option<&Value>, idem: Option<&str>) -> Resp {
-        let mut r = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(key);
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<&Value>,
+        idem: Option<&str>,
+    ) -> Resp {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(key);
         if let Some(b) = body {
             r = r.json(b);
         }
@@ -174,11 +188,16 @@ impl TestApp {
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Resp { status, body, headers }
+        Resp {
+            status,
+            body,
+            headers,
+        }
     }
 
     pub async fn post(&self, path: &str, key: &str, body: Value) -> Resp {
-        self.send(reqwest::Method::POST, path, key, Some(&body), None).await
+        self.send(reqwest::Method::POST, path, key, Some(&body), None)
+            .await
     }
 
     pub async fn get(&self, path: &str, key: &str) -> Resp {
@@ -199,7 +218,11 @@ impl TestApp {
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Resp { status, body, headers }
+        Resp {
+            status,
+            body,
+            headers,
+        }
     }
 
     pub async fn authorize(&self, key: &str, body: Value) -> Resp {
@@ -207,7 +230,8 @@ impl TestApp {
     }
 
     pub async fn settle(&self, key: &str, id: &str, body: Value) -> Resp {
-        self.post(&format!("/v1/authorizations/{id}/settle"), key, body).await
+        self.post(&format!("/v1/authorizations/{id}/settle"), key, body)
+            .await
     }
 
     pub fn db_path(&self) -> std::path::PathBuf {

@@ -10,46 +10,111 @@ use crate::helpers::*;
 async fn a_tenant_key_gets_404_on_every_resource_of_another_tenant() {
     let app = spawn_app().await;
     // Resources of tenant b that exist.
-    let p = app.authorize(B_MEMBER, json!({"model": "gpt-4o-mini", "prompt_tokens": 10, "max_tokens": 10})).await;
+    let p = app
+        .authorize(
+            B_MEMBER,
+            json!({"model": "gpt-4o-mini", "prompt_tokens": 10, "max_tokens": 10}),
+        )
+        .await;
     let auth_b = p.body["authorization_id"].as_str().unwrap().to_string();
-    let key = app.post("/v1/admin/tenants/b/keys", B_ADMIN, json!({"name": "x"})).await;
+    let key = app
+        .post("/v1/admin/tenants/b/keys", B_ADMIN, json!({"name": "x"}))
+        .await;
     let key_b = key.body["key"]["id"].as_str().unwrap().to_string();
     let r = app
-        .post("/v1/admin/tenants/b/budgets", B_ADMIN, json!({"id": "bb", "scope": "tenant", "window": "daily", "limit": "5"}))
+        .post(
+            "/v1/admin/tenants/b/budgets",
+            B_ADMIN,
+            json!({"id": "bb", "scope": "tenant", "window": "daily", "limit": "5"}),
+        )
         .await;
     assert_eq!(r.status, 201);
 
     let budget = json!({"id": "evil", "scope": "tenant", "window": "daily", "limit": "1"});
     let calls: Vec<(Method, String, Option<serde_json::Value>)> = vec![
         (Method::GET, "/v1/admin/tenants/b".into(), None),
-        (Method::PATCH, "/v1/admin/tenants/b".into(), Some(json!({"mode": "off"}))),
-        (Method::POST, "/v1/admin/tenants/b/teams".into(), Some(json!({"id": "t"}))),
-        (Method::POST, "/v1/admin/tenants/b/users".into(), Some(json!({"id": "u"}))),
+        (
+            Method::PATCH,
+            "/v1/admin/tenants/b".into(),
+            Some(json!({"mode": "off"})),
+        ),
+        (
+            Method::POST,
+            "/v1/admin/tenants/b/teams".into(),
+            Some(json!({"id": "t"})),
+        ),
+        (
+            Method::POST,
+            "/v1/admin/tenants/b/users".into(),
+            Some(json!({"id": "u"})),
+        ),
         (Method::GET, "/v1/admin/tenants/b/keys".into(), None),
-        (Method::POST, "/v1/admin/tenants/b/keys".into(), Some(json!({"name": "n"}))),
-        (Method::POST, format!("/v1/admin/tenants/b/keys/{key_b}/revoke"), Some(json!({}))),
+        (
+            Method::POST,
+            "/v1/admin/tenants/b/keys".into(),
+            Some(json!({"name": "n"})),
+        ),
+        (
+            Method::POST,
+            format!("/v1/admin/tenants/b/keys/{key_b}/revoke"),
+            Some(json!({})),
+        ),
         (Method::GET, "/v1/admin/tenants/b/budgets".into(), None),
-        (Method::POST, "/v1/admin/tenants/b/budgets".into(), Some(budget)),
+        (
+            Method::POST,
+            "/v1/admin/tenants/b/budgets".into(),
+            Some(budget),
+        ),
         (Method::GET, "/v1/admin/tenants/b/budgets/bb".into(), None),
-        (Method::DELETE, "/v1/admin/tenants/b/budgets/bb".into(), None),
+        (
+            Method::DELETE,
+            "/v1/admin/tenants/b/budgets/bb".into(),
+            None,
+        ),
         (Method::GET, "/v1/admin/tenants/b/alerts".into(), None),
         (Method::GET, "/v1/admin/tenants/b/usage".into(), None),
         (Method::GET, format!("/v1/authorizations/{auth_b}"), None),
-        (Method::POST, format!("/v1/authorizations/{auth_b}/settle"), Some(json!({}))),
-        (Method::POST, format!("/v1/authorizations/{auth_b}/void"), Some(json!({}))),
+        (
+            Method::POST,
+            format!("/v1/authorizations/{auth_b}/settle"),
+            Some(json!({})),
+        ),
+        (
+            Method::POST,
+            format!("/v1/authorizations/{auth_b}/void"),
+            Some(json!({})),
+        ),
     ];
     for key in [A_ADMIN, A_MEMBER] {
         for (method, path, body) in &calls {
-            let r = app.send(method.clone(), path, key, body.as_ref(), None).await;
-            assert_eq!(r.status, 404, "{method} {path} with a tenant-a key: {:?}", r.body);
+            let r = app
+                .send(method.clone(), path, key, body.as_ref(), None)
+                .await;
+            assert_eq!(
+                r.status, 404,
+                "{method} {path} with a tenant-a key: {:?}",
+                r.body
+            );
         }
     }
     // Nothing of b changed: its hold is still open, its key active, its budget there.
-    let v = app.get(&format!("/v1/authorizations/{auth_b}"), B_MEMBER).await;
+    let v = app
+        .get(&format!("/v1/authorizations/{auth_b}"), B_MEMBER)
+        .await;
     assert_eq!(v.body["state"], "held");
     let keys = app.get("/v1/admin/tenants/b/keys", B_ADMIN).await;
-    assert!(keys.body.as_array().unwrap().iter().all(|k| k["revoked_at"].is_null()));
-    assert_eq!(app.get("/v1/admin/tenants/b/budgets/bb", B_ADMIN).await.status, 200);
+    assert!(keys
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["revoked_at"].is_null()));
+    assert_eq!(
+        app.get("/v1/admin/tenants/b/budgets/bb", B_ADMIN)
+            .await
+            .status,
+        200
+    );
     // The tenant list of a tenant admin holds only its own tenant.
     let list = app.get("/v1/admin/tenants", A_ADMIN).await;
     assert_eq!(list.body.as_array().unwrap().len(), 1);
@@ -60,42 +125,97 @@ async fn a_tenant_key_gets_404_on_every_resource_of_another_tenant() {
 async fn a_member_key_never_changes_budgets() {
     let app = spawn_app().await;
     let body = json!({"id": "mine", "scope": "tenant", "window": "daily", "limit": "1000"});
-    let r = app.post("/v1/admin/tenants/a/budgets", A_MEMBER, body).await;
+    let r = app
+        .post("/v1/admin/tenants/a/budgets", A_MEMBER, body)
+        .await;
     assert_eq!((r.status, r.code()), (403, "forbidden"));
-    let r = app.send(Method::DELETE, "/v1/admin/tenants/a/budgets/a-month", A_MEMBER, None, None).await;
+    let r = app
+        .send(
+            Method::DELETE,
+            "/v1/admin/tenants/a/budgets/a-month",
+            A_MEMBER,
+            None,
+            None,
+        )
+        .await;
     assert_eq!(r.status, 403);
-    let r = app.send(Method::PATCH, "/v1/admin/tenants/a", A_MEMBER, Some(&json!({"mode": "off"})), None).await;
+    let r = app
+        .send(
+            Method::PATCH,
+            "/v1/admin/tenants/a",
+            A_MEMBER,
+            Some(&json!({"mode": "off"})),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 403);
-    let r = app.post("/v1/admin/tenants/a/keys", A_MEMBER, json!({"name": "k", "kind": "tenant_admin"})).await;
+    let r = app
+        .post(
+            "/v1/admin/tenants/a/keys",
+            A_MEMBER,
+            json!({"name": "k", "kind": "tenant_admin"}),
+        )
+        .await;
     assert_eq!(r.status, 403);
     // A member reads its own usage.
     let u = app.get("/v1/usage", A_MEMBER).await;
     assert_eq!(u.status, 200);
-    assert!(u.body["budgets"].as_array().unwrap().iter().any(|b| b["budget_id"] == "a-month"));
+    assert!(u.body["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["budget_id"] == "a-month"));
 }
 
 #[tokio::test]
 async fn only_a_platform_admin_sets_a_plan() {
     let app = spawn_app().await;
-    let r = app.send(Method::PATCH, "/v1/admin/tenants/a", A_ADMIN, Some(&json!({"plan": "free"})), None).await;
+    let r = app
+        .send(
+            Method::PATCH,
+            "/v1/admin/tenants/a",
+            A_ADMIN,
+            Some(&json!({"plan": "free"})),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 403);
-    let r = app.send(Method::PATCH, "/v1/admin/tenants/a", ADMIN, Some(&json!({"plan": "free"})), None).await;
+    let r = app
+        .send(
+            Method::PATCH,
+            "/v1/admin/tenants/a",
+            ADMIN,
+            Some(&json!({"plan": "free"})),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["plan"], "free");
     // The free plan allows only small models for 100 tokens: the plan is inherited at once.
-    let p = app.authorize(A_MEMBER, json!({"model": "gpt-4o", "prompt_tokens": 10})).await;
+    let p = app
+        .authorize(A_MEMBER, json!({"model": "gpt-4o", "prompt_tokens": 10}))
+        .await;
     assert_eq!(p.status, 403);
-    let p = app.authorize(A_MEMBER, json!({"model": "gpt-4o-mini", "prompt_tokens": 10})).await;
+    let p = app
+        .authorize(
+            A_MEMBER,
+            json!({"model": "gpt-4o-mini", "prompt_tokens": 10}),
+        )
+        .await;
     assert_eq!(p.body["max_tokens"], 100);
     // A platform admin key does not spend.
-    let p = app.authorize(ADMIN, json!({"model": "gpt-4o-mini", "prompt_tokens": 10})).await;
+    let p = app
+        .authorize(ADMIN, json!({"model": "gpt-4o-mini", "prompt_tokens": 10}))
+        .await;
     assert_eq!((p.status, p.code()), (403, "admin_key_cannot_spend"));
 }
 
 #[tokio::test]
 async fn secrets_are_shown_once_and_never_listed() {
     let app = spawn_app().await;
-    let k = app.post("/v1/admin/tenants/a/keys", A_ADMIN, json!({"name": "once"})).await;
+    let k = app
+        .post("/v1/admin/tenants/a/keys", A_ADMIN, json!({"name": "once"}))
+        .await;
     let secret = k.body["secret"].as_str().unwrap().to_string();
     assert!(secret.starts_with("bsr_") && secret.len() == 44);
     let list = app.get("/v1/admin/tenants/a/keys", A_ADMIN).await;

@@ -18,16 +18,27 @@ fn ask(prompt_tokens: u64, max_tokens: u32) -> serde_json::Value {
 
 /// Replays the stored ledger in order; after every entry, no bucket of a budget in
 /// `limits` may hold + spend more than its limit.
-fn assert_never_over(app: &TestApp, limits: &HashMap<String, Money>) -> HashMap<BucketKey, bursar_core::budget::Counter> {
+fn assert_never_over(
+    app: &TestApp,
+    limits: &HashMap<String, Money>,
+) -> HashMap<BucketKey, bursar_core::budget::Counter> {
     let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
-    assert!(report.chain_problems.is_empty(), "{:?}", report.chain_problems);
+    assert!(
+        report.chain_problems.is_empty(),
+        "{:?}",
+        report.chain_problems
+    );
     let mut replay = Replay::default();
     for (i, e) in report.entries.iter().enumerate() {
         replay.apply(i as u64 + 1, e);
         for b in e.buckets() {
             if let Some(limit) = limits.get(&b.budget) {
                 let used = replay.counters[b].used();
-                assert!(used <= *limit, "after entry {}: {b} at {used} > {limit}", i + 1);
+                assert!(
+                    used <= *limit,
+                    "after entry {}: {b} at {used} > {limit}",
+                    i + 1
+                );
             }
         }
     }
@@ -87,28 +98,70 @@ async fn exactly_n_of_1000_concurrent_authorizations_fit() {
 async fn the_same_idempotency_key_returns_the_first_result_even_concurrently() {
     let app = spawn_app().await;
     let body = ask(500, 50);
-    let calls = (0..50).map(|_| app.send(reqwest::Method::POST, "/v1/authorizations", A_MEMBER, Some(&body), Some("order-17")));
+    let calls = (0..50).map(|_| {
+        app.send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            A_MEMBER,
+            Some(&body),
+            Some("order-17"),
+        )
+    });
     let results = join_all(calls).await;
-    assert!(results.iter().all(|r| r.status == 200), "{:?}", results[0].body);
-    let ids: HashSet<&str> = results.iter().map(|r| r.body["authorization_id"].as_str().unwrap()).collect();
+    assert!(
+        results.iter().all(|r| r.status == 200),
+        "{:?}",
+        results[0].body
+    );
+    let ids: HashSet<&str> = results
+        .iter()
+        .map(|r| r.body["authorization_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids.len(), 1, "one authorization for one key");
-    assert_eq!(results.iter().filter(|r| r.body["replayed"] == false).count(), 1);
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| r.body["replayed"] == false)
+            .count(),
+        1
+    );
     // The same key with another body is a conflict.
     let other = app
-        .send(reqwest::Method::POST, "/v1/authorizations", A_MEMBER, Some(&ask(501, 50)), Some("order-17"))
+        .send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            A_MEMBER,
+            Some(&ask(501, 50)),
+            Some("order-17"),
+        )
         .await;
-    assert_eq!((other.status, other.code()), (409, "idempotency_key_reused"));
+    assert_eq!(
+        (other.status, other.code()),
+        (409, "idempotency_key_reused")
+    );
 
     // Settle twice (also concurrently): charged once.
     let id = ids.into_iter().next().unwrap().to_string();
-    let usage = json!({"usage": {"input_tokens": 500, "cached_input_tokens": 100, "output_tokens": 20}});
+    let usage =
+        json!({"usage": {"input_tokens": 500, "cached_input_tokens": 100, "output_tokens": 20}});
     let settles = join_all((0..10).map(|_| app.settle(A_MEMBER, &id, usage.clone()))).await;
     assert!(settles.iter().all(|r| r.status == 200));
-    let costs: HashSet<&str> = settles.iter().map(|r| r.body["cost"].as_str().unwrap()).collect();
+    let costs: HashSet<&str> = settles
+        .iter()
+        .map(|r| r.body["cost"].as_str().unwrap())
+        .collect();
     assert_eq!(costs.len(), 1);
     let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
-    let holds = report.entries.iter().filter(|e| e.kind == EntryKind::Hold).count();
-    let settled = report.entries.iter().filter(|e| e.kind == EntryKind::Settle).count();
+    let holds = report
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Hold)
+        .count();
+    let settled = report
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Settle)
+        .count();
     assert_eq!((holds, settled), (1, 1));
     let total: Money = report.entries.iter().map(|e| e.cost_delta).sum();
     assert_eq!(total.to_string(), *costs.iter().next().unwrap());
@@ -125,17 +178,32 @@ async fn an_expired_hold_is_charged_and_a_late_settle_reconciled() {
     assert_eq!(app.services.engine.open_holds(), 0);
     let view = app.get(&format!("/v1/authorizations/{id}"), A_MEMBER).await;
     assert_eq!(view.body["state"], "expired");
-    assert_eq!(view.body["entries"][1]["cost_delta"], p.body["held"], "charged the hold");
+    assert_eq!(
+        view.body["entries"][1]["cost_delta"], p.body["held"],
+        "charged the hold"
+    );
     let late = app
-        .settle(A_MEMBER, &id, json!({"usage": {"input_tokens": 1000, "cached_input_tokens": 0, "output_tokens": 10}}))
+        .settle(
+            A_MEMBER,
+            &id,
+            json!({"usage": {"input_tokens": 1000, "cached_input_tokens": 0, "output_tokens": 10}}),
+        )
         .await;
     assert_eq!((late.status, late.code()), (409, "authorization_expired"));
     let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
-    let adj: Vec<_> = report.entries.iter().filter(|e| e.kind == EntryKind::Adjustment).collect();
+    let adj: Vec<_> = report
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Adjustment)
+        .collect();
     assert_eq!(adj.len(), 1);
     assert!(adj[0].flags & flags::RECONCILED != 0);
     let spent: Money = report.entries.iter().map(|e| e.cost_delta).sum();
-    assert_eq!(spent, Money::parse("0.000156").unwrap(), "the true cost in the end");
+    assert_eq!(
+        spent,
+        Money::parse("0.000156").unwrap(),
+        "the true cost in the end"
+    );
     assert!(bursar_store::sqlite::verify(&app.db_path()).unwrap().ok());
 }
 
@@ -145,19 +213,28 @@ async fn verify_fails_naming_the_entry_edited_by_hand() {
     for _ in 0..5 {
         let p = app.authorize(A_MEMBER, ask(100, 10)).await;
         let id = p.body["authorization_id"].as_str().unwrap().to_string();
-        app.settle(A_MEMBER, &id, json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 10}}))
-            .await;
+        app.settle(
+            A_MEMBER,
+            &id,
+            json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 10}}),
+        )
+        .await;
     }
     let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
     assert!(v.ok(), "{:?}", v.problems);
     assert_eq!(v.entries, 10);
     let conn = rusqlite::Connection::open(app.db_path()).unwrap();
-    conn.execute("UPDATE ledger SET cost = cost - 1 WHERE seq = 4", []).unwrap();
+    conn.execute("UPDATE ledger SET cost = cost - 1 WHERE seq = 4", [])
+        .unwrap();
     let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
     assert!(!v.ok());
     assert!(v.problems[0].starts_with("entry 4 "), "{:?}", v.problems);
     // The rebuilt counters no longer match the stored ones either.
-    assert!(v.problems.iter().any(|p| p.starts_with("counter ")), "{:?}", v.problems);
+    assert!(
+        v.problems.iter().any(|p| p.starts_with("counter ")),
+        "{:?}",
+        v.problems
+    );
 }
 
 #[tokio::test]
@@ -167,18 +244,32 @@ async fn shadow_mode_permits_and_records_would_be_denials() {
     let r = app.authorize(SHADOW_MEMBER, ask(1000, 100)).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["shadow_denial"], "budget_exceeded");
-    let r = app.authorize(SHADOW_MEMBER, json!({"model": "o3", "prompt_tokens": 10})).await;
+    let r = app
+        .authorize(SHADOW_MEMBER, json!({"model": "o3", "prompt_tokens": 10}))
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["shadow_denial"], "model_class_not_allowed");
     let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
     assert_eq!(report.entries.len(), 2);
-    assert!(report.entries.iter().all(|e| e.flags & flags::SHADOW_DENIED != 0));
+    assert!(report
+        .entries
+        .iter()
+        .all(|e| e.flags & flags::SHADOW_DENIED != 0));
     // The same calls in enforce mode are denied.
     let r = app
-        .send(reqwest::Method::PATCH, "/v1/admin/tenants/s", ADMIN, Some(&json!({"mode": "enforce"})), None)
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/admin/tenants/s",
+            ADMIN,
+            Some(&json!({"mode": "enforce"})),
+            None,
+        )
         .await;
     assert_eq!(r.status, 200);
-    assert_eq!(app.authorize(SHADOW_MEMBER, ask(1000, 100)).await.status, 402);
+    assert_eq!(
+        app.authorize(SHADOW_MEMBER, ask(1000, 100)).await.status,
+        402
+    );
 }
 
 #[tokio::test]
@@ -192,23 +283,41 @@ async fn usage_above_the_hold_is_settled_as_an_overage_and_alerted() {
     assert_eq!(s.status, 200);
     assert_ne!(s.body["overage"], "0");
     let alerts = app.get("/v1/admin/tenants/a/alerts", A_ADMIN).await;
-    assert!(alerts.body.as_array().unwrap().iter().any(|a| a["reason"] == "overage"), "{:?}", alerts.body);
+    assert!(
+        alerts
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["reason"] == "overage"),
+        "{:?}",
+        alerts.body
+    );
 }
 
 #[tokio::test]
 async fn denials_carry_their_status_and_code() {
     let app = spawn_app().await;
     // 403: a model class the plan lacks.
-    let r = app.authorize(A_MEMBER, json!({"model": "o3", "prompt_tokens": 10})).await;
+    let r = app
+        .authorize(A_MEMBER, json!({"model": "o3", "prompt_tokens": 10}))
+        .await;
     assert_eq!((r.status, r.code()), (403, "model_class_not_allowed"));
     // 403: a feature the plan lacks.
     let r = app
-        .authorize(A_MEMBER, json!({"model": "gpt-4o-mini", "prompt_tokens": 10, "tags": {"feature": "video"}}))
+        .authorize(
+            A_MEMBER,
+            json!({"model": "gpt-4o-mini", "prompt_tokens": 10, "tags": {"feature": "video"}}),
+        )
         .await;
     assert_eq!((r.status, r.code()), (403, "feature_not_in_plan"));
     // 429 with Retry-After: a key whose role allows 3 requests a minute.
     let key = app
-        .post("/v1/admin/tenants/a/keys", A_ADMIN, json!({"name": "slow", "role": "limited"}))
+        .post(
+            "/v1/admin/tenants/a/keys",
+            A_ADMIN,
+            json!({"name": "slow", "role": "limited"}),
+        )
         .await;
     assert_eq!(key.status, 201);
     let secret = key.body["secret"].as_str().unwrap().to_string();
@@ -229,10 +338,18 @@ async fn denials_carry_their_status_and_code() {
     assert_eq!(r.status, 201, "{:?}", r.body);
     assert_eq!(app.authorize(A_MEMBER, ask(1000, 100)).await.status, 402);
     // 401: unknown and revoked keys.
-    let r = app.authorize("bsr_nope_000000000000000000000000", ask(1, 1)).await;
+    let r = app
+        .authorize("bsr_nope_000000000000000000000000", ask(1, 1))
+        .await;
     assert_eq!((r.status, r.code()), (401, "invalid_api_key"));
     let id = key.body["key"]["id"].as_str().unwrap();
-    let rv = app.post(&format!("/v1/admin/tenants/a/keys/{id}/revoke"), A_ADMIN, json!({})).await;
+    let rv = app
+        .post(
+            &format!("/v1/admin/tenants/a/keys/{id}/revoke"),
+            A_ADMIN,
+            json!({}),
+        )
+        .await;
     assert_eq!(rv.status, 200);
     let r = app.authorize(&secret, ask(1, 1)).await;
     assert_eq!((r.status, r.code()), (401, "api_key_revoked"));
@@ -242,26 +359,54 @@ async fn denials_carry_their_status_and_code() {
 async fn restart_recovers_holds_counters_and_idempotency() {
     let app = spawn_app().await;
     let first = app
-        .send(reqwest::Method::POST, "/v1/authorizations", A_MEMBER, Some(&ask(300, 30)), Some("k-restart"))
+        .send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            A_MEMBER,
+            Some(&ask(300, 30)),
+            Some("k-restart"),
+        )
         .await;
     let id = first.body["authorization_id"].as_str().unwrap().to_string();
     let other = app.authorize(A_MEMBER, ask(100, 10)).await;
     let other_id = other.body["authorization_id"].as_str().unwrap().to_string();
-    app.settle(A_MEMBER, &other_id, json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 5}}))
-        .await;
+    app.settle(
+        A_MEMBER,
+        &other_id,
+        json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 5}}),
+    )
+    .await;
     let counters = app.services.engine.counters();
     let TestApp { dir, .. } = app;
     let again = spawn_app_in(CONFIG, dir).await;
     assert_eq!(again.services.engine.counters(), counters);
     assert_eq!(again.services.engine.open_holds(), 1);
     let replay = again
-        .send(reqwest::Method::POST, "/v1/authorizations", A_MEMBER, Some(&ask(300, 30)), Some("k-restart"))
+        .send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            A_MEMBER,
+            Some(&ask(300, 30)),
+            Some("k-restart"),
+        )
         .await;
     assert_eq!(replay.body["authorization_id"], id.as_str());
     assert_eq!(replay.body["replayed"], true);
-    let s = again.settle(A_MEMBER, &id, json!({"usage": {"input_tokens": 300, "cached_input_tokens": 0, "output_tokens": 30}})).await;
+    let s = again
+        .settle(
+            A_MEMBER,
+            &id,
+            json!({"usage": {"input_tokens": 300, "cached_input_tokens": 0, "output_tokens": 30}}),
+        )
+        .await;
     assert_eq!(s.status, 200, "{:?}", s.body);
-    let dup = again.settle(A_MEMBER, &other_id, json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 5}})).await;
+    let dup = again
+        .settle(
+            A_MEMBER,
+            &other_id,
+            json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 5}}),
+        )
+        .await;
     assert_eq!(dup.status, 200);
     assert_eq!(dup.body["replayed"], true);
 }
@@ -269,7 +414,9 @@ async fn restart_recovers_holds_counters_and_idempotency() {
 #[tokio::test]
 async fn metered_apis_are_held_and_settled_per_call() {
     let app = spawn_app().await;
-    let p = app.authorize(A_MEMBER, json!({"api": "web_search", "quantity": 4})).await;
+    let p = app
+        .authorize(A_MEMBER, json!({"api": "web_search", "quantity": 4}))
+        .await;
     assert_eq!(p.status, 200, "{:?}", p.body);
     assert_eq!(p.body["held"], "0.02");
     let id = p.body["authorization_id"].as_str().unwrap();

@@ -1,0 +1,403 @@
+//! The real binary: crash safety under kill -9, refusal of bad configuration files,
+//! `ledger verify` and `prices import`.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bursar_core::ledger::EntryKind;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bursar");
+const MEMBER: &str = "bsr_cli_member_key_00000000000000";
+
+const CONFIG: &str = r#"
+[engine]
+hold_ttl_secs = 2
+
+[[plans]]
+id = "pro"
+default_task = "chat"
+[plans.tasks.chat]
+classes = ["small", "standard"]
+default_class = "small"
+max_tokens = 1000
+
+[[tenants]]
+id = "acme"
+plan = "pro"
+
+[[keys]]
+name = "member"
+tenant = "acme"
+kind = "member"
+secret = "bsr_cli_member_key_00000000000000"
+
+[[budgets]]
+id = "acme-life"
+tenant = "acme"
+scope = "tenant"
+window = "lifetime"
+limit = "1000"
+"#;
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `bursar serve` on port 0 and reads the bound address from its ready log line.
+// The child is owned by the returned `Server`, whose drop kills and reaps it.
+#[allow(clippy::zombie_processes)]
+fn start(dir: &Path, config: &Path) -> Server {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "bursar did not start");
+        let line = lines
+            .next()
+            .expect("bursar exited before it was ready")
+            .unwrap();
+        if line.contains("bursar is ready") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let listen = v["fields"]["listen"].as_str().unwrap().to_string();
+            // Keep draining the logs so the server never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines.by_ref() {});
+            return Server {
+                child,
+                base: format!("http://{listen}"),
+            };
+        }
+    }
+}
+
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let p = dir.join("bursar.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_nothing_acknowledged_and_leaves_no_hold_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let config = write_config(tmp.path(), CONFIG);
+    let mut server = start(&data, &config);
+    let held: Arc<Mutex<Vec<String>>> = Arc::default();
+    let settled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let (held, settled, stop, base) = (
+            held.clone(),
+            settled.clone(),
+            stop.clone(),
+            server.base.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let c = bursar_client::Client::new(&base, MEMBER);
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && i < 100_000 {
+                i += 1;
+                let req = bursar_client::Authorize::model("gpt-4o-mini")
+                    .prompt_tokens(100 + i % 50)
+                    .max_tokens(50);
+                let Ok(p) = c.authorize(&req, None).await else {
+                    break;
+                };
+                held.lock().unwrap().push(p.authorization_id.clone());
+                if (i + w).is_multiple_of(2) {
+                    let usage = bursar_client::TokenUsage {
+                        input_tokens: 100,
+                        cached_input_tokens: 0,
+                        output_tokens: 10,
+                    };
+                    match c
+                        .settle(&p.authorization_id, &bursar_client::Settle::tokens(usage))
+                        .await
+                    {
+                        Ok(_) => settled.lock().unwrap().push(p.authorization_id),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // SIGKILL mid-load: no shutdown hook runs.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let held = held.lock().unwrap().clone();
+    let settled = settled.lock().unwrap().clone();
+    assert!(
+        held.len() > 100,
+        "the load ran ({} holds acknowledged)",
+        held.len()
+    );
+
+    // Every acknowledged hold and settle survived the kill.
+    let path = bursar_store::sqlite::ledger_path(&data);
+    let report = bursar_store::sqlite::read_entries(&path).unwrap();
+    assert!(
+        report.chain_problems.is_empty(),
+        "{:?}",
+        report.chain_problems
+    );
+    let stored_holds: HashSet<String> = report
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Hold)
+        .map(|e| e.authorization.to_string())
+        .collect();
+    let stored_settles: HashSet<String> = report
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Settle)
+        .map(|e| e.authorization.to_string())
+        .collect();
+    for id in &held {
+        assert!(stored_holds.contains(id), "acknowledged hold {id} lost");
+    }
+    for id in &settled {
+        assert!(stored_settles.contains(id), "acknowledged settle {id} lost");
+    }
+
+    // Restart: it recovers, and once the TTL has passed no hold is left open.
+    let server = start(&data, &config);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let report = bursar_store::sqlite::read_entries(&path).unwrap();
+    let finished: HashSet<_> = report
+        .entries
+        .iter()
+        .filter(|e| e.kind != EntryKind::Hold && e.kind != EntryKind::Adjustment)
+        .map(|e| e.authorization)
+        .collect();
+    let open: Vec<_> = report
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Hold && !finished.contains(&e.authorization))
+        .collect();
+    assert!(
+        open.is_empty(),
+        "{} holds still open past their TTL",
+        open.len()
+    );
+    assert!(
+        report.entries.iter().any(|e| e.kind == EntryKind::Expire),
+        "unsettled holds expired"
+    );
+    // The ledger proves itself, while the server runs.
+    let out = Command::new(BIN)
+        .args(["ledger", "verify", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(server);
+}
+
+#[test]
+fn ledger_verify_names_the_edited_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let config = write_config(tmp.path(), CONFIG);
+    let mut server = start(&data, &config);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = bursar_client::Client::new(&server.base, MEMBER);
+        for _ in 0..3 {
+            let p = c
+                .authorize(
+                    &bursar_client::Authorize::model("gpt-4o-mini").prompt_tokens(10),
+                    Some(&format!("{:?}", Instant::now())),
+                )
+                .await
+                .unwrap();
+            c.void(&p.authorization_id, &bursar_client::Void::default())
+                .await
+                .unwrap();
+        }
+    });
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let verify = || {
+        Command::new(BIN)
+            .args(["ledger", "verify", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let ok = verify();
+    assert!(ok.status.success());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("6 entries"));
+    let conn = rusqlite::Connection::open(bursar_store::sqlite::ledger_path(&data)).unwrap();
+    conn.execute("UPDATE ledger SET held = held + 1000 WHERE seq = 3", [])
+        .unwrap();
+    let bad = verify();
+    assert_eq!(bad.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert!(text.contains("entry 3 "), "{text}");
+    // The server refuses to start on a ledger that does not verify.
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not verify"));
+}
+
+#[test]
+fn a_bad_configuration_is_refused_naming_every_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = r#"
+[server]
+listen = "127.0.0.1:0"
+colour = "blue"
+"#;
+    let config = write_config(tmp.path(), text);
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
+
+    let impossible = r#"
+[[plans]]
+id = "pro"
+default_task = "write"
+[plans.tasks.chat]
+classes = ["gigantic"]
+default_class = "small"
+max_tokens = 100
+
+[[tenants]]
+id = "acme"
+plan = "enterprise"
+timezone = "Moon/Base"
+
+[[keys]]
+name = "k"
+tenant = "nobody"
+kind = "member"
+secret = "short"
+"#;
+    let config = write_config(tmp.path(), impossible);
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "default_task `write`",
+        "class `gigantic`",
+        "default_class `small`",
+        "plan `enterprise`",
+        "Moon/Base",
+        "tenant `nobody`",
+        "secret must start",
+    ] {
+        assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn prices_import_reads_litellm_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = json!({
+        "sample_spec": {"input_cost_per_token": 0},
+        "gpt-4o-mini": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07, "max_input_tokens": 128000, "max_output_tokens": 16384},
+        "claude-3-5-haiku-20241022": {"litellm_provider": "anthropic", "mode": "chat", "input_cost_per_token": 8e-07, "output_cost_per_token": 4e-06, "max_input_tokens": 200000, "max_output_tokens": 8192}
+    });
+    let src = tmp.path().join("litellm.json");
+    std::fs::write(&src, json.to_string()).unwrap();
+    let out_path = tmp.path().join("book.toml");
+    let out = Command::new(BIN)
+        .args(["prices", "import"])
+        .arg(&src)
+        .arg("--out")
+        .arg(&out_path)
+        .args(["--effective", "2026-01-01"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 2 models"));
+    let config = format!(
+        "[server]\nprice_book = {:?}\n{}",
+        out_path.display().to_string(),
+        CONFIG
+    );
+    let config = write_config(tmp.path(), &config);
+    let list = Command::new(BIN)
+        .args(["prices", "list", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("claude-3-5-haiku-20241022") || text.contains("claude-3-5-haiku"),
+        "{text}"
+    );
+    assert!(text.contains("0.15"), "{text}");
+    let bad = Command::new(BIN)
+        .args(["prices", "import", "/nonexistent.json"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
