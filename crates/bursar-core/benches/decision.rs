@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bursar_core::config::Config;
-use bursar_core::engine::{AuthorizeRequest, BudgetSet, Engine, LedgerSink, Metered, Prompt, Usage};
+use bursar_core::engine::{
+    AuthorizeRequest, BudgetSet, Engine, LedgerSink, Metered, Prompt, Usage,
+};
 use bursar_core::ledger::{AlertEvent, Entry, Tags};
 use bursar_core::pricebook::{PriceBook, TokenUsage};
 use chrono::Utc;
@@ -97,7 +99,12 @@ fn engine() -> Engine {
     engine.set_budgets(BudgetSet::from_budgets(config.budgets));
     // 100k other keys, so the key lookup is not a lookup in a map of one.
     for i in 0..100_000u32 {
-        let mut k = engine.identify(SECRET, Utc::now()).unwrap().key.as_ref().clone();
+        let mut k = engine
+            .identify(SECRET, Utc::now())
+            .unwrap()
+            .key
+            .as_ref()
+            .clone();
         k.id = uuid::Uuid::now_v7();
         k.hash = bursar_core::catalog::KeyHash::of(&format!("bsr_other_{i:032}"));
         engine.upsert_key(k);
@@ -126,7 +133,9 @@ fn request() -> AuthorizeRequest {
 fn decide(engine: &Engine) -> uuid::Uuid {
     let now = Utc::now();
     let caller = engine.identify(SECRET, now).unwrap();
-    let (permit, ()) = engine.authorize(&caller, request(), now, &NullSink).unwrap();
+    let (permit, ()) = engine
+        .authorize(&caller, request(), now, &NullSink)
+        .unwrap();
     assert_eq!(permit.budgets.len(), 4);
     permit.authorization_id
 }
@@ -140,26 +149,31 @@ fn settle(engine: &Engine, id: uuid::Uuid) {
         },
         ..Usage::default()
     };
-    engine.settle("acme", id, usage, Utc::now(), &NullSink).unwrap();
+    engine
+        .settle("acme", id, usage, Utc::now(), &NullSink)
+        .unwrap();
 }
 
 fn bench(c: &mut Criterion) {
     let engine = engine();
-    c.bench_function("decision: key → plan → rate limit → reserve on 4 scopes", |b| {
-        b.iter_custom(|iters| {
-            let mut ids = Vec::with_capacity(iters as usize);
-            let start = Instant::now();
-            for _ in 0..iters {
-                ids.push(decide(&engine));
-            }
-            let t = start.elapsed();
-            // Settling is not part of the decision; it keeps memory flat between samples.
-            for id in ids {
-                settle(&engine, id);
-            }
-            t
-        })
-    });
+    c.bench_function(
+        "decision: key → plan → rate limit → reserve on 4 scopes",
+        |b| {
+            b.iter_custom(|iters| {
+                let mut ids = Vec::with_capacity(iters as usize);
+                let start = Instant::now();
+                for _ in 0..iters {
+                    ids.push(decide(&engine));
+                }
+                let t = start.elapsed();
+                // Settling is not part of the decision; it keeps memory flat between samples.
+                for id in ids {
+                    settle(&engine, id);
+                }
+                t
+            })
+        },
+    );
     c.bench_function("settle (release the rest of the hold, 4 scopes)", |b| {
         b.iter_custom(|iters| {
             let ids: Vec<_> = (0..iters).map(|_| decide(&engine)).collect();
@@ -210,5 +224,7 @@ criterion_group!(benches, bench);
 fn main() {
     benches();
     percentiles();
-    criterion::Criterion::default().configure_from_args().final_summary();
+    criterion::Criterion::default()
+        .configure_from_args()
+        .final_summary();
 }

@@ -38,6 +38,20 @@ pub const MIN_SECRET_LEN: usize = 24;
 /// The configuration shipped with Bursar: used when no file is given.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../config/default.toml");
 
+/// What an acknowledged write survives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// A killed or crashed Bursar process loses nothing it acknowledged (SQLite WAL with
+    /// `synchronous = NORMAL`: a commit is in the operating system before the answer).
+    /// The default: it is the specification's crash-safety, at a fraction of the cost.
+    #[default]
+    Process,
+    /// A lost machine (power cut, kernel crash) loses nothing acknowledged either: every
+    /// commit batch is fsynced (`synchronous = FULL`) before its callers are answered.
+    Power,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
@@ -46,6 +60,8 @@ pub struct ServerSection {
     pub max_body_bytes: Option<usize>,
     /// A price book file replacing the built-in one.
     pub price_book: Option<String>,
+    #[serde(default)]
+    pub durability: Durability,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -48,6 +48,11 @@ pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Finished authorizations stay in memory this long to answer retried settles; older
 /// ones are looked up in the store.
 pub const FINISHED_RETENTION: Duration = Duration::from_secs(3600);
+/// Finished authorizations kept in memory at most; beyond it the oldest are forgotten
+/// first and retries are answered from the ledger. 100k × ~300 B ≈ 30 MB.
+pub const MAX_FINISHED_IN_MEMORY: usize = 100_000;
+/// Idempotency records kept in memory at most (oldest forgotten first).
+pub const MAX_IDEMPOTENCY_IN_MEMORY: usize = 100_000;
 /// A prompt longer than this many tokens is refused before counting further.
 pub const MAX_PROMPT_TOKENS: u64 = 10_000_000;
 /// At most this many units of a metered API in one authorization.
@@ -327,7 +332,8 @@ struct Hold {
     price_version: String,
     expires_at_ms: i64,
     agent: Option<String>,
-    permit: Permit,
+    /// The answer, kept only when an idempotency key may ask for it again.
+    permit: Option<Arc<Permit>>,
 }
 
 /// A finished authorization, kept for a while to answer retries.
@@ -337,7 +343,9 @@ struct Finished {
     usage: Option<Usage>,
     settlement: Settlement,
     finished_at_ms: i64,
-    /// Kept so a late settle of an expired hold can be reconciled once.
+    /// The first answer, for an idempotent retry of the authorize.
+    permit: Option<Arc<Permit>>,
+    /// Kept (for expired holds only) so a late settle can be reconciled once.
     hold: Option<Hold>,
 }
 
@@ -803,14 +811,10 @@ impl Engine {
                 let permit = state
                     .holds
                     .get(&first)
-                    .map(|h| h.permit.clone())
-                    .or_else(|| {
-                        state
-                            .finished
-                            .get(&first)
-                            .and_then(|f| f.hold.as_ref().map(|h| h.permit.clone()))
-                    });
-                if let Some(mut p) = permit {
+                    .and_then(|h| h.permit.clone())
+                    .or_else(|| state.finished.get(&first).and_then(|f| f.permit.clone()));
+                if let Some(p) = permit {
+                    let mut p = p.as_ref().clone();
                     p.replayed = true;
                     return Ok((p, sink.append(Vec::new(), Vec::new())));
                 }
@@ -1083,7 +1087,10 @@ impl Engine {
                 price_version,
                 expires_at_ms,
                 agent: tags.agent.clone(),
-                permit: permit.clone(),
+                permit: req
+                    .idempotency_key
+                    .is_some()
+                    .then(|| Arc::new(permit.clone())),
             },
         );
         let ticket = sink.append(vec![entry], alerts);
@@ -1325,7 +1332,8 @@ impl Engine {
                 usage,
                 settlement: settlement.clone(),
                 finished_at_ms: now_ms,
-                hold: Some(hold),
+                permit: hold.permit,
+                hold: None,
             },
         );
         let ticket = sink.append(vec![entry], alerts);
@@ -1615,15 +1623,26 @@ impl Engine {
                         replayed: false,
                     },
                     finished_at_ms: now_ms,
+                    permit: hold.permit.clone(),
                     hold: Some(hold),
                 },
             );
         }
-        let keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
+        let mut keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
+        if state.finished.len() > MAX_FINISHED_IN_MEMORY {
+            let mut times: Vec<i64> = state.finished.values().map(|f| f.finished_at_ms).collect();
+            let cut = times.len() - MAX_FINISHED_IN_MEMORY;
+            keep_finished = keep_finished.max(*times.select_nth_unstable(cut).1);
+        }
         state
             .finished
             .retain(|_, f| f.finished_at_ms > keep_finished);
-        let keep_idem = now_ms - i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(0);
+        let mut keep_idem = now_ms - i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(0);
+        if state.idempotency.len() > MAX_IDEMPOTENCY_IN_MEMORY {
+            let mut times: Vec<i64> = state.idempotency.values().map(|r| r.at_ms).collect();
+            let cut = times.len() - MAX_IDEMPOTENCY_IN_MEMORY;
+            keep_idem = keep_idem.max(*times.select_nth_unstable(cut).1);
+        }
         state.idempotency.retain(|_, r| r.at_ms > keep_idem);
         let n = entries.len();
         let ticket = (n > 0).then(|| sink.append(entries, alerts));
@@ -1739,7 +1758,7 @@ impl Engine {
                             price_version,
                             expires_at_ms: d.expires_at_ms,
                             agent: d.tags.agent.clone(),
-                            permit,
+                            permit: d.idempotency_key.is_some().then(|| Arc::new(permit)),
                         },
                     );
                 }
@@ -1795,6 +1814,7 @@ impl Engine {
                                 replayed: false,
                             },
                             finished_at_ms: e.at_ms,
+                            permit: hold.permit.clone(),
                             hold: (kind == EntryKind::Expire).then_some(hold),
                         },
                     );

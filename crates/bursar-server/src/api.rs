@@ -230,14 +230,36 @@ pub async fn authorize(
     }
 }
 
-/// A finished authorization no longer in memory: answer from the ledger.
-fn finished_in_store(s: &Services, tenant: &str, id: Uuid) -> Result<ApiError, ApiError> {
+/// A finished authorization no longer in memory: answer from the ledger. A retried
+/// settle with the same usage gets the first settlement; anything else its conflict.
+fn finished_in_store(
+    s: &Services,
+    tenant: &str,
+    id: Uuid,
+    settle_usage: Option<&Usage>,
+) -> Result<Json<Settlement>, ApiError> {
     if !s.reader.exists(id, tenant)? {
-        return Ok(FinishError {
+        return Err(FinishError {
             code: FinishCode::AuthorizationNotFound,
             message: format!("no authorization `{id}`"),
         }
         .into());
+    }
+    if let (Some(u), Some(row)) = (settle_usage, s.reader.settle_entry_of(id)?) {
+        if row.usage == u.tokens && row.quantity == u.quantity {
+            return Ok(Json(Settlement {
+                authorization_id: id,
+                outcome: Outcome::Settled,
+                cost: row.cost,
+                charge: row.charge,
+                released: row.released,
+                overage: row.cost.saturating_sub(row.released).max(Money::ZERO),
+                model_used: row.model_used,
+                price_version: row.price_version,
+                drift: row.flags & bursar_core::ledger::flags::DRIFT != 0,
+                replayed: true,
+            }));
+        }
     }
     let entries = s.reader.entries_of(id)?;
     let code = match entries
@@ -251,7 +273,7 @@ fn finished_in_store(s: &Services, tenant: &str, id: Uuid) -> Result<ApiError, A
         Some(EntryKind::Expire) => FinishCode::AuthorizationExpired,
         _ => FinishCode::AuthorizationNotFound,
     };
-    Ok(FinishError {
+    Err(FinishError {
         code,
         message: format!(
             "authorization `{id}` is already finished ({})",
@@ -289,6 +311,7 @@ async fn finish(
     let id = parse_id(id)?;
     let tenant = tenant_of(caller)?;
     let now = s.clock.now();
+    let settle_usage = if settle { usage.clone() } else { None };
     let result = if settle {
         s.engine
             .settle(&tenant, id, usage.unwrap_or_default(), now, &s.ledger)
@@ -316,7 +339,7 @@ async fn finish(
             Ok(Json(settlement))
         }
         Err(e) if e.code == FinishCode::AuthorizationNotFound => {
-            Err(finished_in_store(s, &tenant, id)?)
+            finished_in_store(s, &tenant, id, settle_usage.as_ref())
         }
         Err(e) => Err(e.into()),
     }

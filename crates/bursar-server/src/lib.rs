@@ -142,7 +142,7 @@ pub fn build(
     clock: Arc<dyn Clock>,
 ) -> Result<(Arc<Services>, std::thread::JoinHandle<()>), StoreError> {
     let path = sqlite::ledger_path(data_dir);
-    let opened = sqlite::open(&path)?;
+    let opened = sqlite::open(&path, config.server.durability)?;
     let engine = Arc::new(Engine::new(config.engine.clone(), book));
     let mut catalog = CatalogState {
         directory: config.directory.clone(),

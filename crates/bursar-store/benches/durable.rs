@@ -85,10 +85,10 @@ fn request() -> AuthorizeRequest {
     }
 }
 
-fn run(callers: usize, per_caller: usize) {
+fn run(durability: sqlite::Durability, callers: usize, per_caller: usize) {
     let dir = tempfile::tempdir().unwrap();
     let path = sqlite::ledger_path(dir.path());
-    let opened = sqlite::open(&path).unwrap();
+    let opened = sqlite::open(&path, durability).unwrap();
     let book = Arc::new(PriceBook::builtin().unwrap());
     let config = Config::parse(CONFIG, &book, Utc::now()).unwrap();
     let engine = Arc::new(Engine::new(config.engine.clone(), book));
@@ -119,14 +119,19 @@ fn run(callers: usize, per_caller: usize) {
                         },
                         ..Usage::default()
                     };
-                    let (_, ticket) = engine.settle("acme", p.authorization_id, usage, Utc::now(), &ledger).unwrap();
+                    let (_, ticket) = engine
+                        .settle("acme", p.authorization_id, usage, Utc::now(), &ledger)
+                        .unwrap();
                     ticket.wait_blocking().unwrap();
                 }
                 lat
             })
         })
         .collect();
-    let mut samples: Vec<Duration> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let mut samples: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let elapsed = wall.elapsed();
     samples.sort_unstable();
     let p = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
@@ -134,10 +139,11 @@ fn run(callers: usize, per_caller: usize) {
     drop(ledger);
     let _ = opened.writer.join();
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM;").unwrap();
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM;")
+        .unwrap();
     let bytes = std::fs::metadata(&path).unwrap().len();
     println!(
-        "{callers:>3} concurrent callers: durable authorize p50 {:?}  p99 {:?}  p99.9 {:?}  | {:.0} authorize+settle pairs/s | {} entries, {:.0} bytes/entry on disk (with indexes, counters, dictionary)",
+        "{durability:?} durability, {callers:>3} concurrent callers: durable authorize p50 {:?}  p99 {:?}  p99.9 {:?}  | {:.0} authorize+settle pairs/s | {} entries, {:.0} bytes/entry on disk (with indexes, counters, dictionary)",
         p(0.50),
         p(0.99),
         p(0.999),
@@ -151,7 +157,13 @@ fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs it once, small.
     let quick = !std::env::args().any(|a| a == "--bench");
     let per = if quick { 20 } else { 4000 };
-    for callers in [1, 8, 64] {
-        run(callers, if callers == 1 { per } else { per / 4 });
+    for durability in [sqlite::Durability::Process, sqlite::Durability::Power] {
+        for callers in [1, 8, 64] {
+            run(
+                durability,
+                callers,
+                if callers == 1 { per } else { per / 4 },
+            );
+        }
     }
 }

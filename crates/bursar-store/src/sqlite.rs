@@ -4,9 +4,11 @@
 //! them on a bounded channel. The writer thread takes everything waiting (up to
 //! [`MAX_BATCH_COMMANDS`]), writes it in one transaction — entries with their chain hash,
 //! the per-bucket counters they change, alerts and catalog changes — commits with
-//! `synchronous = FULL`, and only then resolves the tickets. A caller acknowledges a
-//! request only after its ticket resolved, so a killed process (or a lost machine)
-//! loses nothing it acknowledged, and many concurrent requests share one fsync.
+//! the configured durability (`synchronous = NORMAL` survives a killed process,
+//! `FULL` a lost machine), and only then resolves the tickets. A caller acknowledges a
+//! request only after its ticket resolved, so a killed process (with `power`
+//! durability, a lost machine too) loses nothing it acknowledged, and many concurrent
+//! requests share one commit.
 //!
 //! Failure behaviour: if a commit fails, its tickets resolve with an error and the store
 //! turns unhealthy: every later ticket fails too (fail closed) until a restart recovers
@@ -21,6 +23,7 @@ use std::thread;
 use std::time::Duration;
 
 use bursar_core::budget::{BucketKey, Counter};
+pub use bursar_core::config::Durability;
 use bursar_core::engine::LedgerSink;
 use bursar_core::ledger::{AlertEvent, Entry, EntryKind, HoldDetail, Replay, GENESIS_HASH};
 use bursar_core::pricebook::TokenUsage;
@@ -188,11 +191,13 @@ pub struct Opened {
     pub writer: thread::JoinHandle<()>,
 }
 
-fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+fn open_connection(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
-    )?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;")?;
+    conn.execute_batch(match durability {
+        Durability::Process => "PRAGMA synchronous = NORMAL;",
+        Durability::Power => "PRAGMA synchronous = FULL;",
+    })?;
     Ok(conn)
 }
 
@@ -203,11 +208,11 @@ pub fn ledger_path(data_dir: &Path) -> PathBuf {
 
 /// Opens (or creates) the store, reads the ledger back for recovery and starts the
 /// writer thread. Refuses a ledger whose chain does not verify.
-pub fn open(path: &Path) -> Result<Opened, StoreError> {
+pub fn open(path: &Path, durability: Durability) -> Result<Opened, StoreError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
     }
-    let conn = open_connection(path)?;
+    let conn = open_connection(path, durability)?;
     conn.execute_batch(SCHEMA)?;
     conn.execute(
         "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1')",
@@ -636,6 +641,19 @@ pub struct AlertRow {
     pub used: Money,
 }
 
+/// A settle entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettleRow {
+    pub usage: TokenUsage,
+    pub quantity: u64,
+    pub cost: Money,
+    pub charge: Money,
+    pub released: Money,
+    pub model_used: Option<String>,
+    pub price_version: String,
+    pub flags: u32,
+}
+
 /// Spend of one tenant grouped by one dimension.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct UsageRow {
@@ -726,6 +744,37 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+
+    /// The settle entry of an authorization, if it was settled: for answering a retried
+    /// settle after the engine forgot it.
+    pub fn settle_entry_of(&self, auth: Uuid) -> Result<Option<SettleRow>, StoreError> {
+        let conn = self.conn.lock();
+        let row = conn
+            .query_row(
+                "SELECT l.in_tok, l.cached_tok, l.out_tok, l.quantity, l.cost, l.charge, l.held, m.text, p.text, l.flags
+                 FROM ledger l LEFT JOIN dict m ON m.id = l.model_used LEFT JOIN dict p ON p.id = l.price_version
+                 WHERE l.auth = ?1 AND l.kind = 2 LIMIT 1",
+                params![auth.as_bytes().as_slice()],
+                |r| {
+                    Ok(SettleRow {
+                        usage: TokenUsage {
+                            input_tokens: from_i64(r.get(0)?),
+                            cached_input_tokens: from_i64(r.get(1)?),
+                            output_tokens: from_i64(r.get(2)?),
+                        },
+                        quantity: from_i64(r.get(3)?),
+                        cost: Money::from_nanos(r.get(4)?),
+                        charge: Money::from_nanos(r.get(5)?),
+                        released: -Money::from_nanos(r.get(6)?),
+                        model_used: r.get(7)?,
+                        price_version: r.get::<_, Option<String>>(8)?.unwrap_or_default(),
+                        flags: r.get(9)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row)
     }
 
     /// Whether an authorization id was ever recorded for this tenant.

@@ -425,3 +425,42 @@ async fn metered_apis_are_held_and_settled_per_call() {
     // Rate card: cost + 50 %.
     assert_eq!(s.body["charge"], "0.0225");
 }
+
+#[tokio::test]
+async fn a_settle_retried_after_the_engine_forgot_it_is_answered_from_the_ledger() {
+    let app = spawn_app().await;
+    let p = app.authorize(A_MEMBER, ask(1000, 100)).await;
+    let id = p.body["authorization_id"].as_str().unwrap().to_string();
+    let usage =
+        json!({"usage": {"input_tokens": 1000, "cached_input_tokens": 0, "output_tokens": 70}});
+    let first = app.settle(A_MEMBER, &id, usage.clone()).await;
+    assert_eq!(first.status, 200);
+    // Two hours later the engine no longer keeps the outcome in memory.
+    app.clock.advance(Duration::from_secs(7200));
+    app.services.sweep().await.unwrap();
+    let again = app.settle(A_MEMBER, &id, usage).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body["replayed"], true);
+    assert_eq!(again.body["cost"], first.body["cost"]);
+    assert_eq!(again.body["charge"], first.body["charge"]);
+    let other = app
+        .settle(
+            A_MEMBER,
+            &id,
+            json!({"usage": {"input_tokens": 1000, "cached_input_tokens": 0, "output_tokens": 71}}),
+        )
+        .await;
+    assert_eq!(
+        (other.status, other.code()),
+        (409, "authorization_already_settled")
+    );
+    let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
+    assert_eq!(
+        report
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Settle)
+            .count(),
+        1
+    );
+}

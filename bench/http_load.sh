@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# HTTP load on loopback: authorize + settle pairs on the embedded store, with wrk.
+# Usage: bench/http_load.sh [connections...]   (default: 16 64)
+# Prints wrk's summary per run and Bursar's RSS and CPU seconds after each.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
+cargo build --release -p bursar >/dev/null
+data=$(mktemp -d)
+trap 'kill $pid 2>/dev/null || true; rm -rf "$data"' EXIT
+BURSAR_LOG=warn ./target/release/bursar serve --config bench/bench.toml --data-dir "$data" --listen 127.0.0.1:18181 &
+pid=$!
+for _ in $(seq 50); do curl -fs http://127.0.0.1:18181/readyz >/dev/null && break; sleep 0.2; done
+for c in "${@:-16 64}"; do
+  for conns in $c; do
+    echo "== wrk -t1 -c$conns -d15s (authorize+settle pairs)"
+    wrk -t1 -c"$conns" -d15s -s bench/pairs.lua http://127.0.0.1:18181 | tail -n 1
+    ticks=$(awk '{print $14+$15}' /proc/$pid/stat)
+    echo "bursar RSS $(awk '/VmRSS/{print $2" "$3}' /proc/$pid/status), CPU $(echo "scale=1; $ticks/$(getconf CLK_TCK)" | bc) s so far"
+  done
+done
+./target/release/bursar ledger verify --config bench/bench.toml --data-dir "$data" | tail -n 1
