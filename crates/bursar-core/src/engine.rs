@@ -45,12 +45,13 @@ pub const MAX_HOLD_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_MIN_OUTPUT_TOKENS: u32 = 16;
 /// Idempotency keys are remembered for a day, as payment APIs do.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Finished authorizations stay in memory this long to answer retried settles; older
-/// ones are looked up in the store.
-pub const FINISHED_RETENTION: Duration = Duration::from_secs(3600);
+/// Finished authorizations stay in memory this long to answer retried settles at once;
+/// older ones are answered from the ledger. It only has to outlast a commit (ms).
+pub const FINISHED_RETENTION: Duration = Duration::from_secs(300);
 /// Finished authorizations kept in memory at most; beyond it the oldest are forgotten
-/// first and retries are answered from the ledger. 100k × ~300 B ≈ 30 MB.
-pub const MAX_FINISHED_IN_MEMORY: usize = 100_000;
+/// first and retries are answered from the ledger. 20k is a second at 20k settles/s,
+/// far longer than a commit takes, in ~10 MB.
+pub const MAX_FINISHED_IN_MEMORY: usize = 20_000;
 /// Idempotency records kept in memory at most (oldest forgotten first).
 pub const MAX_IDEMPOTENCY_IN_MEMORY: usize = 100_000;
 /// A prompt longer than this many tokens is refused before counting further.

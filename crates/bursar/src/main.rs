@@ -240,6 +240,11 @@ enum BudgetsCommand {
     },
 }
 
+/// mimalloc: faster than the system allocator on the request path, and it returns freed
+/// memory to the system (the configuration parse of 100k keys would otherwise stay in RSS).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Loaded {
     config: Config,
     book: Arc<PriceBook>,
