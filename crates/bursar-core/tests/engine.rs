@@ -696,3 +696,142 @@ proptest! {
         prop_assert_eq!(held, Money::ZERO);
     }
 }
+
+fn engine_with(extra: &str) -> Engine {
+    let book = Arc::new(PriceBook::builtin().unwrap());
+    let text = CONFIG
+        .replace("LIMIT_TENANT", "10")
+        .replace("LIMIT_TEAM", "10")
+        .replace("LIMIT_USER", "10")
+        .replace("LIMIT_CAMPAIGN", "10")
+        + extra;
+    let config = Config::parse(&text, &book, now()).unwrap();
+    let engine = Engine::new(config.engine.clone(), book);
+    engine.set_directory(config.directory.clone());
+    for k in &config.keys {
+        engine.upsert_key(k.clone());
+    }
+    engine.set_budgets(bursar_core::engine::BudgetSet::from_budgets(
+        config.budgets.clone(),
+    ));
+    engine
+}
+
+#[test]
+fn unused_budget_rolls_over_to_the_next_period() {
+    let engine = engine_with(
+        "\n[[budgets]]\nid = \"daily-roll\"\ntenant = \"acme\"\nscope = \"tenant\"\nwindow = \"daily\"\nlimit = \"0.0003\"\nrollover = true\n",
+    );
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    // Day 1: spend $0.000156 of $0.0003.
+    let (p, ()) = engine
+        .authorize(&c, ask(1000, 100, None), now(), &sink)
+        .unwrap();
+    let u = Usage {
+        tokens: TokenUsage {
+            input_tokens: 1000,
+            cached_input_tokens: 0,
+            output_tokens: 10,
+        },
+        ..Usage::default()
+    };
+    engine
+        .settle("acme", p.authorization_id, u, now(), &sink)
+        .unwrap();
+    // Day 2: the limit is $0.0003 + the $0.000144 left over.
+    let tomorrow = now() + chrono::Duration::days(1);
+    let (p, ()) = engine
+        .authorize(&c, ask(1000, 100, None), tomorrow, &sink)
+        .unwrap();
+    let view = p
+        .budgets
+        .iter()
+        .find(|b| b.budget_id == "daily-roll")
+        .unwrap();
+    assert_eq!(view.limit, Money::parse("0.000444").unwrap());
+    // Without rollover the same second call would not have fitted whole ($0.00021 hold).
+    let (p2, ()) = engine
+        .authorize(&c, ask(1000, 100, None), tomorrow, &sink)
+        .unwrap();
+    assert_eq!(p2.max_tokens, Some(100));
+}
+
+#[test]
+fn emergency_thresholds_block_or_downgrade() {
+    let engine = engine_with(
+        "\n[[budgets]]\nid = \"guard\"\ntenant = \"acme\"\nscope = \"tenant\"\nwindow = \"lifetime\"\nlimit = \"0.01\"\nwarn_percent = 40\nemergency_percent = 50\nemergency_action = \"downgrade\"\n",
+    );
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let big = |model: &str| AuthorizeRequest {
+        metered: Metered::Model {
+            model: model.into(),
+            prompt: Prompt::Tokens(1000),
+            max_tokens: Some(100),
+        },
+        ..ask(0, 0, None)
+    };
+    // Below 50 %: the model asked for.
+    let (p, ()) = engine.authorize(&c, big("gpt-4o"), now(), &sink).unwrap();
+    assert_eq!(p.model.as_deref(), Some("gpt-4o"));
+    assert!(p.downgraded_from.is_none());
+    // Spend past 50 % of $0.01.
+    let u = Usage {
+        tokens: TokenUsage {
+            input_tokens: 2000,
+            cached_input_tokens: 0,
+            output_tokens: 100,
+        },
+        ..Usage::default()
+    };
+    engine
+        .settle("acme", p.authorization_id, u, now(), &sink)
+        .unwrap();
+    // In emergency: moved to the cheapest model of an allowed class, priced as such.
+    let (p, ()) = engine.authorize(&c, big("gpt-4o"), now(), &sink).unwrap();
+    assert_eq!(p.downgraded_from.as_deref(), Some("gpt-4o"));
+    assert_ne!(p.model.as_deref(), Some("gpt-4o"));
+    assert!(p.price_version.starts_with(p.model.as_deref().unwrap()));
+    assert!(sink.entries.lock().last().unwrap().flags & flags::DOWNGRADED != 0);
+
+    // With `block`, nothing is permitted from the emergency threshold on.
+    let engine = engine_with(
+        "\n[[budgets]]\nid = \"guard\"\ntenant = \"acme\"\nscope = \"tenant\"\nwindow = \"lifetime\"\nlimit = \"0.001\"\nwarn_percent = 40\nemergency_percent = 50\nemergency_action = \"block\"\n",
+    );
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    // $0.0005 usable: a $0.00021 hold fits twice, the third is shaped, then denied.
+    engine
+        .authorize(&c, ask(1000, 100, None), now(), &sink)
+        .unwrap();
+    engine
+        .authorize(&c, ask(1000, 100, None), now(), &sink)
+        .unwrap();
+    let (p, ()) = engine
+        .authorize(&c, ask(100, 100, None), now(), &sink)
+        .unwrap();
+    assert!(p.held <= Money::parse("0.00008").unwrap());
+    let d = engine
+        .authorize(&c, ask(1000, 100, None), now(), &sink)
+        .unwrap_err();
+    assert_eq!(d.code, DenyCode::BudgetExceeded);
+}
+
+#[test]
+fn mode_off_checks_nothing_but_records_spend() {
+    let engine = engine_with("");
+    let mut dir = engine.directory().as_ref().clone();
+    dir.tenants.get_mut("acme").unwrap().mode = bursar_core::catalog::EnforcementMode::Off;
+    engine.set_directory(dir);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let mut r = ask(10, 10, None);
+    r.metered = Metered::Model {
+        model: "o3".into(),
+        prompt: Prompt::Tokens(10),
+        max_tokens: Some(10),
+    };
+    let (p, ()) = engine.authorize(&c, r, now(), &sink).unwrap();
+    assert_eq!(p.shadow_denial, None);
+    assert_eq!(sink.entries.lock().len(), 1);
+}

@@ -401,3 +401,74 @@ fn prices_import_reads_litellm_json() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+#[test]
+fn admin_commands_drive_a_running_bursar() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let text = format!(
+        "{CONFIG}\n[[keys]]\nname = \"root\"\nkind = \"platform_admin\"\nsecret = \"bsr_cli_platform_admin_0000000000\"\n"
+    );
+    let config = write_config(tmp.path(), &text);
+    let server = start(&data, &config);
+    let admin = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("BURSAR_URL", &server.base)
+            .env("BURSAR_ADMIN_KEY", "bsr_cli_platform_admin_0000000000")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let t = admin(&[
+        "tenants",
+        "create",
+        "globex",
+        "--plan",
+        "pro",
+        "--timezone",
+        "Asia/Tokyo",
+    ]);
+    assert_eq!(t["timezone"], "Asia/Tokyo");
+    let k = admin(&["keys", "create", "--tenant", "globex", "--name", "app"]);
+    let secret = k["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("bsr_"));
+    let b = admin(&[
+        "budgets", "set", "--tenant", "globex", "daily", "--scope", "tenant", "--window", "daily",
+        "--limit", "0.0001",
+    ]);
+    assert_eq!(b["id"], "globex.daily");
+    let list = admin(&["budgets", "list", "--tenant", "globex"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let plans = admin(&["plans"]);
+    assert_eq!(plans[0]["id"], "pro");
+    let keys = admin(&["keys", "list", "--tenant", "globex"]);
+    assert_eq!(keys[0]["name"], "app");
+    // The new key spends under the new budget: $0.0001 does not cover 1,000 prompt tokens.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = bursar_client::Client::new(&server.base, &secret);
+        let err = c
+            .authorize(&bursar_client::Authorize::model("gpt-4o-mini").prompt_tokens(1000), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, bursar_client::Error::Api { status: 402, ref code, .. } if code == "budget_exceeded"), "{err}");
+    });
+    let id = keys[0]["id"].as_str().unwrap();
+    let revoked = admin(&["keys", "revoke", "--tenant", "globex", id]);
+    assert!(!revoked["revoked_at"].is_null());
+    // A tenant cannot be given its plan by a tenant admin: the CLI shows the API's error.
+    let out = Command::new(BIN)
+        .args(["tenants", "set-plan", "globex", "pro"])
+        .env("BURSAR_URL", &server.base)
+        .env("BURSAR_ADMIN_KEY", &secret)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
