@@ -357,14 +357,26 @@ struct IdempotencyRecord {
     at_ms: i64,
 }
 
+/// The engine's maps: foldhash is several times faster than SipHash on these short
+/// keys and still seeded per process, so tag values chosen by callers cannot be used to
+/// flood one bucket.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A rate-limit cell: one per key and dimension (a role's limits apply to each key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum RateCell {
+    Requests(Uuid),
+    Tokens(Uuid),
+}
+
 #[derive(Debug, Default)]
 struct State {
-    counters: HashMap<BucketKey, Counter>,
-    holds: HashMap<Uuid, Hold>,
-    finished: HashMap<Uuid, Finished>,
-    idempotency: HashMap<(String, String), IdempotencyRecord>,
-    limiters: HashMap<String, Gcra>,
-    levels: HashMap<BucketKey, Level>,
+    counters: Map<BucketKey, Counter>,
+    holds: Map<Uuid, Hold>,
+    finished: Map<Uuid, Finished>,
+    idempotency: Map<(String, String), IdempotencyRecord>,
+    limiters: Map<RateCell, Gcra>,
+    levels: Map<BucketKey, Level>,
 }
 
 /// Budgets in force, by owner.
@@ -828,24 +840,20 @@ impl Engine {
 
         // Rate limits, checked before anything is taken.
         let estimated_tokens = priced.estimated_tokens();
-        let mut rate_checks: Vec<(String, u64, u32)> = Vec::new();
+        let mut rate_checks: Vec<(RateCell, u64, u32)> = Vec::new();
         if mode != EnforcementMode::Off {
             if let Some(rpm) = limits.requests_per_minute {
-                rate_checks.push((format!("rq|{tenant_id}|{role}|{}", key.id), 1, rpm.get()));
+                rate_checks.push((RateCell::Requests(key.id), 1, rpm.get()));
             }
             if let Some(tpm) = limits.tokens_per_minute {
-                rate_checks.push((
-                    format!("tk|{tenant_id}|{role}|{}", key.id),
-                    estimated_tokens,
-                    tpm.get(),
-                ));
+                rate_checks.push((RateCell::Tokens(key.id), estimated_tokens, tpm.get()));
             }
         }
-        let mut rate_updates: Vec<(String, Gcra)> = Vec::with_capacity(rate_checks.len());
+        let mut rate_updates: Vec<(RateCell, Gcra)> = Vec::with_capacity(rate_checks.len());
         for (cell, n, per_minute) in &rate_checks {
             let g = state.limiters.get(cell).copied().unwrap_or_default();
             match g.check(now_ms, *n, *per_minute) {
-                Ok(next) => rate_updates.push((cell.clone(), next)),
+                Ok(next) => rate_updates.push((*cell, next)),
                 Err(crate::ratelimit::RateError::Wait(wait)) => {
                     let mut d = Denial::new(
                         DenyCode::RateLimited,
@@ -1652,7 +1660,12 @@ impl Engine {
 
     /// Counters of every bucket, for reports and for comparing with a rebuild.
     pub fn counters(&self) -> HashMap<BucketKey, Counter> {
-        self.state.lock().counters.clone()
+        let state = self.state.lock();
+        state
+            .counters
+            .iter()
+            .map(|(k, c)| (k.clone(), *c))
+            .collect()
     }
 
     /// Open holds.
