@@ -91,8 +91,14 @@ fn format_scaled(value: i128, decimals: u32, f: &mut fmt::Formatter<'_>) -> fmt:
     if frac == 0 {
         return write!(f, "{sign}{int}");
     }
-    let frac_str = format!("{frac:0width$}", width = decimals as usize);
-    write!(f, "{sign}{int}.{}", frac_str.trim_end_matches('0'))
+    // Trailing zeros dropped arithmetically: no allocation on the response path.
+    let mut frac = frac;
+    let mut width = decimals as usize;
+    while frac.is_multiple_of(10) {
+        frac /= 10;
+        width -= 1;
+    }
+    write!(f, "{sign}{int}.{frac:0width$}")
 }
 
 /// An exact amount of US dollars, in whole nano-dollars.
