@@ -35,62 +35,9 @@ impl LedgerSink for NullSink {
 
 const SECRET: &str = "bsr_bench_member_00000000000000000";
 
-const CONFIG: &str = r#"
-[[plans]]
-id = "pro"
-features = ["chat"]
-default_task = "chat"
-[plans.tasks.chat]
-classes = ["small", "standard"]
-default_class = "small"
-max_tokens = 1000
-[plans.rate_limits.member]
-requests_per_minute = 4000000000
-
-[[tenants]]
-id = "acme"
-plan = "pro"
-timezone = "Europe/Paris"
-[[teams]]
-tenant = "acme"
-id = "growth"
-[[users]]
-tenant = "acme"
-id = "ann"
-team = "growth"
-role = "member"
-[[keys]]
-name = "bench"
-tenant = "acme"
-user = "ann"
-kind = "member"
-secret = "bsr_bench_member_00000000000000000"
-
-[[budgets]]
-id = "tenant-month"
-tenant = "acme"
-scope = "tenant"
-window = "monthly"
-limit = "1000000000"
-[[budgets]]
-id = "team-day"
-tenant = "acme"
-scope = "team"
-window = "daily"
-limit = "1000000000"
-[[budgets]]
-id = "user-day"
-tenant = "acme"
-scope = "user"
-window = "daily"
-limit = "1000000000"
-[[budgets]]
-id = "campaign"
-tenant = "acme"
-scope = "campaign"
-window = "lifetime"
-limit = "1000000000"
-"#;
+/// The configuration of the HTTP load benchmark: one tenant, four budgets every call
+/// touches, a rate limit that is checked but never reached.
+const CONFIG: &str = include_str!("../../../bench/bench.toml");
 
 fn engine() -> Engine {
     let book = Arc::new(PriceBook::builtin().unwrap());

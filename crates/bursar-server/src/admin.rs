@@ -175,6 +175,12 @@ async fn commit(s: &Services, rows: Vec<CatalogRow>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Hands the changed catalog to the engine (swapped whole: no decision sees half of it).
+fn publish(s: &Services, catalog: &CatalogState) {
+    s.engine.set_directory(catalog.directory.clone());
+    s.engine.set_budgets(catalog.budget_set());
+}
+
 /// Plans (platform admins and tenant admins).
 #[utoipa::path(get, path = "/v1/admin/plans", responses((status = 200, body = Object)))]
 pub async fn list_plans(
@@ -278,8 +284,7 @@ pub async fn create_tenant(
         .directory
         .tenants
         .insert(tenant.id.clone(), tenant.clone());
-    s.engine.set_directory(catalog.directory.clone());
-    s.engine.set_budgets(catalog.budget_set());
+    publish(&s, &catalog);
     Ok((StatusCode::CREATED, Json(tenant)))
 }
 
@@ -352,8 +357,7 @@ pub async fn update_tenant(
     }
     commit(&s, vec![row("tenant", &t.id, &t)]).await?;
     catalog.directory.tenants.insert(t.id.clone(), t.clone());
-    s.engine.set_directory(catalog.directory.clone());
-    s.engine.set_budgets(catalog.budget_set());
+    publish(&s, &catalog);
     Ok(Json(t))
 }
 
@@ -389,7 +393,7 @@ pub async fn create_team(
         .directory
         .teams
         .insert((tenant, team.id.clone()), team.clone());
-    s.engine.set_directory(catalog.directory.clone());
+    publish(&s, &catalog);
     Ok((StatusCode::CREATED, Json(team)))
 }
 
@@ -442,7 +446,7 @@ pub async fn create_user(
         .directory
         .users
         .insert((tenant, user.id.clone()), user.clone());
-    s.engine.set_directory(catalog.directory.clone());
+    publish(&s, &catalog);
     Ok((StatusCode::CREATED, Json(user)))
 }
 

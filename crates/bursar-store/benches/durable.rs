@@ -18,55 +18,9 @@ use chrono::Utc;
 
 const SECRET: &str = "bsr_bench_member_00000000000000000";
 
-const CONFIG: &str = r#"
-[[plans]]
-id = "pro"
-default_task = "chat"
-[plans.tasks.chat]
-classes = ["small", "standard"]
-default_class = "small"
-max_tokens = 1000
-[[tenants]]
-id = "acme"
-plan = "pro"
-[[teams]]
-tenant = "acme"
-id = "growth"
-[[users]]
-tenant = "acme"
-id = "ann"
-team = "growth"
-[[keys]]
-name = "bench"
-tenant = "acme"
-user = "ann"
-kind = "member"
-secret = "bsr_bench_member_00000000000000000"
-[[budgets]]
-id = "tenant-month"
-tenant = "acme"
-scope = "tenant"
-window = "monthly"
-limit = "1000000000"
-[[budgets]]
-id = "team-day"
-tenant = "acme"
-scope = "team"
-window = "daily"
-limit = "1000000000"
-[[budgets]]
-id = "user-day"
-tenant = "acme"
-scope = "user"
-window = "daily"
-limit = "1000000000"
-[[budgets]]
-id = "campaign"
-tenant = "acme"
-scope = "campaign"
-window = "lifetime"
-limit = "1000000000"
-"#;
+/// The configuration of the HTTP load benchmark: one tenant, four budgets every call
+/// touches, a rate limit that is checked but never reached.
+const CONFIG: &str = include_str!("../../../bench/bench.toml");
 
 fn request() -> AuthorizeRequest {
     AuthorizeRequest {
