@@ -1637,22 +1637,18 @@ impl Engine {
                 },
             );
         }
-        let mut keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
-        if state.finished.len() > MAX_FINISHED_IN_MEMORY {
-            let mut times: Vec<i64> = state.finished.values().map(|f| f.finished_at_ms).collect();
-            let cut = times.len() - MAX_FINISHED_IN_MEMORY;
-            keep_finished = keep_finished.max(*times.select_nth_unstable(cut).1);
-        }
+        let keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
         state
             .finished
             .retain(|_, f| f.finished_at_ms > keep_finished);
-        let mut keep_idem = now_ms - i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(0);
-        if state.idempotency.len() > MAX_IDEMPOTENCY_IN_MEMORY {
-            let mut times: Vec<i64> = state.idempotency.values().map(|r| r.at_ms).collect();
-            let cut = times.len() - MAX_IDEMPOTENCY_IN_MEMORY;
-            keep_idem = keep_idem.max(*times.select_nth_unstable(cut).1);
-        }
+        cap_by_age(&mut state.finished, MAX_FINISHED_IN_MEMORY, |f| {
+            f.finished_at_ms
+        });
+        let keep_idem = now_ms - i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(0);
         state.idempotency.retain(|_, r| r.at_ms > keep_idem);
+        cap_by_age(&mut state.idempotency, MAX_IDEMPOTENCY_IN_MEMORY, |r| {
+            r.at_ms
+        });
         let n = entries.len();
         let ticket = (n > 0).then(|| sink.append(entries, alerts));
         (n, ticket)
@@ -1720,12 +1716,31 @@ impl Engine {
 
     /// Rebuilds the live state from the ledger, in order (recovery on start).
     pub fn recover<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
-        let mut state = self.state.lock();
-        *state = State::default();
+        *self.state.lock() = State::default();
         for e in entries {
+            self.recover_one(e);
+        }
+    }
+
+    /// Applies one ledger entry to the live state; entries must come in ledger order,
+    /// into an engine that has applied nothing else. Memory stays bounded however long
+    /// the ledger: finished outcomes are capped as the sweeper caps them.
+    pub fn recover_one(&self, e: &Entry) {
+        let mut state = self.state.lock();
+        if state.finished.len() >= 2 * MAX_FINISHED_IN_MEMORY {
+            cap_by_age(&mut state.finished, MAX_FINISHED_IN_MEMORY, |f| {
+                f.finished_at_ms
+            });
+        }
+        if state.idempotency.len() >= 2 * MAX_IDEMPOTENCY_IN_MEMORY {
+            cap_by_age(&mut state.idempotency, MAX_IDEMPOTENCY_IN_MEMORY, |r| {
+                r.at_ms
+            });
+        }
+        {
             match e.kind {
                 EntryKind::Hold => {
-                    let Some(d) = &e.detail else { continue };
+                    let Some(d) = &e.detail else { return };
                     for b in &d.buckets {
                         state.counters.entry(b.clone()).or_default().held += e.held_delta;
                     }
@@ -1783,7 +1798,7 @@ impl Engine {
                             .get(&e.authorization)
                             .and_then(|f| f.hold.clone())
                     });
-                    let Some(hold) = hold else { continue };
+                    let Some(hold) = hold else { return };
                     for b in &hold.detail.buckets {
                         let c = state.counters.entry(b.clone()).or_default();
                         c.held += e.held_delta;
@@ -1793,7 +1808,7 @@ impl Engine {
                         if let Some(f) = state.finished.get_mut(&e.authorization) {
                             f.hold = None;
                         }
-                        continue;
+                        return;
                     }
                     state.holds.remove(&e.authorization);
                     let outcome = match kind {
@@ -1836,6 +1851,17 @@ impl Engine {
             }
         }
     }
+}
+
+/// Keeps the `max` newest values of a map (by the time `at` gives); older ones go first.
+fn cap_by_age<K: Eq + std::hash::Hash, V>(map: &mut Map<K, V>, max: usize, at: impl Fn(&V) -> i64) {
+    if map.len() <= max {
+        return;
+    }
+    let mut times: Vec<i64> = map.values().map(&at).collect();
+    let cut = times.len() - max;
+    let oldest_kept = *times.select_nth_unstable(cut).1;
+    map.retain(|_, v| at(v) >= oldest_kept);
 }
 
 /// A call priced against the book, before shaping.
@@ -1892,4 +1918,24 @@ pub fn plan_budgets(tenant: &Tenant, plan: &Plan) -> Vec<Budget> {
 /// For tests and tools: all buckets' counters sorted.
 pub fn sorted(counters: &HashMap<BucketKey, Counter>) -> BTreeMap<BucketKey, Counter> {
     counters.iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_by_age_keeps_the_newest() {
+        let mut m: Map<u32, i64> = Map::default();
+        for i in 0..100u32 {
+            // Inserted out of order, so the cap cannot rely on insertion order.
+            m.insert(i, i64::from((i * 37) % 100));
+        }
+        cap_by_age(&mut m, 10, |v| *v);
+        let mut kept: Vec<i64> = m.values().copied().collect();
+        kept.sort_unstable();
+        assert_eq!(kept, (90..100).collect::<Vec<i64>>());
+        cap_by_age(&mut m, 50, |v| *v);
+        assert_eq!(m.len(), 10, "under the cap nothing goes");
+    }
 }

@@ -246,7 +246,7 @@ impl Replay {
         if let Some(d) = &e.detail {
             self.buckets_of.insert(e.authorization, d.clone());
         }
-        let Some(detail) = self.buckets_of.get(&e.authorization) else {
+        let Some(detail) = self.buckets_of.get(&e.authorization).cloned() else {
             if e.held_delta != Money::ZERO || e.cost_delta != Money::ZERO {
                 self.problems.push(format!(
                     "entry {seq}: {} for authorization {} that has no hold",
@@ -266,6 +266,13 @@ impl Replay {
                     c.held
                 ));
             }
+        }
+        // Settled and voided holds are done; an expired one may still be reconciled.
+        if matches!(
+            e.kind,
+            EntryKind::Settle | EntryKind::Void | EntryKind::Adjustment
+        ) {
+            self.buckets_of.remove(&e.authorization);
         }
     }
 }

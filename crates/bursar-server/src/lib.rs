@@ -142,8 +142,9 @@ pub fn build(
     clock: Arc<dyn Clock>,
 ) -> Result<(Arc<Services>, std::thread::JoinHandle<()>), StoreError> {
     let path = sqlite::ledger_path(data_dir);
-    let opened = sqlite::open(&path, config.server.durability)?;
     let engine = Arc::new(Engine::new(config.engine.clone(), book));
+    // Recovery streams the ledger into the engine, entry by entry.
+    let opened = sqlite::open(&path, config.server.durability, |e| engine.recover_one(&e))?;
     let mut catalog = CatalogState {
         directory: config.directory.clone(),
         file_budgets: config.budgets.clone(),
@@ -155,7 +156,7 @@ pub fn build(
     admin::apply_catalog_rows(&engine, &mut catalog, &opened.catalog);
     engine.set_directory(catalog.directory.clone());
     engine.set_budgets(catalog.budget_set());
-    engine.recover(opened.entries.iter());
+    tracing::info!(entries = opened.entries, "ledger replayed");
     let reader = Reader::open(&path)?;
     let services = Arc::new(Services {
         engine,

@@ -190,7 +190,8 @@ impl LedgerSink for LedgerHandle {
 /// What was on disk when the store opened.
 pub struct Opened {
     pub handle: LedgerHandle,
-    pub entries: Vec<Entry>,
+    /// How many entries were replayed.
+    pub entries: usize,
     pub catalog: Vec<CatalogRow>,
     pub writer: thread::JoinHandle<()>,
 }
@@ -210,9 +211,13 @@ pub fn ledger_path(data_dir: &Path) -> PathBuf {
     data_dir.join("bursar.db")
 }
 
-/// Opens (or creates) the store, reads the ledger back for recovery and starts the
-/// writer thread. Refuses a ledger whose chain does not verify.
-pub fn open(path: &Path, durability: Durability) -> Result<Opened, StoreError> {
+/// Opens (or creates) the store, streams the ledger to `on_entry` in order (recovery),
+/// and starts the writer thread. Refuses a ledger whose chain does not verify.
+pub fn open(
+    path: &Path,
+    durability: Durability,
+    mut on_entry: impl FnMut(Entry),
+) -> Result<Opened, StoreError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
     }
@@ -222,7 +227,7 @@ pub fn open(path: &Path, durability: Durability) -> Result<Opened, StoreError> {
         "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1')",
         [],
     )?;
-    let report = read_ledger(&conn)?;
+    let report = read_ledger(&conn, &mut on_entry)?;
     if let Some(p) = report.chain_problems.first() {
         return Err(StoreError::Corrupt(format!(
             "the ledger does not verify: {p}; run `bursar ledger verify` for details"
@@ -459,7 +464,20 @@ pub struct LedgerReport {
     pub chain_problems: Vec<String>,
 }
 
-fn read_ledger(conn: &Connection) -> Result<LedgerReport, StoreError> {
+/// What a pass over the ledger found.
+struct ChainSummary {
+    entries: usize,
+    last_hash: [u8; 32],
+    chain_problems: Vec<String>,
+}
+
+/// Reads the ledger in order, checking the chain, and hands each entry to `visit`; it
+/// streams, so memory does not grow with the ledger (only open and expired holds are
+/// remembered, to attach their buckets to the entries that follow).
+fn read_ledger(
+    conn: &Connection,
+    visit: &mut dyn FnMut(Entry),
+) -> Result<ChainSummary, StoreError> {
     let mut dict: HashMap<i64, String> = HashMap::new();
     {
         let mut stmt = conn.prepare("SELECT id, text FROM dict")?;
@@ -474,7 +492,7 @@ fn read_ledger(conn: &Connection) -> Result<LedgerReport, StoreError> {
         "SELECT seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, hash FROM ledger ORDER BY seq",
     )?;
     let mut rows = stmt.query([])?;
-    let mut entries = Vec::new();
+    let mut entries = 0usize;
     let mut problems = Vec::new();
     let mut prev = GENESIS_HASH;
     let mut expected_seq = 1i64;
@@ -546,9 +564,17 @@ fn read_ledger(conn: &Connection) -> Result<LedgerReport, StoreError> {
             ));
         }
         prev = stored_hash.try_into().unwrap_or(h);
-        entries.push(e);
+        // A settled or voided hold is done; an expired one may still be reconciled.
+        if matches!(
+            kind,
+            EntryKind::Settle | EntryKind::Void | EntryKind::Adjustment
+        ) {
+            holds.remove(&authorization);
+        }
+        entries += 1;
+        visit(e);
     }
-    Ok(LedgerReport {
+    Ok(ChainSummary {
         entries,
         last_hash: prev,
         chain_problems: problems,
@@ -589,12 +615,13 @@ pub fn verify(path: &Path) -> Result<Verification, StoreError> {
     }
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.execute_batch("PRAGMA busy_timeout = 5000; BEGIN")?;
-    let report = read_ledger(&conn)?;
-    let mut problems = report.chain_problems;
     let mut replay = Replay::default();
-    for (i, e) in report.entries.iter().enumerate() {
-        replay.apply(i as u64 + 1, e);
-    }
+    let mut n = 0u64;
+    let report = read_ledger(&conn, &mut |e| {
+        n += 1;
+        replay.apply(n, &e);
+    })?;
+    let mut problems = report.chain_problems;
     problems.append(&mut replay.problems);
     let stored = stored_counters(&conn)?;
     for (bucket, c) in &replay.counters {
@@ -613,7 +640,7 @@ pub fn verify(path: &Path) -> Result<Verification, StoreError> {
     }
     conn.execute_batch("COMMIT")?;
     Ok(Verification {
-        entries: report.entries.len(),
+        entries: report.entries,
         buckets: replay.counters.len(),
         problems,
     })
@@ -623,7 +650,13 @@ pub fn verify(path: &Path) -> Result<Verification, StoreError> {
 pub fn read_entries(path: &Path) -> Result<LedgerReport, StoreError> {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.execute_batch("PRAGMA busy_timeout = 5000;")?;
-    read_ledger(&conn)
+    let mut entries = Vec::new();
+    let summary = read_ledger(&conn, &mut |e| entries.push(e))?;
+    Ok(LedgerReport {
+        entries,
+        last_hash: summary.last_hash,
+        chain_problems: summary.chain_problems,
+    })
 }
 
 /// The counters table as stored.
