@@ -114,14 +114,10 @@ fn now() -> DateTime<Utc> {
     "2026-03-10T12:00:00Z".parse().unwrap()
 }
 
-fn engine(limits: [&str; 4]) -> (Engine, Config) {
+/// An engine over a configuration text, with its catalog and budgets in force.
+fn build(text: &str) -> (Engine, Config) {
     let book = Arc::new(PriceBook::builtin().unwrap());
-    let text = CONFIG
-        .replace("LIMIT_TENANT", limits[0])
-        .replace("LIMIT_TEAM", limits[1])
-        .replace("LIMIT_USER", limits[2])
-        .replace("LIMIT_CAMPAIGN", limits[3]);
-    let config = Config::parse(&text, &book, now()).unwrap();
+    let config = Config::parse(text, &book, now()).unwrap();
     let engine = Engine::new(config.engine.clone(), book);
     engine.set_directory(config.directory.clone());
     for k in &config.keys {
@@ -131,6 +127,19 @@ fn engine(limits: [&str; 4]) -> (Engine, Config) {
         config.budgets.clone(),
     ));
     (engine, config)
+}
+
+/// CONFIG with limits on the tenant, team, user and campaign budgets.
+fn config_text(limits: [&str; 4]) -> String {
+    CONFIG
+        .replace("LIMIT_TENANT", limits[0])
+        .replace("LIMIT_TEAM", limits[1])
+        .replace("LIMIT_USER", limits[2])
+        .replace("LIMIT_CAMPAIGN", limits[3])
+}
+
+fn engine(limits: [&str; 4]) -> (Engine, Config) {
+    build(&config_text(limits))
 }
 
 fn caller(e: &Engine, secret: &str) -> Caller {
@@ -519,22 +528,9 @@ fn recovery_rebuilds_the_same_state() {
 
 #[test]
 fn rolling_windows_forget_old_spend() {
-    let book = Arc::new(PriceBook::builtin().unwrap());
-    let text = CONFIG
-        .replace("LIMIT_TENANT", "10")
-        .replace("LIMIT_TEAM", "10")
-        .replace("LIMIT_USER", "10")
-        .replace("LIMIT_CAMPAIGN", "10")
-        + "\n[[budgets]]\nid = \"roll\"\ntenant = \"acme\"\nscope = \"tenant\"\nwindow = \"rolling:1h\"\nlimit = \"0.0005\"\n";
-    let config = Config::parse(&text, &book, now()).unwrap();
-    let engine = Engine::new(config.engine.clone(), book);
-    engine.set_directory(config.directory.clone());
-    for k in &config.keys {
-        engine.upsert_key(k.clone());
-    }
-    engine.set_budgets(bursar_core::engine::BudgetSet::from_budgets(
-        config.budgets.clone(),
-    ));
+    let engine = engine_with(
+        "\n[[budgets]]\nid = \"roll\"\ntenant = \"acme\"\nscope = \"tenant\"\nwindow = \"rolling:1h\"\nlimit = \"0.0005\"\n",
+    );
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
     let (p, ()) = engine
@@ -577,19 +573,10 @@ fn rolling_windows_forget_old_spend() {
 
 #[test]
 fn rate_limits_say_when_to_retry() {
-    let book = Arc::new(PriceBook::builtin().unwrap());
-    let text = CONFIG
-        .replace("LIMIT_TENANT", "10")
-        .replace("LIMIT_TEAM", "10")
-        .replace("LIMIT_USER", "10")
-        .replace("LIMIT_CAMPAIGN", "10")
-        .replace("max_tokens = 1000\n", "max_tokens = 1000\n[plans.rate_limits.member]\nrequests_per_minute = 5\ntokens_per_minute = 3000\n");
-    let config = Config::parse(&text, &book, now()).unwrap();
-    let engine = Engine::new(config.engine.clone(), book);
-    engine.set_directory(config.directory.clone());
-    for k in &config.keys {
-        engine.upsert_key(k.clone());
-    }
+    let (engine, _) = build(&config_text(["10", "10", "10", "10"]).replace(
+        "max_tokens = 1000\n",
+        "max_tokens = 1000\n[plans.rate_limits.member]\nrequests_per_minute = 5\ntokens_per_minute = 3000\n",
+    ));
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
     for _ in 0..5 {
@@ -698,23 +685,7 @@ proptest! {
 }
 
 fn engine_with(extra: &str) -> Engine {
-    let book = Arc::new(PriceBook::builtin().unwrap());
-    let text = CONFIG
-        .replace("LIMIT_TENANT", "10")
-        .replace("LIMIT_TEAM", "10")
-        .replace("LIMIT_USER", "10")
-        .replace("LIMIT_CAMPAIGN", "10")
-        + extra;
-    let config = Config::parse(&text, &book, now()).unwrap();
-    let engine = Engine::new(config.engine.clone(), book);
-    engine.set_directory(config.directory.clone());
-    for k in &config.keys {
-        engine.upsert_key(k.clone());
-    }
-    engine.set_budgets(bursar_core::engine::BudgetSet::from_budgets(
-        config.budgets.clone(),
-    ));
-    engine
+    build(&(config_text(["10", "10", "10", "10"]) + extra)).0
 }
 
 #[test]
