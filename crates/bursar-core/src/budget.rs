@@ -165,15 +165,18 @@ impl Window {
         }
     }
 
-    /// For a rolling window, the oldest slice start still inside the window at `now`.
-    pub fn rolling_floor(&self, now: DateTime<Utc>) -> Option<i64> {
+    /// For a rolling window, the length of one slice in seconds.
+    pub fn rolling_slice(&self) -> Option<i64> {
         match self {
-            Window::Rolling { seconds } => {
-                let s = Self::slice_seconds(*seconds);
-                Some(now.timestamp().div_euclid(s) * s - s * (ROLLING_SLICES - 1))
-            }
+            Window::Rolling { seconds } => Some(Self::slice_seconds(*seconds)),
             _ => None,
         }
+    }
+
+    /// For a rolling window, the oldest slice start still inside the window at `now`.
+    pub fn rolling_floor(&self, now: DateTime<Utc>) -> Option<i64> {
+        let s = self.rolling_slice()?;
+        Some(now.timestamp().div_euclid(s) * s - s * (ROLLING_SLICES - 1))
     }
 }
 

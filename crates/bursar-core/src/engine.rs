@@ -594,29 +594,20 @@ impl Engine {
     /// included.
     fn standing(state: &State, a: &Applicable, now: DateTime<Utc>) -> (Counter, Money) {
         let spec = &a.budget.spec;
-        let counter = match spec.window.rolling_floor(now) {
-            Some(floor) => {
-                let step =
-                    (a.bucket.period_start - floor) / (crate::budget::ROLLING_SLICES - 1).max(1);
-                let mut sum = Counter::default();
-                let mut start = floor;
-                while start <= a.bucket.period_start && step > 0 {
-                    let k = BucketKey {
+        let counter = match spec.window.rolling_slice() {
+            // A rolling window sums its slices, the current one and the ones before it.
+            Some(slice) => (0..crate::budget::ROLLING_SLICES)
+                .filter_map(|i| {
+                    state.counters.get(&BucketKey {
                         budget: a.bucket.budget.clone(),
                         value: a.bucket.value.clone(),
-                        period_start: start,
-                    };
-                    if let Some(c) = state.counters.get(&k) {
-                        sum.held += c.held;
-                        sum.spent += c.spent;
-                    }
-                    start += step;
-                }
-                if step <= 0 {
-                    sum = state.counters.get(&a.bucket).copied().unwrap_or_default();
-                }
-                sum
-            }
+                        period_start: a.bucket.period_start - i * slice,
+                    })
+                })
+                .fold(Counter::default(), |sum, c| Counter {
+                    held: sum.held + c.held,
+                    spent: sum.spent + c.spent,
+                }),
             None => state.counters.get(&a.bucket).copied().unwrap_or_default(),
         };
         let mut limit = spec.limit;
