@@ -25,6 +25,7 @@ use crate::engine::{
 };
 use crate::money::Money;
 use crate::pricebook::PriceBook;
+use crate::providers::{RawProvider, RawRouting, Routing};
 
 /// Loopback by default: a gateway that holds provider keys is not exposed by accident.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -180,6 +181,10 @@ struct RawConfig {
     keys: Vec<RawKey>,
     #[serde(default)]
     budgets: Vec<RawBudget>,
+    #[serde(default)]
+    providers: Vec<RawProvider>,
+    #[serde(default)]
+    routing: RawRouting,
 }
 
 /// Every problem of a configuration, reported together.
@@ -206,6 +211,8 @@ pub struct Config {
     pub directory: Directory,
     pub keys: Vec<ApiKey>,
     pub budgets: Vec<Budget>,
+    /// Proxy mode: providers, aliases and fallback chains.
+    pub routing: Routing,
 }
 
 /// Ids become parts of bucket keys and URLs: keep them to a safe alphabet.
@@ -631,6 +638,8 @@ impl Config {
             }
         }
 
+        let routing = Routing::parse(raw.providers, raw.routing, book, &mut p);
+
         if !p.is_empty() {
             return Err(ConfigErrors(p));
         }
@@ -640,6 +649,7 @@ impl Config {
             directory: dir,
             keys,
             budgets,
+            routing,
         })
     }
 }

@@ -237,8 +237,23 @@ pub struct Permit {
     /// In shadow mode: the denial that enforce mode would have returned.
     pub shadow_denial: Option<DenyCode>,
     pub budgets: Vec<BudgetView>,
+    /// The caller's rate limits after this call (empty when the role has none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateStanding>,
     /// True when this is the stored answer to an earlier request with the same key.
     pub replayed: bool,
+}
+
+/// One rate limit as it stands after a call.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateStanding {
+    /// `requests` or `tokens`.
+    pub dimension: String,
+    pub limit_per_minute: u32,
+    pub remaining: u64,
+    /// Milliseconds until the whole limit is available again.
+    pub reset_ms: u64,
 }
 
 /// What the call actually used.
@@ -970,7 +985,19 @@ impl Engine {
         }
 
         // Permit: take the rate cells, hold on every bucket, record.
-        for (cell, g) in rate_updates {
+        let mut rate_limits = Vec::with_capacity(rate_updates.len());
+        for ((cell, g), (_, _, per_minute)) in rate_updates.into_iter().zip(&rate_checks) {
+            let (remaining, reset) = g.standing(now_ms, *per_minute);
+            rate_limits.push(RateStanding {
+                dimension: match cell {
+                    RateCell::Requests(_) => "requests",
+                    RateCell::Tokens(_) => "tokens",
+                }
+                .to_string(),
+                limit_per_minute: *per_minute,
+                remaining,
+                reset_ms: u64::try_from(reset.as_millis()).unwrap_or(u64::MAX),
+            });
             state.limiters.insert(cell, g);
         }
         let mut views = Vec::with_capacity(applicable.len());
@@ -1032,6 +1059,7 @@ impl Engine {
             downgraded_from: downgraded_from.clone(),
             shadow_denial: shadow,
             budgets: views,
+            rate_limits,
             replayed: false,
         };
         let mut entry_flags = 0;
@@ -1763,6 +1791,7 @@ impl Engine {
                         downgraded_from: None,
                         shadow_denial: None,
                         budgets: Vec::new(),
+                        rate_limits: Vec::new(),
                         replayed: false,
                     };
                     state.holds.insert(

@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod litellm;
 pub mod money;
 pub mod pricebook;
+pub mod providers;
 pub mod ratelimit;
 pub mod tokens;
 

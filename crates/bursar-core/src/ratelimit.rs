@@ -46,11 +46,39 @@ impl Gcra {
         }
         Ok(Gcra { tat_us: new_tat })
     }
+
+    /// Units still available now under a limit of `per_minute`, and the time until the
+    /// cell is full again (the `x-ratelimit-remaining-*` and `-reset-*` of a response).
+    pub fn standing(self, now_ms: i64, per_minute: u32) -> (u64, Duration) {
+        let per_minute = i64::from(per_minute.max(1));
+        let now = now_ms.saturating_mul(1000);
+        let backlog = (self.tat_us - now).max(0);
+        let used = (backlog.saturating_mul(per_minute) + MICROS_PER_MINUTE - 1) / MICROS_PER_MINUTE;
+        let remaining = u64::try_from((per_minute - used).max(0)).unwrap_or(0);
+        (
+            remaining,
+            Duration::from_micros(u64::try_from(backlog).unwrap_or(0)),
+        )
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standing_counts_what_is_left_and_when_it_refills() {
+        let t0 = 5_000_000;
+        let mut g = Gcra::default();
+        assert_eq!(g.standing(t0, 10), (10, Duration::ZERO));
+        for _ in 0..3 {
+            g = g.check(t0, 1, 10).unwrap();
+        }
+        assert_eq!(g.standing(t0, 10), (7, Duration::from_secs(18)));
+        // Six seconds later one unit has come back.
+        assert_eq!(g.standing(t0 + 6_000, 10), (8, Duration::from_secs(12)));
+        assert_eq!(g.standing(t0 + 60_000, 10), (10, Duration::ZERO));
+    }
 
     #[test]
     fn allows_the_burst_then_spaces_requests() {

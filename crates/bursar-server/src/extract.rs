@@ -21,23 +21,8 @@ impl FromRequestParts<Arc<Services>> for Authed {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &Arc<Services>) -> Result<Self, ApiError> {
-        let bearer = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
-        let secret = bearer.or_else(|| {
-            parts
-                .headers
-                .get("x-api-key")
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-        });
-        let Some(secret) = secret.filter(|s| !s.is_empty()) else {
+        let secret = secret_of(&parts.headers);
+        let Some(secret) = secret else {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing_api_key",
@@ -46,6 +31,26 @@ impl FromRequestParts<Arc<Services>> for Authed {
         };
         Ok(Authed(s.engine.identify(secret, s.clock.now())?))
     }
+}
+
+/// The key of a request: `Authorization: Bearer …`, else `x-api-key`.
+pub fn secret_of(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    bearer
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        })
+        .filter(|s| !s.is_empty())
 }
 
 /// A JSON body parsed into `T` (whose unknown fields are refused), plus its raw bytes for

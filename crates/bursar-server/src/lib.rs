@@ -10,6 +10,8 @@ pub mod admin;
 pub mod api;
 pub mod error;
 pub mod extract;
+pub mod proxy;
+pub mod sim;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +22,8 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
+pub use axum::Router;
 use bursar_core::budget::Budget;
 use bursar_core::catalog::{ApiKey, Directory};
 use bursar_core::config::Config;
@@ -112,6 +115,7 @@ pub struct Services {
     pub metrics: PrometheusHandle,
     pub catalog: tokio::sync::Mutex<CatalogState>,
     pub data_dir: PathBuf,
+    pub proxy: proxy::Proxy,
 }
 
 /// One Prometheus recorder per process, shared by every server in it (tests run several).
@@ -158,6 +162,7 @@ pub fn build(
     engine.set_budgets(catalog.budget_set());
     tracing::info!(entries = opened.entries, "ledger replayed");
     let reader = Reader::open(&path)?;
+    let proxy = proxy::Proxy::new(config.routing.clone());
     let services = Arc::new(Services {
         engine,
         ledger: opened.handle,
@@ -170,6 +175,7 @@ pub fn build(
         metrics: metrics_handle(),
         catalog: tokio::sync::Mutex::new(catalog),
         data_dir: data_dir.to_path_buf(),
+        proxy,
     });
     Ok((services, opened.writer))
 }
@@ -277,6 +283,10 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/authorizations/{id}/settle", post(api::settle))
         .route("/v1/authorizations/{id}/void", post(api::void))
         .route("/v1/usage", get(api::usage))
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/messages", post(proxy::messages))
+        .route("/v1/embeddings", post(proxy::embeddings))
+        .route("/v1/models", get(proxy::models))
         .route("/v1/admin/plans", get(admin::list_plans))
         .route("/v1/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
         .route("/v1/admin/tenants/{tenant}", get(admin::get_tenant).patch(admin::update_tenant))
@@ -322,6 +332,17 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(services);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Serves any router (the simulated provider's, say) until `shutdown` resolves.
+pub async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

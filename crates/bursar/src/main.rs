@@ -55,6 +55,36 @@ enum Command {
         #[arg(long, env = "BURSAR_LISTEN")]
         listen: Option<String>,
     },
+    /// Run the simulated LLM provider on its own, as an OpenAI- and Anthropic-compatible
+    /// HTTP server (no key, no network): for demos, tests and benchmarks.
+    Simulate {
+        /// Address to listen on.
+        #[arg(long, env = "BURSAR_SIM_LISTEN", default_value = "127.0.0.1:8090")]
+        listen: String,
+        /// Time before the first byte of every answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Output tokens of every answer (capped by the request's max_tokens).
+        #[arg(long, default_value_t = 64)]
+        completion_tokens: u32,
+        /// Percent of requests that fail with --error-status.
+        #[arg(long, default_value_t = 0)]
+        error_rate_percent: u8,
+        #[arg(long, default_value_t = 500)]
+        error_status: u16,
+        /// Output tokens per streamed chunk.
+        #[arg(long, default_value_t = 4)]
+        chunk_tokens: u32,
+        /// Pause between streamed chunks, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        chunk_delay_ms: u64,
+        /// Report this model instead of the one asked for (drift).
+        #[arg(long)]
+        report_model: Option<String>,
+        /// Leave usage out of answers.
+        #[arg(long)]
+        omit_usage: bool,
+    },
     /// Ledger tools.
     Ledger {
         #[command(subcommand)]
@@ -351,6 +381,20 @@ async fn serve(config: ConfigArgs, listen: Option<String>) -> Result<()> {
     Ok(())
 }
 
+async fn simulate(addr: &str, settings: bursar_core::providers::SimSettings) -> Result<()> {
+    init_logs();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    tracing::info!(listen = %listener.local_addr()?, ?settings, "simulated provider is ready");
+    axum_serve(listener, bursar_server::sim::router(settings)).await
+}
+
+async fn axum_serve(listener: tokio::net::TcpListener, app: bursar_server::Router) -> Result<()> {
+    bursar_server::serve_router(listener, app, shutdown_signal()).await?;
+    Ok(())
+}
+
 fn verify(config: ConfigArgs) -> Result<bool> {
     let loaded = load(&config)?;
     let path = bursar_store::sqlite::ledger_path(&loaded.data_dir);
@@ -414,6 +458,39 @@ fn import_prices(
 async fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Serve { config, listen } => serve(config, listen).await.map(|()| true),
+        Command::Simulate {
+            listen,
+            latency_ms,
+            completion_tokens,
+            error_rate_percent,
+            error_status,
+            chunk_tokens,
+            chunk_delay_ms,
+            report_model,
+            omit_usage,
+        } => {
+            anyhow::ensure!(
+                error_rate_percent <= 100,
+                "--error-rate-percent must be 0 to 100"
+            );
+            anyhow::ensure!(
+                (400..=599).contains(&error_status),
+                "--error-status must be an HTTP error (400-599)"
+            );
+            anyhow::ensure!(chunk_tokens >= 1, "--chunk-tokens must be at least 1");
+            let settings = bursar_core::providers::SimSettings {
+                latency_ms,
+                completion_tokens,
+                error_rate_percent,
+                error_status,
+                chunk_tokens,
+                chunk_delay_ms,
+                report_model,
+                omit_usage,
+                ignore_max_tokens: false,
+            };
+            simulate(&listen, settings).await.map(|()| true)
+        }
         Command::Ledger {
             command: LedgerCommand::Verify { config },
         } => verify(config),

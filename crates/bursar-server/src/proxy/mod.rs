@@ -1,0 +1,961 @@
+//! Proxy mode: OpenAI- and Anthropic-compatible endpoints that run the whole enforcement
+//! flow around each call.
+//!
+//! One call: read and check the body (refused before any money is held) → identify the
+//! key → route the model (aliases) → for each hop of its fallback chain: authorize at
+//! that model's price (plan, task, class, rate limits, budgets, shaping) → pick the
+//! provider (circuit breaker) → send, retrying 429/5xx/timeouts with backoff → on
+//! failure void at $0 and try the next hop → settle from the provider's usage (or from
+//! counted tokens, flagged estimated) → answer.
+//!
+//! The call runs in its own task, so a client that goes away does not cancel it half
+//! way: a non-streamed answer is still settled, and a stream is settled by the
+//! provider's [`DisconnectPolicy`].
+
+pub mod upstream;
+pub mod wire;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bursar_core::engine::{AuthorizeRequest, Caller, Metered, Permit, Prompt, Settlement, Usage};
+use bursar_core::ledger::Tags;
+use bursar_core::pricebook::{Model, TokenUsage};
+use bursar_core::providers::{DisconnectPolicy, Provider};
+use bursar_core::tokens;
+use bursar_core::Money;
+use futures_util::StreamExt;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ApiError;
+use crate::Services;
+use upstream::{speaks, Endpoint, UpBody, UpError, UpResponse};
+use wire::{Dialect, Seen};
+
+/// Events buffered between the provider and a slow client before the provider is made
+/// to wait: a stream is passed through, never held whole.
+const STREAM_BUFFER_EVENTS: usize = 32;
+
+/// An error in the caller's dialect.
+pub struct ProxyError {
+    pub dialect: Dialect,
+    pub error: ApiError,
+}
+
+impl ProxyError {
+    fn new(dialect: Dialect, error: impl Into<ApiError>) -> Self {
+        ProxyError {
+            dialect,
+            error: error.into(),
+        }
+    }
+}
+
+/// Anthropic's error types, by status.
+fn anthropic_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        match self.dialect {
+            Dialect::OpenAi => self.error.into_response(),
+            Dialect::Anthropic => {
+                let e = self.error;
+                let mut resp = e.clone().into_response();
+                let message = if e.status.is_server_error() && e.code != "store_unavailable" {
+                    "internal error".to_string()
+                } else {
+                    e.message.clone()
+                };
+                let body = json!({"type": "error", "error": {
+                    "type": anthropic_type(e.status), "message": message, "code": e.code}});
+                *resp.body_mut() = Body::from(body.to_string());
+                resp.headers_mut().remove(header::CONTENT_LENGTH);
+                resp
+            }
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+async fn read_body(s: &Services, body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, s.max_body_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "the request body is larger than {} bytes (or was cut off)",
+                    s.max_body_bytes
+                ),
+            )
+        })
+}
+
+fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(raw) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(invalid("the body must be a JSON object")),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("malformed JSON: {e}"),
+        )),
+    }
+}
+
+fn authenticate(s: &Services, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let Some(secret) = crate::extract::secret_of(headers) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "send an API key as `Authorization: Bearer <key>` or `x-api-key`",
+        ));
+    };
+    Ok(s.engine.identify(secret, s.clock.now())?)
+}
+
+/// Tags from `x-bursar-*` headers: workflow, campaign, agent, feature, task, end-user,
+/// and `x-bursar-tag-NAME` for custom tags.
+fn tags_from(headers: &HeaderMap, end_user: Option<String>) -> Result<Tags, ApiError> {
+    let mut tags = Tags {
+        end_user,
+        ..Tags::default()
+    };
+    for (name, value) in headers {
+        let Some(field) = name.as_str().strip_prefix("x-bursar-") else {
+            continue;
+        };
+        let v = value
+            .to_str()
+            .map_err(|_| invalid(format!("header `{name}` must be visible ASCII")))?
+            .to_string();
+        if v.is_empty() || v.len() > 200 {
+            return Err(invalid(format!(
+                "header `{name}` must have 1 to 200 characters"
+            )));
+        }
+        match field {
+            "workflow" => tags.workflow = Some(v),
+            "campaign" => tags.campaign = Some(v),
+            "agent" => tags.agent = Some(v),
+            "feature" => tags.feature = Some(v),
+            "task" => tags.task = Some(v),
+            "end-user" => tags.end_user = Some(v),
+            other => {
+                if let Some(tag) = other.strip_prefix("tag-") {
+                    tags.custom.insert(tag.to_string(), v);
+                }
+            }
+        }
+    }
+    Ok(tags)
+}
+
+fn header_value(v: impl ToString) -> HeaderValue {
+    HeaderValue::from_str(&v.to_string()).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// Bursar's headers on a proxied answer: the authorization, the model routed, what was
+/// held (and, once settled, the cost, the charge and what is left), and the caller's rate
+/// limits in OpenAI's `x-ratelimit-*` form.
+fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>) {
+    h.insert(
+        HeaderName::from_static("x-bursar-authorization-id"),
+        header_value(permit.authorization_id),
+    );
+    if let Some(m) = &permit.model {
+        h.insert(HeaderName::from_static("x-bursar-model"), header_value(m));
+    }
+    h.insert(
+        HeaderName::from_static("x-bursar-held"),
+        header_value(permit.held),
+    );
+    let released_extra = settled.map_or(Money::ZERO, |st| permit.held.saturating_sub(st.cost));
+    if let Some(st) = settled {
+        h.insert(
+            HeaderName::from_static("x-bursar-cost"),
+            header_value(st.cost),
+        );
+        h.insert(
+            HeaderName::from_static("x-bursar-charge"),
+            header_value(st.charge),
+        );
+    }
+    if let Some(remaining) = permit.budgets.iter().map(|b| b.remaining).min() {
+        let now = remaining.saturating_add(released_extra).max(Money::ZERO);
+        h.insert(
+            HeaderName::from_static("x-bursar-remaining"),
+            header_value(now),
+        );
+    }
+    for r in &permit.rate_limits {
+        let (limit, remaining, reset) = match r.dimension.as_str() {
+            "requests" => (
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ),
+            _ => (
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ),
+        };
+        h.insert(
+            HeaderName::from_static(limit),
+            header_value(r.limit_per_minute),
+        );
+        h.insert(
+            HeaderName::from_static(remaining),
+            header_value(r.remaining),
+        );
+        h.insert(
+            HeaderName::from_static(reset),
+            header_value(format!("{}ms", r.reset_ms)),
+        );
+    }
+}
+
+/// One proxied call, as the task that runs it sees it.
+struct Call {
+    s: Arc<Services>,
+    caller: Caller,
+    tenant: String,
+    ep: Endpoint,
+    body: Map<String, Value>,
+    /// The model the client asked for (after aliases), sent upstream on the first hop.
+    client_model: String,
+    chain: Vec<String>,
+    /// Chat: the prompt to count per hop's tokenizer; embeddings: the inputs.
+    messages: Vec<tokens::ChatMessage>,
+    texts: Vec<String>,
+    extra_prompt_tokens: u64,
+    max_tokens: Option<u32>,
+    max_tokens_field: &'static str,
+    stream: bool,
+    client_wants_usage: bool,
+    tags: Tags,
+    started: Instant,
+}
+
+/// What a hop's attempts came to.
+enum HopEnd {
+    /// A 2xx answer.
+    Answer(UpResponse),
+    /// A 4xx other than 429: the request itself is wrong; passed back, not retried.
+    Refused(UpResponse),
+    /// 429, 5xx, timeouts and unreachable providers, after every retry.
+    Failed(ApiError),
+}
+
+fn retryable(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+impl Call {
+    fn dialect(&self) -> Dialect {
+        self.ep.dialect()
+    }
+
+    fn prompt_tokens(&self, model: &Model) -> u64 {
+        let n = match self.ep {
+            Endpoint::Embeddings => self
+                .texts
+                .iter()
+                .map(|t| tokens::count_text(model.tokenizer, t))
+                .sum(),
+            _ => tokens::count_messages(model.tokenizer, &self.messages),
+        };
+        n + self.extra_prompt_tokens
+    }
+
+    /// Voids a hold that reached no provider, or whose provider failed or refused: the
+    /// provider bills nothing for those.
+    async fn void_unbilled(&self, permit: &Permit, reason: &str) {
+        let r = self.s.engine.void(
+            &self.tenant,
+            permit.authorization_id,
+            None,
+            self.s.clock.now(),
+            &self.s.ledger,
+        );
+        match r {
+            Ok((_, ticket)) => {
+                if let Err(e) = ticket.wait().await {
+                    tracing::error!(error = %e, "voiding a hold failed; it will expire");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, reason, "voiding a hold failed"),
+        }
+    }
+
+    async fn settle(
+        &self,
+        permit: &Permit,
+        usage: TokenUsage,
+        reported: Option<String>,
+        estimated: bool,
+        provider_ms: u128,
+    ) -> Result<Settlement, ApiError> {
+        // A reported model the price book does not know cannot be priced: the call is
+        // priced as routed, and the mismatch is logged and counted.
+        let model_used = reported.filter(|m| {
+            let known = self.s.engine.price_book().resolve(m).is_ok();
+            if !known {
+                tracing::warn!(reported = %m, "provider reported a model the price book does not know");
+                metrics::counter!("bursar_unknown_reported_model_total").increment(1);
+            }
+            known
+        });
+        let usage = Usage {
+            tokens: usage,
+            quantity: 0,
+            model_used,
+            latency_ms: Some(u32::try_from(provider_ms).unwrap_or(u32::MAX)),
+            estimated,
+        };
+        let (settlement, ticket) = self.s.engine.settle(
+            &self.tenant,
+            permit.authorization_id,
+            usage,
+            self.s.clock.now(),
+            &self.s.ledger,
+        )?;
+        ticket.wait().await?;
+        if settlement.drift {
+            metrics::counter!("bursar_model_drift_total").increment(1);
+        }
+        if settlement.overage > Money::ZERO {
+            metrics::counter!("bursar_overages_total").increment(1);
+        }
+        if estimated {
+            metrics::counter!("bursar_estimated_settlements_total").increment(1);
+        }
+        Ok(settlement)
+    }
+
+    /// The body sent upstream for this hop.
+    fn upstream_body(&self, hop: usize, permit: &Permit) -> Bytes {
+        let mut body = self.body.clone();
+        let routed = permit.model.clone().unwrap_or_default();
+        let model = if hop == 0 && permit.downgraded_from.is_none() {
+            self.client_model.clone()
+        } else {
+            routed
+        };
+        body.insert("model".into(), Value::String(model));
+        if self.ep != Endpoint::Embeddings {
+            if let Some(mt) = permit.max_tokens {
+                body.insert(self.max_tokens_field.into(), json!(mt));
+            }
+            if self.stream && self.dialect() == Dialect::OpenAi {
+                let mut opts = body
+                    .get("stream_options")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
+                opts.insert("include_usage".into(), Value::Bool(true));
+                body.insert("stream_options".into(), Value::Object(opts));
+            }
+        }
+        Bytes::from(Value::Object(body).to_string())
+    }
+
+    /// Sends one hop, retrying what may succeed on a second try.
+    async fn attempts(&self, provider: &Provider, body: Bytes, provider_ms: &mut u128) -> HopEnd {
+        let mut attempt = 0u32;
+        loop {
+            let t0 = Instant::now();
+            let r = self
+                .s
+                .proxy
+                .upstreams
+                .send(provider, self.ep, body.clone(), self.stream)
+                .await;
+            *provider_ms += t0.elapsed().as_millis();
+            let failure = match r {
+                Ok(resp) if resp.status.is_success() => return HopEnd::Answer(resp),
+                Ok(resp) if !retryable(resp.status) => return HopEnd::Refused(resp),
+                Ok(resp) => ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_error",
+                    format!(
+                        "provider `{}` answered {}",
+                        provider.name,
+                        resp.status.as_u16()
+                    ),
+                ),
+                Err(UpError::Timeout(t)) => ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "provider_timeout",
+                    format!("provider `{}` did not answer within {t:?}", provider.name),
+                ),
+                Err(e @ UpError::Unreachable(_)) => ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_unreachable",
+                    format!("provider `{}`: {e}", provider.name),
+                ),
+            };
+            metrics::counter!("bursar_provider_failures_total", "provider" => provider.name.clone())
+                .increment(1);
+            if attempt >= provider.max_retries {
+                return HopEnd::Failed(failure);
+            }
+            let wait = self.s.proxy.routing.backoff(attempt, rand::random());
+            tracing::info!(provider = %provider.name, attempt, ?wait, code = failure.code, "retrying");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// Runs the call; the answer (or the start of a stream) goes out through `reply`.
+    async fn run(self, reply: oneshot::Sender<Result<Response, ApiError>>) {
+        let book = self.s.engine.price_book().clone();
+        let mut last_failure: Option<ApiError> = None;
+        for (hop, hop_model) in self.chain.iter().enumerate() {
+            let Ok(model) = book.resolve(hop_model) else {
+                continue;
+            };
+            let metered = Metered::Model {
+                model: hop_model.clone(),
+                prompt: Prompt::Tokens(self.prompt_tokens(model)),
+                max_tokens: self.max_tokens,
+            };
+            let req = AuthorizeRequest {
+                metered,
+                tags: self.tags.clone(),
+                idempotency_key: None,
+                fingerprint: None,
+                ttl: None,
+            };
+            let permit = match self.s.engine.authorize(
+                &self.caller,
+                req,
+                self.s.clock.now(),
+                &self.s.ledger,
+            ) {
+                Ok((permit, ticket)) => {
+                    if let Err(e) = ticket.wait().await {
+                        let _ = reply.send(Err(e.into()));
+                        return;
+                    }
+                    permit
+                }
+                Err(denial) => {
+                    metrics::counter!("bursar_decisions_total", "outcome" => "deny", "code" => denial.code.as_str())
+                        .increment(1);
+                    let _ = reply.send(Err(denial.into()));
+                    return;
+                }
+            };
+            metrics::counter!("bursar_decisions_total", "outcome" => "permit", "code" => "ok")
+                .increment(1);
+            let routed = permit.model.clone().unwrap_or_default();
+            let Ok(routed_model) = book.resolve(&routed) else {
+                self.void_unbilled(&permit, "routed model vanished").await;
+                continue;
+            };
+            let provider = match self.s.proxy.routing.provider_for(routed_model) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.void_unbilled(&permit, "no provider").await;
+                    last_failure = Some(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no_provider",
+                        e.to_string(),
+                    ));
+                    continue;
+                }
+            };
+            if !speaks(provider.kind, self.ep) {
+                self.void_unbilled(&permit, "wrong dialect").await;
+                let _ = reply.send(Err(invalid(format!(
+                    "model `{routed}` is served by provider `{}`, which does not speak {}; call it through its own API",
+                    provider.name,
+                    self.ep.path()
+                ))));
+                return;
+            }
+            if !self.s.proxy.upstreams.allow(provider) {
+                self.void_unbilled(&permit, "circuit open").await;
+                last_failure = Some(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "provider_circuit_open",
+                    format!(
+                        "provider `{}` is failing; its circuit is open",
+                        provider.name
+                    ),
+                ));
+                continue;
+            }
+            let body = self.upstream_body(hop, &permit);
+            let mut provider_ms = 0u128;
+            match self.attempts(provider, body, &mut provider_ms).await {
+                HopEnd::Answer(resp) => {
+                    self.s.proxy.upstreams.record(provider, true);
+                    if hop > 0 {
+                        metrics::counter!("bursar_fallbacks_total").increment(1);
+                    }
+                    match resp.body {
+                        UpBody::Full(bytes) => {
+                            let r = self
+                                .finish_whole(&permit, routed_model, bytes, provider_ms)
+                                .await;
+                            let _ = reply.send(r);
+                        }
+                        UpBody::Stream(stream) => {
+                            self.pump(permit, routed_model, provider, stream, provider_ms, reply)
+                                .await;
+                        }
+                    }
+                    return;
+                }
+                HopEnd::Refused(resp) => {
+                    self.s.proxy.upstreams.record(provider, true);
+                    self.void_unbilled(&permit, "provider refused the request")
+                        .await;
+                    let bytes = match resp.body {
+                        UpBody::Full(b) => b,
+                        UpBody::Stream(_) => Bytes::new(),
+                    };
+                    let mut r = (resp.status, bytes).into_response();
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    let _ = reply.send(Ok(r));
+                    return;
+                }
+                HopEnd::Failed(e) => {
+                    self.s.proxy.upstreams.record(provider, false);
+                    self.void_unbilled(&permit, "provider failed").await;
+                    last_failure = Some(e);
+                }
+            }
+        }
+        let _ = reply.send(Err(last_failure.unwrap_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_provider",
+                "no model of the chain could be routed",
+            )
+        })));
+    }
+
+    fn counted_usage(
+        &self,
+        permit: &Permit,
+        model: &Model,
+        seen: &Seen,
+        counted: u64,
+    ) -> TokenUsage {
+        let input = seen.usage.map_or(permit.prompt_tokens, |u| u.input_tokens);
+        let output = if counted > 0 || seen.text.is_empty() {
+            counted
+        } else {
+            tokens::count_text(model.tokenizer, &seen.text)
+        };
+        TokenUsage {
+            input_tokens: input,
+            cached_input_tokens: seen.usage.map_or(0, |u| u.cached_input_tokens),
+            output_tokens: output,
+        }
+    }
+
+    fn overhead(&self, provider_ms: u128) {
+        let total = self.started.elapsed();
+        let provider = Duration::from_millis(u64::try_from(provider_ms).unwrap_or(u64::MAX));
+        metrics::histogram!("bursar_proxy_overhead_seconds")
+            .record(total.saturating_sub(provider).as_secs_f64());
+    }
+
+    /// A whole answer: read its usage, settle, answer with Bursar's headers.
+    async fn finish_whole(
+        &self,
+        permit: &Permit,
+        model: &Model,
+        bytes: Bytes,
+        provider_ms: u128,
+    ) -> Result<Response, ApiError> {
+        let mut seen = Seen::default();
+        let parsed = serde_json::from_slice::<Value>(&bytes).ok();
+        if let Some(v) = &parsed {
+            wire::read_answer(self.dialect(), v, &mut seen);
+        }
+        let (usage, estimated) = match (seen.usage, &parsed) {
+            (Some(u), _) => (u, false),
+            (None, Some(_)) => (self.counted_usage(permit, model, &seen, 0), true),
+            // A malformed answer is settled on its whole text counted as output.
+            (None, None) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let mut u = self.counted_usage(permit, model, &seen, 0);
+                u.output_tokens = tokens::count_text(model.tokenizer, &text)
+                    .min(u64::from(permit.max_tokens.unwrap_or(u32::MAX)));
+                (u, true)
+            }
+        };
+        let settlement = self
+            .settle(permit, usage, seen.model.clone(), estimated, provider_ms)
+            .await?;
+        if parsed.is_none() {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "provider_malformed_answer",
+                format!(
+                    "the provider's answer was not valid JSON; it was settled at ${} from counted tokens",
+                    settlement.cost
+                ),
+            ));
+        }
+        let mut resp = (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            bytes,
+        )
+            .into_response();
+        add_headers(resp.headers_mut(), permit, Some(&settlement));
+        self.overhead(provider_ms);
+        Ok(resp)
+    }
+
+    /// Passes a stream through event by event, counting what it generates, and settles
+    /// when it ends, is cut, fails, or its client goes away.
+    async fn pump(
+        &self,
+        permit: Permit,
+        model: &Model,
+        provider: &Provider,
+        mut stream: upstream::ByteStream,
+        provider_ms: u128,
+        reply: oneshot::Sender<Result<Response, ApiError>>,
+    ) {
+        let dialect = self.dialect();
+        let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER_EVENTS);
+        let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+        }));
+        let mut resp = (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            body,
+        )
+            .into_response();
+        add_headers(resp.headers_mut(), &permit, None);
+        if reply.send(Ok(resp)).is_err() {
+            tracing::info!("client left before the stream started");
+        }
+        self.overhead(provider_ms);
+
+        let cap = u64::from(permit.max_tokens.unwrap_or(u32::MAX));
+        let t0 = Instant::now();
+        let mut splitter = wire::SseSplitter::default();
+        let mut seen = Seen::default();
+        let mut counted = 0u64;
+        let mut client_gone = false;
+        // Why the stream ended early, if it did.
+        let mut cut: Option<(&'static str, String)> = None;
+        'read: loop {
+            let chunk = match tokio::time::timeout(provider.timeout, stream.next()).await {
+                Err(_) => {
+                    cut = Some((
+                        "provider_timeout",
+                        format!(
+                            "provider `{}` stopped sending for {:?}",
+                            provider.name, provider.timeout
+                        ),
+                    ));
+                    break;
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    cut = Some((
+                        "provider_stream_broken",
+                        format!("provider `{}`: {e}", provider.name),
+                    ));
+                    break;
+                }
+                Ok(Some(Ok(c))) => c,
+            };
+            let Ok(events) = splitter.push(&chunk) else {
+                cut = Some((
+                    "provider_malformed_answer",
+                    "an event of the stream was too large".into(),
+                ));
+                break;
+            };
+            for ev in events {
+                let mut forward = true;
+                if let Some(data) = wire::event_data(&ev) {
+                    if data.trim() == "[DONE]" {
+                        seen.finished = true;
+                    } else if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                        for t in wire::read_event(dialect, &v, &mut seen) {
+                            counted += tokens::count_text(model.tokenizer, t);
+                        }
+                        // The usage chunk Bursar asked for is not passed to a client that
+                        // did not ask for it.
+                        let usage_only = dialect == Dialect::OpenAi
+                            && v.get("choices")
+                                .and_then(Value::as_array)
+                                .is_some_and(Vec::is_empty)
+                            && v.get("usage").is_some_and(|u| !u.is_null());
+                        if usage_only && !self.client_wants_usage {
+                            forward = false;
+                        }
+                    }
+                }
+                if counted > cap {
+                    cut = Some((
+                        "stream_exceeded_hold",
+                        format!("the stream passed the {cap} output tokens its hold pays for; it was cut"),
+                    ));
+                    break 'read;
+                }
+                if forward && !client_gone && tx.send(ev).await.is_err() {
+                    client_gone = true;
+                    metrics::counter!("bursar_client_disconnects_total").increment(1);
+                    if provider.on_disconnect == DisconnectPolicy::Cancel {
+                        break 'read;
+                    }
+                }
+            }
+        }
+        drop(stream);
+        let complete =
+            cut.is_none() && !(client_gone && provider.on_disconnect == DisconnectPolicy::Cancel);
+        let (usage, estimated) = match seen.usage {
+            Some(u) if complete && (u.output_tokens > 0 || counted == 0) => (u, false),
+            _ => (self.counted_usage(&permit, model, &seen, counted), true),
+        };
+        let provider_ms = provider_ms + t0.elapsed().as_millis();
+        match self
+            .settle(&permit, usage, seen.model.clone(), estimated, provider_ms)
+            .await
+        {
+            Ok(st) => tracing::debug!(cost = %st.cost, estimated, "stream settled"),
+            Err(e) => {
+                tracing::error!(code = e.code, error = %e.message, "settling a stream failed; the hold will expire and be charged")
+            }
+        }
+        if let Some((code, message)) = cut {
+            tracing::warn!(code, %message, "stream ended early");
+            if !client_gone {
+                let ev = match dialect {
+                    Dialect::OpenAi => format!(
+                        "data: {}\n\n",
+                        json!({"error": {"message": message, "type": "api_error", "code": code}})
+                    ),
+                    Dialect::Anthropic => format!(
+                        "event: error\ndata: {}\n\n",
+                        json!({"type": "error", "error": {"type": "api_error", "message": message, "code": code}})
+                    ),
+                };
+                let _ = tx.send(Bytes::from(ev)).await;
+            }
+        }
+    }
+}
+
+/// What the proxy needs beyond the engine: routes and upstream clients.
+pub struct Proxy {
+    pub routing: bursar_core::providers::Routing,
+    pub upstreams: upstream::Upstreams,
+}
+
+impl Proxy {
+    pub fn new(routing: bursar_core::providers::Routing) -> Self {
+        let upstreams = upstream::Upstreams::new(&routing);
+        Proxy { routing, upstreams }
+    }
+}
+
+async fn start(
+    s: Arc<Services>,
+    headers: HeaderMap,
+    body: Body,
+    ep: Endpoint,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let raw = read_body(&s, body).await?;
+    let caller = authenticate(&s, &headers)?;
+    let tenant = caller.key.tenant.clone().ok_or_else(|| {
+        ApiError::from(bursar_core::engine::Denial {
+            code: bursar_core::engine::DenyCode::AdminKeyCannotSpend,
+            message: "a platform admin key cannot spend; use a tenant key".into(),
+            retry_after: None,
+        })
+    })?;
+    let body = parse_object(&raw)?;
+    let dialect = ep.dialect();
+    let (model, messages, texts, extra, max_tokens, field, stream, wants_usage, end_user) = match ep
+    {
+        Endpoint::Embeddings => {
+            let (model, texts, given) = wire::embedding_inputs(&body)?;
+            (
+                model,
+                Vec::new(),
+                texts,
+                given,
+                None,
+                "max_tokens",
+                false,
+                false,
+                body.get("user").and_then(Value::as_str).map(str::to_string),
+            )
+        }
+        _ => {
+            let r = wire::parse_chat(dialect, &body)?;
+            (
+                r.model,
+                r.messages,
+                Vec::new(),
+                r.extra_prompt_tokens,
+                r.max_tokens,
+                r.max_tokens_field,
+                r.stream,
+                r.client_wants_usage,
+                r.end_user,
+            )
+        }
+    };
+    let mut tags = tags_from(&headers, end_user)?;
+    if ep == Endpoint::Embeddings && tags.task.is_none() {
+        // Embeddings run under the plan's `embed` task when it has one.
+        let dir = s.engine.directory();
+        let has_embed = dir
+            .tenants
+            .get(&tenant)
+            .and_then(|t| dir.plans.get(&t.plan))
+            .is_some_and(|p| p.tasks.contains_key("embed"));
+        if has_embed {
+            tags.task = Some("embed".into());
+        }
+    }
+    let client_model = s.proxy.routing.unalias(&model).to_string();
+    let canonical = s
+        .engine
+        .price_book()
+        .resolve(&client_model)
+        .map_err(bursar_core::engine::Denial::from)?
+        .id
+        .clone();
+    let chain = s.proxy.routing.chain(&canonical);
+    let call = Call {
+        s: s.clone(),
+        caller,
+        tenant,
+        ep,
+        body,
+        client_model,
+        chain,
+        messages,
+        texts,
+        extra_prompt_tokens: extra,
+        max_tokens,
+        max_tokens_field: field,
+        stream,
+        client_wants_usage: wants_usage,
+        tags,
+        started,
+    };
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(call.run(tx));
+    rx.await.unwrap_or_else(|_| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the call's task ended without an answer",
+        ))
+    })
+}
+
+async fn endpoint(s: Arc<Services>, headers: HeaderMap, body: Body, ep: Endpoint) -> Response {
+    match start(s, headers, body, ep).await {
+        Ok(r) => r,
+        Err(error) => ProxyError {
+            dialect: ep.dialect(),
+            error,
+        }
+        .into_response(),
+    }
+}
+
+/// OpenAI-compatible chat completions, streamed or not.
+pub async fn chat_completions(
+    State(s): State<Arc<Services>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    endpoint(s, headers, body, Endpoint::Chat).await
+}
+
+/// Anthropic-compatible messages, streamed or not.
+pub async fn messages(State(s): State<Arc<Services>>, headers: HeaderMap, body: Body) -> Response {
+    endpoint(s, headers, body, Endpoint::Messages).await
+}
+
+/// OpenAI-compatible embeddings.
+pub async fn embeddings(
+    State(s): State<Arc<Services>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    endpoint(s, headers, body, Endpoint::Embeddings).await
+}
+
+/// The models this key's plan may call, in OpenAI's list shape.
+pub async fn models(State(s): State<Arc<Services>>, headers: HeaderMap) -> Response {
+    let caller = match authenticate(&s, &headers) {
+        Ok(c) => c,
+        Err(e) => return ProxyError::new(Dialect::OpenAi, e).into_response(),
+    };
+    let dir = s.engine.directory();
+    let classes: std::collections::BTreeSet<String> = caller
+        .key
+        .tenant
+        .as_ref()
+        .and_then(|t| dir.tenants.get(t))
+        .and_then(|t| dir.plans.get(&t.plan))
+        .map(|p| {
+            p.tasks
+                .values()
+                .flat_map(|t| t.classes.iter().cloned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let data: Vec<Value> = s
+        .engine
+        .price_book()
+        .models()
+        .iter()
+        .filter(|m| classes.contains(&m.class))
+        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": m.provider}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}

@@ -1,0 +1,256 @@
+//! Calls to providers: over HTTP with reqwest, or in process to the simulated provider,
+//! both seen by the proxy as a status and a body (whole, or a stream of bytes). Each
+//! provider has its circuit breaker here.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use bursar_core::providers::{CircuitBreaker, Provider, ProviderKind, Routing};
+use futures_util::{Stream, StreamExt};
+use parking_lot::Mutex;
+
+use super::wire::Dialect;
+use crate::sim::{SimAnswer, Simulator};
+
+/// How long a connection to a provider may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Anthropic API version sent with every call.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+
+/// The proxied endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Messages,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Messages => "/v1/messages",
+            Endpoint::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    pub fn dialect(self) -> Dialect {
+        match self {
+            Endpoint::Messages => Dialect::Anthropic,
+            Endpoint::Chat | Endpoint::Embeddings => Dialect::OpenAi,
+        }
+    }
+}
+
+/// Can this provider answer this endpoint?
+pub fn speaks(kind: ProviderKind, ep: Endpoint) -> bool {
+    match kind {
+        ProviderKind::Simulated => true,
+        ProviderKind::Openai => ep != Endpoint::Messages,
+        ProviderKind::Anthropic => ep == Endpoint::Messages,
+    }
+}
+
+pub enum UpBody {
+    Full(Bytes),
+    Stream(ByteStream),
+}
+
+pub struct UpResponse {
+    pub status: StatusCode,
+    pub body: UpBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpError {
+    #[error("the provider did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the provider could not be reached: {0}")]
+    Unreachable(String),
+}
+
+pub struct Upstreams {
+    http: reqwest::Client,
+    sims: HashMap<String, Arc<Simulator>>,
+    breakers: HashMap<String, Mutex<CircuitBreaker>>,
+    keys: HashMap<String, String>,
+    epoch: Instant,
+}
+
+fn sim_stream(events: Vec<Bytes>, delay: Duration) -> ByteStream {
+    Box::pin(
+        futures_util::stream::iter(events.into_iter().enumerate()).then(
+            move |(i, ev)| async move {
+                if i > 0 && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Ok(ev)
+            },
+        ),
+    )
+}
+
+impl Upstreams {
+    /// Reads each provider's key from its environment variable, once.
+    pub fn new(routing: &Routing) -> Self {
+        let mut sims = HashMap::new();
+        let mut breakers = HashMap::new();
+        let mut keys = HashMap::new();
+        for p in &routing.providers {
+            if p.kind == ProviderKind::Simulated {
+                sims.insert(p.name.clone(), Arc::new(Simulator::new(p.simulate.clone())));
+            }
+            breakers.insert(
+                p.name.clone(),
+                Mutex::new(CircuitBreaker::new(p.circuit_failures, p.circuit_open_ms)),
+            );
+            if let Some(var) = &p.api_key_env {
+                match std::env::var(var) {
+                    Ok(k) if !k.is_empty() => {
+                        keys.insert(p.name.clone(), k);
+                    }
+                    _ => {
+                        tracing::warn!(provider = %p.name, variable = %var, "provider key variable is not set")
+                    }
+                }
+            }
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap_or_default();
+        Upstreams {
+            http,
+            sims,
+            breakers,
+            keys,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// May a call go to this provider now (its circuit is closed, or this is the probe)?
+    pub fn allow(&self, p: &Provider) -> bool {
+        self.breakers
+            .get(&p.name)
+            .is_none_or(|b| b.lock().allow(self.now_ms()))
+    }
+
+    pub fn record(&self, p: &Provider, ok: bool) {
+        if let Some(b) = self.breakers.get(&p.name) {
+            let mut b = b.lock();
+            if ok {
+                b.record_success();
+            } else {
+                let was_open = b.is_open();
+                b.record_failure(self.now_ms());
+                if b.is_open() && !was_open {
+                    tracing::warn!(provider = %p.name, "circuit opened");
+                    metrics::counter!("bursar_circuit_opened_total", "provider" => p.name.clone())
+                        .increment(1);
+                }
+            }
+        }
+    }
+
+    pub fn circuit_open(&self, name: &str) -> bool {
+        self.breakers.get(name).is_some_and(|b| b.lock().is_open())
+    }
+
+    /// Sends one request. A stream is returned as soon as the provider's headers arrive
+    /// (the caller applies the idle timeout between chunks); anything else is read whole.
+    pub async fn send(
+        &self,
+        p: &Provider,
+        ep: Endpoint,
+        body: Bytes,
+        stream: bool,
+    ) -> Result<UpResponse, UpError> {
+        if let Some(sim) = self.sims.get(&p.name) {
+            return self.simulate(sim, p, ep, &body).await;
+        }
+        let mut req = self
+            .http
+            .post(format!("{}{}", p.base_url, ep.path()))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(key) = self.keys.get(&p.name) {
+            req = match p.kind {
+                ProviderKind::Anthropic => req.header("x-api-key", key),
+                _ => req.bearer_auth(key),
+            };
+        }
+        if p.kind == ProviderKind::Anthropic {
+            req = req.header("anthropic-version", ANTHROPIC_VERSION);
+        }
+        let resp = tokio::time::timeout(p.timeout, req.send())
+            .await
+            .map_err(|_| UpError::Timeout(p.timeout))?
+            .map_err(|e| UpError::Unreachable(e.without_url().to_string()))?;
+        let status =
+            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        if stream && status.is_success() {
+            let s = resp
+                .bytes_stream()
+                .map(|r| r.map_err(|e| e.without_url().to_string()));
+            return Ok(UpResponse {
+                status,
+                body: UpBody::Stream(Box::pin(s)),
+            });
+        }
+        let bytes = tokio::time::timeout(p.timeout, resp.bytes())
+            .await
+            .map_err(|_| UpError::Timeout(p.timeout))?
+            .map_err(|e| UpError::Unreachable(e.without_url().to_string()))?;
+        Ok(UpResponse {
+            status,
+            body: UpBody::Full(bytes),
+        })
+    }
+
+    async fn simulate(
+        &self,
+        sim: &Simulator,
+        p: &Provider,
+        ep: Endpoint,
+        body: &[u8],
+    ) -> Result<UpResponse, UpError> {
+        let latency = Duration::from_millis(sim.settings.latency_ms);
+        if latency >= p.timeout {
+            tokio::time::sleep(p.timeout).await;
+            return Err(UpError::Timeout(p.timeout));
+        }
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) else {
+            return Err(UpError::Unreachable(
+                "the request body is not a JSON object".into(),
+            ));
+        };
+        let answer = match ep {
+            Endpoint::Embeddings => sim.embeddings(&map),
+            _ => sim.chat(ep.dialect(), &map),
+        };
+        Ok(match answer {
+            SimAnswer::Full { status, body } => UpResponse {
+                status,
+                body: UpBody::Full(body),
+            },
+            SimAnswer::Stream { events, delay } => UpResponse {
+                status: StatusCode::OK,
+                body: UpBody::Stream(sim_stream(events, delay)),
+            },
+        })
+    }
+}
