@@ -1,0 +1,663 @@
+//! Proxy mode end to end: real HTTP in, the simulated provider (in process, and over
+//! real HTTP behind a switchable upstream) out, the real ledger underneath.
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bursar_core::ledger::{flags, EntryKind};
+use bursar_core::pricebook::{PriceBook, TokenUsage, TokenizerKind};
+use bursar_core::providers::SimSettings;
+use bursar_core::tokens::{self, ChatMessage};
+use bursar_core::Money;
+use bursar_server::proxy::wire::Dialect;
+use bursar_server::sim::{self, Simulator};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{spawn_app_with, start_time, TestApp, ADMIN};
+
+const MEMBER: &str = "bsr_test_proxy_member_00000000000";
+
+const CONFIG: &str = r#"
+[engine]
+hold_ttl_secs = 60
+
+[[plans]]
+id = "pro"
+default_task = "chat"
+[plans.tasks.chat]
+classes = ["small", "standard"]
+default_class = "small"
+max_tokens = 1000
+[plans.tasks.embed]
+classes = ["embedding"]
+default_class = "embedding"
+max_tokens = 1
+[plans.tasks.cheap]
+classes = ["small"]
+default_class = "small"
+max_tokens = 100
+[plans.rate_limits.limited]
+requests_per_minute = 2
+
+[[tenants]]
+id = "p"
+plan = "pro"
+
+[[users]]
+tenant = "p"
+id = "u"
+role = "member"
+[[users]]
+tenant = "p"
+id = "l"
+role = "limited"
+
+[[keys]]
+name = "platform"
+kind = "platform_admin"
+secret = "bsr_test_platform_admin_000000000"
+[[keys]]
+name = "p member"
+tenant = "p"
+user = "u"
+kind = "member"
+secret = "bsr_test_proxy_member_00000000000"
+[[keys]]
+name = "p limited"
+tenant = "p"
+user = "l"
+kind = "member"
+secret = "bsr_test_proxy_limited_0000000000"
+
+[[providers]]
+name = "flaky"
+kind = "openai"
+base_url = "UPSTREAM"
+serves = ["perplexity"]
+max_retries = 1
+circuit_failures = 2
+circuit_open_ms = 300
+
+[[providers]]
+name = "slow"
+kind = "simulated"
+models = ["gpt-4.1-nano"]
+[providers.simulate]
+completion_tokens = 200
+chunk_tokens = 1
+chunk_delay_ms = 10
+
+[[providers]]
+name = "drifter"
+kind = "simulated"
+models = ["gpt-4.1-mini"]
+[providers.simulate]
+report_model = "openai/gpt-4.1-2025-04-14"
+
+[[providers]]
+name = "runaway"
+kind = "simulated"
+models = ["gpt-5-nano"]
+[providers.simulate]
+completion_tokens = 300
+ignore_max_tokens = true
+omit_usage = true
+
+[[providers]]
+name = "sim"
+kind = "simulated"
+serves = ["*"]
+[providers.simulate]
+completion_tokens = 20
+chunk_tokens = 2
+
+[routing]
+aliases = { fast = "gpt-4o-mini" }
+fallbacks = { sonar = ["gpt-4o-mini"] }
+backoff_base_ms = 2
+backoff_max_ms = 10
+"#;
+
+/// An OpenAI-compatible upstream over real HTTP that the test switches between
+/// answering (as the simulator), failing with 500 and refusing with 400.
+struct Upstream {
+    mode: AtomicU8,
+    hits: AtomicUsize,
+    sim: Simulator,
+}
+
+const OK: u8 = 0;
+const FAIL: u8 = 1;
+const REFUSE: u8 = 2;
+
+async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response {
+    u.hits.fetch_add(1, Ordering::SeqCst);
+    match u.mode.load(Ordering::SeqCst) {
+        FAIL => (StatusCode::INTERNAL_SERVER_ERROR, "{\"error\":{\"message\":\"down\"}}").into_response(),
+        REFUSE => (
+            StatusCode::BAD_REQUEST,
+            "{\"error\":{\"message\":\"bad temperature\",\"type\":\"invalid_request_error\",\"code\":\"invalid_value\"}}",
+        )
+            .into_response(),
+        _ => {
+            let Ok(Value::Object(map)) = serde_json::from_slice(&body) else {
+                return StatusCode::BAD_REQUEST.into_response();
+            };
+            sim::into_response(u.sim.chat(Dialect::OpenAi, &map))
+        }
+    }
+}
+
+async fn spawn_proxy() -> (TestApp, Arc<Upstream>) {
+    let up = Arc::new(Upstream {
+        mode: AtomicU8::new(OK),
+        hits: AtomicUsize::new(0),
+        sim: Simulator::new(SimSettings {
+            completion_tokens: 20,
+            ..SimSettings::default()
+        }),
+    });
+    let router = axum::Router::new()
+        .route("/v1/chat/completions", axum::routing::post(upstream_chat))
+        .with_state(up.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    let app = spawn_app_with(&CONFIG.replace("UPSTREAM", &url)).await;
+    (app, up)
+}
+
+fn chat(model: &str, max_tokens: u32) -> Value {
+    json!({"model": model, "max_tokens": max_tokens,
+           "messages": [{"role": "user", "content": "Say something about budgets."}]})
+}
+
+/// What a call of `chat(...)` holds on gpt-4o-mini: the prompt counted with its
+/// tokenizer and `max_tokens` of output, at the price in effect.
+fn hold_of(max_tokens: u64) -> Money {
+    let book = PriceBook::builtin().unwrap();
+    let m = book.resolve("gpt-4o-mini").unwrap();
+    let prompt = tokens::count_messages(
+        TokenizerKind::O200kBase,
+        &[ChatMessage {
+            role: "user".into(),
+            content: "Say something about budgets.".into(),
+            name: None,
+        }],
+    );
+    m.price_at(start_time()).unwrap().cost(&TokenUsage {
+        input_tokens: prompt,
+        cached_input_tokens: 0,
+        output_tokens: max_tokens,
+    })
+}
+
+fn auth_id(r: &reqwest::header::HeaderMap) -> Uuid {
+    r.get("x-bursar-authorization-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Uuid::parse_str(v).ok())
+        .unwrap()
+}
+
+/// Waits until an authorization has left the held state (streams settle after their
+/// last event), and returns its entries.
+async fn finished_entries(app: &TestApp, id: Uuid) -> Vec<(i64, EntryKind, Money, Money)> {
+    for _ in 0..500 {
+        let e = app.services.reader.entries_of(id).unwrap();
+        if e.iter().any(|e| e.1 != EntryKind::Hold) {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("authorization {id} never finished");
+}
+
+async fn add_budget(app: &TestApp, id: &str, limit: Money) {
+    let r = app
+        .post(
+            "/v1/admin/tenants/p/budgets",
+            ADMIN,
+            json!({"id": id, "scope": "tenant", "window": "lifetime", "limit": limit.to_string(),
+                   "emergency_action": "alert_only"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn a_non_streamed_chat_is_settled_at_the_providers_usage() {
+    let (app, _) = spawn_proxy().await;
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("fast", 100))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["usage"]["completion_tokens"], 20);
+    assert_eq!(
+        r.body["model"], "gpt-4o-mini",
+        "the alias is resolved before the call"
+    );
+    let expected = hold_of(20);
+    let h = |n: &str| r.headers.get(n).unwrap().to_str().unwrap().to_string();
+    assert_eq!(h("x-bursar-cost"), expected.to_string());
+    assert_eq!(h("x-bursar-held"), hold_of(100).to_string());
+    assert_eq!(h("x-bursar-model"), "gpt-4o-mini");
+    let id = auth_id(&r.headers);
+    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    assert_eq!(row.cost, expected);
+    assert_eq!(row.usage.output_tokens, 20);
+    assert_eq!(row.flags & flags::ESTIMATED, 0);
+    assert_eq!(app.services.engine.open_holds(), 0);
+}
+
+#[tokio::test]
+async fn a_stream_is_passed_through_and_settled_without_leaking_the_usage_chunk() {
+    let (app, _) = spawn_proxy().await;
+    let mut body = chat("gpt-4o-mini", 100);
+    body["stream"] = json!(true);
+    let resp = app
+        .http
+        .post(format!("{}/v1/chat/completions", app.base))
+        .bearer_auth(MEMBER)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = auth_id(resp.headers());
+    let text = resp.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"));
+    assert!(
+        !text.contains("\"usage\""),
+        "the client did not ask for usage"
+    );
+    let content: String = events
+        .iter()
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(tokens::count_text(TokenizerKind::O200kBase, &content), 20);
+    finished_entries(&app, id).await;
+    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    assert_eq!(row.usage.output_tokens, 20);
+    assert_eq!(row.cost, hold_of(20));
+    assert_eq!(
+        row.flags & flags::ESTIMATED,
+        0,
+        "the provider's own usage was used"
+    );
+}
+
+#[tokio::test]
+async fn anthropic_messages_and_embeddings_are_metered_too() {
+    let (app, _) = spawn_proxy().await;
+    let r = app
+        .http
+        .post(format!("{}/v1/messages", app.base))
+        .header("x-api-key", MEMBER)
+        .header("anthropic-version", "2023-06-01")
+        .json(
+            &json!({"model": "claude-3-5-haiku-20241022", "max_tokens": 50,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = auth_id(r.headers());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["usage"]["output_tokens"], 20);
+    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    assert_eq!(row.usage.output_tokens, 20);
+    assert!(row.cost > Money::ZERO);
+
+    // Errors on /v1/messages are in Anthropic's shape, with Bursar's code inside.
+    let r = app
+        .http
+        .post(format!("{}/v1/messages", app.base))
+        .header("x-api-key", MEMBER)
+        .json(&json!({"model": "claude-3-opus", "max_tokens": 50,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "permission_error");
+    assert_eq!(v["error"]["code"], "model_class_not_allowed");
+
+    let r = app
+        .post(
+            "/v1/embeddings",
+            MEMBER,
+            json!({"model": "text-embedding-3-small", "input": ["one two three", "four"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 2);
+    let row = app
+        .services
+        .reader
+        .settle_entry_of(auth_id(&r.headers))
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.usage.input_tokens, 4);
+
+    let r = app.get("/v1/models", MEMBER).await;
+    let ids: Vec<&str> = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(ids.contains(&"gpt-4o-mini") && ids.contains(&"text-embedding-3-small"));
+    assert!(
+        !ids.contains(&"claude-3-opus"),
+        "premium is not in this plan"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_before_any_money_is_held() {
+    let (app, _) = spawn_proxy().await;
+    let cases = [
+        (json!({"model": "gpt-4o-mini"}), 400, "invalid_request"),
+        (
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user"}], "max_tokens": -1}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}),
+            422,
+            "unknown_model",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let r = app.post("/v1/chat/completions", MEMBER, body).await;
+        assert_eq!(r.status, status, "{:?}", r.body);
+        assert_eq!(r.code(), code);
+    }
+    let r = app
+        .raw_post("/v1/chat/completions", MEMBER, b"{not json".to_vec())
+        .await;
+    assert_eq!((r.status, r.code()), (400, "invalid_json"));
+    let big = vec![b' '; 2 << 20];
+    let r = app.raw_post("/v1/chat/completions", MEMBER, big).await;
+    assert_eq!((r.status, r.code()), (413, "body_too_large"));
+    let r = app
+        .post(
+            "/v1/chat/completions",
+            "bsr_wrong_key_00000000000000000",
+            chat("fast", 10),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (401, "invalid_api_key"));
+    assert_eq!(app.services.engine.open_holds(), 0);
+    let entries = bursar_store::sqlite::read_entries(&app.db_path())
+        .unwrap()
+        .entries;
+    assert!(entries.is_empty(), "nothing was held: {entries:?}");
+}
+
+#[tokio::test]
+async fn five_hundred_concurrent_streams_on_a_budget_for_one_hundred() {
+    let (app, _) = spawn_proxy().await;
+    let hold = hold_of(20);
+    add_budget(&app, "fits-100", Money::from_nanos(hold.nanos() * 100)).await;
+    let app = Arc::new(app);
+    let mut tasks = Vec::new();
+    for _ in 0..500 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut body = chat("gpt-4o-mini", 20);
+            body["stream"] = json!(true);
+            let r = app
+                .http
+                .post(format!("{}/v1/chat/completions", app.base))
+                .bearer_auth(MEMBER)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap();
+            (status, text)
+        }));
+    }
+    let mut served = 0;
+    for t in tasks {
+        let (status, text) = t.await.unwrap();
+        match status {
+            200 => {
+                assert!(text.ends_with("data: [DONE]\n\n"));
+                served += 1;
+            }
+            402 => assert!(text.contains("budget_exceeded")),
+            other => panic!("unexpected {other}: {text}"),
+        }
+    }
+    assert_eq!(
+        served, 100,
+        "exactly the calls the budget pays for are served"
+    );
+    for _ in 0..500 {
+        if app.services.engine.open_holds() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.services.engine.open_holds(), 0);
+    let entries = bursar_store::sqlite::read_entries(&app.db_path())
+        .unwrap()
+        .entries;
+    let spent: i64 = entries.iter().map(|e| e.cost_delta.nanos()).sum();
+    assert!(spent <= hold.nanos() * 100);
+    assert_eq!(spent, hold.nanos() * 100);
+    let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
+    assert!(v.ok(), "{:?}", v.problems);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_is_charged_for_what_was_generated() {
+    let (app, _) = spawn_proxy().await;
+    let resp = app
+        .http
+        .post(format!("{}/v1/chat/completions", app.base))
+        .bearer_auth(MEMBER)
+        .json(
+            &json!({"model": "gpt-4.1-nano", "max_tokens": 500, "stream": true,
+                      "messages": [{"role": "user", "content": "Tell me a long story."}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = auth_id(resp.headers());
+    let held: Money = Money::parse(
+        resp.headers()
+            .get("x-bursar-held")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut stream = resp.bytes_stream();
+    let mut got = 0;
+    while got < 200 {
+        got += stream.next().await.unwrap().unwrap().len();
+    }
+    drop(stream);
+    let entries = finished_entries(&app, id).await;
+    let settle = entries.iter().find(|e| e.1 == EntryKind::Settle).unwrap();
+    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    assert!(
+        row.usage.output_tokens > 0 && row.usage.output_tokens < 200,
+        "{row:?}"
+    );
+    assert!(
+        settle.3 > Money::ZERO && settle.3 < held,
+        "partial cost {} of {held}",
+        settle.3
+    );
+    assert_ne!(row.flags & flags::ESTIMATED, 0, "counted, not reported");
+    assert_eq!(app.services.engine.open_holds(), 0);
+}
+
+#[tokio::test]
+async fn a_stream_that_outruns_its_hold_is_cut_and_settled_at_what_was_generated() {
+    let (app, _) = spawn_proxy().await;
+    let r = app
+        .http
+        .post(format!("{}/v1/chat/completions", app.base))
+        .bearer_auth(MEMBER)
+        .json(
+            &json!({"model": "gpt-5-nano", "max_tokens": 50, "stream": true,
+                      "messages": [{"role": "user", "content": "go"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = auth_id(r.headers());
+    let text = r.text().await.unwrap();
+    assert!(text.contains("stream_exceeded_hold"), "{text}");
+    finished_entries(&app, id).await;
+    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    // Cut within the chunk that crossed the cap (4 tokens a chunk): what the provider
+    // generated is charged, and the part past the hold is an overage, never hidden.
+    assert!((50..=54).contains(&row.usage.output_tokens), "{row:?}");
+    assert_ne!(row.flags & flags::ESTIMATED, 0);
+    assert_eq!(
+        row.flags & flags::OVERAGE != 0,
+        row.usage.output_tokens > 50,
+        "{row:?}"
+    );
+}
+
+#[tokio::test]
+async fn fallback_on_failures_then_the_circuit_opens_and_closes() {
+    let (app, up) = spawn_proxy().await;
+    up.mode.store(FAIL, Ordering::SeqCst);
+    // sonar fails on its provider (after one retry) and falls back to gpt-4o-mini.
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("sonar", 50))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.headers["x-bursar-model"], "gpt-4o-mini");
+    assert_eq!(up.hits.load(Ordering::SeqCst), 2, "one try and one retry");
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("sonar", 50))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.hits.load(Ordering::SeqCst), 4);
+    assert!(app.services.proxy.upstreams.circuit_open("flaky"));
+    // Open: the provider is not called at all.
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("sonar", 50))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.hits.load(Ordering::SeqCst), 4);
+    // The failed hops were voided at $0: nothing is held, nothing charged for them.
+    let entries = bursar_store::sqlite::read_entries(&app.db_path())
+        .unwrap()
+        .entries;
+    let voids: Vec<_> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Void)
+        .collect();
+    assert_eq!(voids.len(), 3);
+    assert!(voids.iter().all(|v| v.cost_delta == Money::ZERO));
+    // The provider recovers; after the open time one probe goes through and closes it.
+    up.mode.store(OK, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("sonar", 50))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-bursar-model"], "sonar");
+    assert_eq!(up.hits.load(Ordering::SeqCst), 5);
+    assert!(!app.services.proxy.upstreams.circuit_open("flaky"));
+    assert_eq!(app.services.engine.open_holds(), 0);
+}
+
+#[tokio::test]
+async fn a_request_the_provider_refuses_is_not_retried_and_costs_nothing() {
+    let (app, up) = spawn_proxy().await;
+    up.mode.store(REFUSE, Ordering::SeqCst);
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("sonar", 50))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.body["error"]["code"], "invalid_value",
+        "the provider's own error"
+    );
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1, "a 400 is never retried");
+    let entries = bursar_store::sqlite::read_entries(&app.db_path())
+        .unwrap()
+        .entries;
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[1].kind, EntryKind::Void);
+    assert_eq!(entries[1].cost_delta, Money::ZERO);
+    assert!(!app.services.proxy.upstreams.circuit_open("flaky"));
+}
+
+#[tokio::test]
+async fn drift_is_recorded_and_priced_as_the_model_used() {
+    let (app, _) = spawn_proxy().await;
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("gpt-4.1-mini", 50))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let row = app
+        .services
+        .reader
+        .settle_entry_of(auth_id(&r.headers))
+        .unwrap()
+        .unwrap();
+    assert_ne!(row.flags & flags::DRIFT, 0);
+    assert_eq!(row.model_used.as_deref(), Some("gpt-4.1"));
+    let book = PriceBook::builtin().unwrap();
+    let expected = book
+        .resolve("gpt-4.1")
+        .unwrap()
+        .price_at(start_time())
+        .unwrap()
+        .cost(&row.usage);
+    assert_eq!(row.cost, expected);
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_ratelimit_headers() {
+    let (app, _) = spawn_proxy().await;
+    let key = "bsr_test_proxy_limited_0000000000";
+    let r = app
+        .post("/v1/chat/completions", key, chat("fast", 10))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-ratelimit-limit-requests"], "2");
+    assert_eq!(r.headers["x-ratelimit-remaining-requests"], "1");
+    app.post("/v1/chat/completions", key, chat("fast", 10))
+        .await;
+    let r = app
+        .post("/v1/chat/completions", key, chat("fast", 10))
+        .await;
+    assert_eq!((r.status, r.code()), (429, "rate_limited"));
+    assert!(r.headers.get("retry-after").is_some());
+}
