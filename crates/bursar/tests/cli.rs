@@ -5,16 +5,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bursar_core::ledger::EntryKind;
 use serde_json::json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bursar");
+mod common;
+
+use common::{start, BIN};
 const MEMBER: &str = "bsr_cli_member_key_00000000000000";
 
 const CONFIG: &str = r#"
@@ -46,53 +47,6 @@ scope = "tenant"
 window = "lifetime"
 limit = "1000"
 "#;
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `bursar serve` on port 0 and reads the bound address from its ready log line.
-// The child is owned by the returned `Server`, whose drop kills and reaps it.
-#[allow(clippy::zombie_processes)]
-fn start(dir: &Path, config: &Path) -> Server {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(config)
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(Instant::now() < deadline, "bursar did not start");
-        let line = lines
-            .next()
-            .expect("bursar exited before it was ready")
-            .unwrap();
-        if line.contains("bursar is ready") {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            let listen = v["fields"]["listen"].as_str().unwrap().to_string();
-            // Keep draining the logs so the server never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines.by_ref() {});
-            return Server {
-                child,
-                base: format!("http://{listen}"),
-            };
-        }
-    }
-}
 
 fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
     let p = dir.join("bursar.toml");
