@@ -111,6 +111,23 @@ ignore_max_tokens = true
 omit_usage = true
 
 [[providers]]
+name = "lagging"
+kind = "simulated"
+models = ["gpt-5-mini"]
+[providers.simulate]
+completion_tokens = 20
+latency_ms = 300
+
+[[providers]]
+name = "hang"
+kind = "simulated"
+models = ["grok-3-mini"]
+timeout_ms = 100
+max_retries = 0
+[providers.simulate]
+latency_ms = 60000
+
+[[providers]]
 name = "sim"
 kind = "simulated"
 serves = ["*"]
@@ -136,6 +153,7 @@ struct Upstream {
 const OK: u8 = 0;
 const FAIL: u8 = 1;
 const REFUSE: u8 = 2;
+const MALFORMED: u8 = 3;
 
 async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response {
     u.hits.fetch_add(1, Ordering::SeqCst);
@@ -146,6 +164,7 @@ async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response 
             "{\"error\":{\"message\":\"bad temperature\",\"type\":\"invalid_request_error\",\"code\":\"invalid_value\"}}",
         )
             .into_response(),
+        MALFORMED => (StatusCode::OK, "{\"choices\": [{\"message\": {\"content\": \"cut off").into_response(),
         _ => {
             let Ok(Value::Object(map)) = serde_json::from_slice(&body) else {
                 return StatusCode::BAD_REQUEST.into_response();
@@ -660,4 +679,100 @@ async fn rate_limits_answer_429_with_retry_after_and_ratelimit_headers() {
         .await;
     assert_eq!((r.status, r.code()), (429, "rate_limited"));
     assert!(r.headers.get("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn a_provider_that_hangs_is_cut_at_its_timeout_and_the_hold_released() {
+    let (app, _) = spawn_proxy().await;
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("grok-3-mini", 50))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (504, "provider_timeout"),
+        "{:?}",
+        r.body
+    );
+    let entries = bursar_store::sqlite::read_entries(&app.db_path())
+        .unwrap()
+        .entries;
+    let kinds: Vec<EntryKind> = entries.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, vec![EntryKind::Hold, EntryKind::Void]);
+    assert_eq!(entries[1].cost_delta, Money::ZERO, "nothing was generated");
+    assert_eq!(app.services.engine.open_holds(), 0);
+}
+
+#[tokio::test]
+async fn a_malformed_answer_is_settled_from_counted_tokens_never_at_zero() {
+    let (app, up) = spawn_proxy().await;
+    up.mode.store(MALFORMED, Ordering::SeqCst);
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("sonar", 50))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (502, "provider_malformed_answer"),
+        "{:?}",
+        r.body
+    );
+    let entries = bursar_store::sqlite::read_entries(&app.db_path())
+        .unwrap()
+        .entries;
+    let settle = entries
+        .iter()
+        .find(|e| e.kind == EntryKind::Settle)
+        .unwrap();
+    assert!(settle.cost_delta > Money::ZERO);
+    assert_ne!(settle.flags & flags::ESTIMATED, 0);
+    assert_eq!(app.services.engine.open_holds(), 0);
+}
+
+#[tokio::test]
+async fn an_answer_without_usage_is_settled_from_counted_tokens_and_overage_shown() {
+    let (app, _) = spawn_proxy().await;
+    // This provider leaves usage out and ignores max_tokens (300 tokens for 50 asked).
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("gpt-5-nano", 50))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let row = app
+        .services
+        .reader
+        .settle_entry_of(auth_id(&r.headers))
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.usage.output_tokens, 300);
+    assert_ne!(row.flags & flags::ESTIMATED, 0);
+    assert_ne!(row.flags & flags::OVERAGE, 0);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_a_whole_answer_is_still_settled() {
+    let (app, _) = spawn_proxy().await;
+    let r = app
+        .http
+        .post(format!("{}/v1/chat/completions", app.base))
+        .bearer_auth(MEMBER)
+        .timeout(Duration::from_millis(50))
+        .json(&chat("gpt-5-mini", 50))
+        .send()
+        .await;
+    assert!(
+        r.is_err(),
+        "the client gave up before the provider answered"
+    );
+    for _ in 0..300 {
+        let entries = bursar_store::sqlite::read_entries(&app.db_path())
+            .unwrap()
+            .entries;
+        if let Some(settle) = entries.iter().find(|e| e.kind == EntryKind::Settle) {
+            assert_eq!(settle.usage.output_tokens, 20, "the provider's own usage");
+            assert_eq!(settle.flags & flags::ESTIMATED, 0);
+            assert!(settle.cost_delta > Money::ZERO);
+            assert_eq!(app.services.engine.open_holds(), 0);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the call was never settled");
 }
