@@ -136,6 +136,32 @@ pub struct RoleLimits {
     pub tokens_per_minute: Option<NonZeroU32>,
 }
 
+/// Who shares a rate limit of a plan's `limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitPer {
+    /// Each API key has its own.
+    Key,
+    /// All keys of one user share it (keys without a user: each its own).
+    User,
+    /// All keys of the tenant share it.
+    Tenant,
+    /// The tenant's calls of one model share it (each model its own).
+    Model,
+}
+
+/// A rate limit shared by a group of callers: a tenant-wide cap, a per-model cap…
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedLimit {
+    pub per: LimitPer,
+    /// Only callers with this role.
+    pub role: Option<String>,
+    /// Only calls of this model (canonical id).
+    pub model: Option<String>,
+    pub requests_per_minute: Option<NonZeroU32>,
+    pub tokens_per_minute: Option<NonZeroU32>,
+}
+
 /// How a call's provider cost turns into the charge to the tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,7 +217,10 @@ pub struct Plan {
     pub tasks: BTreeMap<String, TaskPolicy>,
     /// The task of a call that names none.
     pub default_task: String,
+    /// Per-key limits by role (shorthand for `limits` with `per = "key"`).
     pub rate_limits: BTreeMap<String, RoleLimits>,
+    /// Limits shared by a user's keys, a tenant, or a tenant's calls of a model.
+    pub limits: Vec<SharedLimit>,
     /// Budgets every tenant on this plan gets.
     pub default_budgets: Vec<BudgetSpec>,
     pub rate_card: RateCard,

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::budget::{Budget, BudgetSpec, EmergencyAction, ScopeKind, Selector, Thresholds, Window};
 use crate::catalog::{
-    ApiKey, Directory, EnforcementMode, KeyHash, KeyKind, Plan, RateCard, RoleLimits, TaskPolicy,
-    Team, Tenant, User, KEY_SECRET_PREFIX,
+    ApiKey, Directory, EnforcementMode, KeyHash, KeyKind, LimitPer, Plan, RateCard, RoleLimits,
+    SharedLimit, TaskPolicy, Team, Tenant, User, KEY_SECRET_PREFIX,
 };
 use crate::engine::{
     EngineConfig, ExpiryPolicy, DEFAULT_HOLD_TTL, DEFAULT_MIN_OUTPUT_TOKENS, MAX_HOLD_TTL,
@@ -106,6 +106,16 @@ struct RawRoleLimits {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawLimit {
+    per: LimitPer,
+    role: Option<String>,
+    model: Option<String>,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPlan {
     id: String,
     #[serde(default)]
@@ -114,6 +124,8 @@ struct RawPlan {
     tasks: BTreeMap<String, TaskPolicy>,
     #[serde(default)]
     rate_limits: BTreeMap<String, RawRoleLimits>,
+    #[serde(default)]
+    limits: Vec<RawLimit>,
     #[serde(default)]
     budgets: Vec<RawBudget>,
     rate_card: Option<RawRateCard>,
@@ -377,6 +389,36 @@ impl Config {
                     },
                 );
             }
+            let mut limits = Vec::new();
+            for (i, l) in rp.limits.iter().enumerate() {
+                let rpm = l.requests_per_minute.map(NonZeroU32::new);
+                let tpm = l.tokens_per_minute.map(NonZeroU32::new);
+                if matches!(rpm, Some(None)) || matches!(tpm, Some(None)) {
+                    p.push(format!("{owner}: limit {i}: a rate must be at least 1"));
+                }
+                if rpm.is_none() && tpm.is_none() {
+                    p.push(format!(
+                        "{owner}: limit {i}: give requests_per_minute, tokens_per_minute or both"
+                    ));
+                }
+                let model = match &l.model {
+                    None => None,
+                    Some(m) => match book.resolve(m) {
+                        Ok(m) => Some(m.id.clone()),
+                        Err(e) => {
+                            p.push(format!("{owner}: limit {i}: {e}"));
+                            None
+                        }
+                    },
+                };
+                limits.push(SharedLimit {
+                    per: l.per,
+                    role: l.role.clone(),
+                    model,
+                    requests_per_minute: rpm.flatten(),
+                    tokens_per_minute: tpm.flatten(),
+                });
+            }
             let mut default_budgets = Vec::new();
             for (i, b) in rp.budgets.iter().enumerate() {
                 if b.id.is_some() || b.tenant.is_some() {
@@ -434,6 +476,7 @@ impl Config {
                 tasks: rp.tasks,
                 default_task: rp.default_task,
                 rate_limits,
+                limits,
                 default_budgets,
                 rate_card,
                 price_per_month,

@@ -29,7 +29,9 @@ use uuid::Uuid;
 use crate::budget::{
     BucketKey, Budget, Counter, EmergencyAction, Level, ScopeKind, Selector, Window,
 };
-use crate::catalog::{ApiKey, Directory, EnforcementMode, KeyHash, KeyKind, KeyRing, Plan, Tenant};
+use crate::catalog::{
+    ApiKey, Directory, EnforcementMode, KeyHash, KeyKind, KeyRing, LimitPer, Plan, Tenant,
+};
 use crate::ledger::{flags, AlertEvent, Entry, EntryKind, HoldDetail, Tags};
 use crate::money::{Money, PICOS_PER_NANO};
 use crate::pricebook::{LookupError, Model, PriceBook, TokenUsage};
@@ -250,6 +252,8 @@ pub struct Permit {
 pub struct RateStanding {
     /// `requests` or `tokens`.
     pub dimension: String,
+    /// Who shares it: `key`, `user`, `tenant` or `model`.
+    pub per: String,
     pub limit_per_minute: u32,
     pub remaining: u64,
     /// Milliseconds until the whole limit is available again.
@@ -377,11 +381,47 @@ struct IdempotencyRecord {
 /// flood one bucket.
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// A rate-limit cell: one per key and dimension (a role's limits apply to each key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum RateCell {
-    Requests(Uuid),
-    Tokens(Uuid),
+/// Who a rate-limit cell counts for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Subject {
+    Key(Uuid),
+    /// Tenant and user.
+    User(String, String),
+    Tenant(String),
+    /// Tenant and model (or metered API).
+    Model(String, String),
+}
+
+/// The role limits of a plan, as a cell's `limit`; shared limits use their index.
+const ROLE_LIMIT: u16 = u16::MAX;
+
+/// A rate-limit cell: one per limit, subject and dimension.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RateCell {
+    limit: u16,
+    subject: Subject,
+    tokens: bool,
+}
+
+impl RateCell {
+    fn per(&self) -> &'static str {
+        match self.subject {
+            Subject::Key(_) => "key",
+            Subject::User(..) => "user",
+            Subject::Tenant(_) => "tenant",
+            Subject::Model(..) => "model",
+        }
+    }
+
+    fn describe(&self, role: &str) -> String {
+        let what = if self.tokens { "tokens" } else { "requests" };
+        match &self.subject {
+            Subject::Key(_) => format!("{what} of role `{role}` per key"),
+            Subject::User(_, u) => format!("{what} of user `{u}`"),
+            Subject::Tenant(t) => format!("{what} of tenant `{t}`"),
+            Subject::Model(_, m) => format!("{what} of model `{m}` in this tenant"),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -848,22 +888,68 @@ impl Engine {
         let estimated_tokens = priced.estimated_tokens();
         let mut rate_checks: Vec<(RateCell, u64, u32)> = Vec::new();
         if mode != EnforcementMode::Off {
-            if let Some(rpm) = limits.requests_per_minute {
-                rate_checks.push((RateCell::Requests(key.id), 1, rpm.get()));
-            }
-            if let Some(tpm) = limits.tokens_per_minute {
-                rate_checks.push((RateCell::Tokens(key.id), estimated_tokens, tpm.get()));
+            let mut add = |limit: u16,
+                           subject: Subject,
+                           rpm: Option<std::num::NonZeroU32>,
+                           tpm: Option<std::num::NonZeroU32>| {
+                if let Some(rpm) = rpm {
+                    rate_checks.push((
+                        RateCell {
+                            limit,
+                            subject: subject.clone(),
+                            tokens: false,
+                        },
+                        1,
+                        rpm.get(),
+                    ));
+                }
+                if let Some(tpm) = tpm {
+                    rate_checks.push((
+                        RateCell {
+                            limit,
+                            subject,
+                            tokens: true,
+                        },
+                        estimated_tokens,
+                        tpm.get(),
+                    ));
+                }
+            };
+            add(
+                ROLE_LIMIT,
+                Subject::Key(key.id),
+                limits.requests_per_minute,
+                limits.tokens_per_minute,
+            );
+            let item = priced.item_id();
+            for (i, l) in plan.limits.iter().enumerate() {
+                if l.role.as_ref().is_some_and(|r| r != &role)
+                    || l.model.as_ref().is_some_and(|m| m != item)
+                {
+                    continue;
+                }
+                let subject = match (l.per, &key.user) {
+                    (LimitPer::User, Some(u)) => Subject::User(tenant_id.clone(), u.clone()),
+                    (LimitPer::Key | LimitPer::User, _) => Subject::Key(key.id),
+                    (LimitPer::Tenant, _) => Subject::Tenant(tenant_id.clone()),
+                    (LimitPer::Model, _) => Subject::Model(tenant_id.clone(), item.to_string()),
+                };
+                let index = u16::try_from(i).unwrap_or(ROLE_LIMIT - 1);
+                add(index, subject, l.requests_per_minute, l.tokens_per_minute);
             }
         }
         let mut rate_updates: Vec<(RateCell, Gcra)> = Vec::with_capacity(rate_checks.len());
         for (cell, n, per_minute) in &rate_checks {
             let g = state.limiters.get(cell).copied().unwrap_or_default();
             match g.check(now_ms, *n, *per_minute) {
-                Ok(next) => rate_updates.push((*cell, next)),
+                Ok(next) => rate_updates.push((cell.clone(), next)),
                 Err(crate::ratelimit::RateError::Wait(wait)) => {
                     let mut d = Denial::new(
                         DenyCode::RateLimited,
-                        format!("rate limit of {per_minute} per minute reached for role `{role}`"),
+                        format!(
+                            "rate limit of {per_minute} {} per minute reached",
+                            cell.describe(&role)
+                        ),
                     );
                     d.retry_after = Some(wait);
                     if mode == EnforcementMode::Enforce {
@@ -989,11 +1075,8 @@ impl Engine {
         for ((cell, g), (_, _, per_minute)) in rate_updates.into_iter().zip(&rate_checks) {
             let (remaining, reset) = g.standing(now_ms, *per_minute);
             rate_limits.push(RateStanding {
-                dimension: match cell {
-                    RateCell::Requests(_) => "requests",
-                    RateCell::Tokens(_) => "tokens",
-                }
-                .to_string(),
+                dimension: if cell.tokens { "tokens" } else { "requests" }.to_string(),
+                per: cell.per().to_string(),
                 limit_per_minute: *per_minute,
                 remaining,
                 reset_ms: u64::try_from(reset.as_millis()).unwrap_or(u64::MAX),
@@ -1898,6 +1981,14 @@ enum Priced<'a> {
 }
 
 impl Priced<'_> {
+    /// The model or metered API priced.
+    fn item_id(&self) -> &str {
+        match self {
+            Priced::Model { model, .. } => &model.id,
+            Priced::Api { api, .. } => api,
+        }
+    }
+
     fn estimated_tokens(&self) -> u64 {
         match self {
             Priced::Model {

@@ -600,6 +600,72 @@ fn rate_limits_say_when_to_retry() {
     assert_eq!(d.code, DenyCode::ExceedsRateLimitCapacity);
 }
 
+#[test]
+fn shared_limits_count_a_users_keys_the_tenant_and_each_model_together() {
+    let limits = "max_tokens = 1000
+[[plans.limits]]
+per = \"user\"
+requests_per_minute = 3
+[[plans.limits]]
+per = \"tenant\"
+requests_per_minute = 5
+[[plans.limits]]
+per = \"model\"
+model = \"gpt-4o\"
+requests_per_minute = 1
+";
+    let text = config_text(["10", "10", "10", "10"]).replacen("max_tokens = 1000\n", limits, 1)
+        + "\n[[keys]]\nname = \"ann 2\"\ntenant = \"acme\"\nuser = \"ann\"\nkind = \"member\"\nsecret = \"bsr_test_ann_second_key_000000000\"\n"
+        + "[[keys]]\nname = \"service\"\ntenant = \"acme\"\nkind = \"member\"\nsecret = \"bsr_test_service_key_000000000000\"\n";
+    let (engine, _) = build(&text);
+    let sink = VecSink::default();
+    let ann1 = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let ann2 = caller(&engine, "bsr_test_ann_second_key_000000000");
+    let service = caller(&engine, "bsr_test_service_key_000000000000");
+    // Ann's two keys share her 3 a minute.
+    for c in [&ann1, &ann2, &ann1] {
+        engine
+            .authorize(c, ask(10, 10, None), now(), &sink)
+            .unwrap();
+    }
+    let d = engine
+        .authorize(&ann2, ask(10, 10, None), now(), &sink)
+        .unwrap_err();
+    assert_eq!(d.code, DenyCode::RateLimited);
+    assert!(d.message.contains("user `ann`"), "{}", d.message);
+    // A key without a user is its own; the tenant's 5 a minute covers everyone.
+    engine
+        .authorize(&service, ask(10, 10, None), now(), &sink)
+        .unwrap();
+    let mut gpt4o = ask(10, 10, None);
+    gpt4o.metered = Metered::Model {
+        model: "gpt-4o".into(),
+        prompt: Prompt::Tokens(10),
+        max_tokens: Some(10),
+    };
+    let (p, ()) = engine
+        .authorize(&service, gpt4o.clone(), now(), &sink)
+        .unwrap();
+    let per: Vec<&str> = p.rate_limits.iter().map(|r| r.per.as_str()).collect();
+    // The user limit falls back to the key for a key without a user.
+    assert_eq!(per, vec!["key", "tenant", "model"]);
+    assert_eq!(p.rate_limits[1].remaining, 0, "the tenant's 5 are used");
+    let d = engine
+        .authorize(&service, ask(10, 10, None), now(), &sink)
+        .unwrap_err();
+    assert!(d.message.contains("tenant `acme`"), "{}", d.message);
+    // A minute later the tenant has room again, but gpt-4o only once a minute.
+    let later = now() + chrono::Duration::seconds(60);
+    engine
+        .authorize(&service, gpt4o.clone(), later, &sink)
+        .unwrap();
+    let d = engine.authorize(&service, gpt4o, later, &sink).unwrap_err();
+    assert!(d.message.contains("model `gpt-4o`"), "{}", d.message);
+    engine
+        .authorize(&service, ask(10, 10, None), later, &sink)
+        .unwrap();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 

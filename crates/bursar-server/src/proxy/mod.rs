@@ -24,7 +24,9 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bursar_core::engine::{AuthorizeRequest, Caller, Metered, Permit, Prompt, Settlement, Usage};
+use bursar_core::engine::{
+    AuthorizeRequest, Caller, ExpiryPolicy, Metered, Permit, Prompt, Settlement, Usage,
+};
 use bursar_core::ledger::Tags;
 use bursar_core::pricebook::{Model, TokenUsage};
 use bursar_core::providers::{DisconnectPolicy, Provider};
@@ -33,6 +35,8 @@ use bursar_core::Money;
 use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
+
+use bursar_store::sqlite::Ticket;
 
 use crate::error::ApiError;
 use crate::Services;
@@ -211,7 +215,16 @@ fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>)
             header_value(now),
         );
     }
+    // The most restrictive limit of each dimension is the one a client must respect.
+    let mut tightest: Vec<&bursar_core::engine::RateStanding> = Vec::new();
     for r in &permit.rate_limits {
+        match tightest.iter_mut().find(|t| t.dimension == r.dimension) {
+            Some(t) if r.remaining < t.remaining => *t = r,
+            Some(_) => {}
+            None => tightest.push(r),
+        }
+    }
+    for r in tightest {
         let (limit, remaining, reset) = match r.dimension.as_str() {
             "requests" => (
                 "x-ratelimit-limit-requests",
@@ -318,8 +331,8 @@ impl Call {
         usage: TokenUsage,
         reported: Option<String>,
         estimated: bool,
-        provider_ms: u128,
-    ) -> Result<Settlement, ApiError> {
+        provider_time: Duration,
+    ) -> Result<(Settlement, Ticket), ApiError> {
         // A reported model the price book does not know cannot be priced: the call is
         // priced as routed, and the mismatch is logged and counted.
         let model_used = reported.filter(|m| {
@@ -334,7 +347,7 @@ impl Call {
             tokens: usage,
             quantity: 0,
             model_used,
-            latency_ms: Some(u32::try_from(provider_ms).unwrap_or(u32::MAX)),
+            latency_ms: Some(u32::try_from(provider_time.as_millis()).unwrap_or(u32::MAX)),
             estimated,
         };
         let (settlement, ticket) = self.s.engine.settle(
@@ -344,7 +357,6 @@ impl Call {
             self.s.clock.now(),
             &self.s.ledger,
         )?;
-        ticket.wait().await?;
         if settlement.drift {
             metrics::counter!("bursar_model_drift_total").increment(1);
         }
@@ -354,7 +366,7 @@ impl Call {
         if estimated {
             metrics::counter!("bursar_estimated_settlements_total").increment(1);
         }
-        Ok(settlement)
+        Ok((settlement, ticket))
     }
 
     /// The body sent upstream for this hop.
@@ -385,7 +397,12 @@ impl Call {
     }
 
     /// Sends one hop, retrying what may succeed on a second try.
-    async fn attempts(&self, provider: &Provider, body: Bytes, provider_ms: &mut u128) -> HopEnd {
+    async fn attempts(
+        &self,
+        provider: &Provider,
+        body: Bytes,
+        provider_time: &mut Duration,
+    ) -> HopEnd {
         let mut attempt = 0u32;
         loop {
             let t0 = Instant::now();
@@ -395,7 +412,7 @@ impl Call {
                 .upstreams
                 .send(provider, self.ep, body.clone(), self.stream)
                 .await;
-            *provider_ms += t0.elapsed().as_millis();
+            *provider_time += t0.elapsed();
             let failure = match r {
                 Ok(resp) if resp.status.is_success() => return HopEnd::Answer(resp),
                 Ok(resp) if !retryable(resp.status) => return HopEnd::Refused(resp),
@@ -512,8 +529,8 @@ impl Call {
                 continue;
             }
             let body = self.upstream_body(hop, &permit);
-            let mut provider_ms = 0u128;
-            match self.attempts(provider, body, &mut provider_ms).await {
+            let mut provider_time = Duration::ZERO;
+            match self.attempts(provider, body, &mut provider_time).await {
                 HopEnd::Answer(resp) => {
                     self.s.proxy.upstreams.record(provider, true);
                     if hop > 0 {
@@ -521,13 +538,11 @@ impl Call {
                     }
                     match resp.body {
                         UpBody::Full(bytes) => {
-                            let r = self
-                                .finish_whole(&permit, routed_model, bytes, provider_ms)
+                            self.finish_whole(&permit, routed_model, bytes, provider_time, reply)
                                 .await;
-                            let _ = reply.send(r);
                         }
                         UpBody::Stream(stream) => {
-                            self.pump(permit, routed_model, provider, stream, provider_ms, reply)
+                            self.pump(permit, routed_model, provider, stream, provider_time, reply)
                                 .await;
                         }
                     }
@@ -585,21 +600,29 @@ impl Call {
         }
     }
 
-    fn overhead(&self, provider_ms: u128) {
-        let total = self.started.elapsed();
-        let provider = Duration::from_millis(u64::try_from(provider_ms).unwrap_or(u64::MAX));
-        metrics::histogram!("bursar_proxy_overhead_seconds")
-            .record(total.saturating_sub(provider).as_secs_f64());
+    fn overhead(&self, provider_time: Duration) {
+        metrics::histogram!("bursar_proxy_overhead_seconds").record(
+            self.started
+                .elapsed()
+                .saturating_sub(provider_time)
+                .as_secs_f64(),
+        );
     }
 
     /// A whole answer: read its usage, settle, answer with Bursar's headers.
+    ///
+    /// The hold is durable before the provider is called, so when an expired hold is
+    /// charged (the default policy) the answer need not wait for the settle entry to be
+    /// durable: a crash in between charges the hold by policy, never nothing. Under the
+    /// `release` policy the answer waits.
     async fn finish_whole(
         &self,
         permit: &Permit,
         model: &Model,
         bytes: Bytes,
-        provider_ms: u128,
-    ) -> Result<Response, ApiError> {
+        provider_time: Duration,
+        reply: oneshot::Sender<Result<Response, ApiError>>,
+    ) {
         let mut seen = Seen::default();
         let parsed = serde_json::from_slice::<Value>(&bytes).ok();
         if let Some(v) = &parsed {
@@ -617,28 +640,52 @@ impl Call {
                 (u, true)
             }
         };
-        let settlement = self
-            .settle(permit, usage, seen.model.clone(), estimated, provider_ms)
-            .await?;
-        if parsed.is_none() {
-            return Err(ApiError::new(
+        let (settlement, ticket) = match self
+            .settle(permit, usage, seen.model.clone(), estimated, provider_time)
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let answer_first = self.s.engine.config().expiry_policy == ExpiryPolicy::ChargeHold;
+        let mut ticket = Some(ticket);
+        if !answer_first {
+            if let Some(t) = ticket.take() {
+                if let Err(e) = t.wait().await {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+            }
+        }
+        let result = if parsed.is_none() {
+            Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "provider_malformed_answer",
                 format!(
                     "the provider's answer was not valid JSON; it was settled at ${} from counted tokens",
                     settlement.cost
                 ),
-            ));
+            ))
+        } else {
+            let mut resp = (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                bytes,
+            )
+                .into_response();
+            add_headers(resp.headers_mut(), permit, Some(&settlement));
+            Ok(resp)
+        };
+        self.overhead(provider_time);
+        let _ = reply.send(result);
+        if let Some(t) = ticket {
+            if let Err(e) = t.wait().await {
+                tracing::error!(error = %e, "a settle entry was not stored; its hold will expire and be charged");
+            }
         }
-        let mut resp = (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            bytes,
-        )
-            .into_response();
-        add_headers(resp.headers_mut(), permit, Some(&settlement));
-        self.overhead(provider_ms);
-        Ok(resp)
     }
 
     /// Passes a stream through event by event, counting what it generates, and settles
@@ -649,7 +696,7 @@ impl Call {
         model: &Model,
         provider: &Provider,
         mut stream: upstream::ByteStream,
-        provider_ms: u128,
+        provider_time: Duration,
         reply: oneshot::Sender<Result<Response, ApiError>>,
     ) {
         let dialect = self.dialect();
@@ -670,7 +717,7 @@ impl Call {
         if reply.send(Ok(resp)).is_err() {
             tracing::info!("client left before the stream started");
         }
-        self.overhead(provider_ms);
+        self.overhead(provider_time);
 
         let cap = u64::from(permit.max_tokens.unwrap_or(u32::MAX));
         let t0 = Instant::now();
@@ -753,11 +800,15 @@ impl Call {
             Some(u) if complete && (u.output_tokens > 0 || counted == 0) => (u, false),
             _ => (self.counted_usage(&permit, model, &seen, counted), true),
         };
-        let provider_ms = provider_ms + t0.elapsed().as_millis();
-        match self
-            .settle(&permit, usage, seen.model.clone(), estimated, provider_ms)
+        let provider_time = provider_time + t0.elapsed();
+        let settled = match self
+            .settle(&permit, usage, seen.model.clone(), estimated, provider_time)
             .await
         {
+            Ok((st, ticket)) => ticket.wait().await.map(|()| st).map_err(ApiError::from),
+            Err(e) => Err(e),
+        };
+        match settled {
             Ok(st) => tracing::debug!(cost = %st.cost, estimated, "stream settled"),
             Err(e) => {
                 tracing::error!(code = e.code, error = %e.message, "settling a stream failed; the hold will expire and be charged")

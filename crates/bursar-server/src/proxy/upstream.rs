@@ -24,7 +24,7 @@ const ANTHROPIC_VERSION: &str = "2023-06-01";
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
 /// The proxied endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     Chat,
     Messages,
@@ -77,6 +77,8 @@ pub enum UpError {
 
 pub struct Upstreams {
     http: reqwest::Client,
+    /// Each HTTP provider's URL per endpoint, parsed once.
+    urls: HashMap<(String, Endpoint), reqwest::Url>,
     sims: HashMap<String, Arc<Simulator>>,
     breakers: HashMap<String, Mutex<CircuitBreaker>>,
     keys: HashMap<String, String>,
@@ -102,7 +104,13 @@ impl Upstreams {
         let mut sims = HashMap::new();
         let mut breakers = HashMap::new();
         let mut keys = HashMap::new();
+        let mut urls = HashMap::new();
         for p in &routing.providers {
+            for ep in [Endpoint::Chat, Endpoint::Messages, Endpoint::Embeddings] {
+                if let Ok(u) = reqwest::Url::parse(&format!("{}{}", p.base_url, ep.path())) {
+                    urls.insert((p.name.clone(), ep), u);
+                }
+            }
             if p.kind == ProviderKind::Simulated {
                 sims.insert(p.name.clone(), Arc::new(Simulator::new(p.simulate.clone())));
             }
@@ -128,6 +136,7 @@ impl Upstreams {
             .unwrap_or_default();
         Upstreams {
             http,
+            urls,
             sims,
             breakers,
             keys,
@@ -179,9 +188,15 @@ impl Upstreams {
         if let Some(sim) = self.sims.get(&p.name) {
             return self.simulate(sim, p, ep, &body).await;
         }
+        let Some(url) = self.urls.get(&(p.name.clone(), ep)) else {
+            return Err(UpError::Unreachable(format!(
+                "`{}` is not a valid URL",
+                p.base_url
+            )));
+        };
         let mut req = self
             .http
-            .post(format!("{}{}", p.base_url, ep.path()))
+            .post(url.clone())
             .header("content-type", "application/json")
             .body(body);
         if let Some(key) = self.keys.get(&p.name) {

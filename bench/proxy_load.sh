@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Proxy overhead: the same wrk load straight to the simulated provider (`bursar simulate`)
+# and through Bursar (proxy mode, embedded store, four budgets per call) to that same
+# simulator over HTTP, in one run.
+# Usage: bench/proxy_load.sh [seconds per run]   (default 10)
+# For each provider latency (0 and 50 ms) and connection count (1, 16, 64) it prints RPS,
+# p50 and p99 of both, the latency Bursar adds, Bursar's CPU seconds and RSS, and
+# Bursar's own overhead (its bursar_proxy_overhead_seconds histogram: request time minus
+# provider time) as the histogram buckets holding the p50 and p99.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
+secs=${1:-10}
+cargo build --release -p bursar >/dev/null
+data=$(mktemp -d)
+sim_pid=""; pid=""
+trap 'kill $sim_pid $pid 2>/dev/null || true; rm -rf "$data"' EXIT
+SIM=127.0.0.1:18190; GW=127.0.0.1:18191
+{ cat bench/bench.toml; printf '\n[[providers]]\nname = "upstream"\nkind = "openai"\nbase_url = "http://%s"\nserves = ["*"]\n' "$SIM"; } > "$data/proxy.toml"
+BURSAR_LOG=warn ./target/release/bursar serve --config "$data/proxy.toml" --data-dir "$data/store" --listen "$GW" &
+pid=$!
+for _ in $(seq 50); do curl -fs "http://$GW/readyz" >/dev/null && break; sleep 0.2; done
+
+cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# The bucket bound (seconds) where the cumulative count of a histogram diff reaches q.
+quantile() { # $1 before-file $2 after-file $3 q
+  join <(grep '^bursar_proxy_overhead_seconds_bucket' "$1" | sed 's/.*le="\([^"]*\)"} \(.*\)/\1 \2/' | sort) \
+       <(grep '^bursar_proxy_overhead_seconds_bucket' "$2" | sed 's/.*le="\([^"]*\)"} \(.*\)/\1 \2/' | sort) |
+    awk -v q="$3" '{d[$1]=$3-$2; if ($1=="+Inf") tot=$3-$2} END {
+      n=asorti(d, k, "@ind_num_asc"); for (i=1;i<=n;i++) if (k[i]!="+Inf" && d[k[i]]>=q*tot) {print k[i]; exit} print "+Inf" }'
+}
+
+printf '%-8s %-5s | %-28s | %-28s | %-10s | %-22s | %s\n' latency conns "direct: rps p50 p99 (us)" "through bursar: rps p50 p99" "added p99" "bursar overhead p50/p99" "bursar CPU s, RSS"
+for lat in 0 50; do
+  if [ -n "$sim_pid" ]; then kill "$sim_pid"; wait "$sim_pid" 2>/dev/null || true; fi
+  BURSAR_LOG=warn ./target/release/bursar simulate --listen "$SIM" --latency-ms "$lat" --completion-tokens 64 &
+  sim_pid=$!
+  for _ in $(seq 50); do curl -fs "http://$SIM/healthz" >/dev/null && break; sleep 0.2; done
+  for conns in 1 16 64; do
+    direct=$(wrk -t1 -c"$conns" -d"${secs}s" -s bench/chat.lua "http://$SIM" | grep RESULT)
+    curl -fs "http://$GW/metrics" > "$data/m0"
+    c0=$(cpu $pid)
+    via=$(wrk -t1 -c"$conns" -d"${secs}s" -s bench/chat.lua "http://$GW" | grep RESULT)
+    c1=$(cpu $pid)
+    curl -fs "http://$GW/metrics" > "$data/m1"
+    get() { echo "$1" | sed "s/.*$2=\([0-9]*\).*/\1/"; }
+    added=$(( $(get "$via" p99_us) - $(get "$direct" p99_us) ))
+    printf '%-8s %-5s | %7s %7s %9s  | %7s %7s %9s  | %7s us | %9s / %-9s s | %s s, %s\n' "${lat}ms" "$conns" \
+      "$(get "$direct" rps)" "$(get "$direct" p50_us)" "$(get "$direct" p99_us)" \
+      "$(get "$via" rps)" "$(get "$via" p50_us)" "$(get "$via" p99_us)" "$added" \
+      "$(quantile "$data/m0" "$data/m1" 0.5)" "$(quantile "$data/m0" "$data/m1" 0.99)" \
+      "$(echo "scale=1; ($c1-$c0)/$(getconf CLK_TCK)" | bc)" "$(awk '/VmRSS/{print $2" "$3}' /proc/$pid/status)"
+    [ "$(get "$via" non200)" = 0 ] || echo "   !! $(get "$via" non200) non-200 answers through Bursar"
+  done
+done
+./target/release/bursar ledger verify --config "$data/proxy.toml" --data-dir "$data/store" | tail -n 1
