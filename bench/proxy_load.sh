@@ -23,19 +23,26 @@ for _ in $(seq 50); do curl -fs "http://$GW/readyz" >/dev/null && break; sleep 0
 
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
 # The bucket bound (seconds) where the cumulative count of a histogram diff reaches q.
-quantile() { # $1 before-file $2 after-file $3 q
-  join <(grep '^bursar_proxy_overhead_seconds_bucket' "$1" | sed 's/.*le="\([^"]*\)"} \(.*\)/\1 \2/' | sort) \
-       <(grep '^bursar_proxy_overhead_seconds_bucket' "$2" | sed 's/.*le="\([^"]*\)"} \(.*\)/\1 \2/' | sort) |
+quantile() { # $1 before-file $2 after-file $3 q [$4 metric]
+  local m=${4:-bursar_proxy_overhead_seconds}
+  join -a 2 -e 0 -o 0,1.2,2.2 \
+       <(grep "^${m}_bucket" "$1" | sed 's/.*le="\([^"]*\)"} \(.*\)/\1 \2/' | sort) \
+       <(grep "^${m}_bucket" "$2" | sed 's/.*le="\([^"]*\)"} \(.*\)/\1 \2/' | sort) |
     awk -v q="$3" '{d[$1]=$3-$2; if ($1=="+Inf") tot=$3-$2} END {
       n=asorti(d, k, "@ind_num_asc"); for (i=1;i<=n;i++) if (k[i]!="+Inf" && d[k[i]]>=q*tot) {print k[i]; exit} print "+Inf" }'
 }
 
-printf '%-8s %-5s | %-28s | %-28s | %-10s | %-22s | %s\n' latency conns "direct: rps p50 p99 (us)" "through bursar: rps p50 p99" "added p99" "bursar overhead p50/p99" "bursar CPU s, RSS"
+printf '%-8s %-5s | %-28s | %-28s | %-10s | %-22s | %-22s | %s\n' latency conns "direct: rps p50 p99 (us)" "through bursar: rps p50 p99" "added p99" "bursar overhead p50/p99" "of which hold durable" "bursar CPU s, RSS"
 for lat in 0 50; do
   if [ -n "$sim_pid" ]; then kill "$sim_pid"; wait "$sim_pid" 2>/dev/null || true; fi
   BURSAR_LOG=warn ./target/release/bursar simulate --listen "$SIM" --latency-ms "$lat" --completion-tokens 64 &
   sim_pid=$!
   for _ in $(seq 50); do curl -fs "http://$SIM/healthz" >/dev/null && break; sleep 0.2; done
+  # Warm up both (the first call loads the tokenizers) so no run measures a cold start.
+  for target in "$SIM" "$GW"; do
+    curl -fs "http://$target/v1/chat/completions" -H "Authorization: Bearer bsr_bench_member_00000000000000000" \
+      -d '{"model":"gpt-4o-mini","max_tokens":8,"messages":[{"role":"user","content":"warm up"}]}' >/dev/null
+  done
   for conns in 1 16 64; do
     direct=$(wrk -t1 -c"$conns" -d"${secs}s" -s bench/chat.lua "http://$SIM" | grep RESULT)
     curl -fs "http://$GW/metrics" > "$data/m0"
@@ -45,10 +52,11 @@ for lat in 0 50; do
     curl -fs "http://$GW/metrics" > "$data/m1"
     get() { echo "$1" | sed "s/.*$2=\([0-9]*\).*/\1/"; }
     added=$(( $(get "$via" p99_us) - $(get "$direct" p99_us) ))
-    printf '%-8s %-5s | %7s %7s %9s  | %7s %7s %9s  | %7s us | %9s / %-9s s | %s s, %s\n' "${lat}ms" "$conns" \
+    printf '%-8s %-5s | %7s %7s %9s  | %7s %7s %9s  | %7s us | %9s / %-9s s | %9s / %-9s s | %s s, %s\n' "${lat}ms" "$conns" \
       "$(get "$direct" rps)" "$(get "$direct" p50_us)" "$(get "$direct" p99_us)" \
       "$(get "$via" rps)" "$(get "$via" p50_us)" "$(get "$via" p99_us)" "$added" \
       "$(quantile "$data/m0" "$data/m1" 0.5)" "$(quantile "$data/m0" "$data/m1" 0.99)" \
+      "$(quantile "$data/m0" "$data/m1" 0.5 bursar_proxy_hold_durable_seconds)" "$(quantile "$data/m0" "$data/m1" 0.99 bursar_proxy_hold_durable_seconds)" \
       "$(echo "scale=1; ($c1-$c0)/$(getconf CLK_TCK)" | bc)" "$(awk '/VmRSS/{print $2" "$3}' /proc/$pid/status)"
     [ "$(get "$via" non200)" = 0 ] || echo "   !! $(get "$via" non200) non-200 answers through Bursar"
   done

@@ -475,10 +475,13 @@ impl Call {
                 &self.s.ledger,
             ) {
                 Ok((permit, ticket)) => {
+                    let t0 = Instant::now();
                     if let Err(e) = ticket.wait().await {
                         let _ = reply.send(Err(e.into()));
                         return;
                     }
+                    metrics::histogram!("bursar_proxy_hold_durable_seconds")
+                        .record(t0.elapsed().as_secs_f64());
                     permit
                 }
                 Err(denial) => {
@@ -916,6 +919,18 @@ async fn start(
         .map_err(bursar_core::engine::Denial::from)?
         .id
         .clone();
+    // A model whose provider does not speak this endpoint is refused before any hold.
+    if let Ok(model) = s.engine.price_book().resolve(&canonical) {
+        if let Ok(p) = s.proxy.routing.provider_for(model) {
+            if !speaks(p.kind, ep) {
+                return Err(invalid(format!(
+                    "model `{canonical}` is served by provider `{}`, which does not speak {}; call it through its own API",
+                    p.name,
+                    ep.path()
+                )));
+            }
+        }
+    }
     let chain = s.proxy.routing.chain(&canonical);
     let call = Call {
         s: s.clone(),

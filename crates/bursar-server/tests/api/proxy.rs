@@ -776,3 +776,112 @@ async fn a_client_that_leaves_before_a_whole_answer_is_still_settled() {
     }
     panic!("the call was never settled");
 }
+
+/// An Anthropic-compatible upstream over real HTTP that checks the key and version
+/// headers Bursar must send.
+async fn anthropic_upstream(headers: axum::http::HeaderMap, body: Bytes) -> Response {
+    let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let version = headers
+        .get("anthropic-version")
+        .and_then(|v| v.to_str().ok());
+    if key != Some("sk-ant-test-key")
+        || version != Some("2023-06-01")
+        || headers.contains_key("authorization")
+    {
+        return (StatusCode::UNAUTHORIZED, "{\"type\":\"error\",\"error\":{\"type\":\"authentication_error\",\"message\":\"bad key\"}}").into_response();
+    }
+    let Ok(Value::Object(map)) = serde_json::from_slice(&body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let sim = Simulator::new(SimSettings {
+        completion_tokens: 12,
+        ..SimSettings::default()
+    });
+    sim::into_response(sim.chat(Dialect::Anthropic, &map))
+}
+
+#[tokio::test]
+async fn an_anthropic_provider_gets_its_key_from_the_environment_and_streams_through() {
+    let router = axum::Router::new().route("/v1/messages", axum::routing::post(anthropic_upstream));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    // Only this test reads this variable.
+    std::env::set_var("BURSAR_TEST_ANTHROPIC_KEY", "sk-ant-test-key");
+    let config = CONFIG.replace("UPSTREAM", "http://127.0.0.1:9").replace(
+        "[[providers]]\nname = \"sim\"",
+        &format!("[[providers]]\nname = \"anthropic\"\nkind = \"anthropic\"\nbase_url = \"{url}\"\napi_key_env = \"BURSAR_TEST_ANTHROPIC_KEY\"\nserves = [\"anthropic\"]\n\n[[providers]]\nname = \"sim\""),
+    );
+    let app = spawn_app_with(&config).await;
+    let ask =
+        |stream: bool| {
+            app.http
+            .post(format!("{}/v1/messages", app.base))
+            .header("x-api-key", MEMBER)
+            .json(&json!({"model": "claude-3-5-haiku-20241022", "max_tokens": 50, "stream": stream,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+        };
+    let r = ask(false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let id = auth_id(r.headers());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["output_tokens"], 12);
+    assert_eq!(
+        app.services
+            .reader
+            .settle_entry_of(id)
+            .unwrap()
+            .unwrap()
+            .usage
+            .output_tokens,
+        12
+    );
+
+    let r = ask(true).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let id = auth_id(r.headers());
+    let text = r.text().await.unwrap();
+    assert!(text.contains("event: message_stop"), "{text}");
+    finished_entries(&app, id).await;
+    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    assert_eq!(row.usage.output_tokens, 12);
+    assert_eq!(row.flags & flags::ESTIMATED, 0, "usage from message_delta");
+
+    // The OpenAI endpoint cannot reach an Anthropic-only provider: 400, nothing held.
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("claude-3-5-haiku", 10))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "invalid_request"),
+        "{:?}",
+        r.body
+    );
+    let entries = bursar_store::sqlite::read_entries(&app.db_path())
+        .unwrap()
+        .entries;
+    assert_eq!(
+        entries.len(),
+        4,
+        "two calls held and settled; the refused one held nothing"
+    );
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused_with_431() {
+    let (app, _) = spawn_proxy().await;
+    let r = app
+        .http
+        .post(format!("{}/v1/chat/completions", app.base))
+        .bearer_auth(MEMBER)
+        .header("x-bursar-tag-huge", "x".repeat(600 << 10))
+        .json(&chat("fast", 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    assert_eq!(app.services.engine.open_holds(), 0);
+}
