@@ -16,6 +16,7 @@
 //! - an authorization is finished (settled, voided or expired) at most once;
 //! - the same idempotency key with the same request returns the first result.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -251,9 +252,11 @@ pub struct Permit {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RateStanding {
     /// `requests` or `tokens`.
-    pub dimension: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub dimension: Cow<'static, str>,
     /// Who shares it: `key`, `user`, `tenant` or `model`.
-    pub per: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub per: Cow<'static, str>,
     pub limit_per_minute: u32,
     pub remaining: u64,
     /// Milliseconds until the whole limit is available again.
@@ -1075,8 +1078,8 @@ impl Engine {
         for ((cell, g), (_, _, per_minute)) in rate_updates.into_iter().zip(&rate_checks) {
             let (remaining, reset) = g.standing(now_ms, *per_minute);
             rate_limits.push(RateStanding {
-                dimension: if cell.tokens { "tokens" } else { "requests" }.to_string(),
-                per: cell.per().to_string(),
+                dimension: Cow::Borrowed(if cell.tokens { "tokens" } else { "requests" }),
+                per: Cow::Borrowed(cell.per()),
                 limit_per_minute: *per_minute,
                 remaining,
                 reset_ms: u64::try_from(reset.as_millis()).unwrap_or(u64::MAX),

@@ -646,7 +646,7 @@ requests_per_minute = 1
     let (p, ()) = engine
         .authorize(&service, gpt4o.clone(), now(), &sink)
         .unwrap();
-    let per: Vec<&str> = p.rate_limits.iter().map(|r| r.per.as_str()).collect();
+    let per: Vec<&str> = p.rate_limits.iter().map(|r| r.per.as_ref()).collect();
     // The user limit falls back to the key for a key without a user.
     assert_eq!(per, vec!["key", "tenant", "model"]);
     assert_eq!(p.rate_limits[1].remaining, 0, "the tenant's 5 are used");

@@ -225,7 +225,7 @@ fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>)
         }
     }
     for r in tightest {
-        let (limit, remaining, reset) = match r.dimension.as_str() {
+        let (limit, remaining, reset) = match r.dimension.as_ref() {
             "requests" => (
                 "x-ratelimit-limit-requests",
                 "x-ratelimit-remaining-requests",

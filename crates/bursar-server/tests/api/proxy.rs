@@ -220,6 +220,17 @@ fn hold_of(max_tokens: u64) -> Money {
     })
 }
 
+fn auth_id_of_first_hold(app: &TestApp) -> Uuid {
+    let entries = bursar_store::sqlite::read_entries(&app.db_path())
+        .unwrap()
+        .entries;
+    entries
+        .iter()
+        .find(|e| e.kind == EntryKind::Hold)
+        .unwrap()
+        .authorization
+}
+
 fn auth_id(r: &reqwest::header::HeaderMap) -> Uuid {
     r.get("x-bursar-authorization-id")
         .and_then(|v| v.to_str().ok())
@@ -238,6 +249,18 @@ async fn finished_entries(app: &TestApp, id: Uuid) -> Vec<(i64, EntryKind, Money
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("authorization {id} never finished");
+}
+
+/// The settle entry of an authorization, once it is stored: a whole answer is sent
+/// before its settle entry is durable (the hold already is).
+async fn settle_row(app: &TestApp, id: Uuid) -> bursar_store::sqlite::SettleRow {
+    for _ in 0..500 {
+        if let Some(row) = app.services.reader.settle_entry_of(id).unwrap() {
+            return row;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("authorization {id} was never settled");
 }
 
 async fn add_budget(app: &TestApp, id: &str, limit: Money) {
@@ -270,7 +293,7 @@ async fn a_non_streamed_chat_is_settled_at_the_providers_usage() {
     assert_eq!(h("x-bursar-held"), hold_of(100).to_string());
     assert_eq!(h("x-bursar-model"), "gpt-4o-mini");
     let id = auth_id(&r.headers);
-    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    let row = settle_row(&app, id).await;
     assert_eq!(row.cost, expected);
     assert_eq!(row.usage.output_tokens, 20);
     assert_eq!(row.flags & flags::ESTIMATED, 0);
@@ -311,7 +334,7 @@ async fn a_stream_is_passed_through_and_settled_without_leaking_the_usage_chunk(
         .collect();
     assert_eq!(tokens::count_text(TokenizerKind::O200kBase, &content), 20);
     finished_entries(&app, id).await;
-    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    let row = settle_row(&app, id).await;
     assert_eq!(row.usage.output_tokens, 20);
     assert_eq!(row.cost, hold_of(20));
     assert_eq!(
@@ -341,7 +364,7 @@ async fn anthropic_messages_and_embeddings_are_metered_too() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["type"], "message");
     assert_eq!(v["usage"]["output_tokens"], 20);
-    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    let row = settle_row(&app, id).await;
     assert_eq!(row.usage.output_tokens, 20);
     assert!(row.cost > Money::ZERO);
 
@@ -370,12 +393,7 @@ async fn anthropic_messages_and_embeddings_are_metered_too() {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["data"].as_array().unwrap().len(), 2);
-    let row = app
-        .services
-        .reader
-        .settle_entry_of(auth_id(&r.headers))
-        .unwrap()
-        .unwrap();
+    let row = settle_row(&app, auth_id(&r.headers)).await;
     assert_eq!(row.usage.input_tokens, 4);
 
     let r = app.get("/v1/models", MEMBER).await;
@@ -483,9 +501,22 @@ async fn five_hundred_concurrent_streams_on_a_budget_for_one_hundred() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(app.services.engine.open_holds(), 0);
-    let entries = bursar_store::sqlite::read_entries(&app.db_path())
-        .unwrap()
-        .entries;
+    // Streams settle after their last event: wait for the 100 settle entries.
+    let mut entries = Vec::new();
+    for _ in 0..500 {
+        entries = bursar_store::sqlite::read_entries(&app.db_path())
+            .unwrap()
+            .entries;
+        if entries.len() == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        entries.len(),
+        200,
+        "100 holds and 100 settles, nothing else"
+    );
     let spent: i64 = entries.iter().map(|e| e.cost_delta.nanos()).sum();
     assert!(spent <= hold.nanos() * 100);
     assert_eq!(spent, hold.nanos() * 100);
@@ -525,7 +556,7 @@ async fn a_client_that_leaves_mid_stream_is_charged_for_what_was_generated() {
     drop(stream);
     let entries = finished_entries(&app, id).await;
     let settle = entries.iter().find(|e| e.1 == EntryKind::Settle).unwrap();
-    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    let row = settle_row(&app, id).await;
     assert!(
         row.usage.output_tokens > 0 && row.usage.output_tokens < 200,
         "{row:?}"
@@ -557,7 +588,7 @@ async fn a_stream_that_outruns_its_hold_is_cut_and_settled_at_what_was_generated
     let text = r.text().await.unwrap();
     assert!(text.contains("stream_exceeded_hold"), "{text}");
     finished_entries(&app, id).await;
-    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    let row = settle_row(&app, id).await;
     // Cut within the chunk that crossed the cap (4 tokens a chunk): what the provider
     // generated is charged, and the part past the hold is an overage, never hidden.
     assert!((50..=54).contains(&row.usage.output_tokens), "{row:?}");
@@ -644,12 +675,7 @@ async fn drift_is_recorded_and_priced_as_the_model_used() {
         .post("/v1/chat/completions", MEMBER, chat("gpt-4.1-mini", 50))
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    let row = app
-        .services
-        .reader
-        .settle_entry_of(auth_id(&r.headers))
-        .unwrap()
-        .unwrap();
+    let row = settle_row(&app, auth_id(&r.headers)).await;
     assert_ne!(row.flags & flags::DRIFT, 0);
     assert_eq!(row.model_used.as_deref(), Some("gpt-4.1"));
     let book = PriceBook::builtin().unwrap();
@@ -715,15 +741,10 @@ async fn a_malformed_answer_is_settled_from_counted_tokens_never_at_zero() {
         "{:?}",
         r.body
     );
-    let entries = bursar_store::sqlite::read_entries(&app.db_path())
-        .unwrap()
-        .entries;
-    let settle = entries
-        .iter()
-        .find(|e| e.kind == EntryKind::Settle)
-        .unwrap();
-    assert!(settle.cost_delta > Money::ZERO);
-    assert_ne!(settle.flags & flags::ESTIMATED, 0);
+    let id = auth_id_of_first_hold(&app);
+    let row = settle_row(&app, id).await;
+    assert!(row.cost > Money::ZERO);
+    assert_ne!(row.flags & flags::ESTIMATED, 0);
     assert_eq!(app.services.engine.open_holds(), 0);
 }
 
@@ -735,12 +756,7 @@ async fn an_answer_without_usage_is_settled_from_counted_tokens_and_overage_show
         .post("/v1/chat/completions", MEMBER, chat("gpt-5-nano", 50))
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    let row = app
-        .services
-        .reader
-        .settle_entry_of(auth_id(&r.headers))
-        .unwrap()
-        .unwrap();
+    let row = settle_row(&app, auth_id(&r.headers)).await;
     assert_eq!(row.usage.output_tokens, 300);
     assert_ne!(row.flags & flags::ESTIMATED, 0);
     assert_ne!(row.flags & flags::OVERAGE, 0);
@@ -753,7 +769,7 @@ async fn a_client_that_leaves_before_a_whole_answer_is_still_settled() {
         .http
         .post(format!("{}/v1/chat/completions", app.base))
         .bearer_auth(MEMBER)
-        .timeout(Duration::from_millis(50))
+        .timeout(Duration::from_millis(150))
         .json(&chat("gpt-5-mini", 50))
         .send()
         .await;
@@ -829,16 +845,7 @@ async fn an_anthropic_provider_gets_its_key_from_the_environment_and_streams_thr
     let id = auth_id(r.headers());
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["usage"]["output_tokens"], 12);
-    assert_eq!(
-        app.services
-            .reader
-            .settle_entry_of(id)
-            .unwrap()
-            .unwrap()
-            .usage
-            .output_tokens,
-        12
-    );
+    assert_eq!(settle_row(&app, id).await.usage.output_tokens, 12);
 
     let r = ask(true).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -846,7 +853,7 @@ async fn an_anthropic_provider_gets_its_key_from_the_environment_and_streams_thr
     let text = r.text().await.unwrap();
     assert!(text.contains("event: message_stop"), "{text}");
     finished_entries(&app, id).await;
-    let row = app.services.reader.settle_entry_of(id).unwrap().unwrap();
+    let row = settle_row(&app, id).await;
     assert_eq!(row.usage.output_tokens, 12);
     assert_eq!(row.flags & flags::ESTIMATED, 0, "usage from message_delta");
 
