@@ -52,6 +52,10 @@ pub struct Tenant {
     pub plan: String,
     pub timezone: Tz,
     pub mode: EnforcementMode,
+    /// Proxy mode's response cache, opt-in: how long an identical non-streamed request
+    /// is answered from the cache (at $0, recorded with the cost saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

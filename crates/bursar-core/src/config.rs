@@ -33,6 +33,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "./bursar-data";
 /// 1 MiB: ample for an authorization request, small enough to refuse floods early.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+/// A cached answer lives at most 30 days.
+pub const MAX_CACHE_TTL_SECS: u64 = 30 * 24 * 3600;
 /// Secrets shorter than this are guessable.
 pub const MIN_SECRET_LEN: usize = 24;
 
@@ -140,6 +142,7 @@ struct RawTenant {
     plan: String,
     timezone: Option<String>,
     mode: Option<EnforcementMode>,
+    cache_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -511,7 +514,15 @@ impl Config {
                 plan: t.plan,
                 timezone: tz,
                 mode: t.mode.unwrap_or_default(),
+                cache_ttl_secs: t.cache_ttl_secs,
             };
+            if t.cache_ttl_secs
+                .is_some_and(|s| s == 0 || s > MAX_CACHE_TTL_SECS)
+            {
+                p.push(format!(
+                    "{owner}: cache_ttl_secs must be 1 to {MAX_CACHE_TTL_SECS} (leave it out for no cache)"
+                ));
+            }
             if dir.tenants.insert(t.id.clone(), tenant).is_some() {
                 p.push(format!("{owner}: declared twice"));
             }

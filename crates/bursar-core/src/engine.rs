@@ -701,6 +701,47 @@ impl Engine {
         }
     }
 
+    /// Records a call answered from the response cache: nothing is held or spent, and
+    /// the entry (an adjustment of $0 flagged `CACHE_HIT`) names the model, the usage of
+    /// the cached answer and the price in effect, so the cost saved is provable from the
+    /// ledger. Returns the entry's id and the cost saved.
+    pub fn record_cache_hit<S: LedgerSink>(
+        &self,
+        caller: &Caller,
+        model: &str,
+        usage: TokenUsage,
+        now: DateTime<Utc>,
+        sink: &S,
+    ) -> Result<(Uuid, Money, S::Ticket), Denial> {
+        let m = self.book.resolve(model)?;
+        let price = m.price_at(now)?;
+        let saved = price.cost(&usage);
+        let id = Uuid::now_v7();
+        let entry = Entry {
+            at_ms: ms(now),
+            kind: EntryKind::Adjustment,
+            authorization: id,
+            tenant: caller.key.tenant.clone().unwrap_or_default(),
+            key_id: Some(caller.key.id),
+            held_delta: Money::ZERO,
+            cost_delta: Money::ZERO,
+            charge_delta: Money::ZERO,
+            model_requested: Some(m.id.clone()),
+            model_used: Some(m.id.clone()),
+            price_version: Some(m.version_of(price).to_string()),
+            usage,
+            quantity: 0,
+            latency_ms: None,
+            flags: flags::CACHE_HIT,
+            detail: None,
+            hold: None,
+        };
+        // Appended under the lock like every entry, so ledger order is one order.
+        let _state = self.state.lock();
+        let ticket = sink.append(vec![entry], Vec::new());
+        Ok((id, saved, ticket))
+    }
+
     /// Decides a call and, when permitted, holds its worst-case cost on every budget it
     /// touches. The entry is appended to `sink` before the lock is released.
     pub fn authorize<S: LedgerSink>(

@@ -82,6 +82,9 @@ pub mod flags {
     pub const RECONCILED: u32 = 16;
     /// The model was downgraded by an emergency threshold.
     pub const DOWNGRADED: u32 = 32;
+    /// Answered from Bursar's response cache: nothing held or spent; the entry's usage
+    /// and price version give the cost saved.
+    pub const CACHE_HIT: u32 = 64;
 }
 
 /// Attribution of a call, recorded with its hold.

@@ -278,6 +278,7 @@ pub async fn create_tenant(
         plan: b.plan,
         timezone: tz,
         mode: b.mode.unwrap_or_default(),
+        cache_ttl_secs: None,
     };
     commit(&s, vec![row("tenant", &tenant.id, &tenant)]).await?;
     catalog

@@ -272,6 +272,8 @@ struct Call {
     client_wants_usage: bool,
     tags: Tags,
     started: Instant,
+    /// Where to keep a good answer, and until when (tenants with the cache on).
+    cache: Option<([u8; 32], chrono::DateTime<chrono::Utc>)>,
 }
 
 /// What a hop's attempts came to.
@@ -676,10 +678,32 @@ impl Call {
             let mut resp = (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],
-                bytes,
+                bytes.clone(),
             )
                 .into_response();
             add_headers(resp.headers_mut(), permit, Some(&settlement));
+            if let Some((key, expires_at)) = self.cache {
+                if !estimated {
+                    let model = settlement
+                        .model_used
+                        .clone()
+                        .or_else(|| permit.model.clone())
+                        .unwrap_or_default();
+                    self.s.proxy.cache.insert(
+                        key,
+                        Arc::new(Cached {
+                            body: bytes,
+                            model,
+                            usage,
+                            expires_at,
+                        }),
+                    );
+                }
+                resp.headers_mut().insert(
+                    HeaderName::from_static("x-bursar-cache"),
+                    HeaderValue::from_static("miss"),
+                );
+            }
             Ok(resp)
         };
         self.overhead(provider_time);
@@ -836,17 +860,107 @@ impl Call {
     }
 }
 
-/// What the proxy needs beyond the engine: routes and upstream clients.
+/// The response cache holds at most this many bytes of answers.
+pub const CACHE_MAX_BYTES: u64 = 64 << 20;
+
+/// A cached answer: what it cost to make, so a hit can record the cost saved.
+pub struct Cached {
+    body: Bytes,
+    model: String,
+    usage: TokenUsage,
+    expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What the proxy needs beyond the engine: routes, upstream clients and the cache.
 pub struct Proxy {
     pub routing: bursar_core::providers::Routing,
     pub upstreams: upstream::Upstreams,
+    /// Exact-match cache of non-streamed answers, for tenants that opt in.
+    pub cache: moka::sync::Cache<[u8; 32], Arc<Cached>>,
 }
 
 impl Proxy {
     pub fn new(routing: bursar_core::providers::Routing) -> Self {
         let upstreams = upstream::Upstreams::new(&routing);
-        Proxy { routing, upstreams }
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(CACHE_MAX_BYTES)
+            .weigher(|_, v: &Arc<Cached>| u32::try_from(v.body.len()).unwrap_or(u32::MAX))
+            .build();
+        Proxy {
+            routing,
+            upstreams,
+            cache,
+        }
     }
+}
+
+/// The cache key: the tenant, the endpoint, Bursar's tag headers and the body, exactly.
+fn cache_key(tenant: &str, ep: Endpoint, headers: &HeaderMap, raw: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut tags: Vec<(&str, &[u8])> = headers
+        .iter()
+        .filter(|(n, _)| n.as_str().starts_with("x-bursar-"))
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    tags.sort_unstable();
+    let mut h = Sha256::new();
+    for part in [tenant.as_bytes(), ep.path().as_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    for (n, v) in tags {
+        h.update((n.len() as u64).to_le_bytes());
+        h.update(n.as_bytes());
+        h.update((v.len() as u64).to_le_bytes());
+        h.update(v);
+    }
+    h.update(raw);
+    h.finalize().into()
+}
+
+/// Answers a request from the cache: $0, recorded in the ledger with the cost saved.
+async fn answer_from_cache(
+    s: &Services,
+    caller: &Caller,
+    hit: &Cached,
+) -> Result<Response, ApiError> {
+    let (id, saved, ticket) =
+        s.engine
+            .record_cache_hit(caller, &hit.model, hit.usage, s.clock.now(), &s.ledger)?;
+    ticket.wait().await?;
+    metrics::counter!("bursar_cache_hits_total").increment(1);
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        hit.body.clone(),
+    )
+        .into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        HeaderName::from_static("x-bursar-cache"),
+        HeaderValue::from_static("hit"),
+    );
+    h.insert(
+        HeaderName::from_static("x-bursar-authorization-id"),
+        header_value(id),
+    );
+    h.insert(
+        HeaderName::from_static("x-bursar-model"),
+        header_value(&hit.model),
+    );
+    h.insert(
+        HeaderName::from_static("x-bursar-cost"),
+        header_value(Money::ZERO),
+    );
+    h.insert(
+        HeaderName::from_static("x-bursar-charge"),
+        header_value(Money::ZERO),
+    );
+    h.insert(
+        HeaderName::from_static("x-bursar-cost-saved"),
+        header_value(saved),
+    );
+    Ok(resp)
 }
 
 async fn start(
@@ -911,6 +1025,35 @@ async fn start(
             tags.task = Some("embed".into());
         }
     }
+    let cache_ttl = (!stream)
+        .then(|| {
+            s.engine
+                .directory()
+                .tenants
+                .get(&tenant)
+                .and_then(|t| t.cache_ttl_secs)
+        })
+        .flatten();
+    let cache = match cache_ttl {
+        None => None,
+        Some(ttl) => {
+            let key = cache_key(&tenant, ep, &headers, &raw);
+            let now = s.clock.now();
+            if let Some(hit) = s.proxy.cache.get(&key) {
+                if hit.expires_at > now {
+                    return answer_from_cache(&s, &caller, &hit).await;
+                }
+                s.proxy.cache.invalidate(&key);
+            }
+            let ttl = chrono::Duration::try_seconds(i64::try_from(ttl).unwrap_or(i64::MAX))
+                .unwrap_or(chrono::Duration::MAX);
+            Some((
+                key,
+                now.checked_add_signed(ttl)
+                    .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC),
+            ))
+        }
+    };
     let client_model = s.proxy.routing.unalias(&model).to_string();
     let canonical = s
         .engine
@@ -949,6 +1092,7 @@ async fn start(
         client_wants_usage: wants_usage,
         tags,
         started,
+        cache,
     };
     let (tx, rx) = oneshot::channel();
     tokio::spawn(call.run(tx));

@@ -49,6 +49,10 @@ requests_per_minute = 2
 [[tenants]]
 id = "p"
 plan = "pro"
+[[tenants]]
+id = "c"
+plan = "pro"
+cache_ttl_secs = 60
 
 [[users]]
 tenant = "p"
@@ -69,6 +73,11 @@ tenant = "p"
 user = "u"
 kind = "member"
 secret = "bsr_test_proxy_member_00000000000"
+[[keys]]
+name = "c member"
+tenant = "c"
+kind = "member"
+secret = "bsr_test_proxy_cached_00000000000"
 [[keys]]
 name = "p limited"
 tenant = "p"
@@ -891,4 +900,74 @@ async fn oversized_headers_are_refused_with_431() {
         .unwrap();
     assert_eq!(r.status(), 431);
     assert_eq!(app.services.engine.open_holds(), 0);
+}
+
+#[tokio::test]
+async fn the_response_cache_answers_at_zero_and_records_the_cost_saved() {
+    let (app, _) = spawn_proxy().await;
+    let key = "bsr_test_proxy_cached_00000000000";
+    let first = app
+        .post("/v1/chat/completions", key, chat("fast", 100))
+        .await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.headers["x-bursar-cache"], "miss");
+    let cost = first.headers["x-bursar-cost"].to_str().unwrap().to_string();
+    settle_row(&app, auth_id(&first.headers)).await;
+
+    let hit = app
+        .post("/v1/chat/completions", key, chat("fast", 100))
+        .await;
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.headers["x-bursar-cache"], "hit");
+    assert_eq!(hit.body, first.body, "the same answer");
+    assert_eq!(hit.headers["x-bursar-cost"], "0");
+    assert_eq!(hit.headers["x-bursar-cost-saved"].to_str().unwrap(), cost);
+    let entries = bursar_store::sqlite::read_entries(&app.db_path())
+        .unwrap()
+        .entries;
+    let kinds: Vec<EntryKind> = entries.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![EntryKind::Hold, EntryKind::Settle, EntryKind::Adjustment]
+    );
+    let h = &entries[2];
+    assert_ne!(h.flags & flags::CACHE_HIT, 0);
+    assert_eq!((h.cost_delta, h.held_delta), (Money::ZERO, Money::ZERO));
+    assert_eq!(
+        h.usage, entries[1].usage,
+        "the usage the answer had, for the cost saved"
+    );
+
+    // Another body, another tag, or a stream is not a hit; nor is the other tenant.
+    let other = app
+        .post("/v1/chat/completions", key, chat("fast", 99))
+        .await;
+    assert_eq!(other.headers["x-bursar-cache"], "miss");
+    let r = app
+        .http
+        .post(format!("{}/v1/chat/completions", app.base))
+        .bearer_auth(key)
+        .header("x-bursar-campaign", "spring")
+        .json(&chat("fast", 100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-bursar-cache"], "miss");
+    let p = app
+        .post("/v1/chat/completions", MEMBER, chat("fast", 100))
+        .await;
+    assert!(
+        p.headers.get("x-bursar-cache").is_none(),
+        "tenant p has no cache"
+    );
+
+    // After the TTL the answer is asked for again.
+    app.clock.advance(Duration::from_secs(61));
+    let again = app
+        .post("/v1/chat/completions", key, chat("fast", 100))
+        .await;
+    assert_eq!(again.headers["x-bursar-cache"], "miss");
+    settle_row(&app, auth_id(&again.headers)).await;
+    let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
+    assert!(v.ok(), "{:?}", v.problems);
 }
