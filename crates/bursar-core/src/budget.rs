@@ -332,6 +332,16 @@ impl Level {
         }
     }
 
+    pub fn parse(s: &str) -> Option<Level> {
+        match s {
+            "normal" => Some(Level::Normal),
+            "warn" => Some(Level::Warn),
+            "emergency" => Some(Level::Emergency),
+            "blocked" => Some(Level::Blocked),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Level::Normal => "normal",

@@ -701,6 +701,16 @@ impl Engine {
         }
     }
 
+    /// Restores the highest level already alerted per bucket (from the stored alerts), so
+    /// a restart does not raise the same threshold alert of a period twice.
+    pub fn restore_alert_levels(&self, levels: impl IntoIterator<Item = (BucketKey, Level)>) {
+        let mut state = self.state.lock();
+        for (bucket, level) in levels {
+            let l = state.levels.entry(bucket).or_insert(Level::Normal);
+            *l = (*l).max(level);
+        }
+    }
+
     /// Records a call answered from the response cache: nothing is held or spent, and
     /// the entry (an adjustment of $0 flagged `CACHE_HIT`) names the model, the usage of
     /// the cached answer and the price in effect, so the cost saved is provable from the

@@ -179,6 +179,12 @@ pub fn build(
     engine.set_budgets(catalog.budget_set());
     tracing::info!(entries = opened.entries, "ledger replayed");
     let reader = Reader::open(&path)?;
+    engine.restore_alert_levels(reader.alerted_levels()?.into_iter().filter_map(|(b, l)| {
+        Some((
+            bursar_core::budget::BucketKey::parse(&b)?,
+            bursar_core::budget::Level::parse(&l)?,
+        ))
+    }));
     let proxy = proxy::Proxy::new(config.routing.clone());
     let services = Arc::new(Services {
         engine,

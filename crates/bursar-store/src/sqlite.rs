@@ -759,6 +759,15 @@ impl Reader {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    /// Every (bucket, level) ever alerted, once each: what recovery restores so that a
+    /// threshold of a period alerts once, across restarts.
+    pub fn alerted_levels(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare_cached("SELECT DISTINCT bucket, level FROM alerts")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Settled spend of a tenant since `since_ms`, by model used.
     pub fn usage_by_model(&self, tenant: &str, since_ms: i64) -> Result<Vec<UsageRow>, StoreError> {
         let conn = self.conn.lock();

@@ -464,3 +464,64 @@ async fn a_settle_retried_after_the_engine_forgot_it_is_answered_from_the_ledger
         1
     );
 }
+
+#[tokio::test]
+async fn a_threshold_alerts_once_per_period_across_restarts() {
+    let app = spawn_app().await;
+    let probe = app.authorize(A_MEMBER, ask(1000, 100)).await;
+    let held = Money::parse(probe.body["held"].as_str().unwrap()).unwrap();
+    let id = probe.body["authorization_id"].as_str().unwrap().to_string();
+    app.post(
+        &format!("/v1/authorizations/{id}/void"),
+        A_MEMBER,
+        json!({}),
+    )
+    .await;
+    // A budget where one such hold is 83 %: past warn (80 %), short of emergency (90 %).
+    let limit = Money::from_nanos(held.nanos() * 6 / 5);
+    let r = app
+        .post(
+            "/v1/admin/tenants/a/budgets",
+            A_ADMIN,
+            json!({"id": "tight", "scope": "tenant", "window": "lifetime", "limit": limit.to_string()}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let warn_alerts = |app: &TestApp| {
+        let rows = app.services.reader.alerts(Some("a"), 100).unwrap();
+        rows.iter()
+            .filter(|a| a.bucket.starts_with("a.tight|") && a.level == "warn")
+            .count()
+    };
+    let hold_and_void = |app: &TestApp| {
+        let app_base = app.base.clone();
+        let http = app.http.clone();
+        async move {
+            let p: serde_json::Value = http
+                .post(format!("{app_base}/v1/authorizations"))
+                .bearer_auth(A_MEMBER)
+                .json(&ask(1000, 100))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let id = p["authorization_id"].as_str().unwrap().to_string();
+            http.post(format!("{app_base}/v1/authorizations/{id}/void"))
+                .bearer_auth(A_MEMBER)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    hold_and_void(&app).await;
+    assert_eq!(warn_alerts(&app), 1);
+    hold_and_void(&app).await;
+    assert_eq!(warn_alerts(&app), 1, "the level did not rise again");
+    let TestApp { dir, .. } = app;
+    let again = spawn_app_in(CONFIG, dir).await;
+    hold_and_void(&again).await;
+    assert_eq!(warn_alerts(&again), 1, "a restart does not raise it twice");
+}
