@@ -492,6 +492,38 @@ fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
+/// The permit a hold entry stands for: what a retry with its idempotency key gets.
+pub fn permit_of_hold(
+    authorization: Uuid,
+    held: Money,
+    item: Option<String>,
+    price_version: Option<String>,
+    d: &HoldDetail,
+    replayed: bool,
+) -> Permit {
+    let (model, api) = if d.quantity == 0 {
+        (item, None)
+    } else {
+        (None, item)
+    };
+    Permit {
+        authorization_id: authorization,
+        model,
+        api,
+        price_version: price_version.unwrap_or_default(),
+        held,
+        prompt_tokens: d.prompt_tokens,
+        max_tokens: d.max_tokens,
+        quantity: d.quantity,
+        expires_at: from_ms(d.expires_at_ms),
+        downgraded_from: None,
+        shadow_denial: None,
+        budgets: Vec::new(),
+        rate_limits: Vec::new(),
+        replayed,
+    }
+}
+
 fn from_ms(v: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(v).single().unwrap_or_default()
 }
@@ -699,6 +731,15 @@ impl Engine {
             remaining: limit.saturating_sub(counter.used()).max(Money::ZERO),
             level: Level::of(counter.used(), limit, &a.budget.spec.thresholds),
         }
+    }
+
+    /// Does the engine still remember this idempotency key of this tenant? When it does
+    /// not, a retry is looked up in the ledger before it is decided anew.
+    pub fn knows_idempotency_key(&self, tenant: &str, key: &str) -> bool {
+        self.state
+            .lock()
+            .idempotency
+            .contains_key(&(tenant.to_string(), key.to_string()))
     }
 
     /// Restores the highest level already alerted per bucket (from the stored alerts), so
@@ -1910,27 +1951,16 @@ impl Engine {
                             },
                         );
                     }
-                    let (model, api) = match (&e.model_used, d.quantity) {
-                        (m, 0) => (m.clone(), None),
-                        (m, _) => (None, m.clone()),
-                    };
-                    let price_version = e.price_version.clone().unwrap_or_default();
-                    let permit = Permit {
-                        authorization_id: e.authorization,
-                        model: model.clone(),
-                        api: api.clone(),
-                        price_version: price_version.clone(),
-                        held: e.held_delta,
-                        prompt_tokens: d.prompt_tokens,
-                        max_tokens: d.max_tokens,
-                        quantity: d.quantity,
-                        expires_at: from_ms(d.expires_at_ms),
-                        downgraded_from: None,
-                        shadow_denial: None,
-                        budgets: Vec::new(),
-                        rate_limits: Vec::new(),
-                        replayed: false,
-                    };
+                    let permit = permit_of_hold(
+                        e.authorization,
+                        e.held_delta,
+                        e.model_used.clone(),
+                        e.price_version.clone(),
+                        d,
+                        false,
+                    );
+                    let (model, api) = (permit.model.clone(), permit.api.clone());
+                    let price_version = permit.price_version.clone();
                     state.holds.insert(
                         e.authorization,
                         Hold {

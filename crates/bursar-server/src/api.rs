@@ -7,8 +7,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use bursar_core::engine::{
-    AuthorizeRequest, BudgetView, Caller, FinishCode, FinishError, Metered, Outcome, Permit,
-    Prompt, Settlement, Usage,
+    permit_of_hold, AuthorizeRequest, BudgetView, Caller, Denial, DenyCode, FinishCode,
+    FinishError, Metered, Outcome, Permit, Prompt, Settlement, Usage,
 };
 use bursar_core::ledger::{fingerprint, EntryKind, Tags};
 use bursar_core::pricebook::TokenUsage;
@@ -213,6 +213,31 @@ pub async fn authorize(
         idempotency_key,
         ttl,
     };
+    // A key the engine has forgotten (past its memory's time or size) may still belong to
+    // a hold in the ledger: a retry gets that hold, never a second one.
+    if let (Some(key), Some(tenant)) = (&req.idempotency_key, &caller.key.tenant) {
+        if !s.engine.knows_idempotency_key(tenant, key) {
+            if let Some(h) = s.reader.hold_by_idempotency_key(tenant, key)? {
+                if h.detail.fingerprint != req.fingerprint {
+                    return Err(Denial {
+                        code: DenyCode::IdempotencyKeyReused,
+                        message: "this Idempotency-Key was used with a different request".into(),
+                        retry_after: None,
+                    }
+                    .into());
+                }
+                record_decision("permit", "replayed", started);
+                return Ok(Json(permit_of_hold(
+                    h.authorization,
+                    h.held,
+                    h.model_used,
+                    h.price_version,
+                    &h.detail,
+                    true,
+                )));
+            }
+        }
+    }
     match s.engine.authorize(&caller, req, s.clock.now(), &s.ledger) {
         Ok((permit, ticket)) => {
             ticket.wait().await?;

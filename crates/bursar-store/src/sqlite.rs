@@ -70,6 +70,9 @@ CREATE TABLE IF NOT EXISTS ledger (
     hash BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_auth ON ledger(auth);
+-- Holds made with an Idempotency-Key, found by it once the engine has forgotten them.
+CREATE INDEX IF NOT EXISTS ledger_idempotency ON ledger(tenant, json_extract(detail, '$.idempotency_key'))
+    WHERE kind = 1 AND json_extract(detail, '$.idempotency_key') IS NOT NULL;
 CREATE TABLE IF NOT EXISTS counters (
     bucket TEXT PRIMARY KEY,
     held INTEGER NOT NULL,
@@ -703,6 +706,17 @@ pub struct AlertRow {
     pub used: Money,
 }
 
+/// A hold entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredHold {
+    pub authorization: Uuid,
+    pub held: Money,
+    /// The model (or metered API) held for.
+    pub model_used: Option<String>,
+    pub price_version: Option<String>,
+    pub detail: HoldDetail,
+}
+
 /// A settle entry as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettleRow {
@@ -757,6 +771,38 @@ impl Reader {
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The hold a tenant made with an idempotency key, if any (however old).
+    pub fn hold_by_idempotency_key(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<StoredHold>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT l.auth, l.held, mu.text, pv.text, l.detail FROM ledger l
+             LEFT JOIN dict mu ON mu.id = l.model_used LEFT JOIN dict pv ON pv.id = l.price_version
+             WHERE l.kind = 1 AND l.tenant = (SELECT id FROM dict WHERE text = ?1)
+               AND json_extract(l.detail, '$.idempotency_key') = ?2
+             ORDER BY l.seq LIMIT 1",
+        )?;
+        let mut rows = stmt.query(params![tenant, key])?;
+        let Some(r) = rows.next()? else {
+            return Ok(None);
+        };
+        let auth: Vec<u8> = r.get(0)?;
+        let detail: String = r.get(4)?;
+        let detail: HoldDetail = serde_json::from_str(&detail)
+            .map_err(|e| StoreError::Corrupt(format!("unreadable hold detail: {e}")))?;
+        Ok(Some(StoredHold {
+            authorization: Uuid::from_slice(&auth)
+                .map_err(|e| StoreError::Corrupt(format!("bad authorization id: {e}")))?,
+            held: Money::from_nanos(r.get(1)?),
+            model_used: r.get(2)?,
+            price_version: r.get(3)?,
+            detail,
+        }))
     }
 
     /// Every (bucket, level) ever alerted, once each: what recovery restores so that a

@@ -525,3 +525,63 @@ async fn a_threshold_alerts_once_per_period_across_restarts() {
     hold_and_void(&again).await;
     assert_eq!(warn_alerts(&again), 1, "a restart does not raise it twice");
 }
+
+#[tokio::test]
+async fn a_retry_after_the_engine_forgot_its_key_gets_the_hold_from_the_ledger() {
+    let app = spawn_app().await;
+    let first = app
+        .send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            A_MEMBER,
+            Some(&ask(300, 30)),
+            Some("k-long-ago"),
+        )
+        .await;
+    assert_eq!(first.status, 200);
+    let id = first.body["authorization_id"].as_str().unwrap().to_string();
+    app.settle(
+        A_MEMBER,
+        &id,
+        json!({"usage": {"input_tokens": 300, "cached_input_tokens": 0, "output_tokens": 10}}),
+    )
+    .await;
+    // A day later the engine's memory of the key is gone.
+    app.clock.advance(Duration::from_secs(25 * 3600));
+    app.services.sweep().await.unwrap();
+    assert!(!app.services.engine.knows_idempotency_key("a", "k-long-ago"));
+    let retry = app
+        .send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            A_MEMBER,
+            Some(&ask(300, 30)),
+            Some("k-long-ago"),
+        )
+        .await;
+    assert_eq!(retry.status, 200, "{:?}", retry.body);
+    assert_eq!(retry.body["authorization_id"], id.as_str());
+    assert_eq!(retry.body["replayed"], true);
+    assert_eq!(retry.body["held"], first.body["held"]);
+    let reuse = app
+        .send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            A_MEMBER,
+            Some(&ask(301, 30)),
+            Some("k-long-ago"),
+        )
+        .await;
+    assert_eq!(
+        (reuse.status, reuse.code()),
+        (409, "idempotency_key_reused")
+    );
+    let entries = bursar_store::sqlite::read_entries(&app.db_path())
+        .unwrap()
+        .entries;
+    assert_eq!(
+        entries.len(),
+        2,
+        "one hold and its settle; the retry held nothing"
+    );
+}
