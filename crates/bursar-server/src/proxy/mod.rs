@@ -1116,7 +1116,12 @@ async fn endpoint(s: Arc<Services>, headers: HeaderMap, body: Body, ep: Endpoint
     }
 }
 
-/// OpenAI-compatible chat completions, streamed or not.
+/// OpenAI-compatible chat completions, streamed or not (OpenAI's request and answer
+/// shapes; tags in `x-bursar-*` headers).
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "proxy", request_body = Object,
+    responses((status = 200, description = "the provider's answer (JSON, or text/event-stream when `stream`), with x-bursar-* and x-ratelimit-* headers"),
+        (status = 402, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
+        (status = 429, body = crate::error::ErrorBody), (status = 502, body = crate::error::ErrorBody)))]
 pub async fn chat_completions(
     State(s): State<Arc<Services>>,
     headers: HeaderMap,
@@ -1125,12 +1130,17 @@ pub async fn chat_completions(
     endpoint(s, headers, body, Endpoint::Chat).await
 }
 
-/// Anthropic-compatible messages, streamed or not.
+/// Anthropic-compatible messages, streamed or not; errors in Anthropic's shape.
+#[utoipa::path(post, path = "/v1/messages", tag = "proxy", request_body = Object,
+    responses((status = 200, description = "the provider's answer (JSON, or text/event-stream when `stream`)"),
+        (status = 402, description = "budget exceeded (Anthropic error shape, Bursar code inside)")))]
 pub async fn messages(State(s): State<Arc<Services>>, headers: HeaderMap, body: Body) -> Response {
     endpoint(s, headers, body, Endpoint::Messages).await
 }
 
 /// OpenAI-compatible embeddings.
+#[utoipa::path(post, path = "/v1/embeddings", tag = "proxy", request_body = Object,
+    responses((status = 200, description = "the provider's answer"), (status = 402, body = crate::error::ErrorBody)))]
 pub async fn embeddings(
     State(s): State<Arc<Services>>,
     headers: HeaderMap,
@@ -1140,6 +1150,7 @@ pub async fn embeddings(
 }
 
 /// The models this key's plan may call, in OpenAI's list shape.
+#[utoipa::path(get, path = "/v1/models", tag = "proxy", responses((status = 200, description = "OpenAI's model list")))]
 pub async fn models(State(s): State<Arc<Services>>, headers: HeaderMap) -> Response {
     let caller = match authenticate(&s, &headers) {
         Ok(c) => c,
