@@ -234,8 +234,8 @@ impl Simulator {
     /// Answers `/v1/embeddings` (float or base64 encoding, as asked).
     pub fn embeddings(&self, body: &Map<String, Value>) -> SimAnswer {
         let seq = self.next();
-        let (model, texts, given) = match wire::embedding_inputs(body) {
-            Ok(x) => x,
+        let (model, texts, given) = match wire::parse_embeddings(body) {
+            Ok(r) => (r.model, r.texts, r.extra_prompt_tokens),
             Err(e) => return self.error(Dialect::OpenAi, StatusCode::BAD_REQUEST, &e.message),
         };
         if self.fails(seq) {

@@ -262,14 +262,9 @@ struct Call {
     /// The model the client asked for (after aliases), sent upstream on the first hop.
     client_model: String,
     chain: Vec<String>,
-    /// Chat: the prompt to count per hop's tokenizer; embeddings: the inputs.
-    messages: Vec<tokens::ChatMessage>,
-    texts: Vec<String>,
-    extra_prompt_tokens: u64,
-    max_tokens: Option<u32>,
-    max_tokens_field: &'static str,
-    stream: bool,
-    client_wants_usage: bool,
+    /// What was read of the request: the prompt to count with each hop's tokenizer, the
+    /// output cap, streaming.
+    req: wire::ChatRequest,
     tags: Tags,
     started: Instant,
     /// Where to keep a good answer, and until when (tenants with the cache on).
@@ -298,13 +293,14 @@ impl Call {
     fn prompt_tokens(&self, model: &Model) -> u64 {
         let n = match self.ep {
             Endpoint::Embeddings => self
+                .req
                 .texts
                 .iter()
                 .map(|t| tokens::count_text(model.tokenizer, t))
                 .sum(),
-            _ => tokens::count_messages(model.tokenizer, &self.messages),
+            _ => tokens::count_messages(model.tokenizer, &self.req.messages),
         };
-        n + self.extra_prompt_tokens
+        n + self.req.extra_prompt_tokens
     }
 
     /// Voids a hold that reached no provider, or whose provider failed or refused: the
@@ -383,9 +379,9 @@ impl Call {
         body.insert("model".into(), Value::String(model));
         if self.ep != Endpoint::Embeddings {
             if let Some(mt) = permit.max_tokens {
-                body.insert(self.max_tokens_field.into(), json!(mt));
+                body.insert(self.req.max_tokens_field.into(), json!(mt));
             }
-            if self.stream && self.dialect() == Dialect::OpenAi {
+            if self.req.stream && self.dialect() == Dialect::OpenAi {
                 let mut opts = body
                     .get("stream_options")
                     .and_then(Value::as_object)
@@ -412,7 +408,7 @@ impl Call {
                 .s
                 .proxy
                 .upstreams
-                .send(provider, self.ep, body.clone(), self.stream)
+                .send(provider, self.ep, body.clone(), self.req.stream)
                 .await;
             *provider_time += t0.elapsed();
             let failure = match r {
@@ -461,7 +457,7 @@ impl Call {
             let metered = Metered::Model {
                 model: hop_model.clone(),
                 prompt: Prompt::Tokens(self.prompt_tokens(model)),
-                max_tokens: self.max_tokens,
+                max_tokens: self.req.max_tokens,
             };
             let req = AuthorizeRequest {
                 metered,
@@ -799,7 +795,7 @@ impl Call {
                                 .and_then(Value::as_array)
                                 .is_some_and(Vec::is_empty)
                             && v.get("usage").is_some_and(|u| !u.is_null());
-                        if usage_only && !self.client_wants_usage {
+                        if usage_only && !self.req.client_wants_usage {
                             forward = false;
                         }
                     }
@@ -980,39 +976,11 @@ async fn start(
         })
     })?;
     let body = parse_object(&raw)?;
-    let dialect = ep.dialect();
-    let (model, messages, texts, extra, max_tokens, field, stream, wants_usage, end_user) = match ep
-    {
-        Endpoint::Embeddings => {
-            let (model, texts, given) = wire::embedding_inputs(&body)?;
-            (
-                model,
-                Vec::new(),
-                texts,
-                given,
-                None,
-                "max_tokens",
-                false,
-                false,
-                body.get("user").and_then(Value::as_str).map(str::to_string),
-            )
-        }
-        _ => {
-            let r = wire::parse_chat(dialect, &body)?;
-            (
-                r.model,
-                r.messages,
-                Vec::new(),
-                r.extra_prompt_tokens,
-                r.max_tokens,
-                r.max_tokens_field,
-                r.stream,
-                r.client_wants_usage,
-                r.end_user,
-            )
-        }
+    let req = match ep {
+        Endpoint::Embeddings => wire::parse_embeddings(&body)?,
+        _ => wire::parse_chat(ep.dialect(), &body)?,
     };
-    let mut tags = tags_from(&headers, end_user)?;
+    let mut tags = tags_from(&headers, req.end_user.clone())?;
     if ep == Endpoint::Embeddings && tags.task.is_none() {
         // Embeddings run under the plan's `embed` task when it has one.
         let dir = s.engine.directory();
@@ -1025,7 +993,7 @@ async fn start(
             tags.task = Some("embed".into());
         }
     }
-    let cache_ttl = (!stream)
+    let cache_ttl = (!req.stream)
         .then(|| {
             s.engine
                 .directory()
@@ -1054,7 +1022,7 @@ async fn start(
             ))
         }
     };
-    let client_model = s.proxy.routing.unalias(&model).to_string();
+    let client_model = s.proxy.routing.unalias(&req.model).to_string();
     let canonical = s
         .engine
         .price_book()
@@ -1083,13 +1051,7 @@ async fn start(
         body,
         client_model,
         chain,
-        messages,
-        texts,
-        extra_prompt_tokens: extra,
-        max_tokens,
-        max_tokens_field: field,
-        stream,
-        client_wants_usage: wants_usage,
+        req,
         tags,
         started,
         cache,

@@ -27,13 +27,16 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
 }
 
-/// What Bursar needs of a chat request; the body itself is forwarded as the client sent
-/// it, with `model`, the output cap and the stream options rewritten.
+/// What Bursar needs of a proxied request (chat or embeddings); the body itself is
+/// forwarded as the client sent it, with `model`, the output cap and the stream options
+/// rewritten.
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
     pub model: String,
-    /// The text of the prompt, for counting.
+    /// The text of the prompt, for counting (chat).
     pub messages: Vec<ChatMessage>,
+    /// The inputs, for counting (embeddings).
+    pub texts: Vec<String>,
     /// Tokens counted apart from the text (images).
     pub extra_prompt_tokens: u64,
     pub max_tokens: Option<u32>,
@@ -213,6 +216,7 @@ pub fn parse_chat(dialect: Dialect, body: &Map<String, Value>) -> Result<ChatReq
     Ok(ChatRequest {
         model,
         messages,
+        texts: Vec::new(),
         extra_prompt_tokens: images * IMAGE_TOKENS,
         max_tokens,
         max_tokens_field,
@@ -223,7 +227,7 @@ pub fn parse_chat(dialect: Dialect, body: &Map<String, Value>) -> Result<ChatReq
 }
 
 /// The inputs of an embeddings request, as texts (token arrays are counted as given).
-pub fn embedding_inputs(body: &Map<String, Value>) -> Result<(String, Vec<String>, u64), ApiError> {
+fn embedding_inputs(body: &Map<String, Value>) -> Result<(String, Vec<String>, u64), ApiError> {
     let model = match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         _ => return Err(invalid("`model` is required")),
@@ -245,6 +249,23 @@ pub fn embedding_inputs(body: &Map<String, Value>) -> Result<(String, Vec<String
         _ => return Err(invalid("`input` must be a string or a non-empty array")),
     }
     Ok((model, texts, given_tokens))
+}
+
+/// Checks an embeddings request; token arrays count as given, texts are counted later
+/// with the routed model's tokenizer.
+pub fn parse_embeddings(body: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
+    let (model, texts, given_tokens) = embedding_inputs(body)?;
+    Ok(ChatRequest {
+        model,
+        messages: Vec::new(),
+        texts,
+        extra_prompt_tokens: given_tokens,
+        max_tokens: None,
+        max_tokens_field: "max_tokens",
+        stream: false,
+        client_wants_usage: false,
+        end_user: body.get("user").and_then(Value::as_str).map(str::to_string),
+    })
 }
 
 /// What an answer (or the stream so far) says.
