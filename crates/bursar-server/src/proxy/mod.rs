@@ -368,7 +368,11 @@ impl Call {
     }
 
     /// The body sent upstream for this hop.
-    fn upstream_body(&self, hop: usize, permit: &Permit) -> Bytes {
+    ///
+    /// The output cap goes in the field the client used. When the client gave none,
+    /// OpenAI's own models get `max_completion_tokens` (its reasoning and GPT-5 models
+    /// refuse `max_tokens`); every other provider gets `max_tokens`.
+    fn upstream_body(&self, hop: usize, permit: &Permit, routed_model: &Model) -> Bytes {
         let mut body = self.body.clone();
         let routed = permit.model.clone().unwrap_or_default();
         let model = if hop == 0 && permit.downgraded_from.is_none() {
@@ -379,7 +383,15 @@ impl Call {
         body.insert("model".into(), Value::String(model));
         if self.ep != Endpoint::Embeddings {
             if let Some(mt) = permit.max_tokens {
-                body.insert(self.req.max_tokens_field.into(), json!(mt));
+                let field = if self.req.max_tokens.is_none()
+                    && self.dialect() == Dialect::OpenAi
+                    && routed_model.provider == "openai"
+                {
+                    "max_completion_tokens"
+                } else {
+                    self.req.max_tokens_field
+                };
+                body.insert(field.into(), json!(mt));
             }
             if self.req.stream && self.dialect() == Dialect::OpenAi {
                 let mut opts = body
@@ -529,7 +541,7 @@ impl Call {
                 ));
                 continue;
             }
-            let body = self.upstream_body(hop, &permit);
+            let body = self.upstream_body(hop, &permit, routed_model);
             let mut provider_time = Duration::ZERO;
             match self.attempts(provider, body, &mut provider_time).await {
                 HopEnd::Answer(resp) => {

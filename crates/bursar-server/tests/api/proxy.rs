@@ -90,6 +90,7 @@ name = "flaky"
 kind = "openai"
 base_url = "UPSTREAM"
 serves = ["perplexity"]
+models = ["gpt-3.5-turbo"]
 max_retries = 1
 circuit_failures = 2
 circuit_open_ms = 300
@@ -157,6 +158,8 @@ struct Upstream {
     mode: AtomicU8,
     hits: AtomicUsize,
     sim: Simulator,
+    /// The last request body it was sent.
+    last: parking_lot::Mutex<Value>,
 }
 
 const OK: u8 = 0;
@@ -166,6 +169,7 @@ const MALFORMED: u8 = 3;
 
 async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response {
     u.hits.fetch_add(1, Ordering::SeqCst);
+    *u.last.lock() = serde_json::from_slice(&body).unwrap_or(Value::Null);
     match u.mode.load(Ordering::SeqCst) {
         FAIL => (StatusCode::INTERNAL_SERVER_ERROR, "{\"error\":{\"message\":\"down\"}}").into_response(),
         REFUSE => (
@@ -191,6 +195,7 @@ async fn spawn_proxy() -> (TestApp, Arc<Upstream>) {
             completion_tokens: 20,
             ..SimSettings::default()
         }),
+        last: parking_lot::Mutex::new(Value::Null),
     });
     let router = axum::Router::new()
         .route("/v1/chat/completions", axum::routing::post(upstream_chat))
@@ -970,4 +975,33 @@ async fn the_response_cache_answers_at_zero_and_records_the_cost_saved() {
     settle_row(&app, auth_id(&again.headers)).await;
     let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
     assert!(v.ok(), "{:?}", v.problems);
+}
+
+#[tokio::test]
+async fn the_output_cap_bursar_sets_goes_in_the_field_the_provider_takes() {
+    let (app, up) = spawn_proxy().await;
+    let no_cap =
+        |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    // OpenAI's own models get max_completion_tokens (the plan's cap for the task).
+    let r = app
+        .post("/v1/chat/completions", MEMBER, no_cap("gpt-3.5-turbo"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sent = up.last.lock().clone();
+    assert_eq!(sent["max_completion_tokens"], 1000);
+    assert!(sent.get("max_tokens").is_none(), "{sent}");
+    // Other providers get max_tokens.
+    let r = app
+        .post("/v1/chat/completions", MEMBER, no_cap("sonar"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sent = up.last.lock().clone();
+    assert_eq!(sent["max_tokens"], 1000);
+    assert!(sent.get("max_completion_tokens").is_none(), "{sent}");
+    // A cap the client gave stays in its field, shaped.
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("gpt-3.5-turbo", 5000))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(up.last.lock()["max_tokens"], 1000);
 }
