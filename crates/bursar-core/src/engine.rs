@@ -240,7 +240,7 @@ pub struct Permit {
     /// In shadow mode: the denial that enforce mode would have returned.
     pub shadow_denial: Option<DenyCode>,
     pub budgets: Vec<BudgetView>,
-    /// The caller's rate limits after this call (empty when the role has none).
+    /// The rate limits this call counted against, as they stand after it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RateStanding>,
     /// True when this is the stored answer to an earlier request with the same key.
