@@ -21,20 +21,24 @@ impl FromRequestParts<Arc<Services>> for Authed {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &Arc<Services>) -> Result<Self, ApiError> {
-        let secret = secret_of(&parts.headers);
-        let Some(secret) = secret else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing_api_key",
-                "send an API key as `Authorization: Bearer <key>`",
-            ));
-        };
-        Ok(Authed(s.engine.identify(secret, s.clock.now())?))
+        identify(s, &parts.headers).map(Authed)
     }
 }
 
+/// The caller of a request, by its key (unknown, revoked and expired keys are 401s).
+pub fn identify(s: &Services, headers: &axum::http::HeaderMap) -> Result<Caller, ApiError> {
+    let Some(secret) = secret_of(headers) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "send an API key as `Authorization: Bearer <key>` or `x-api-key`",
+        ));
+    };
+    Ok(s.engine.identify(secret, s.clock.now())?)
+}
+
 /// The key of a request: `Authorization: Bearer …`, else `x-api-key`.
-pub fn secret_of(headers: &axum::http::HeaderMap) -> Option<&str> {
+fn secret_of(headers: &axum::http::HeaderMap) -> Option<&str> {
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -295,31 +295,34 @@ fn pieces(text: &str, per: u32) -> Vec<String> {
     out
 }
 
+/// A simulated stream's events, `delay` apart.
+pub fn event_stream(
+    events: Vec<Bytes>,
+    delay: Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, String>> + Send + 'static {
+    futures_util::stream::iter(events.into_iter().enumerate()).then(move |(i, ev)| async move {
+        if i > 0 && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(ev)
+    })
+}
+
 /// A simulated answer as an HTTP response (for `bursar simulate`).
 pub fn into_response(answer: SimAnswer) -> Response {
     match answer {
         SimAnswer::Full { status, body } => {
             (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
-        SimAnswer::Stream { events, delay } => {
-            let stream = futures_util::stream::iter(events.into_iter().enumerate()).then(
-                move |(i, ev)| async move {
-                    if i > 0 && !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    Ok::<_, std::convert::Infallible>(ev)
-                },
-            );
-            (
-                StatusCode::OK,
-                [
-                    (header::CONTENT_TYPE, "text/event-stream"),
-                    (header::CACHE_CONTROL, "no-cache"),
-                ],
-                Body::from_stream(stream),
-            )
-                .into_response()
-        }
+        SimAnswer::Stream { events, delay } => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            Body::from_stream(event_stream(events, delay)),
+        )
+            .into_response(),
     }
 }
 

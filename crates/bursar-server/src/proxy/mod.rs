@@ -103,6 +103,15 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
 }
 
+/// A model whose provider does not speak the endpoint called.
+fn wrong_dialect(model: &str, provider: &Provider, ep: Endpoint) -> ApiError {
+    invalid(format!(
+        "model `{model}` is served by provider `{}`, which does not speak {}; call it through its own API",
+        provider.name,
+        ep.path()
+    ))
+}
+
 async fn read_body(s: &Services, body: Body) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, s.max_body_bytes)
         .await
@@ -128,17 +137,6 @@ fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, ApiError> {
             format!("malformed JSON: {e}"),
         )),
     }
-}
-
-fn authenticate(s: &Services, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let Some(secret) = crate::extract::secret_of(headers) else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing_api_key",
-            "send an API key as `Authorization: Bearer <key>` or `x-api-key`",
-        ));
-    };
-    Ok(s.engine.identify(secret, s.clock.now())?)
 }
 
 /// Tags from `x-bursar-*` headers: workflow, campaign, agent, feature, task, end-user,
@@ -522,11 +520,7 @@ impl Call {
             };
             if !speaks(provider.kind, self.ep) {
                 self.void_unbilled(&permit, "wrong dialect").await;
-                let _ = reply.send(Err(invalid(format!(
-                    "model `{routed}` is served by provider `{}`, which does not speak {}; call it through its own API",
-                    provider.name,
-                    self.ep.path()
-                ))));
+                let _ = reply.send(Err(wrong_dialect(&routed, provider, self.ep)));
                 return;
             }
             if !self.s.proxy.upstreams.allow(provider) {
@@ -979,7 +973,7 @@ async fn start(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let raw = read_body(&s, body).await?;
-    let caller = authenticate(&s, &headers)?;
+    let caller = crate::extract::identify(&s, &headers)?;
     let tenant = caller.key.tenant.clone().ok_or_else(|| {
         ApiError::from(bursar_core::engine::Denial {
             code: bursar_core::engine::DenyCode::AdminKeyCannotSpend,
@@ -1035,26 +1029,17 @@ async fn start(
         }
     };
     let client_model = s.proxy.routing.unalias(&req.model).to_string();
-    let canonical = s
-        .engine
-        .price_book()
+    let book = s.engine.price_book();
+    let model = book
         .resolve(&client_model)
-        .map_err(bursar_core::engine::Denial::from)?
-        .id
-        .clone();
+        .map_err(bursar_core::engine::Denial::from)?;
     // A model whose provider does not speak this endpoint is refused before any hold.
-    if let Ok(model) = s.engine.price_book().resolve(&canonical) {
-        if let Ok(p) = s.proxy.routing.provider_for(model) {
-            if !speaks(p.kind, ep) {
-                return Err(invalid(format!(
-                    "model `{canonical}` is served by provider `{}`, which does not speak {}; call it through its own API",
-                    p.name,
-                    ep.path()
-                )));
-            }
+    if let Ok(p) = s.proxy.routing.provider_for(model) {
+        if !speaks(p.kind, ep) {
+            return Err(wrong_dialect(&model.id, p, ep));
         }
     }
-    let chain = s.proxy.routing.chain(&canonical);
+    let chain = s.proxy.routing.chain(&model.id);
     let call = Call {
         s: s.clone(),
         caller,
@@ -1126,7 +1111,7 @@ pub async fn embeddings(
 /// The models this key's plan may call, in OpenAI's list shape.
 #[utoipa::path(get, path = "/v1/models", tag = "proxy", responses((status = 200, description = "OpenAI's model list")))]
 pub async fn models(State(s): State<Arc<Services>>, headers: HeaderMap) -> Response {
-    let caller = match authenticate(&s, &headers) {
+    let caller = match crate::extract::identify(&s, &headers) {
         Ok(c) => c,
         Err(e) => return ProxyError::new(Dialect::OpenAi, e).into_response(),
     };

@@ -78,24 +78,11 @@ pub enum UpError {
 pub struct Upstreams {
     http: reqwest::Client,
     /// Each HTTP provider's URL per endpoint, parsed once.
-    urls: HashMap<(String, Endpoint), reqwest::Url>,
+    urls: HashMap<String, HashMap<Endpoint, reqwest::Url>>,
     sims: HashMap<String, Arc<Simulator>>,
     breakers: HashMap<String, Mutex<CircuitBreaker>>,
     keys: HashMap<String, String>,
     epoch: Instant,
-}
-
-fn sim_stream(events: Vec<Bytes>, delay: Duration) -> ByteStream {
-    Box::pin(
-        futures_util::stream::iter(events.into_iter().enumerate()).then(
-            move |(i, ev)| async move {
-                if i > 0 && !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                Ok(ev)
-            },
-        ),
-    )
 }
 
 impl Upstreams {
@@ -106,11 +93,14 @@ impl Upstreams {
         let mut keys = HashMap::new();
         let mut urls = HashMap::new();
         for p in &routing.providers {
-            for ep in [Endpoint::Chat, Endpoint::Messages, Endpoint::Embeddings] {
-                if let Ok(u) = reqwest::Url::parse(&format!("{}{}", p.base_url, ep.path())) {
-                    urls.insert((p.name.clone(), ep), u);
-                }
-            }
+            let parsed = [Endpoint::Chat, Endpoint::Messages, Endpoint::Embeddings]
+                .into_iter()
+                .filter_map(|ep| {
+                    let u = reqwest::Url::parse(&format!("{}{}", p.base_url, ep.path())).ok()?;
+                    Some((ep, u))
+                })
+                .collect();
+            urls.insert(p.name.clone(), parsed);
             if p.kind == ProviderKind::Simulated {
                 sims.insert(p.name.clone(), Arc::new(Simulator::new(p.simulate.clone())));
             }
@@ -188,7 +178,7 @@ impl Upstreams {
         if let Some(sim) = self.sims.get(&p.name) {
             return self.simulate(sim, p, ep, &body).await;
         }
-        let Some(url) = self.urls.get(&(p.name.clone(), ep)) else {
+        let Some(url) = self.urls.get(&p.name).and_then(|m| m.get(&ep)) else {
             return Err(UpError::Unreachable(format!(
                 "`{}` is not a valid URL",
                 p.base_url
@@ -264,7 +254,7 @@ impl Upstreams {
             },
             SimAnswer::Stream { events, delay } => UpResponse {
                 status: StatusCode::OK,
-                body: UpBody::Stream(sim_stream(events, delay)),
+                body: UpBody::Stream(Box::pin(crate::sim::event_stream(events, delay))),
             },
         })
     }
