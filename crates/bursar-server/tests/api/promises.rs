@@ -465,6 +465,18 @@ async fn a_settle_retried_after_the_engine_forgot_it_is_answered_from_the_ledger
     );
 }
 
+/// Holds a call and voids it: the hold alone moves the budget's level.
+async fn hold_and_void(app: &TestApp) {
+    let p = app.authorize(A_MEMBER, ask(1000, 100)).await;
+    let id = p.body["authorization_id"].as_str().unwrap();
+    app.post(
+        &format!("/v1/authorizations/{id}/void"),
+        A_MEMBER,
+        json!({}),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_threshold_alerts_once_per_period_across_restarts() {
     let app = spawn_app().await;
@@ -492,29 +504,6 @@ async fn a_threshold_alerts_once_per_period_across_restarts() {
         rows.iter()
             .filter(|a| a.bucket.starts_with("a.tight|") && a.level == "warn")
             .count()
-    };
-    let hold_and_void = |app: &TestApp| {
-        let app_base = app.base.clone();
-        let http = app.http.clone();
-        async move {
-            let p: serde_json::Value = http
-                .post(format!("{app_base}/v1/authorizations"))
-                .bearer_auth(A_MEMBER)
-                .json(&ask(1000, 100))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let id = p["authorization_id"].as_str().unwrap().to_string();
-            http.post(format!("{app_base}/v1/authorizations/{id}/void"))
-                .bearer_auth(A_MEMBER)
-                .json(&json!({}))
-                .send()
-                .await
-                .unwrap();
-        }
     };
     hold_and_void(&app).await;
     assert_eq!(warn_alerts(&app), 1);

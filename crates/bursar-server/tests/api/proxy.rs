@@ -234,6 +234,18 @@ fn hold_of(max_tokens: u64) -> Money {
     })
 }
 
+/// Posts a body with a Bearer key and returns the raw response (for streams
+/// and headers).
+async fn post_raw(app: &TestApp, path: &str, key: &str, body: &Value) -> reqwest::Response {
+    app.http
+        .post(format!("{}{path}", app.base))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 fn auth_id_of_first_hold(app: &TestApp) -> Uuid {
     let entries = bursar_store::sqlite::read_entries(&app.db_path())
         .unwrap()
@@ -319,14 +331,7 @@ async fn a_stream_is_passed_through_and_settled_without_leaking_the_usage_chunk(
     let (app, _) = spawn_proxy().await;
     let mut body = chat("gpt-4o-mini", 100);
     body["stream"] = json!(true);
-    let resp = app
-        .http
-        .post(format!("{}/v1/chat/completions", app.base))
-        .bearer_auth(MEMBER)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_raw(&app, "/v1/chat/completions", MEMBER, &body).await;
     assert_eq!(resp.status(), 200);
     let id = auth_id(resp.headers());
     let text = resp.text().await.unwrap();
@@ -479,14 +484,7 @@ async fn five_hundred_concurrent_streams_on_a_budget_for_one_hundred() {
         tasks.push(tokio::spawn(async move {
             let mut body = chat("gpt-4o-mini", 20);
             body["stream"] = json!(true);
-            let r = app
-                .http
-                .post(format!("{}/v1/chat/completions", app.base))
-                .bearer_auth(MEMBER)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
+            let r = post_raw(&app, "/v1/chat/completions", MEMBER, &body).await;
             let status = r.status().as_u16();
             let text = r.text().await.unwrap();
             (status, text)
@@ -541,17 +539,14 @@ async fn five_hundred_concurrent_streams_on_a_budget_for_one_hundred() {
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_is_charged_for_what_was_generated() {
     let (app, _) = spawn_proxy().await;
-    let resp = app
-        .http
-        .post(format!("{}/v1/chat/completions", app.base))
-        .bearer_auth(MEMBER)
-        .json(
-            &json!({"model": "gpt-4.1-nano", "max_tokens": 500, "stream": true,
+    let resp = post_raw(
+        &app,
+        "/v1/chat/completions",
+        MEMBER,
+        &json!({"model": "gpt-4.1-nano", "max_tokens": 500, "stream": true,
                       "messages": [{"role": "user", "content": "Tell me a long story."}]}),
-        )
-        .send()
-        .await
-        .unwrap();
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let id = auth_id(resp.headers());
     let held: Money = Money::parse(
@@ -587,17 +582,14 @@ async fn a_client_that_leaves_mid_stream_is_charged_for_what_was_generated() {
 #[tokio::test]
 async fn a_stream_that_outruns_its_hold_is_cut_and_settled_at_what_was_generated() {
     let (app, _) = spawn_proxy().await;
-    let r = app
-        .http
-        .post(format!("{}/v1/chat/completions", app.base))
-        .bearer_auth(MEMBER)
-        .json(
-            &json!({"model": "gpt-5-nano", "max_tokens": 50, "stream": true,
+    let r = post_raw(
+        &app,
+        "/v1/chat/completions",
+        MEMBER,
+        &json!({"model": "gpt-5-nano", "max_tokens": 50, "stream": true,
                       "messages": [{"role": "user", "content": "go"}]}),
-        )
-        .send()
-        .await
-        .unwrap();
+    )
+    .await;
     let id = auth_id(r.headers());
     let text = r.text().await.unwrap();
     assert!(text.contains("stream_exceeded_hold"), "{text}");
