@@ -60,6 +60,9 @@ pub enum Durability {
 pub struct ServerSection {
     pub listen: Option<String>,
     pub data_dir: Option<String>,
+    /// A PostgreSQL database (`postgres://…`) instead of the embedded store: the system
+    /// of record several instances share.
+    pub database_url: Option<String>,
     pub max_body_bytes: Option<usize>,
     /// A price book file replacing the built-in one.
     pub price_book: Option<String>,

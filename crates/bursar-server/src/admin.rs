@@ -18,7 +18,7 @@ use bursar_core::catalog::{
 use bursar_core::config::{parse_budget_spec, valid_id};
 use bursar_core::engine::Engine;
 use bursar_core::Money;
-use bursar_store::sqlite::{AlertRow, CatalogRow, UsageRow};
+use bursar_store::{AlertRow, CatalogRow, UsageRow};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use rand::distr::{Alphanumeric, SampleString};
@@ -824,10 +824,11 @@ pub async fn list_alerts(
         let catalog = s.catalog.lock().await;
         require_admin(&caller.key, &tenant, &catalog)?;
     }
-    Ok(Json(s.reader.alerts(
-        Some(&tenant),
-        q.limit.unwrap_or(100).min(MAX_ALERTS_LISTED),
-    )?))
+    Ok(Json(
+        s.reader
+            .alerts(Some(&tenant), q.limit.unwrap_or(100).min(MAX_ALERTS_LISTED))
+            .await?,
+    ))
 }
 
 /// Spend of a tenant by model since a time.
@@ -857,7 +858,7 @@ pub async fn tenant_usage(
         require_admin(&caller.key, &tenant, &catalog)?;
     }
     let since_ms = q.since_ms.unwrap_or(0);
-    let by_model = s.reader.usage_by_model(&tenant, since_ms)?;
+    let by_model = s.reader.usage_by_model(&tenant, since_ms).await?;
     let cost: Money = by_model.iter().map(|r| r.cost).sum();
     let charge: Money = by_model.iter().map(|r| r.charge).sum();
     let set = s.engine.budgets();

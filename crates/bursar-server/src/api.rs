@@ -217,7 +217,7 @@ pub async fn authorize(
     // a hold in the ledger: a retry gets that hold, never a second one.
     if let (Some(key), Some(tenant)) = (&req.idempotency_key, &caller.key.tenant) {
         if !s.engine.knows_idempotency_key(tenant, key) {
-            if let Some(h) = s.reader.hold_by_idempotency_key(tenant, key)? {
+            if let Some(h) = s.reader.hold_by_idempotency_key(tenant, key).await? {
                 if h.detail.fingerprint != req.fingerprint {
                     return Err(Denial {
                         code: DenyCode::IdempotencyKeyReused,
@@ -257,20 +257,20 @@ pub async fn authorize(
 
 /// A finished authorization no longer in memory: answer from the ledger. A retried
 /// settle with the same usage gets the first settlement; anything else its conflict.
-fn finished_in_store(
+async fn finished_in_store(
     s: &Services,
     tenant: &str,
     id: Uuid,
     settle_usage: Option<&Usage>,
 ) -> Result<Json<Settlement>, ApiError> {
-    if !s.reader.exists(id, tenant)? {
+    if !s.reader.exists(id, tenant).await? {
         return Err(FinishError {
             code: FinishCode::AuthorizationNotFound,
             message: format!("no authorization `{id}`"),
         }
         .into());
     }
-    if let (Some(u), Some(row)) = (settle_usage, s.reader.settle_entry_of(id)?) {
+    if let (Some(u), Some(row)) = (settle_usage, s.reader.settle_entry_of(id).await?) {
         if row.usage == u.tokens && row.quantity == u.quantity {
             return Ok(Json(Settlement {
                 authorization_id: id,
@@ -286,7 +286,7 @@ fn finished_in_store(
             }));
         }
     }
-    let entries = s.reader.entries_of(id)?;
+    let entries = s.reader.entries_of(id).await?;
     let code = match entries
         .iter()
         .rev()
@@ -364,7 +364,7 @@ async fn finish(
             Ok(Json(settlement))
         }
         Err(e) if e.code == FinishCode::AuthorizationNotFound => {
-            finished_in_store(s, &tenant, id, settle_usage.as_ref())
+            finished_in_store(s, &tenant, id, settle_usage.as_ref()).await
         }
         Err(e) => Err(e.into()),
     }
@@ -438,14 +438,14 @@ pub async fn get_authorization(
 ) -> Result<Json<AuthorizationView>, ApiError> {
     let id = parse_id(&id)?;
     let tenant = tenant_of(&caller)?;
-    if !s.reader.exists(id, &tenant)? {
+    if !s.reader.exists(id, &tenant).await? {
         return Err(FinishError {
             code: FinishCode::AuthorizationNotFound,
             message: format!("no authorization `{id}`"),
         }
         .into());
     }
-    let entries = s.reader.entries_of(id)?;
+    let entries = s.reader.entries_of(id).await?;
     let state = match entries
         .iter()
         .rev()

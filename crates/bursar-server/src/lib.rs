@@ -14,7 +14,6 @@ pub mod proxy;
 pub mod sim;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -29,8 +28,7 @@ use bursar_core::catalog::{ApiKey, Directory};
 use bursar_core::config::Config;
 use bursar_core::engine::{plan_budgets, BudgetSet, Engine};
 use bursar_core::pricebook::PriceBook;
-use bursar_store::sqlite::{self, CatalogRow, LedgerHandle, Reader};
-use bursar_store::StoreError;
+use bursar_store::{CatalogRow, LedgerHandle, Location, OpenOptions, Reader, StoreError};
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
@@ -114,7 +112,8 @@ pub struct Services {
     pub max_body_bytes: usize,
     pub metrics: PrometheusHandle,
     pub catalog: tokio::sync::Mutex<CatalogState>,
-    pub data_dir: PathBuf,
+    /// Where the store lives.
+    pub location: Location,
     pub proxy: proxy::Proxy,
 }
 
@@ -156,16 +155,20 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Opens the store, rebuilds the engine from the ledger and the catalog, and expires
 /// holds that ran out while Bursar was down.
-pub fn build(
+pub async fn build(
     config: Config,
     book: Arc<PriceBook>,
-    data_dir: &Path,
+    location: &Location,
+    migrate: bool,
     clock: Arc<dyn Clock>,
 ) -> Result<(Arc<Services>, std::thread::JoinHandle<()>), StoreError> {
-    let path = sqlite::ledger_path(data_dir);
     let engine = Arc::new(Engine::new(config.engine.clone(), book));
+    let options = OpenOptions {
+        durability: config.server.durability,
+        migrate,
+    };
     // Recovery streams the ledger into the engine, entry by entry.
-    let opened = sqlite::open(&path, config.server.durability, |e| engine.recover_one(&e))?;
+    let opened = bursar_store::open(location, options, |e| engine.recover_one(&e)).await?;
     let mut catalog = CatalogState {
         directory: config.directory.clone(),
         file_budgets: config.budgets.clone(),
@@ -178,13 +181,19 @@ pub fn build(
     engine.set_directory(catalog.directory.clone());
     engine.set_budgets(catalog.budget_set());
     tracing::info!(entries = opened.entries, "ledger replayed");
-    let reader = Reader::open(&path)?;
-    engine.restore_alert_levels(reader.alerted_levels()?.into_iter().filter_map(|(b, l)| {
-        Some((
-            bursar_core::budget::BucketKey::parse(&b)?,
-            bursar_core::budget::Level::parse(&l)?,
-        ))
-    }));
+    let reader: Reader = opened.reader;
+    engine.restore_alert_levels(
+        reader
+            .alerted_levels()
+            .await?
+            .into_iter()
+            .filter_map(|(b, l)| {
+                Some((
+                    bursar_core::budget::BucketKey::parse(&b)?,
+                    bursar_core::budget::Level::parse(&l)?,
+                ))
+            }),
+    );
     let proxy = proxy::Proxy::new(config.routing.clone());
     let services = Arc::new(Services {
         engine,
@@ -197,7 +206,7 @@ pub fn build(
             .unwrap_or(bursar_core::config::DEFAULT_MAX_BODY_BYTES),
         metrics: metrics_handle(),
         catalog: tokio::sync::Mutex::new(catalog),
-        data_dir: data_dir.to_path_buf(),
+        location: location.clone(),
         proxy,
     });
     Ok((services, opened.writer))

@@ -1,9 +1,45 @@
 //! Bursar's storage backends.
 //!
-//! The embedded default is one SQLite file ([`sqlite`]): the ledger, the counters it
-//! derives, alerts and the catalog objects created through the admin API.
+//! The embedded default is one SQLite file ([`sqlite`]); several instances share one
+//! PostgreSQL database ([`postgres`]). Both keep the same things: the hash-chained
+//! ledger, the counters it derives, alerts and the catalog objects created through the
+//! admin API. What they share lives here:
+//!
+//! - the writer ([`LedgerHandle`] and the batching loop): the engine appends entries
+//!   under its lock, which only puts them on a bounded channel; one writer thread takes
+//!   everything waiting (up to [`MAX_BATCH_COMMANDS`]), hands the batch to its backend
+//!   to write in one transaction, and only then resolves the tickets. A caller
+//!   acknowledges a request only after its ticket resolved, so nothing acknowledged is
+//!   lost and many concurrent requests share one commit;
+//! - reading the ledger back ([`ChainReader`]): the chain check and the decoding of
+//!   stored rows into entries, the same for both backends;
+//! - [`Reader`], the read-only queries of the HTTP edge, and [`Store`], which opens,
+//!   verifies and reads whichever backend a [`Location`] names.
+//!
+//! Failure behaviour: if a commit fails (and, on PostgreSQL, a retry on a new
+//! connection fails too), its tickets resolve with an error and the store turns
+//! unhealthy: every later ticket fails (fail closed) until a restart recovers from what
+//! was committed.
 
+pub mod postgres;
 pub mod sqlite;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bursar_core::budget::{BucketKey, Counter};
+pub use bursar_core::config::Durability;
+use bursar_core::engine::LedgerSink;
+use bursar_core::ledger::{AlertEvent, Entry, EntryKind, HoldDetail, Replay, GENESIS_HASH};
+use bursar_core::pricebook::TokenUsage;
+use bursar_core::Money;
+use tokio::sync::oneshot;
+use uuid::Uuid;
 
 /// One error type for every backend; the HTTP edge maps all of them to 503.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -16,10 +52,668 @@ pub enum StoreError {
     Unavailable(String),
     #[error("the stored data is inconsistent: {0}")]
     Corrupt(String),
+    #[error("the database schema is not up to date: {0}")]
+    Schema(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError::Database(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
+/// Commands waiting for the writer; past this, appends wait (backpressure) rather than
+/// growing memory without bound.
+pub const MAX_QUEUED_COMMANDS: usize = 65_536;
+/// How long the writer waits for more work after the first command of a batch, when the
+/// previous batch showed concurrent callers. A commit costs far more than the wait, so
+/// under load this multiplies the work per commit; a lone caller never waits.
+pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_micros(100);
+/// Commands written in one transaction, so one commit never grows without bound.
+pub const MAX_BATCH_COMMANDS: usize = 4_096;
+
+/// Where the store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// The embedded store: one SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`postgres://…`), shared by any number of instances.
+    Postgres(String),
+}
+
+impl Location {
+    /// The embedded store in a data directory.
+    pub fn data_dir(dir: &std::path::Path) -> Self {
+        Location::Sqlite(sqlite::ledger_path(dir))
+    }
+
+    /// A printable form that never shows a password.
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(p) => format!("sqlite:{}", p.display()),
+            Location::Postgres(url) => postgres::redact(url),
+        }
+    }
+}
+
+/// A catalog object kept by the store (keys, budgets, tenants created by the admin API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogRow {
+    pub kind: String,
+    pub id: String,
+    /// JSON; `None` deletes the row.
+    pub body: Option<String>,
+}
+
+/// What the writer is asked to do.
+pub enum Command {
+    Append {
+        entries: Vec<Entry>,
+        alerts: Vec<AlertEvent>,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Catalog {
+        row: CatalogRow,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// The ticket of an append: resolves when the entries are committed.
+pub struct Ticket(oneshot::Receiver<Result<(), StoreError>>);
+
+impl Ticket {
+    pub async fn wait(self) -> Result<(), StoreError> {
+        self.0.await.unwrap_or(Err(StoreError::Unavailable(
+            "the ledger writer stopped".into(),
+        )))
+    }
+
+    /// For synchronous callers (CLI tools, benchmarks).
+    pub fn wait_blocking(self) -> Result<(), StoreError> {
+        self.0
+            .blocking_recv()
+            .unwrap_or(Err(StoreError::Unavailable(
+                "the ledger writer stopped".into(),
+            )))
+    }
+}
+
+/// A cheap, cloneable handle that appends to the ledger.
+#[derive(Clone)]
+pub struct LedgerHandle {
+    tx: SyncSender<Command>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl LedgerHandle {
+    fn send(&self, cmd: Command) {
+        // A full queue means the store is behind: wait for room rather than drop.
+        match self.tx.try_send(cmd) {
+            Ok(()) => {}
+            Err(TrySendError::Full(cmd)) => {
+                let _ = self.tx.send(cmd);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.healthy.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Writes a catalog change; resolves when committed.
+    pub fn put_catalog(&self, row: CatalogRow) -> Ticket {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Catalog { row, done });
+        Ticket(rx)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+}
+
+impl LedgerSink for LedgerHandle {
+    type Ticket = Ticket;
+
+    fn append(&self, entries: Vec<Entry>, alerts: Vec<AlertEvent>) -> Ticket {
+        let (done, rx) = oneshot::channel();
+        if !self.is_healthy() {
+            let _ = done.send(Err(StoreError::Unavailable(
+                "the ledger is failing; restart to recover".into(),
+            )));
+        } else {
+            self.send(Command::Append {
+                entries,
+                alerts,
+                done,
+            });
+        }
+        Ticket(rx)
+    }
+}
+
+/// What a backend's writer does with one batch.
+pub trait Backend: Send + 'static {
+    /// Writes the whole batch in one transaction: all of it is committed, or none.
+    fn write(&mut self, batch: &[Command]) -> Result<(), StoreError>;
+    /// Called after a failed write: forget whatever the rolled-back transaction taught
+    /// the backend (interned texts, the chain head).
+    fn forget(&mut self);
+}
+
+/// Starts the writer thread of a backend.
+pub fn spawn_writer(
+    backend: impl Backend,
+) -> Result<(LedgerHandle, thread::JoinHandle<()>), StoreError> {
+    let (tx, rx) = mpsc::sync_channel(MAX_QUEUED_COMMANDS);
+    let healthy = Arc::new(AtomicBool::new(true));
+    let h = healthy.clone();
+    let join = thread::Builder::new()
+        .name("bursar-ledger-writer".into())
+        .spawn(move || run_writer(backend, rx, h))
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+    Ok((LedgerHandle { tx, healthy }, join))
+}
+
+fn run_writer(mut backend: impl Backend, rx: Receiver<Command>, healthy: Arc<AtomicBool>) {
+    let mut last_batch = 0usize;
+    loop {
+        let first = match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(c) => c,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = vec![first];
+        // Wait for company only when the last batch had some: a lone caller is not made
+        // to wait for others who are not coming.
+        let window = if last_batch > 1 {
+            GROUP_COMMIT_WINDOW
+        } else {
+            Duration::ZERO
+        };
+        let window_end = Instant::now() + window;
+        while batch.len() < MAX_BATCH_COMMANDS {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => {
+                    let left = window_end.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left) {
+                        Ok(c) => batch.push(c),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        last_batch = batch.len();
+        let result = if healthy.load(Ordering::SeqCst) {
+            backend.write(&batch)
+        } else {
+            Err(StoreError::Unavailable("the ledger is failing".into()))
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "ledger commit failed; the store now fails closed");
+            healthy.store(false, Ordering::SeqCst);
+            backend.forget();
+        }
+        for cmd in batch {
+            let done = match cmd {
+                Command::Append { done, .. } | Command::Catalog { done, .. } => done,
+            };
+            let _ = done.send(result.clone());
+        }
+    }
+}
+
+/// The counter deltas of a batch, per bucket: what the backend adds to its counters.
+pub fn counter_deltas(batch: &[Command]) -> HashMap<&BucketKey, Counter> {
+    let mut deltas: HashMap<&BucketKey, Counter> = HashMap::new();
+    for cmd in batch {
+        if let Command::Append { entries, .. } = cmd {
+            for e in entries {
+                for b in e.buckets() {
+                    let c = deltas.entry(b).or_default();
+                    c.held += e.held_delta;
+                    c.spent += e.cost_delta;
+                }
+            }
+        }
+    }
+    deltas
+}
+
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn from_i64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// An entry's hold detail as stored (compact JSON), if it has one.
+pub(crate) fn detail_json(e: &Entry) -> Result<Option<String>, StoreError> {
+    e.detail
+        .as_ref()
+        .map(|d| serde_json::to_string(d.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string())))
+        .transpose()
+}
+
+/// One ledger row as a backend reads it, texts already looked up.
+pub struct StoredRow {
+    pub seq: i64,
+    pub at_ms: i64,
+    pub kind: i64,
+    pub auth: Uuid,
+    pub tenant: Option<String>,
+    pub key_id: Option<Uuid>,
+    pub held: i64,
+    pub cost: i64,
+    pub charge: i64,
+    pub model_requested: Option<String>,
+    pub model_used: Option<String>,
+    pub price_version: Option<String>,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub output_tokens: i64,
+    pub quantity: i64,
+    pub latency_ms: Option<i64>,
+    pub flags: u32,
+    pub detail: Option<String>,
+    pub hash: Vec<u8>,
+}
+
+/// Reads the ledger in order, row by row, checking the chain and turning rows into
+/// entries. It streams: only open and expired holds are remembered (to attach their
+/// buckets to the entries that follow), so memory does not grow with the ledger.
+pub struct ChainReader {
+    entries: usize,
+    prev: [u8; 32],
+    expected_seq: i64,
+    holds: HashMap<Uuid, Arc<HoldDetail>>,
+    problems: Vec<String>,
+}
+
+impl Default for ChainReader {
+    fn default() -> Self {
+        ChainReader {
+            entries: 0,
+            prev: GENESIS_HASH,
+            expected_seq: 1,
+            holds: HashMap::new(),
+            problems: Vec::new(),
+        }
+    }
+}
+
+impl ChainReader {
+    /// The next row; `None` when it cannot be an entry (the problem is recorded).
+    pub fn push(&mut self, r: StoredRow) -> Option<Entry> {
+        let seq = r.seq;
+        if seq != self.expected_seq {
+            self.problems.push(format!(
+                "entry {} is missing (next entry is {seq})",
+                self.expected_seq
+            ));
+        }
+        self.expected_seq = seq + 1;
+        let Some(kind) = EntryKind::from_code(r.kind) else {
+            self.problems
+                .push(format!("entry {seq}: unknown kind {}", r.kind));
+            return None;
+        };
+        let detail = match r.detail {
+            Some(d) => match serde_json::from_str::<HoldDetail>(&d) {
+                Ok(d) => Some(Arc::new(d)),
+                Err(e) => {
+                    self.problems
+                        .push(format!("entry {seq}: unreadable hold detail: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        let authorization = r.auth;
+        if let Some(d) = &detail {
+            self.holds.insert(authorization, d.clone());
+        }
+        let e = Entry {
+            at_ms: r.at_ms,
+            kind,
+            authorization,
+            tenant: r.tenant.unwrap_or_default(),
+            key_id: r.key_id,
+            held_delta: Money::from_nanos(r.held),
+            cost_delta: Money::from_nanos(r.cost),
+            charge_delta: Money::from_nanos(r.charge),
+            model_requested: r.model_requested,
+            model_used: r.model_used,
+            price_version: r.price_version,
+            usage: TokenUsage {
+                input_tokens: from_i64(r.input_tokens),
+                cached_input_tokens: from_i64(r.cached_input_tokens),
+                output_tokens: from_i64(r.output_tokens),
+            },
+            quantity: from_i64(r.quantity),
+            latency_ms: r.latency_ms.and_then(|v| u32::try_from(v).ok()),
+            flags: r.flags,
+            hold: if detail.is_some() {
+                None
+            } else {
+                self.holds.get(&authorization).cloned()
+            },
+            detail,
+        };
+        let h = e.chain_hash(&self.prev);
+        if h.as_slice() != r.hash.as_slice() {
+            self.problems.push(format!(
+                "entry {seq} ({} of authorization {}): hash does not match its content and the previous hash",
+                kind.as_str(),
+                e.authorization
+            ));
+        }
+        self.prev = r.hash.try_into().unwrap_or(h);
+        // A settled or voided hold is done; an expired one may still be reconciled.
+        if matches!(
+            kind,
+            EntryKind::Settle | EntryKind::Void | EntryKind::Adjustment
+        ) {
+            self.holds.remove(&authorization);
+        }
+        self.entries += 1;
+        Some(e)
+    }
+
+    /// Entries read, the last hash, and the chain's problems.
+    pub fn finish(self) -> (usize, [u8; 32], Vec<String>) {
+        (self.entries, self.prev, self.problems)
+    }
+}
+
+/// The ledger read back, with what the chain check found.
+pub struct LedgerReport {
+    pub entries: Vec<Entry>,
+    pub last_hash: [u8; 32],
+    /// Chain breaks, each naming the entry (`seq`).
+    pub chain_problems: Vec<String>,
+}
+
+/// What `bursar ledger verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub entries: usize,
+    pub buckets: usize,
+    pub problems: Vec<String>,
+}
+
+impl Verification {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Replays entries as they are read and, at the end, compares the rebuilt counters
+/// with the stored ones: the heart of `bursar ledger verify` on every backend.
+#[derive(Default)]
+pub(crate) struct Verifier {
+    replay: Replay,
+    n: u64,
+}
+
+impl Verifier {
+    pub(crate) fn apply(&mut self, e: &Entry) {
+        self.n += 1;
+        self.replay.apply(self.n, e);
+    }
+
+    pub(crate) fn finish(
+        mut self,
+        entries: usize,
+        mut problems: Vec<String>,
+        stored: &HashMap<BucketKey, Counter>,
+    ) -> Verification {
+        problems.append(&mut self.replay.problems);
+        for (bucket, c) in &self.replay.counters {
+            let s = stored.get(bucket).copied().unwrap_or_default();
+            if s != *c {
+                problems.push(format!(
+                    "counter {bucket}: stored held {} spent {}, rebuilt from the ledger held {} spent {}",
+                    s.held, s.spent, c.held, c.spent
+                ));
+            }
+        }
+        for (bucket, s) in stored {
+            if !self.replay.counters.contains_key(bucket) && *s != Counter::default() {
+                problems.push(format!("counter {bucket}: stored but no entry touches it"));
+            }
+        }
+        Verification {
+            entries,
+            buckets: self.replay.counters.len(),
+            problems,
+        }
+    }
+}
+
+/// Parses a stored counters table.
+pub(crate) fn parse_counters(
+    rows: impl IntoIterator<Item = (String, i64, i64)>,
+) -> Result<HashMap<BucketKey, Counter>, StoreError> {
+    let mut out = HashMap::new();
+    for (b, held, spent) in rows {
+        let key =
+            BucketKey::parse(&b).ok_or_else(|| StoreError::Corrupt(format!("bad bucket `{b}`")))?;
+        out.insert(
+            key,
+            Counter {
+                held: Money::from_nanos(held),
+                spent: Money::from_nanos(spent),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// One alert as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AlertRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub tenant: Option<String>,
+    pub bucket: String,
+    pub level: String,
+    pub reason: String,
+    pub limit: Money,
+    pub used: Money,
+}
+
+/// A hold entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredHold {
+    pub authorization: Uuid,
+    pub held: Money,
+    /// The model (or metered API) held for.
+    pub model_used: Option<String>,
+    pub price_version: Option<String>,
+    pub detail: HoldDetail,
+}
+
+/// A settle entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettleRow {
+    pub usage: TokenUsage,
+    pub quantity: u64,
+    pub cost: Money,
+    pub charge: Money,
+    pub released: Money,
+    pub model_used: Option<String>,
+    pub price_version: String,
+    pub flags: u32,
+}
+
+/// Spend of one tenant grouped by one dimension.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageRow {
+    pub group: String,
+    pub calls: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost: Money,
+    pub charge: Money,
+}
+
+/// Read-only queries for the HTTP edge and reports, on whichever backend is in use.
+pub enum Reader {
+    Sqlite(sqlite::Reader),
+    Postgres(postgres::Reader),
+}
+
+impl Reader {
+    pub async fn alerts(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AlertRow>, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.alerts(tenant, limit),
+            Reader::Postgres(r) => r.alerts(tenant, limit).await,
+        }
+    }
+
+    /// The hold a tenant made with an idempotency key, if any (however old).
+    pub async fn hold_by_idempotency_key(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<StoredHold>, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.hold_by_idempotency_key(tenant, key),
+            Reader::Postgres(r) => r.hold_by_idempotency_key(tenant, key).await,
+        }
+    }
+
+    /// Every (bucket, level) ever alerted, once each: what recovery restores so that a
+    /// threshold of a period alerts once, across restarts.
+    pub async fn alerted_levels(&self) -> Result<Vec<(String, String)>, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.alerted_levels(),
+            Reader::Postgres(r) => r.alerted_levels().await,
+        }
+    }
+
+    /// Settled spend of a tenant since `since_ms`, by model used.
+    pub async fn usage_by_model(
+        &self,
+        tenant: &str,
+        since_ms: i64,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.usage_by_model(tenant, since_ms),
+            Reader::Postgres(r) => r.usage_by_model(tenant, since_ms).await,
+        }
+    }
+
+    /// Entries of one authorization, in order: (seq, kind, held delta, cost delta).
+    pub async fn entries_of(
+        &self,
+        auth: Uuid,
+    ) -> Result<Vec<(i64, EntryKind, Money, Money)>, StoreError> {
+        let rows = match self {
+            Reader::Sqlite(r) => r.entries_of(auth)?,
+            Reader::Postgres(r) => r.entries_of(auth).await?,
+        };
+        Ok(rows
+            .into_iter()
+            .filter_map(|(seq, kind, held, cost)| {
+                Some((
+                    seq,
+                    EntryKind::from_code(kind)?,
+                    Money::from_nanos(held),
+                    Money::from_nanos(cost),
+                ))
+            })
+            .collect())
+    }
+
+    /// The settle entry of an authorization, if it was settled: for answering a retried
+    /// settle after the engine forgot it.
+    pub async fn settle_entry_of(&self, auth: Uuid) -> Result<Option<SettleRow>, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.settle_entry_of(auth),
+            Reader::Postgres(r) => r.settle_entry_of(auth).await,
+        }
+    }
+
+    /// Whether an authorization id was ever recorded for this tenant.
+    pub async fn exists(&self, auth: Uuid, tenant: &str) -> Result<bool, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.exists(auth, tenant),
+            Reader::Postgres(r) => r.exists(auth, tenant).await,
+        }
+    }
+}
+
+/// An opened store: the writer, a reader, and what recovery found.
+pub struct Opened {
+    pub handle: LedgerHandle,
+    pub reader: Reader,
+    /// How many entries were replayed.
+    pub entries: usize,
+    pub catalog: Vec<CatalogRow>,
+    pub writer: thread::JoinHandle<()>,
+}
+
+/// How a store is opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    pub durability: Durability,
+    /// Apply pending PostgreSQL migrations first (otherwise a database that is behind
+    /// is refused, naming `bursar migrate`). The embedded store always creates its
+    /// schema.
+    pub migrate: bool,
+}
+
+/// Opens (or creates) the store, streams the ledger to `on_entry` in order (recovery),
+/// and starts the writer thread. Refuses a ledger whose chain does not verify.
+pub async fn open(
+    location: &Location,
+    options: OpenOptions,
+    on_entry: impl FnMut(Entry),
+) -> Result<Opened, StoreError> {
+    match location {
+        Location::Sqlite(path) => sqlite::open(path, options.durability, on_entry),
+        Location::Postgres(url) => postgres::open(url, options, on_entry).await,
+    }
+}
+
+/// Recomputes the hash chain and rebuilds every counter from the entries, and compares
+/// them with the stored counters, in one consistent snapshot; safe while servers run.
+pub async fn verify(location: &Location) -> Result<Verification, StoreError> {
+    match location {
+        Location::Sqlite(path) => sqlite::verify(path),
+        Location::Postgres(url) => postgres::verify(url).await,
+    }
+}
+
+/// Every entry of the ledger in order, read-only (audits, tests, exports).
+pub async fn read_entries(location: &Location) -> Result<LedgerReport, StoreError> {
+    match location {
+        Location::Sqlite(path) => sqlite::read_entries(path),
+        Location::Postgres(url) => postgres::read_entries(url).await,
+    }
+}
+
+/// Applies the pending migrations of a PostgreSQL database; returns how many ran.
+pub async fn migrate(location: &Location) -> Result<usize, StoreError> {
+    match location {
+        // The embedded store creates its schema when it opens.
+        Location::Sqlite(_) => Ok(0),
+        Location::Postgres(url) => postgres::migrate(url).await,
     }
 }

@@ -33,6 +33,10 @@ struct ConfigArgs {
     /// Where the embedded store lives (default: server.data_dir, else ./bursar-data).
     #[arg(long, env = "BURSAR_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// A PostgreSQL database (postgres://…) instead of the embedded store (default:
+    /// server.database_url).
+    #[arg(long, env = "BURSAR_DATABASE_URL", conflicts_with = "data_dir")]
+    database_url: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -54,6 +58,15 @@ enum Command {
         /// Address to listen on (default: server.listen, else 127.0.0.1:8080).
         #[arg(long, env = "BURSAR_LISTEN")]
         listen: Option<String>,
+        /// Apply pending database migrations before starting (PostgreSQL; without it a
+        /// database that is behind is refused).
+        #[arg(long, env = "BURSAR_MIGRATE")]
+        migrate: bool,
+    },
+    /// Apply pending migrations to the PostgreSQL database.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArgs,
     },
     /// Run the simulated LLM provider on its own, as an OpenAI- and Anthropic-compatible
     /// HTTP server (no key, no network): for demos, tests and benchmarks.
@@ -278,7 +291,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Loaded {
     config: Config,
     book: Arc<PriceBook>,
-    data_dir: PathBuf,
+    store: bursar_store::Location,
 }
 
 fn load(args: &ConfigArgs) -> Result<Loaded> {
@@ -305,15 +318,34 @@ fn load(args: &ConfigArgs) -> Result<Loaded> {
     };
     let config =
         Config::parse(&text, &book, chrono::Utc::now()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let data_dir = args
-        .data_dir
-        .clone()
-        .or_else(|| config.server.data_dir.clone().map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    // The command line and the environment win over the file; a data directory given
+    // there wins over a database URL of the file.
+    let url = match (&args.database_url, &args.data_dir) {
+        (Some(url), _) => Some(url.clone()),
+        (None, Some(_)) => None,
+        (None, None) => config.server.database_url.clone(),
+    };
+    let store = match url {
+        Some(url) => {
+            anyhow::ensure!(
+                url.starts_with("postgres://") || url.starts_with("postgresql://"),
+                "the database URL must start with postgres:// (got `{}`)",
+                bursar_store::postgres::redact(&url)
+            );
+            bursar_store::Location::Postgres(url)
+        }
+        None => bursar_store::Location::data_dir(
+            &args
+                .data_dir
+                .clone()
+                .or_else(|| config.server.data_dir.clone().map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        ),
+    };
     Ok(Loaded {
         config,
         book: Arc::new(book),
-        data_dir,
+        store,
     })
 }
 
@@ -348,7 +380,7 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: ConfigArgs, listen: Option<String>) -> Result<()> {
+async fn serve(config: ConfigArgs, listen: Option<String>, migrate: bool) -> Result<()> {
     init_logs();
     let loaded = load(&config)?;
     let addr = listen
@@ -357,10 +389,12 @@ async fn serve(config: ConfigArgs, listen: Option<String>) -> Result<()> {
     let (services, _writer) = bursar_server::build(
         loaded.config,
         loaded.book.clone(),
-        &loaded.data_dir,
+        &loaded.store,
+        migrate,
         Arc::new(bursar_server::SystemClock),
     )
-    .context("opening the store")?;
+    .await
+    .with_context(|| format!("opening the store {}", loaded.store.describe()))?;
     let expired = services.sweep().await.context("expiring overdue holds")?;
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -368,7 +402,7 @@ async fn serve(config: ConfigArgs, listen: Option<String>) -> Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(
         listen = %local,
-        data_dir = %loaded.data_dir.display(),
+        store = %loaded.store.describe(),
         price_book = loaded.book.version(),
         models = loaded.book.models().len(),
         keys = services.engine.key_count(),
@@ -395,10 +429,11 @@ async fn axum_serve(listener: tokio::net::TcpListener, app: bursar_server::Route
     Ok(())
 }
 
-fn verify(config: ConfigArgs) -> Result<bool> {
+async fn verify(config: ConfigArgs) -> Result<bool> {
     let loaded = load(&config)?;
-    let path = bursar_store::sqlite::ledger_path(&loaded.data_dir);
-    let v = bursar_store::sqlite::verify(&path)?;
+    let v = bursar_store::verify(&loaded.store)
+        .await
+        .with_context(|| format!("reading {}", loaded.store.describe()))?;
     if v.ok() {
         println!(
             "ledger OK: {} entries, hash chain intact, {} counters rebuilt and equal to the stored ones",
@@ -457,7 +492,23 @@ fn import_prices(
 
 async fn run(cli: Cli) -> Result<bool> {
     match cli.command {
-        Command::Serve { config, listen } => serve(config, listen).await.map(|()| true),
+        Command::Serve {
+            config,
+            listen,
+            migrate,
+        } => serve(config, listen, migrate).await.map(|()| true),
+        Command::Migrate { config } => {
+            let loaded = load(&config)?;
+            anyhow::ensure!(
+                matches!(loaded.store, bursar_store::Location::Postgres(_)),
+                "`bursar migrate` is for PostgreSQL: give --database-url (the embedded store creates its schema itself)"
+            );
+            let n = bursar_store::migrate(&loaded.store)
+                .await
+                .with_context(|| format!("migrating {}", loaded.store.describe()))?;
+            println!("{n} migration(s) applied to {}", loaded.store.describe());
+            Ok(true)
+        }
         Command::Simulate {
             listen,
             latency_ms,
@@ -493,7 +544,7 @@ async fn run(cli: Cli) -> Result<bool> {
         }
         Command::Ledger {
             command: LedgerCommand::Verify { config },
-        } => verify(config),
+        } => verify(config).await,
         Command::Prices { command } => match command {
             PricesCommand::List { config } => {
                 let loaded = load(&config)?;

@@ -36,7 +36,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use bursar_store::sqlite::Ticket;
+use bursar_store::Ticket;
 
 use crate::error::ApiError;
 use crate::Services;

@@ -125,7 +125,9 @@ async fn bad_authorize_requests() {
     }
     // None of them held anything.
     assert_eq!(app.services.engine.open_holds(), 0);
-    let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
+    let report = bursar_store::read_entries(&app.place.location)
+        .await
+        .unwrap();
     assert!(report.entries.is_empty());
 }
 
@@ -224,7 +226,7 @@ async fn bad_settles_each_have_their_code_and_lose_nothing() {
     assert_eq!((r.status, r.code()), (422, "invalid_request"));
     assert_eq!(app.services.engine.open_holds(), 1);
     // Expired: see the promises tests. Everything recorded still verifies.
-    let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
+    let v = app.verify().await;
     assert!(v.ok(), "{:?}", v.problems);
     assert_eq!(v.entries, 5);
 }

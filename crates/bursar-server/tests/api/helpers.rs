@@ -1,11 +1,14 @@
 //! `spawn_app()`: a real Bursar router on port 0 over a fresh SQLite store in a temp dir,
-//! with a clock the test controls.
+//! with a clock the test controls. `store_test!` runs a test on both stores: the
+//! embedded SQLite one and a fresh PostgreSQL database (when `BURSAR_TEST_POSTGRES_URL`
+//! names a server; without it the PostgreSQL half says loudly that it was skipped).
 
 use std::sync::Arc;
 
 use bursar_core::config::Config;
 use bursar_core::pricebook::PriceBook;
 use bursar_server::{ManualClock, Services};
+use bursar_store::Location;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
@@ -107,12 +110,74 @@ window = "lifetime"
 limit = "0.0001"
 "#;
 
+/// Where a test app keeps its data: a store location, and a temp dir that lives as long.
+pub struct Place {
+    pub location: Location,
+    /// Deleted when the place is dropped.
+    _dir: tempfile::TempDir,
+}
+
+/// The PostgreSQL server tests may use, from `BURSAR_TEST_POSTGRES_URL`.
+pub fn test_postgres_url() -> Option<String> {
+    match std::env::var("BURSAR_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!(
+                "SKIPPED (PostgreSQL half): set BURSAR_TEST_POSTGRES_URL (e.g. postgres://postgres@127.0.0.1:5432/postgres) to run it; .ci/run does"
+            );
+            None
+        }
+    }
+}
+
+impl Place {
+    pub fn sqlite() -> Place {
+        let dir = tempfile::tempdir().unwrap();
+        Place {
+            location: Location::data_dir(dir.path()),
+            _dir: dir,
+        }
+    }
+
+    /// A fresh PostgreSQL database, or `None` (skipped loudly) without a server.
+    pub async fn postgres() -> Option<Place> {
+        let admin = test_postgres_url()?;
+        let url = bursar_store::postgres::scratch_database(&admin)
+            .await
+            .unwrap();
+        Some(Place {
+            location: Location::Postgres(url),
+            _dir: tempfile::tempdir().unwrap(),
+        })
+    }
+}
+
+/// Runs the test `async fn $name(place: Place)` on both stores, as `$name::sqlite` and
+/// `$name::postgres`.
+#[macro_export]
+macro_rules! store_test {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name($crate::helpers::Place::sqlite()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if let Some(place) = $crate::helpers::Place::postgres().await {
+                    super::$name(place).await
+                }
+            }
+        }
+    };
+}
+
 pub struct TestApp {
     pub base: String,
     pub services: Arc<Services>,
     pub clock: Arc<ManualClock>,
     pub http: reqwest::Client,
-    pub dir: tempfile::TempDir,
+    pub place: Place,
 }
 
 pub fn start_time() -> DateTime<Utc> {
@@ -124,16 +189,18 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(config: &str) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    spawn_app_in(config, dir).await
+    spawn_app_at(config, Place::sqlite()).await
 }
 
-pub async fn spawn_app_in(config: &str, dir: tempfile::TempDir) -> TestApp {
+/// A Bursar over the store at `place` (a restart when the place was used before).
+pub async fn spawn_app_at(config: &str, place: Place) -> TestApp {
     let book = Arc::new(PriceBook::builtin().unwrap());
     let config = Config::parse(config, &book, start_time()).unwrap();
     let clock = Arc::new(ManualClock::new(start_time()));
     let (services, _writer) =
-        bursar_server::build(config, book, dir.path(), clock.clone()).unwrap();
+        bursar_server::build(config, book, &place.location, true, clock.clone())
+            .await
+            .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let s = services.clone();
@@ -148,7 +215,7 @@ pub async fn spawn_app_in(config: &str, dir: tempfile::TempDir) -> TestApp {
             .pool_max_idle_per_host(256)
             .build()
             .unwrap(),
-        dir,
+        place,
     }
 }
 
@@ -234,7 +301,29 @@ impl TestApp {
             .await
     }
 
+    /// The SQLite file (tests of the embedded store only).
     pub fn db_path(&self) -> std::path::PathBuf {
-        bursar_store::sqlite::ledger_path(self.dir.path())
+        match &self.place.location {
+            Location::Sqlite(p) => p.clone(),
+            Location::Postgres(_) => panic!("not an embedded store"),
+        }
+    }
+
+    /// Every ledger entry, in order.
+    pub async fn entries(&self) -> Vec<bursar_core::ledger::Entry> {
+        let report = bursar_store::read_entries(&self.place.location)
+            .await
+            .unwrap();
+        assert!(
+            report.chain_problems.is_empty(),
+            "{:?}",
+            report.chain_problems
+        );
+        report.entries
+    }
+
+    /// `bursar ledger verify` on this app's store.
+    pub async fn verify(&self) -> bursar_store::Verification {
+        bursar_store::verify(&self.place.location).await.unwrap()
     }
 }

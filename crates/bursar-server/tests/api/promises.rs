@@ -11,6 +11,7 @@ use futures::future::join_all;
 use serde_json::json;
 
 use crate::helpers::*;
+use crate::store_test;
 
 fn ask(prompt_tokens: u64, max_tokens: u32) -> serde_json::Value {
     json!({"model": "gpt-4o-mini", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens})
@@ -18,11 +19,13 @@ fn ask(prompt_tokens: u64, max_tokens: u32) -> serde_json::Value {
 
 /// Replays the stored ledger in order; after every entry, no bucket of a budget in
 /// `limits` may hold + spend more than its limit.
-fn assert_never_over(
+async fn assert_never_over(
     app: &TestApp,
     limits: &HashMap<String, Money>,
 ) -> HashMap<BucketKey, bursar_core::budget::Counter> {
-    let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
+    let report = bursar_store::read_entries(&app.place.location)
+        .await
+        .unwrap();
     assert!(
         report.chain_problems.is_empty(),
         "{:?}",
@@ -46,9 +49,9 @@ fn assert_never_over(
     replay.counters
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn exactly_n_of_1000_concurrent_authorizations_fit() {
-    let app = spawn_app().await;
+store_test!(exactly_n_of_1000_concurrent_authorizations_fit);
+async fn exactly_n_of_1000_concurrent_authorizations_fit(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     // Each call holds 1,000 prompt tokens at $0.15/M + 100 output at $0.60/M = $0.00021.
     let n = 250;
     let limit = Money::from_nanos(Money::parse("0.00021").unwrap().nanos() * n);
@@ -86,17 +89,17 @@ async fn exactly_n_of_1000_concurrent_authorizations_fit() {
     });
     assert!(join_all(settles).await.iter().all(|r| r.status == 200));
     let limits = HashMap::from([("b.tight".to_string(), limit)]);
-    let counters = assert_never_over(&app, &limits);
+    let counters = assert_never_over(&app, &limits).await;
     assert_eq!(counters, app.services.engine.counters());
-    let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
+    let v = app.verify().await;
     assert!(v.ok(), "{:?}", v.problems);
     // Released money is available again: one more call fits now.
     assert_eq!(app.authorize(B_MEMBER, ask(1000, 100)).await.status, 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_same_idempotency_key_returns_the_first_result_even_concurrently() {
-    let app = spawn_app().await;
+store_test!(the_same_idempotency_key_returns_the_first_result_even_concurrently);
+async fn the_same_idempotency_key_returns_the_first_result_even_concurrently(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let body = ask(500, 50);
     let calls = (0..50).map(|_| {
         app.send(
@@ -151,7 +154,9 @@ async fn the_same_idempotency_key_returns_the_first_result_even_concurrently() {
         .map(|r| r.body["cost"].as_str().unwrap())
         .collect();
     assert_eq!(costs.len(), 1);
-    let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
+    let report = bursar_store::read_entries(&app.place.location)
+        .await
+        .unwrap();
     let holds = report
         .entries
         .iter()
@@ -167,9 +172,9 @@ async fn the_same_idempotency_key_returns_the_first_result_even_concurrently() {
     assert_eq!(total.to_string(), *costs.iter().next().unwrap());
 }
 
-#[tokio::test]
-async fn an_expired_hold_is_charged_and_a_late_settle_reconciled() {
-    let app = spawn_app().await;
+store_test!(an_expired_hold_is_charged_and_a_late_settle_reconciled);
+async fn an_expired_hold_is_charged_and_a_late_settle_reconciled(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let p = app.authorize(A_MEMBER, ask(1000, 100)).await;
     let id = p.body["authorization_id"].as_str().unwrap().to_string();
     assert_eq!(app.services.sweep().await.unwrap(), 0);
@@ -190,7 +195,9 @@ async fn an_expired_hold_is_charged_and_a_late_settle_reconciled() {
         )
         .await;
     assert_eq!((late.status, late.code()), (409, "authorization_expired"));
-    let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
+    let report = bursar_store::read_entries(&app.place.location)
+        .await
+        .unwrap();
     let adj: Vec<_> = report
         .entries
         .iter()
@@ -204,12 +211,12 @@ async fn an_expired_hold_is_charged_and_a_late_settle_reconciled() {
         Money::parse("0.000156").unwrap(),
         "the true cost in the end"
     );
-    assert!(bursar_store::sqlite::verify(&app.db_path()).unwrap().ok());
+    assert!(app.verify().await.ok());
 }
 
-#[tokio::test]
-async fn verify_fails_naming_the_entry_edited_by_hand() {
-    let app = spawn_app().await;
+store_test!(verify_fails_naming_the_entry_edited_by_hand);
+async fn verify_fails_naming_the_entry_edited_by_hand(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     for _ in 0..5 {
         let p = app.authorize(A_MEMBER, ask(100, 10)).await;
         let id = p.body["authorization_id"].as_str().unwrap().to_string();
@@ -220,13 +227,24 @@ async fn verify_fails_naming_the_entry_edited_by_hand() {
         )
         .await;
     }
-    let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
+    let v = app.verify().await;
     assert!(v.ok(), "{:?}", v.problems);
     assert_eq!(v.entries, 10);
-    let conn = rusqlite::Connection::open(app.db_path()).unwrap();
-    conn.execute("UPDATE ledger SET cost = cost - 1 WHERE seq = 4", [])
-        .unwrap();
-    let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
+    let tamper = "UPDATE ledger SET cost = cost - 1 WHERE seq = 4";
+    match &app.place.location {
+        bursar_store::Location::Sqlite(path) => {
+            rusqlite::Connection::open(path)
+                .unwrap()
+                .execute(tamper, [])
+                .unwrap();
+        }
+        bursar_store::Location::Postgres(url) => {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query(tamper).execute(&mut c).await.unwrap();
+        }
+    }
+    let v = app.verify().await;
     assert!(!v.ok());
     assert!(v.problems[0].starts_with("entry 4 "), "{:?}", v.problems);
     // The rebuilt counters no longer match the stored ones either.
@@ -237,9 +255,9 @@ async fn verify_fails_naming_the_entry_edited_by_hand() {
     );
 }
 
-#[tokio::test]
-async fn shadow_mode_permits_and_records_would_be_denials() {
-    let app = spawn_app().await;
+store_test!(shadow_mode_permits_and_records_would_be_denials);
+async fn shadow_mode_permits_and_records_would_be_denials(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     // The shadow tenant's cap is $0.0001; this call's worst case is $0.00021.
     let r = app.authorize(SHADOW_MEMBER, ask(1000, 100)).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
@@ -249,7 +267,9 @@ async fn shadow_mode_permits_and_records_would_be_denials() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["shadow_denial"], "model_class_not_allowed");
-    let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
+    let report = bursar_store::read_entries(&app.place.location)
+        .await
+        .unwrap();
     assert_eq!(report.entries.len(), 2);
     assert!(report
         .entries
@@ -272,9 +292,9 @@ async fn shadow_mode_permits_and_records_would_be_denials() {
     );
 }
 
-#[tokio::test]
-async fn usage_above_the_hold_is_settled_as_an_overage_and_alerted() {
-    let app = spawn_app().await;
+store_test!(usage_above_the_hold_is_settled_as_an_overage_and_alerted);
+async fn usage_above_the_hold_is_settled_as_an_overage_and_alerted(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let p = app.authorize(A_MEMBER, ask(10, 10)).await;
     let id = p.body["authorization_id"].as_str().unwrap().to_string();
     let s = app
@@ -295,9 +315,9 @@ async fn usage_above_the_hold_is_settled_as_an_overage_and_alerted() {
     );
 }
 
-#[tokio::test]
-async fn denials_carry_their_status_and_code() {
-    let app = spawn_app().await;
+store_test!(denials_carry_their_status_and_code);
+async fn denials_carry_their_status_and_code(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     // 403: a model class the plan lacks.
     let r = app
         .authorize(A_MEMBER, json!({"model": "o3", "prompt_tokens": 10}))
@@ -355,9 +375,9 @@ async fn denials_carry_their_status_and_code() {
     assert_eq!((r.status, r.code()), (401, "api_key_revoked"));
 }
 
-#[tokio::test]
-async fn restart_recovers_holds_counters_and_idempotency() {
-    let app = spawn_app().await;
+store_test!(restart_recovers_holds_counters_and_idempotency);
+async fn restart_recovers_holds_counters_and_idempotency(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let first = app
         .send(
             reqwest::Method::POST,
@@ -377,8 +397,8 @@ async fn restart_recovers_holds_counters_and_idempotency() {
     )
     .await;
     let counters = app.services.engine.counters();
-    let TestApp { dir, .. } = app;
-    let again = spawn_app_in(CONFIG, dir).await;
+    let TestApp { place, .. } = app;
+    let again = spawn_app_at(CONFIG, place).await;
     assert_eq!(again.services.engine.counters(), counters);
     assert_eq!(again.services.engine.open_holds(), 1);
     let replay = again
@@ -411,9 +431,9 @@ async fn restart_recovers_holds_counters_and_idempotency() {
     assert_eq!(dup.body["replayed"], true);
 }
 
-#[tokio::test]
-async fn metered_apis_are_held_and_settled_per_call() {
-    let app = spawn_app().await;
+store_test!(metered_apis_are_held_and_settled_per_call);
+async fn metered_apis_are_held_and_settled_per_call(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let p = app
         .authorize(A_MEMBER, json!({"api": "web_search", "quantity": 4}))
         .await;
@@ -426,9 +446,9 @@ async fn metered_apis_are_held_and_settled_per_call() {
     assert_eq!(s.body["charge"], "0.0225");
 }
 
-#[tokio::test]
-async fn a_settle_retried_after_the_engine_forgot_it_is_answered_from_the_ledger() {
-    let app = spawn_app().await;
+store_test!(a_settle_retried_after_the_engine_forgot_it_is_answered_from_the_ledger);
+async fn a_settle_retried_after_the_engine_forgot_it_is_answered_from_the_ledger(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let p = app.authorize(A_MEMBER, ask(1000, 100)).await;
     let id = p.body["authorization_id"].as_str().unwrap().to_string();
     let usage =
@@ -454,7 +474,9 @@ async fn a_settle_retried_after_the_engine_forgot_it_is_answered_from_the_ledger
         (other.status, other.code()),
         (409, "authorization_already_settled")
     );
-    let report = bursar_store::sqlite::read_entries(&app.db_path()).unwrap();
+    let report = bursar_store::read_entries(&app.place.location)
+        .await
+        .unwrap();
     assert_eq!(
         report
             .entries
@@ -477,9 +499,9 @@ async fn hold_and_void(app: &TestApp) {
     .await;
 }
 
-#[tokio::test]
-async fn a_threshold_alerts_once_per_period_across_restarts() {
-    let app = spawn_app().await;
+store_test!(a_threshold_alerts_once_per_period_across_restarts);
+async fn a_threshold_alerts_once_per_period_across_restarts(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let probe = app.authorize(A_MEMBER, ask(1000, 100)).await;
     let held = Money::parse(probe.body["held"].as_str().unwrap()).unwrap();
     let id = probe.body["authorization_id"].as_str().unwrap().to_string();
@@ -499,25 +521,29 @@ async fn a_threshold_alerts_once_per_period_across_restarts() {
         )
         .await;
     assert_eq!(r.status, 201, "{:?}", r.body);
-    let warn_alerts = |app: &TestApp| {
-        let rows = app.services.reader.alerts(Some("a"), 100).unwrap();
+    async fn warn_alerts(app: &TestApp) -> usize {
+        let rows = app.services.reader.alerts(Some("a"), 100).await.unwrap();
         rows.iter()
             .filter(|a| a.bucket.starts_with("a.tight|") && a.level == "warn")
             .count()
-    };
+    }
     hold_and_void(&app).await;
-    assert_eq!(warn_alerts(&app), 1);
+    assert_eq!(warn_alerts(&app).await, 1);
     hold_and_void(&app).await;
-    assert_eq!(warn_alerts(&app), 1, "the level did not rise again");
-    let TestApp { dir, .. } = app;
-    let again = spawn_app_in(CONFIG, dir).await;
+    assert_eq!(warn_alerts(&app).await, 1, "the level did not rise again");
+    let TestApp { place, .. } = app;
+    let again = spawn_app_at(CONFIG, place).await;
     hold_and_void(&again).await;
-    assert_eq!(warn_alerts(&again), 1, "a restart does not raise it twice");
+    assert_eq!(
+        warn_alerts(&again).await,
+        1,
+        "a restart does not raise it twice"
+    );
 }
 
-#[tokio::test]
-async fn a_retry_after_the_engine_forgot_its_key_gets_the_hold_from_the_ledger() {
-    let app = spawn_app().await;
+store_test!(a_retry_after_the_engine_forgot_its_key_gets_the_hold_from_the_ledger);
+async fn a_retry_after_the_engine_forgot_its_key_gets_the_hold_from_the_ledger(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let first = app
         .send(
             reqwest::Method::POST,
@@ -565,9 +591,7 @@ async fn a_retry_after_the_engine_forgot_its_key_gets_the_hold_from_the_ledger()
         (reuse.status, reuse.code()),
         (409, "idempotency_key_reused")
     );
-    let entries = bursar_store::sqlite::read_entries(&app.db_path())
-        .unwrap()
-        .entries;
+    let entries = app.entries().await;
     assert_eq!(
         entries.len(),
         2,

@@ -246,10 +246,8 @@ async fn post_raw(app: &TestApp, path: &str, key: &str, body: &Value) -> reqwest
         .unwrap()
 }
 
-fn auth_id_of_first_hold(app: &TestApp) -> Uuid {
-    let entries = bursar_store::sqlite::read_entries(&app.db_path())
-        .unwrap()
-        .entries;
+async fn auth_id_of_first_hold(app: &TestApp) -> Uuid {
+    let entries = app.entries().await;
     entries
         .iter()
         .find(|e| e.kind == EntryKind::Hold)
@@ -268,7 +266,7 @@ fn auth_id(r: &reqwest::header::HeaderMap) -> Uuid {
 /// last event), and returns its entries.
 async fn finished_entries(app: &TestApp, id: Uuid) -> Vec<(i64, EntryKind, Money, Money)> {
     for _ in 0..500 {
-        let e = app.services.reader.entries_of(id).unwrap();
+        let e = app.services.reader.entries_of(id).await.unwrap();
         if e.iter().any(|e| e.1 != EntryKind::Hold) {
             return e;
         }
@@ -279,9 +277,9 @@ async fn finished_entries(app: &TestApp, id: Uuid) -> Vec<(i64, EntryKind, Money
 
 /// The settle entry of an authorization, once it is stored: a whole answer is sent
 /// before its settle entry is durable (the hold already is).
-async fn settle_row(app: &TestApp, id: Uuid) -> bursar_store::sqlite::SettleRow {
+async fn settle_row(app: &TestApp, id: Uuid) -> bursar_store::SettleRow {
     for _ in 0..500 {
-        if let Some(row) = app.services.reader.settle_entry_of(id).unwrap() {
+        if let Some(row) = app.services.reader.settle_entry_of(id).await.unwrap() {
             return row;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -466,9 +464,7 @@ async fn bad_requests_are_refused_before_any_money_is_held() {
         .await;
     assert_eq!((r.status, r.code()), (401, "invalid_api_key"));
     assert_eq!(app.services.engine.open_holds(), 0);
-    let entries = bursar_store::sqlite::read_entries(&app.db_path())
-        .unwrap()
-        .entries;
+    let entries = app.entries().await;
     assert!(entries.is_empty(), "nothing was held: {entries:?}");
 }
 
@@ -516,9 +512,7 @@ async fn five_hundred_concurrent_streams_on_a_budget_for_one_hundred() {
     // Streams settle after their last event: wait for the 100 settle entries.
     let mut entries = Vec::new();
     for _ in 0..500 {
-        entries = bursar_store::sqlite::read_entries(&app.db_path())
-            .unwrap()
-            .entries;
+        entries = app.entries().await;
         if entries.len() == 200 {
             break;
         }
@@ -532,7 +526,7 @@ async fn five_hundred_concurrent_streams_on_a_budget_for_one_hundred() {
     let spent: i64 = entries.iter().map(|e| e.cost_delta.nanos()).sum();
     assert!(spent <= hold.nanos() * 100);
     assert_eq!(spent, hold.nanos() * 100);
-    let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
+    let v = app.verify().await;
     assert!(v.ok(), "{:?}", v.problems);
 }
 
@@ -630,9 +624,7 @@ async fn fallback_on_failures_then_the_circuit_opens_and_closes() {
     assert_eq!(r.status, 200);
     assert_eq!(up.hits.load(Ordering::SeqCst), 4);
     // The failed hops were voided at $0: nothing is held, nothing charged for them.
-    let entries = bursar_store::sqlite::read_entries(&app.db_path())
-        .unwrap()
-        .entries;
+    let entries = app.entries().await;
     let voids: Vec<_> = entries
         .iter()
         .filter(|e| e.kind == EntryKind::Void)
@@ -665,9 +657,7 @@ async fn a_request_the_provider_refuses_is_not_retried_and_costs_nothing() {
         "the provider's own error"
     );
     assert_eq!(up.hits.load(Ordering::SeqCst), 1, "a 400 is never retried");
-    let entries = bursar_store::sqlite::read_entries(&app.db_path())
-        .unwrap()
-        .entries;
+    let entries = app.entries().await;
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[1].kind, EntryKind::Void);
     assert_eq!(entries[1].cost_delta, Money::ZERO);
@@ -725,9 +715,7 @@ async fn a_provider_that_hangs_is_cut_at_its_timeout_and_the_hold_released() {
         "{:?}",
         r.body
     );
-    let entries = bursar_store::sqlite::read_entries(&app.db_path())
-        .unwrap()
-        .entries;
+    let entries = app.entries().await;
     let kinds: Vec<EntryKind> = entries.iter().map(|e| e.kind).collect();
     assert_eq!(kinds, vec![EntryKind::Hold, EntryKind::Void]);
     assert_eq!(entries[1].cost_delta, Money::ZERO, "nothing was generated");
@@ -747,7 +735,7 @@ async fn a_malformed_answer_is_settled_from_counted_tokens_never_at_zero() {
         "{:?}",
         r.body
     );
-    let id = auth_id_of_first_hold(&app);
+    let id = auth_id_of_first_hold(&app).await;
     let row = settle_row(&app, id).await;
     assert!(row.cost > Money::ZERO);
     assert_ne!(row.flags & flags::ESTIMATED, 0);
@@ -784,9 +772,7 @@ async fn a_client_that_leaves_before_a_whole_answer_is_still_settled() {
         "the client gave up before the provider answered"
     );
     for _ in 0..300 {
-        let entries = bursar_store::sqlite::read_entries(&app.db_path())
-            .unwrap()
-            .entries;
+        let entries = app.entries().await;
         if let Some(settle) = entries.iter().find(|e| e.kind == EntryKind::Settle) {
             assert_eq!(settle.usage.output_tokens, 20, "the provider's own usage");
             assert_eq!(settle.flags & flags::ESTIMATED, 0);
@@ -873,9 +859,7 @@ async fn an_anthropic_provider_gets_its_key_from_the_environment_and_streams_thr
         "{:?}",
         r.body
     );
-    let entries = bursar_store::sqlite::read_entries(&app.db_path())
-        .unwrap()
-        .entries;
+    let entries = app.entries().await;
     assert_eq!(
         entries.len(),
         4,
@@ -919,9 +903,7 @@ async fn the_response_cache_answers_at_zero_and_records_the_cost_saved() {
     assert_eq!(hit.body, first.body, "the same answer");
     assert_eq!(hit.headers["x-bursar-cost"], "0");
     assert_eq!(hit.headers["x-bursar-cost-saved"].to_str().unwrap(), cost);
-    let entries = bursar_store::sqlite::read_entries(&app.db_path())
-        .unwrap()
-        .entries;
+    let entries = app.entries().await;
     let kinds: Vec<EntryKind> = entries.iter().map(|e| e.kind).collect();
     assert_eq!(
         kinds,
@@ -965,7 +947,7 @@ async fn the_response_cache_answers_at_zero_and_records_the_cost_saved() {
         .await;
     assert_eq!(again.headers["x-bursar-cache"], "miss");
     settle_row(&app, auth_id(&again.headers)).await;
-    let v = bursar_store::sqlite::verify(&app.db_path()).unwrap();
+    let v = app.verify().await;
     assert!(v.ok(), "{:?}", v.problems);
 }
 

@@ -1,0 +1,773 @@
+//! The PostgreSQL store: the system of record when several Bursar instances run.
+//!
+//! The schema is the embedded store's (see `migrations/postgres`), applied by
+//! `bursar migrate` or on start when asked; a database that is behind is refused.
+//!
+//! Writing: each instance has one writer thread (shared loop, see the crate
+//! documentation) with its own connection. A batch is one transaction that first takes
+//! the chain head's row lock (`SELECT … FOR UPDATE`), so the batches of every instance
+//! form one total order and one hash chain; the entries go in with one multi-row insert,
+//! the counters with one multi-row upsert. The lock is held for one batch, not one
+//! request, so instances contend once per commit.
+//!
+//! A lost connection (PostgreSQL restarted, the backend terminated) is not the end: the
+//! writer reconnects, asks whether the failed batch's last entry is in the ledger with
+//! the hash it computed (the commit may have landed before the connection died), and
+//! if not writes the batch once more. Only when that fails too does the store fail
+//! closed.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bursar_core::budget::{BucketKey, Counter};
+use bursar_core::ledger::{Entry, HoldDetail};
+use bursar_core::pricebook::TokenUsage;
+use bursar_core::Money;
+use futures_util::TryStreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, Row};
+use uuid::Uuid;
+
+use crate::{
+    counter_deltas, detail_json, from_i64, parse_counters, spawn_writer, to_i64, AlertRow, Backend,
+    CatalogRow, ChainReader, Command, LedgerReport, OpenOptions, Opened, SettleRow, StoreError,
+    StoredHold, StoredRow, UsageRow, Verification, Verifier,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// How long a connection attempt may take before the store counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections of the read pool (reports, idempotency look-ups, settles of old ids).
+const READ_POOL_SIZE: u32 = 8;
+/// The writer's attempts to reconnect after losing its connection, and the pause
+/// between them.
+const RECONNECT_ATTEMPTS: u32 = 10;
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// The URL with any password replaced, for logs and messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "postgres://(unparsable url)".into(),
+    }
+}
+
+fn options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    url.parse::<PgConnectOptions>()
+        .map_err(|e| StoreError::Database(format!("bad database URL {}: {e}", redact(url))))
+}
+
+async fn pool(url: &str, size: u32) -> Result<PgPool, StoreError> {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(options(url)?)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url))))
+}
+
+/// Applies the pending migrations; returns how many ran. Safe to run from several
+/// instances at once (the migrator takes an advisory lock).
+pub async fn migrate(url: &str) -> Result<usize, StoreError> {
+    let pool = pool(url, 1).await?;
+    let before = applied_versions(&pool).await?.len();
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|e| StoreError::Schema(e.to_string()))?;
+    let after = applied_versions(&pool).await?.len();
+    pool.close().await;
+    Ok(after.saturating_sub(before))
+}
+
+async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+        .fetch_one(pool)
+        .await?;
+    if exists.is_none() {
+        return Ok(Vec::new());
+    }
+    Ok(
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Refuses a database whose schema is not the one this build knows.
+async fn check_schema(pool: &PgPool) -> Result<(), StoreError> {
+    let applied = applied_versions(pool).await?;
+    let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    if let Some(v) = applied.iter().find(|v| !known.contains(v)) {
+        return Err(StoreError::Schema(format!(
+            "the database has migration {v}, which this Bursar does not know: it was migrated by a newer version"
+        )));
+    }
+    let pending: Vec<String> = known
+        .iter()
+        .filter(|v| !applied.contains(v))
+        .map(|v| v.to_string())
+        .collect();
+    if !pending.is_empty() {
+        return Err(StoreError::Schema(format!(
+            "migrations {} are not applied; run `bursar migrate --database-url …` (or start with --migrate)",
+            pending.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Opens the store: checks (or applies) the schema, streams the ledger to `on_entry`
+/// in order, and starts the writer thread.
+pub async fn open(
+    url: &str,
+    options: OpenOptions,
+    mut on_entry: impl FnMut(Entry),
+) -> Result<Opened, StoreError> {
+    if options.migrate {
+        let n = migrate(url).await?;
+        if n > 0 {
+            tracing::info!(migrations = n, "applied database migrations");
+        }
+    }
+    let pool = pool(url, READ_POOL_SIZE).await?;
+    check_schema(&pool).await?;
+    let mut tx = snapshot(&pool).await?;
+    let (entries, _, problems) = read_ledger(&mut tx, &mut on_entry).await?;
+    if let Some(p) = problems.first() {
+        return Err(StoreError::Corrupt(format!(
+            "the ledger does not verify: {p}; run `bursar ledger verify` for details"
+        )));
+    }
+    let catalog = sqlx::query("SELECT kind, id, body FROM catalog ORDER BY kind, id")
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(CatalogRow {
+                kind: r.try_get(0)?,
+                id: r.try_get(1)?,
+                body: Some(r.try_get(2)?),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    tx.commit().await?;
+    let writer = Writer {
+        url: url.to_string(),
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Io(e.to_string()))?,
+        conn: None,
+        dict: HashMap::new(),
+    };
+    let (handle, join) = spawn_writer(writer)?;
+    Ok(Opened {
+        handle,
+        reader: crate::Reader::Postgres(Reader { pool }),
+        entries,
+        catalog,
+        writer: join,
+    })
+}
+
+/// A read-only transaction over one consistent snapshot.
+async fn snapshot(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+async fn load_dict(conn: &mut PgConnection) -> Result<HashMap<i64, String>, StoreError> {
+    let rows = sqlx::query("SELECT id, text FROM dict")
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
+fn stored_row(r: &PgRow, dict: &HashMap<i64, String>) -> Result<StoredRow, sqlx::Error> {
+    let text = |i: usize| -> Result<Option<String>, sqlx::Error> {
+        Ok(r.try_get::<Option<i64>, _>(i)?
+            .and_then(|id| dict.get(&id).cloned()))
+    };
+    Ok(StoredRow {
+        seq: r.try_get(0)?,
+        at_ms: r.try_get(1)?,
+        kind: i64::from(r.try_get::<i16, _>(2)?),
+        auth: r.try_get(3)?,
+        tenant: text(4)?,
+        key_id: r.try_get(5)?,
+        held: r.try_get(6)?,
+        cost: r.try_get(7)?,
+        charge: r.try_get(8)?,
+        model_requested: text(9)?,
+        model_used: text(10)?,
+        price_version: text(11)?,
+        input_tokens: r.try_get(12)?,
+        cached_input_tokens: r.try_get(13)?,
+        output_tokens: r.try_get(14)?,
+        quantity: r.try_get(15)?,
+        latency_ms: r.try_get(16)?,
+        flags: r.try_get::<i32, _>(17)? as u32,
+        detail: r.try_get(18)?,
+        hash: r.try_get(19)?,
+    })
+}
+
+/// Streams the ledger in order through the chain check to `visit`.
+async fn read_ledger(
+    conn: &mut PgConnection,
+    visit: &mut dyn FnMut(Entry),
+) -> Result<(usize, [u8; 32], Vec<String>), StoreError> {
+    let dict = load_dict(conn).await?;
+    let mut chain = ChainReader::default();
+    let mut rows = sqlx::query(
+        "SELECT seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, hash FROM ledger ORDER BY seq",
+    )
+    .fetch(&mut *conn);
+    while let Some(r) = rows.try_next().await? {
+        if let Some(e) = chain.push(stored_row(&r, &dict)?) {
+            visit(e);
+        }
+    }
+    Ok(chain.finish())
+}
+
+async fn stored_counters(
+    conn: &mut PgConnection,
+) -> Result<HashMap<BucketKey, Counter>, StoreError> {
+    let rows = sqlx::query("SELECT bucket, held, spent FROM counters")
+        .fetch_all(&mut *conn)
+        .await?;
+    let rows = rows
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    parse_counters(rows)
+}
+
+/// Recomputes the chain and the counters from one snapshot; safe while servers write.
+pub async fn verify(url: &str) -> Result<Verification, StoreError> {
+    let pool = pool(url, 1).await?;
+    check_schema(&pool).await?;
+    let mut tx = snapshot(&pool).await?;
+    let mut verifier = Verifier::default();
+    let (entries, _, problems) = read_ledger(&mut tx, &mut |e| verifier.apply(&e)).await?;
+    let stored = stored_counters(&mut tx).await?;
+    tx.commit().await?;
+    pool.close().await;
+    Ok(verifier.finish(entries, problems, &stored))
+}
+
+/// Every entry of the ledger in order, from one snapshot.
+pub async fn read_entries(url: &str) -> Result<LedgerReport, StoreError> {
+    let pool = pool(url, 1).await?;
+    check_schema(&pool).await?;
+    let mut tx = snapshot(&pool).await?;
+    let mut entries = Vec::new();
+    let (_, last_hash, chain_problems) = read_ledger(&mut tx, &mut |e| entries.push(e)).await?;
+    tx.commit().await?;
+    pool.close().await;
+    Ok(LedgerReport {
+        entries,
+        last_hash,
+        chain_problems,
+    })
+}
+
+/// The writer's side: one connection, a runtime of its own (it runs on the writer
+/// thread), and the texts it has interned.
+struct Writer {
+    url: String,
+    rt: tokio::runtime::Runtime,
+    conn: Option<PgConnection>,
+    dict: HashMap<String, i64>,
+}
+
+/// Where a batch put the chain: its last entry's sequence number and hash.
+type ChainMark = Option<(i64, [u8; 32])>;
+
+impl Backend for Writer {
+    fn write(&mut self, batch: &[Command]) -> Result<(), StoreError> {
+        let Writer {
+            url,
+            rt,
+            conn,
+            dict,
+        } = self;
+        rt.block_on(async {
+            let mut mark: ChainMark = None;
+            let first = match connection(url, conn).await {
+                Ok(c) => write_batch(c, batch, dict, &mut mark).await,
+                Err(e) => Err(e),
+            };
+            let Err(first) = first else { return Ok(()) };
+            // The connection may be gone, and the commit may have landed before it went.
+            *conn = None;
+            dict.clear();
+            tracing::warn!(error = %first, "ledger batch failed; reconnecting to check and retry");
+            let c = reconnect(url, conn).await?;
+            if let Some((seq, hash)) = mark {
+                let stored: Option<Vec<u8>> =
+                    sqlx::query_scalar("SELECT hash FROM ledger WHERE seq = $1")
+                        .bind(seq)
+                        .fetch_optional(&mut *c)
+                        .await?;
+                if stored.as_deref() == Some(hash.as_slice()) {
+                    tracing::info!(seq, "the failed batch had been committed");
+                    return Ok(());
+                }
+            }
+            let mut again: ChainMark = None;
+            write_batch(c, batch, dict, &mut again).await
+        })
+    }
+
+    fn forget(&mut self) {
+        self.dict.clear();
+        self.conn = None;
+    }
+}
+
+async fn connection<'a>(
+    url: &str,
+    conn: &'a mut Option<PgConnection>,
+) -> Result<&'a mut PgConnection, StoreError> {
+    if conn.is_none() {
+        let c = PgConnection::connect_with(&options(url)?)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url))))?;
+        *conn = Some(c);
+    }
+    conn.as_mut()
+        .ok_or_else(|| StoreError::Unavailable("no connection".into()))
+}
+
+async fn reconnect<'a>(
+    url: &str,
+    conn: &'a mut Option<PgConnection>,
+) -> Result<&'a mut PgConnection, StoreError> {
+    let mut last = None;
+    for _ in 0..RECONNECT_ATTEMPTS {
+        match PgConnection::connect_with(&options(url)?).await {
+            Ok(c) => {
+                *conn = Some(c);
+                return conn
+                    .as_mut()
+                    .ok_or_else(|| StoreError::Unavailable("no connection".into()));
+            }
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+            }
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "PostgreSQL at {} did not come back: {}",
+        redact(url),
+        last.map(|e| e.to_string()).unwrap_or_default()
+    )))
+}
+
+async fn intern(
+    conn: &mut PgConnection,
+    dict: &mut HashMap<String, i64>,
+    text: Option<&str>,
+) -> Result<Option<i64>, StoreError> {
+    let Some(text) = text else { return Ok(None) };
+    if let Some(&id) = dict.get(text) {
+        return Ok(Some(id));
+    }
+    // DO UPDATE (not DO NOTHING) so the id comes back whoever inserted the text first.
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO dict (text) VALUES ($1) ON CONFLICT (text) DO UPDATE SET text = EXCLUDED.text RETURNING id",
+    )
+    .bind(text)
+    .fetch_one(&mut *conn)
+    .await?;
+    dict.insert(text.to_string(), id);
+    Ok(Some(id))
+}
+
+/// The columns of a batch's entries, for one multi-row insert.
+#[derive(Default)]
+struct Columns {
+    seq: Vec<i64>,
+    at_ms: Vec<i64>,
+    kind: Vec<i16>,
+    auth: Vec<Uuid>,
+    tenant: Vec<Option<i64>>,
+    key_id: Vec<Option<Uuid>>,
+    held: Vec<i64>,
+    cost: Vec<i64>,
+    charge: Vec<i64>,
+    model_req: Vec<Option<i64>>,
+    model_used: Vec<Option<i64>>,
+    price_version: Vec<Option<i64>>,
+    in_tok: Vec<i64>,
+    cached_tok: Vec<i64>,
+    out_tok: Vec<i64>,
+    quantity: Vec<i64>,
+    latency_ms: Vec<Option<i64>>,
+    flags: Vec<i32>,
+    detail: Vec<Option<String>>,
+    idem: Vec<Option<String>>,
+    hash: Vec<Vec<u8>>,
+}
+
+async fn write_batch(
+    conn: &mut PgConnection,
+    batch: &[Command],
+    dict: &mut HashMap<String, i64>,
+    mark: &mut ChainMark,
+) -> Result<(), StoreError> {
+    let mut tx = conn.begin().await?;
+    // The chain head's lock orders this batch after every batch of every instance.
+    let head = sqlx::query("SELECT seq, hash FROM chain_head FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await?;
+    let mut seq: i64 = head.try_get(0)?;
+    let head_hash: Vec<u8> = head.try_get(1)?;
+    let mut prev: [u8; 32] = head_hash
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("the chain head's hash is not 32 bytes".into()))?;
+    let mut cols = Columns::default();
+    for cmd in batch {
+        match cmd {
+            Command::Append {
+                entries, alerts, ..
+            } => {
+                for e in entries {
+                    let hash = e.chain_hash(&prev);
+                    seq += 1;
+                    cols.seq.push(seq);
+                    cols.at_ms.push(e.at_ms);
+                    cols.kind
+                        .push(i16::try_from(e.kind.code()).unwrap_or(i16::MAX));
+                    cols.auth.push(e.authorization);
+                    cols.tenant
+                        .push(intern(&mut tx, dict, Some(&e.tenant)).await?);
+                    cols.key_id.push(e.key_id);
+                    cols.held.push(e.held_delta.nanos());
+                    cols.cost.push(e.cost_delta.nanos());
+                    cols.charge.push(e.charge_delta.nanos());
+                    cols.model_req
+                        .push(intern(&mut tx, dict, e.model_requested.as_deref()).await?);
+                    cols.model_used
+                        .push(intern(&mut tx, dict, e.model_used.as_deref()).await?);
+                    cols.price_version
+                        .push(intern(&mut tx, dict, e.price_version.as_deref()).await?);
+                    cols.in_tok.push(to_i64(e.usage.input_tokens));
+                    cols.cached_tok.push(to_i64(e.usage.cached_input_tokens));
+                    cols.out_tok.push(to_i64(e.usage.output_tokens));
+                    cols.quantity.push(to_i64(e.quantity));
+                    cols.latency_ms.push(e.latency_ms.map(i64::from));
+                    cols.flags.push(e.flags as i32);
+                    cols.detail.push(detail_json(e)?);
+                    cols.idem
+                        .push(e.detail.as_ref().and_then(|d| d.idempotency_key.clone()));
+                    cols.hash.push(hash.to_vec());
+                    prev = hash;
+                }
+                for a in alerts {
+                    sqlx::query(
+                        "INSERT INTO alerts (at_ms, tenant, bucket, level, reason, limit_nanos, used_nanos) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(a.at_ms)
+                    .bind(&a.tenant)
+                    .bind(a.bucket.to_string())
+                    .bind(a.level.as_str())
+                    .bind(&a.reason)
+                    .bind(a.limit.nanos())
+                    .bind(a.used.nanos())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            Command::Catalog { row, .. } => match &row.body {
+                Some(body) => {
+                    sqlx::query(
+                        "INSERT INTO catalog (kind, id, body) VALUES ($1, $2, $3) ON CONFLICT (kind, id) DO UPDATE SET body = EXCLUDED.body",
+                    )
+                    .bind(&row.kind)
+                    .bind(&row.id)
+                    .bind(body)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                None => {
+                    sqlx::query("DELETE FROM catalog WHERE kind = $1 AND id = $2")
+                        .bind(&row.kind)
+                        .bind(&row.id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            },
+        }
+    }
+    if !cols.seq.is_empty() {
+        sqlx::query(
+            "INSERT INTO ledger (seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, idem, hash)
+             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::smallint[], $4::uuid[], $5::bigint[], $6::uuid[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::int[], $19::text[], $20::text[], $21::bytea[])",
+        )
+        .bind(&cols.seq)
+        .bind(&cols.at_ms)
+        .bind(&cols.kind)
+        .bind(&cols.auth)
+        .bind(&cols.tenant)
+        .bind(&cols.key_id)
+        .bind(&cols.held)
+        .bind(&cols.cost)
+        .bind(&cols.charge)
+        .bind(&cols.model_req)
+        .bind(&cols.model_used)
+        .bind(&cols.price_version)
+        .bind(&cols.in_tok)
+        .bind(&cols.cached_tok)
+        .bind(&cols.out_tok)
+        .bind(&cols.quantity)
+        .bind(&cols.latency_ms)
+        .bind(&cols.flags)
+        .bind(&cols.detail)
+        .bind(&cols.idem)
+        .bind(&cols.hash)
+        .execute(&mut *tx)
+        .await?;
+        let deltas = counter_deltas(batch);
+        let mut buckets = Vec::with_capacity(deltas.len());
+        let mut held = Vec::with_capacity(deltas.len());
+        let mut spent = Vec::with_capacity(deltas.len());
+        for (b, d) in &deltas {
+            buckets.push(b.to_string());
+            held.push(d.held.nanos());
+            spent.push(d.spent.nanos());
+        }
+        sqlx::query(
+            "INSERT INTO counters (bucket, held, spent) SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[])
+             ON CONFLICT (bucket) DO UPDATE SET held = counters.held + EXCLUDED.held, spent = counters.spent + EXCLUDED.spent",
+        )
+        .bind(&buckets)
+        .bind(&held)
+        .bind(&spent)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE chain_head SET seq = $1, hash = $2")
+            .bind(seq)
+            .bind(prev.as_slice())
+            .execute(&mut *tx)
+            .await?;
+        *mark = Some((seq, prev));
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Read-only queries for reports (see [`crate::Reader`]), on a small pool.
+pub struct Reader {
+    pool: PgPool,
+}
+
+impl Reader {
+    pub async fn alerts(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AlertRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at_ms, tenant, bucket, level, reason, limit_nanos, used_nanos FROM alerts WHERE ($1::text IS NULL OR tenant = $1) ORDER BY id DESC LIMIT $2",
+        )
+        .bind(tenant)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AlertRow {
+                    id: r.try_get(0)?,
+                    at_ms: r.try_get(1)?,
+                    tenant: r.try_get(2)?,
+                    bucket: r.try_get(3)?,
+                    level: r.try_get(4)?,
+                    reason: r.try_get(5)?,
+                    limit: Money::from_nanos(r.try_get(6)?),
+                    used: Money::from_nanos(r.try_get(7)?),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    pub async fn hold_by_idempotency_key(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<StoredHold>, StoreError> {
+        let row = sqlx::query(
+            "SELECT l.auth, l.held, mu.text, pv.text, l.detail FROM ledger l
+             LEFT JOIN dict mu ON mu.id = l.model_used LEFT JOIN dict pv ON pv.id = l.price_version
+             WHERE l.idem = $2 AND l.tenant = (SELECT id FROM dict WHERE text = $1)
+             ORDER BY l.seq LIMIT 1",
+        )
+        .bind(tenant)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let detail: String = r.try_get(4)?;
+        let detail: HoldDetail = serde_json::from_str(&detail)
+            .map_err(|e| StoreError::Corrupt(format!("unreadable hold detail: {e}")))?;
+        Ok(Some(StoredHold {
+            authorization: r.try_get(0)?,
+            held: Money::from_nanos(r.try_get(1)?),
+            model_used: r.try_get(2)?,
+            price_version: r.try_get(3)?,
+            detail,
+        }))
+    }
+
+    pub async fn alerted_levels(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT DISTINCT bucket, level FROM alerts")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    pub async fn usage_by_model(
+        &self,
+        tenant: &str,
+        since_ms: i64,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT COALESCE(d.text, ''), COUNT(*), SUM(l.in_tok)::bigint, SUM(l.out_tok)::bigint, SUM(l.cost)::bigint, SUM(l.charge)::bigint
+             FROM ledger l LEFT JOIN dict d ON d.id = l.model_used
+             WHERE l.tenant = (SELECT id FROM dict WHERE text = $1) AND l.at_ms >= $2 AND l.kind IN (2, 4, 5, 6)
+             GROUP BY d.text ORDER BY SUM(l.cost) DESC",
+        )
+        .bind(tenant)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    group: r.try_get(0)?,
+                    calls: r.try_get(1)?,
+                    input_tokens: r.try_get(2)?,
+                    output_tokens: r.try_get(3)?,
+                    cost: Money::from_nanos(r.try_get(4)?),
+                    charge: Money::from_nanos(r.try_get(5)?),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Entries of one authorization, in order: (seq, kind code, held, cost).
+    pub async fn entries_of(&self, auth: Uuid) -> Result<Vec<(i64, i64, i64, i64)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT seq, kind, held, cost FROM ledger WHERE auth = $1 ORDER BY seq")
+                .bind(auth)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    i64::from(r.try_get::<i16, _>(1)?),
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    pub async fn settle_entry_of(&self, auth: Uuid) -> Result<Option<SettleRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT l.in_tok, l.cached_tok, l.out_tok, l.quantity, l.cost, l.charge, l.held, m.text, p.text, l.flags
+             FROM ledger l LEFT JOIN dict m ON m.id = l.model_used LEFT JOIN dict p ON p.id = l.price_version
+             WHERE l.auth = $1 AND l.kind = 2 LIMIT 1",
+        )
+        .bind(auth)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(SettleRow {
+            usage: TokenUsage {
+                input_tokens: from_i64(r.try_get(0)?),
+                cached_input_tokens: from_i64(r.try_get(1)?),
+                output_tokens: from_i64(r.try_get(2)?),
+            },
+            quantity: from_i64(r.try_get(3)?),
+            cost: Money::from_nanos(r.try_get(4)?),
+            charge: Money::from_nanos(r.try_get(5)?),
+            released: -Money::from_nanos(r.try_get(6)?),
+            model_used: r.try_get(7)?,
+            price_version: r.try_get::<Option<String>, _>(8)?.unwrap_or_default(),
+            flags: r.try_get::<i32, _>(9)? as u32,
+        }))
+    }
+
+    pub async fn exists(&self, auth: Uuid, tenant: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT l.seq FROM ledger l JOIN dict t ON t.id = l.tenant WHERE l.auth = $1 AND t.text = $2 LIMIT 1",
+        )
+        .bind(auth)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+}
+
+/// Creates an empty database next to the one `admin_url` names and returns its URL:
+/// each test gets its own. Databases of earlier test processes that have exited are
+/// dropped first, so runs do not pile up.
+pub async fn scratch_database(admin_url: &str) -> Result<String, StoreError> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let mut admin = PgConnection::connect_with(&options(admin_url)?).await?;
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'bursar\\_test\\_%'",
+    )
+    .fetch_all(&mut admin)
+    .await?;
+    for name in names {
+        let pid = name.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        let plain = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !alive && plain {
+            // Audited: `name` is only ASCII letters, digits and underscores.
+            let drop = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+            let _ = sqlx::query(sqlx::AssertSqlSafe(drop))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+    let name = format!(
+        "bursar_test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    // Audited: the name is made of a fixed prefix and two numbers.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut admin)
+        .await?;
+    let mut url = url::Url::parse(admin_url)
+        .map_err(|e| StoreError::Database(format!("bad database URL: {e}")))?;
+    url.set_path(&name);
+    Ok(url.to_string())
+}
