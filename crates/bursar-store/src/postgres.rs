@@ -137,8 +137,41 @@ pub async fn open(
     }
     let pool = pool(url, READ_POOL_SIZE).await?;
     check_schema(&pool).await?;
-    let mut tx = snapshot(&pool).await?;
-    let (entries, _, problems) = read_ledger(&mut tx, &mut on_entry).await?;
+    // The writer's connection (and its lock) first: nothing is written by another
+    // instance between the replay below and this instance's first batch.
+    let (rt, conn) = writer_connection(url).await?;
+    let (entries, catalog) = match replay(&pool, &mut on_entry).await {
+        Ok(found) => found,
+        Err(e) => {
+            drop(conn);
+            // A runtime may not be dropped inside another; this one has nothing running.
+            rt.shutdown_background();
+            return Err(e);
+        }
+    };
+    let writer = Writer {
+        url: url.to_string(),
+        rt,
+        conn: Some(conn),
+        dict: HashMap::new(),
+    };
+    let (handle, join) = spawn_writer(writer)?;
+    Ok(Opened {
+        handle,
+        reader: crate::Reader::Postgres(Reader { pool }),
+        entries,
+        catalog,
+        writer: join,
+    })
+}
+
+/// Streams the ledger to `on_entry` and reads the catalog, from one snapshot.
+async fn replay(
+    pool: &PgPool,
+    on_entry: &mut dyn FnMut(Entry),
+) -> Result<(usize, Vec<CatalogRow>), StoreError> {
+    let mut tx = snapshot(pool).await?;
+    let (entries, _, problems) = read_ledger(&mut tx, on_entry).await?;
     if let Some(p) = problems.first() {
         return Err(StoreError::Corrupt(format!(
             "the ledger does not verify: {p}; run `bursar ledger verify` for details"
@@ -157,23 +190,32 @@ pub async fn open(
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     tx.commit().await?;
-    let writer = Writer {
-        url: url.to_string(),
-        rt: tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Io(e.to_string()))?,
-        conn: None,
-        dict: HashMap::new(),
-    };
-    let (handle, join) = spawn_writer(writer)?;
-    Ok(Opened {
-        handle,
-        reader: crate::Reader::Postgres(Reader { pool }),
-        entries,
-        catalog,
-        writer: join,
-    })
+    Ok((entries, catalog))
+}
+
+/// Connects the writer on a runtime of its own (the writer thread's), from a thread of
+/// its own: a runtime cannot be started from inside the caller's.
+async fn writer_connection(
+    url: &str,
+) -> Result<(tokio::runtime::Runtime, PgConnection), StoreError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let url = url.to_string();
+    std::thread::Builder::new()
+        .name("bursar-ledger-connect".into())
+        .spawn(move || {
+            let made = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Io(e.to_string()))
+                .and_then(|rt| {
+                    let conn = rt.block_on(connect_writer(&url))?;
+                    Ok((rt, conn))
+                });
+            let _ = tx.send(made);
+        })
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+    rx.await
+        .unwrap_or_else(|_| Err(StoreError::Io("the connecting thread stopped".into())))
 }
 
 /// A read-only transaction over one consistent snapshot.
@@ -339,15 +381,33 @@ impl Backend for Writer {
     }
 }
 
+/// The advisory lock the writing instance holds for its session (one per database).
+const WRITER_LOCK: i64 = 0x6275_7273_6172_0001;
+
+/// A writer's connection: connected, and holding [`WRITER_LOCK`].
+async fn connect_writer(url: &str) -> Result<PgConnection, StoreError> {
+    let mut c = PgConnection::connect_with(&options(url)?)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url))))?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(WRITER_LOCK)
+        .fetch_one(&mut c)
+        .await?;
+    if !locked {
+        return Err(StoreError::Unavailable(format!(
+            "another Bursar instance is serving the database at {}; several instances on one database need the cross-instance budget protocol, which this version does not have yet (ARCHITECTURE.md, \"Several instances\")",
+            redact(url)
+        )));
+    }
+    Ok(c)
+}
+
 async fn connection<'a>(
     url: &str,
     conn: &'a mut Option<PgConnection>,
 ) -> Result<&'a mut PgConnection, StoreError> {
     if conn.is_none() {
-        let c = PgConnection::connect_with(&options(url)?)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url))))?;
-        *conn = Some(c);
+        *conn = Some(connect_writer(url).await?);
     }
     conn.as_mut()
         .ok_or_else(|| StoreError::Unavailable("no connection".into()))
@@ -359,7 +419,7 @@ async fn reconnect<'a>(
 ) -> Result<&'a mut PgConnection, StoreError> {
     let mut last = None;
     for _ in 0..RECONNECT_ATTEMPTS {
-        match PgConnection::connect_with(&options(url)?).await {
+        match connect_writer(url).await {
             Ok(c) => {
                 *conn = Some(c);
                 return conn

@@ -15,7 +15,9 @@ use serde_json::json;
 
 mod common;
 
-use common::{start, BIN};
+use bursar_store::Location;
+use common::{start, start_on, BIN};
+use std::ffi::OsString;
 const MEMBER: &str = "bsr_cli_member_key_00000000000000";
 
 const CONFIG: &str = r#"
@@ -54,12 +56,90 @@ fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
     p
 }
 
+/// The store a test runs the binary on.
+enum Store {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Store {
+    fn args(&self) -> Vec<OsString> {
+        match self {
+            Store::Sqlite(dir) => vec!["--data-dir".into(), dir.into()],
+            Store::Postgres(url) => vec!["--database-url".into(), url.into()],
+        }
+    }
+
+    fn location(&self) -> Location {
+        match self {
+            Store::Sqlite(dir) => Location::data_dir(dir),
+            Store::Postgres(url) => Location::Postgres(url.clone()),
+        }
+    }
+}
+
+/// A fresh PostgreSQL database, or `None` (skipped loudly) without a server.
+async fn scratch_postgres() -> Option<String> {
+    match std::env::var("BURSAR_TEST_POSTGRES_URL") {
+        Ok(admin) if !admin.is_empty() => Some(
+            bursar_store::postgres::scratch_database(&admin)
+                .await
+                .unwrap(),
+        ),
+        _ => {
+            eprintln!(
+                "SKIPPED (PostgreSQL half): set BURSAR_TEST_POSTGRES_URL (e.g. postgres://postgres@127.0.0.1:5432/postgres) to run it; .ci/run does"
+            );
+            None
+        }
+    }
+}
+
+fn bursar(args: &[&str], store: &Store, config: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .args(store.args())
+        .output()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_nothing_acknowledged_and_leaves_no_hold_open() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
+    let store = Store::Sqlite(tmp.path().join("data"));
+    kill_9(&store, tmp.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_migrate_then_kill_9_loses_nothing_acknowledged() {
+    let Some(url) = scratch_postgres().await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::Postgres(url);
     let config = write_config(tmp.path(), CONFIG);
-    let mut server = start(&data, &config);
+    // A database that is behind is refused, naming the command that fixes it.
+    let refused = bursar(&["serve", "--listen", "127.0.0.1:0"], &store, &config);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("bursar migrate"), "{err}");
+    let out = bursar(&["migrate"], &store, &config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("1 migration(s) applied"));
+    let out = bursar(&["migrate"], &store, &config);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("0 migration(s) applied"));
+    kill_9(&store, tmp.path()).await;
+}
+
+async fn kill_9(store: &Store, dir: &Path) {
+    let config = write_config(dir, CONFIG);
+    let mut server = start_on(&store.args(), &config);
     let held: Arc<Mutex<Vec<String>>> = Arc::default();
     let settled: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -117,8 +197,7 @@ async fn kill_9_loses_nothing_acknowledged_and_leaves_no_hold_open() {
     );
 
     // Every acknowledged hold and settle survived the kill.
-    let path = bursar_store::sqlite::ledger_path(&data);
-    let report = bursar_store::sqlite::read_entries(&path).unwrap();
+    let report = bursar_store::read_entries(&store.location()).await.unwrap();
     assert!(
         report.chain_problems.is_empty(),
         "{:?}",
@@ -144,9 +223,9 @@ async fn kill_9_loses_nothing_acknowledged_and_leaves_no_hold_open() {
     }
 
     // Restart: it recovers, and once the TTL has passed no hold is left open.
-    let server = start(&data, &config);
+    let server = start_on(&store.args(), &config);
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let report = bursar_store::sqlite::read_entries(&path).unwrap();
+    let report = bursar_store::read_entries(&store.location()).await.unwrap();
     let finished: HashSet<_> = report
         .entries
         .iter()
@@ -168,13 +247,7 @@ async fn kill_9_loses_nothing_acknowledged_and_leaves_no_hold_open() {
         "unsettled holds expired"
     );
     // The ledger proves itself, while the server runs.
-    let out = Command::new(BIN)
-        .args(["ledger", "verify", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = bursar(&["ledger", "verify"], store, &config);
     assert!(
         out.status.success(),
         "{}",

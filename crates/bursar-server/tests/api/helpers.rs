@@ -178,6 +178,7 @@ pub struct TestApp {
     pub clock: Arc<ManualClock>,
     pub http: reqwest::Client,
     pub place: Place,
+    pub running: Option<Running>,
 }
 
 pub fn start_time() -> DateTime<Utc> {
@@ -197,15 +198,19 @@ pub async fn spawn_app_at(config: &str, place: Place) -> TestApp {
     let book = Arc::new(PriceBook::builtin().unwrap());
     let config = Config::parse(config, &book, start_time()).unwrap();
     let clock = Arc::new(ManualClock::new(start_time()));
-    let (services, _writer) =
+    let (services, writer) =
         bursar_server::build(config, book, &place.location, true, clock.clone())
             .await
             .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let s = services.clone();
-    tokio::spawn(async move {
-        let _ = bursar_server::serve(listener, s, std::future::pending()).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let _ = bursar_server::serve(listener, s, async {
+            let _ = stopped.await;
+        })
+        .await;
     });
     TestApp {
         base: format!("http://{addr}"),
@@ -216,7 +221,45 @@ pub async fn spawn_app_at(config: &str, place: Place) -> TestApp {
             .build()
             .unwrap(),
         place,
+        running: Some(Running {
+            stop,
+            server,
+            writer,
+        }),
     }
+}
+
+/// What stops a test app the way a process exit would.
+pub struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+/// Stops `app` (server, then the ledger writer, as when a process exits) and starts a
+/// new Bursar on the same store: a restart.
+pub async fn restart(app: TestApp, config: &str) -> TestApp {
+    let TestApp {
+        services,
+        http,
+        place,
+        running,
+        ..
+    } = app;
+    drop(http);
+    let running = running.unwrap();
+    let _ = running.stop.send(());
+    running.server.await.unwrap();
+    assert_eq!(
+        Arc::strong_count(&services),
+        1,
+        "something still holds the stopped app"
+    );
+    drop(services);
+    tokio::task::spawn_blocking(move || running.writer.join().unwrap())
+        .await
+        .unwrap();
+    spawn_app_at(config, place).await
 }
 
 pub struct Resp {

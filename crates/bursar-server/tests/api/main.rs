@@ -8,3 +8,4 @@ mod helpers;
 mod isolation;
 mod promises;
 mod proxy;
+mod stores;

@@ -397,8 +397,7 @@ async fn restart_recovers_holds_counters_and_idempotency(place: Place) {
     )
     .await;
     let counters = app.services.engine.counters();
-    let TestApp { place, .. } = app;
-    let again = spawn_app_at(CONFIG, place).await;
+    let again = restart(app, CONFIG).await;
     assert_eq!(again.services.engine.counters(), counters);
     assert_eq!(again.services.engine.open_holds(), 1);
     let replay = again
@@ -531,8 +530,7 @@ async fn a_threshold_alerts_once_per_period_across_restarts(place: Place) {
     assert_eq!(warn_alerts(&app).await, 1);
     hold_and_void(&app).await;
     assert_eq!(warn_alerts(&app).await, 1, "the level did not rise again");
-    let TestApp { place, .. } = app;
-    let again = spawn_app_at(CONFIG, place).await;
+    let again = restart(app, CONFIG).await;
     hold_and_void(&again).await;
     assert_eq!(
         warn_alerts(&again).await,

@@ -1,5 +1,6 @@
 //! The real `bursar` binary, started for a test.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -19,15 +20,20 @@ impl Drop for Server {
     }
 }
 
-/// Starts `bursar serve` on port 0 and reads the bound address from its ready log line.
+/// Starts `bursar serve` on port 0 over the embedded store in `dir`.
+pub fn start(dir: &Path, config: &Path) -> Server {
+    start_on(&["--data-dir".into(), dir.into()], config)
+}
+
+/// Starts `bursar serve` on port 0 with the store given by `store_args` (`--data-dir …`
+/// or `--database-url …`) and reads the bound address from its ready log line.
 // The child is owned by the returned `Server`, whose drop kills and reaps it.
 #[allow(clippy::zombie_processes)]
-pub fn start(dir: &Path, config: &Path) -> Server {
+pub fn start_on(store_args: &[OsString], config: &Path) -> Server {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(config)
-        .arg("--data-dir")
-        .arg(dir)
+        .args(store_args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

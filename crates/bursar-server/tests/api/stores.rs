@@ -1,0 +1,180 @@
+//! What only the PostgreSQL store has to show: one writing instance per database, and a
+//! lost connection that loses nothing acknowledged. (The promises run on both stores,
+//! in `promises.rs`.)
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bursar_core::config::Config;
+use bursar_core::ledger::EntryKind;
+use bursar_core::pricebook::PriceBook;
+use bursar_server::ManualClock;
+use bursar_store::Location;
+use serde_json::json;
+use sqlx::Connection;
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+fn postgres_url(app: &TestApp) -> String {
+    match &app.place.location {
+        Location::Postgres(url) => url.clone(),
+        Location::Sqlite(_) => unreachable!("a PostgreSQL test"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_instance_on_one_database_is_refused_until_the_first_stops() {
+    let Some(place) = Place::postgres().await else {
+        return;
+    };
+    let app = spawn_app_at(CONFIG, place).await;
+    let book = Arc::new(PriceBook::builtin().unwrap());
+    let config = Config::parse(CONFIG, &book, start_time()).unwrap();
+    let clock = Arc::new(ManualClock::new(start_time()));
+    let refused = bursar_server::build(config, book, &app.place.location, true, clock)
+        .await
+        .err()
+        .expect("a second writer is refused");
+    assert!(
+        refused.to_string().contains("another Bursar instance"),
+        "{refused}"
+    );
+    let r = app
+        .authorize(
+            A_MEMBER,
+            json!({"model": "gpt-4o-mini", "prompt_tokens": 10, "max_tokens": 10}),
+        )
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "the first instance still serves: {:?}",
+        r.body
+    );
+    let again = restart(app, CONFIG).await;
+    assert_eq!(again.services.engine.open_holds(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_database_connection_loses_nothing_acknowledged() {
+    let Some(place) = Place::postgres().await else {
+        return;
+    };
+    let app = Arc::new(spawn_app_at(CONFIG, place).await);
+    let url = postgres_url(&app);
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let admin = test_postgres_url().unwrap();
+
+    // Eight clients authorize and settle in a loop while every connection of the
+    // database is terminated, five times over.
+    let clients = (0..8).map(|_| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut settled = Vec::new();
+            for _ in 0..40 {
+                let p = app
+                    .authorize(
+                        B_MEMBER,
+                        json!({"model": "gpt-4o-mini", "prompt_tokens": 100, "max_tokens": 10}),
+                    )
+                    .await;
+                if p.status != 200 {
+                    assert_eq!((p.status, p.code()), (503, "store_unavailable"), "{:?}", p.body);
+                    continue;
+                }
+                let id = p.body["authorization_id"].as_str().unwrap().to_string();
+                held.push(Uuid::parse_str(&id).unwrap());
+                let s = app
+                    .settle(
+                        B_MEMBER,
+                        &id,
+                        json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 10}}),
+                    )
+                    .await;
+                if s.status == 200 {
+                    settled.push(Uuid::parse_str(&id).unwrap());
+                } else {
+                    assert_eq!((s.status, s.code()), (503, "store_unavailable"), "{:?}", s.body);
+                }
+            }
+            (held, settled)
+        })
+    });
+    let clients: Vec<_> = clients.collect();
+    let mut killer = sqlx::PgConnection::connect(&admin).await.unwrap();
+    let mut killed = 0i64;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()) t",
+        )
+        .bind(&db)
+        .fetch_one(&mut killer)
+        .await
+        .unwrap();
+        killed += n;
+    }
+    assert!(killed > 0, "the test killed no connection");
+    let mut held = HashSet::new();
+    let mut settled = HashSet::new();
+    for c in clients {
+        let (h, s) = c.await.unwrap();
+        held.extend(h);
+        settled.extend(s);
+    }
+    assert!(!held.is_empty());
+
+    // The writer reconnected: the store is still ready and takes new work.
+    let ready = app
+        .http
+        .get(format!("{}/readyz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        200,
+        "the store recovered from the lost connections"
+    );
+    let r = app
+        .authorize(
+            B_MEMBER,
+            json!({"model": "gpt-4o-mini", "prompt_tokens": 10, "max_tokens": 10}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // Every acknowledged hold and settle is in the ledger, once; the ledger verifies.
+    let entries = app.entries().await;
+    let holds: Vec<Uuid> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Hold)
+        .map(|e| e.authorization)
+        .collect();
+    let settles: Vec<Uuid> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Settle)
+        .map(|e| e.authorization)
+        .collect();
+    assert_eq!(
+        holds.len(),
+        holds.iter().collect::<HashSet<_>>().len(),
+        "a hold written twice"
+    );
+    assert_eq!(
+        settles.len(),
+        settles.iter().collect::<HashSet<_>>().len(),
+        "a settle written twice"
+    );
+    let holds: HashSet<Uuid> = holds.into_iter().collect();
+    let settles: HashSet<Uuid> = settles.into_iter().collect();
+    assert!(held.is_subset(&holds), "an acknowledged hold is missing");
+    assert!(
+        settled.is_subset(&settles),
+        "an acknowledged settle is missing"
+    );
+    let v = app.verify().await;
+    assert!(v.ok(), "{:?}", v.problems);
+}
