@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# HTTP load on loopback: authorize + settle pairs on the embedded store, with wrk.
+# HTTP load on loopback: authorize + settle pairs, with wrk, on the embedded store or,
+# with BURSAR_BENCH_DATABASE_URL=postgres://…/postgres, on a fresh PostgreSQL database.
 # Usage: bench/http_load.sh [connections...]   (default: 16 64)
 # Prints wrk's summary per run and Bursar's RSS and CPU seconds after each.
 set -euo pipefail
@@ -7,8 +8,14 @@ cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 cargo build --release -p bursar >/dev/null
 data=$(mktemp -d)
-trap 'kill $pid 2>/dev/null || true; rm -rf "$data"' EXIT
-BURSAR_LOG=warn ./target/release/bursar serve --config bench/bench.toml --data-dir "$data" --listen 127.0.0.1:18181 &
+store=(--data-dir "$data")
+if [ -n "${BURSAR_BENCH_DATABASE_URL:-}" ]; then
+  db="bursar_bench_$$"
+  psql -q "$BURSAR_BENCH_DATABASE_URL" -c "CREATE DATABASE $db"
+  store=(--database-url "${BURSAR_BENCH_DATABASE_URL%/*}/$db")
+fi
+trap 'kill $pid 2>/dev/null || true; rm -rf "$data"; [ -n "${db:-}" ] && sleep 1 && psql -q "$BURSAR_BENCH_DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"' EXIT
+BURSAR_LOG=warn ./target/release/bursar serve --config bench/bench.toml "${store[@]}" --migrate --listen 127.0.0.1:18181 &
 pid=$!
 for _ in $(seq 50); do curl -fs http://127.0.0.1:18181/readyz >/dev/null && break; sleep 0.2; done
 for c in "${@:-16 64}"; do
@@ -19,4 +26,4 @@ for c in "${@:-16 64}"; do
     echo "bursar RSS $(awk '/VmRSS/{print $2" "$3}' /proc/$pid/status), CPU $(echo "scale=1; $ticks/$(getconf CLK_TCK)" | bc) s so far"
   done
 done
-./target/release/bursar ledger verify --config bench/bench.toml --data-dir "$data" | tail -n 1
+./target/release/bursar ledger verify --config bench/bench.toml "${store[@]}" | tail -n 1

@@ -125,10 +125,8 @@ async fn bad_authorize_requests() {
     }
     // None of them held anything.
     assert_eq!(app.services.engine.open_holds(), 0);
-    let report = bursar_store::read_entries(&app.place.location)
-        .await
-        .unwrap();
-    assert!(report.entries.is_empty());
+    let entries = app.entries().await;
+    assert!(entries.is_empty());
 }
 
 #[tokio::test]

@@ -23,16 +23,9 @@ async fn assert_never_over(
     app: &TestApp,
     limits: &HashMap<String, Money>,
 ) -> HashMap<BucketKey, bursar_core::budget::Counter> {
-    let report = bursar_store::read_entries(&app.place.location)
-        .await
-        .unwrap();
-    assert!(
-        report.chain_problems.is_empty(),
-        "{:?}",
-        report.chain_problems
-    );
+    let entries = app.entries().await;
     let mut replay = Replay::default();
-    for (i, e) in report.entries.iter().enumerate() {
+    for (i, e) in entries.iter().enumerate() {
         replay.apply(i as u64 + 1, e);
         for b in e.buckets() {
             if let Some(limit) = limits.get(&b.budget) {
@@ -154,21 +147,14 @@ async fn the_same_idempotency_key_returns_the_first_result_even_concurrently(pla
         .map(|r| r.body["cost"].as_str().unwrap())
         .collect();
     assert_eq!(costs.len(), 1);
-    let report = bursar_store::read_entries(&app.place.location)
-        .await
-        .unwrap();
-    let holds = report
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::Hold)
-        .count();
-    let settled = report
-        .entries
+    let entries = app.entries().await;
+    let holds = entries.iter().filter(|e| e.kind == EntryKind::Hold).count();
+    let settled = entries
         .iter()
         .filter(|e| e.kind == EntryKind::Settle)
         .count();
     assert_eq!((holds, settled), (1, 1));
-    let total: Money = report.entries.iter().map(|e| e.cost_delta).sum();
+    let total: Money = entries.iter().map(|e| e.cost_delta).sum();
     assert_eq!(total.to_string(), *costs.iter().next().unwrap());
 }
 
@@ -195,17 +181,14 @@ async fn an_expired_hold_is_charged_and_a_late_settle_reconciled(place: Place) {
         )
         .await;
     assert_eq!((late.status, late.code()), (409, "authorization_expired"));
-    let report = bursar_store::read_entries(&app.place.location)
-        .await
-        .unwrap();
-    let adj: Vec<_> = report
-        .entries
+    let entries = app.entries().await;
+    let adj: Vec<_> = entries
         .iter()
         .filter(|e| e.kind == EntryKind::Adjustment)
         .collect();
     assert_eq!(adj.len(), 1);
     assert!(adj[0].flags & flags::RECONCILED != 0);
-    let spent: Money = report.entries.iter().map(|e| e.cost_delta).sum();
+    let spent: Money = entries.iter().map(|e| e.cost_delta).sum();
     assert_eq!(
         spent,
         Money::parse("0.000156").unwrap(),
@@ -267,14 +250,9 @@ async fn shadow_mode_permits_and_records_would_be_denials(place: Place) {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["shadow_denial"], "model_class_not_allowed");
-    let report = bursar_store::read_entries(&app.place.location)
-        .await
-        .unwrap();
-    assert_eq!(report.entries.len(), 2);
-    assert!(report
-        .entries
-        .iter()
-        .all(|e| e.flags & flags::SHADOW_DENIED != 0));
+    let entries = app.entries().await;
+    assert_eq!(entries.len(), 2);
+    assert!(entries.iter().all(|e| e.flags & flags::SHADOW_DENIED != 0));
     // The same calls in enforce mode are denied.
     let r = app
         .send(
@@ -473,12 +451,9 @@ async fn a_settle_retried_after_the_engine_forgot_it_is_answered_from_the_ledger
         (other.status, other.code()),
         (409, "authorization_already_settled")
     );
-    let report = bursar_store::read_entries(&app.place.location)
-        .await
-        .unwrap();
+    let entries = app.entries().await;
     assert_eq!(
-        report
-            .entries
+        entries
             .iter()
             .filter(|e| e.kind == EntryKind::Settle)
             .count(),
