@@ -20,7 +20,8 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{spawn_app_with, start_time, TestApp, ADMIN};
+use crate::helpers::{spawn_app_at, spawn_app_with, start_time, Place, TestApp, ADMIN};
+use crate::store_test;
 
 const MEMBER: &str = "bsr_test_proxy_member_00000000000";
 
@@ -188,6 +189,10 @@ async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response 
 }
 
 async fn spawn_proxy() -> (TestApp, Arc<Upstream>) {
+    spawn_proxy_at(Place::sqlite()).await
+}
+
+async fn spawn_proxy_at(place: Place) -> (TestApp, Arc<Upstream>) {
     let up = Arc::new(Upstream {
         mode: AtomicU8::new(OK),
         hits: AtomicUsize::new(0),
@@ -205,7 +210,7 @@ async fn spawn_proxy() -> (TestApp, Arc<Upstream>) {
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
-    let app = spawn_app_with(&CONFIG.replace("UPSTREAM", &url)).await;
+    let app = spawn_app_at(&CONFIG.replace("UPSTREAM", &url), place).await;
     (app, up)
 }
 
@@ -468,9 +473,9 @@ async fn bad_requests_are_refused_before_any_money_is_held() {
     assert!(entries.is_empty(), "nothing was held: {entries:?}");
 }
 
-#[tokio::test]
-async fn five_hundred_concurrent_streams_on_a_budget_for_one_hundred() {
-    let (app, _) = spawn_proxy().await;
+store_test!(five_hundred_concurrent_streams_on_a_budget_for_one_hundred);
+async fn five_hundred_concurrent_streams_on_a_budget_for_one_hundred(place: Place) {
+    let (app, _) = spawn_proxy_at(place).await;
     let hold = hold_of(20);
     add_budget(&app, "fits-100", Money::from_nanos(hold.nanos() * 100)).await;
     let app = Arc::new(app);
