@@ -120,6 +120,10 @@ pub enum DenyCode {
     ExceedsRateLimitCapacity,
     BudgetExceeded,
     IdempotencyKeyReused,
+    /// Several instances share the budgets and this one needs a larger lease of some
+    /// bucket before it can decide; the edge asks the store and decides again. Never
+    /// an answer to a caller.
+    LeaseNeeded,
 }
 
 impl DenyCode {
@@ -142,6 +146,7 @@ impl DenyCode {
             DenyCode::ExceedsRateLimitCapacity => "exceeds_rate_limit_capacity",
             DenyCode::BudgetExceeded => "budget_exceeded",
             DenyCode::IdempotencyKeyReused => "idempotency_key_reused",
+            DenyCode::LeaseNeeded => "lease_needed",
         }
     }
 }
@@ -152,16 +157,39 @@ pub struct Denial {
     pub code: DenyCode,
     pub message: String,
     pub retry_after: Option<Duration>,
+    /// With [`DenyCode::LeaseNeeded`]: the leases to ask for.
+    pub leases: Vec<LeaseWant>,
 }
 
 impl Denial {
-    fn new(code: DenyCode, message: impl Into<String>) -> Self {
+    pub fn new(code: DenyCode, message: impl Into<String>) -> Self {
         Denial {
             code,
             message: message.into(),
             retry_after: None,
+            leases: Vec::new(),
         }
     }
+}
+
+/// More room one instance needs in one budget bucket, when several instances share the
+/// budgets (see ARCHITECTURE.md, "Several instances"). The store grants it only while
+/// every instance's leases of the bucket, with what earlier slices of a rolling window
+/// used, stay within the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseWant {
+    pub bucket: BucketKey,
+    /// The call needs at least this much more.
+    pub shortfall: Money,
+    /// The budget's limit.
+    pub limit: Money,
+    /// The part of the limit that may be used: 100, or the emergency threshold of a
+    /// budget that blocks there.
+    pub percent: u8,
+    /// Rollover: the previous period's bucket, whose unused part adds to the limit.
+    pub rollover_from: Option<BucketKey>,
+    /// A rolling window's earlier slices, whose use counts against the limit.
+    pub prior: Vec<BucketKey>,
 }
 
 impl From<LookupError> for Denial {
@@ -435,6 +463,10 @@ struct State {
     idempotency: Map<(String, String), IdempotencyRecord>,
     limiters: Map<RateCell, Gcra>,
     levels: Map<BucketKey, Level>,
+    /// When several instances share the budgets: per bucket, the use this instance may
+    /// reach on its own (its use when it started plus the leases it holds). `None`: this
+    /// instance owns the budgets, the limits are the only bound.
+    allowance: Option<Map<BucketKey, Money>>,
 }
 
 /// Budgets in force, by owner.
@@ -701,21 +733,183 @@ impl Engine {
             None => state.counters.get(&a.bucket).copied().unwrap_or_default(),
         };
         let mut limit = spec.limit;
-        if spec.rollover && !matches!(spec.window, Window::Rolling { .. } | Window::Lifetime) {
-            let prev_instant = Utc
-                .timestamp_opt(a.bucket.period_start - 1, 0)
-                .single()
-                .unwrap_or(now);
-            let prev = BucketKey {
-                budget: a.bucket.budget.clone(),
-                value: a.bucket.value.clone(),
-                period_start: spec.window.period_start(prev_instant, a.tz),
-            };
+        if let Some(prev) = Self::rollover_from(a, now) {
             if let Some(p) = state.counters.get(&prev) {
                 limit += spec.limit.saturating_sub(p.used()).max(Money::ZERO);
             }
         }
         (counter, limit)
+    }
+
+    /// The previous period's bucket, when the budget rolls its unused part over.
+    fn rollover_from(a: &Applicable, now: DateTime<Utc>) -> Option<BucketKey> {
+        let spec = &a.budget.spec;
+        if !spec.rollover || matches!(spec.window, Window::Rolling { .. } | Window::Lifetime) {
+            return None;
+        }
+        let prev_instant = Utc
+            .timestamp_opt(a.bucket.period_start - 1, 0)
+            .single()
+            .unwrap_or(now);
+        Some(BucketKey {
+            budget: a.bucket.budget.clone(),
+            value: a.bucket.value.clone(),
+            period_start: spec.window.period_start(prev_instant, a.tz),
+        })
+    }
+
+    fn lease_want(a: &Applicable, shortfall: Money, now: DateTime<Utc>) -> LeaseWant {
+        let spec = &a.budget.spec;
+        let percent = match spec.thresholds.emergency_action {
+            EmergencyAction::Block => spec.thresholds.emergency_percent,
+            EmergencyAction::Downgrade | EmergencyAction::AlertOnly => 100,
+        };
+        let prior = match spec.window.rolling_slice() {
+            Some(slice) => (1..crate::budget::ROLLING_SLICES)
+                .map(|i| BucketKey {
+                    budget: a.bucket.budget.clone(),
+                    value: a.bucket.value.clone(),
+                    period_start: a.bucket.period_start - i * slice,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        LeaseWant {
+            bucket: a.bucket.clone(),
+            shortfall,
+            limit: spec.limit,
+            percent,
+            rollover_from: Self::rollover_from(a, now),
+            prior,
+        }
+    }
+
+    /// From now on the budgets are shared with other instances: this instance may use
+    /// each bucket up to what it has used so far (all of it recovered from the ledger)
+    /// plus the leases it is granted. Call once, after recovery.
+    pub fn share_budgets(&self) {
+        let mut state = self.state.lock();
+        let allowance = state
+            .counters
+            .iter()
+            .map(|(k, c)| (k.clone(), c.used()))
+            .collect();
+        state.allowance = Some(allowance);
+    }
+
+    /// The open hold a hold entry stands for.
+    fn hold_of_entry(e: &Entry, d: &Arc<HoldDetail>) -> Hold {
+        let permit = permit_of_hold(
+            e.authorization,
+            e.held_delta,
+            e.model_used.clone(),
+            e.price_version.clone(),
+            d,
+            false,
+        );
+        let (model, api) = (permit.model.clone(), permit.api.clone());
+        let price_version = permit.price_version.clone();
+        Hold {
+            at_ms: e.at_ms,
+            tenant: e.tenant.clone(),
+            key_id: e.key_id,
+            detail: d.clone(),
+            held: e.held_delta,
+            model,
+            api,
+            price_version,
+            expires_at_ms: d.expires_at_ms,
+            agent: d.tags.agent.clone(),
+            permit: d.idempotency_key.is_some().then(|| Arc::new(permit)),
+        }
+    }
+
+    /// Shared budgets: takes over an open hold another instance made (its hold entry),
+    /// so this instance can finish it. Its amount is in the other instance's use, not
+    /// this one's: the finish entry this instance writes carries `cost − held`, and the
+    /// sum over instances stays the ledger's.
+    pub fn adopt_hold(&self, e: &Entry) -> bool {
+        let Some(d) = &e.detail else { return false };
+        if e.kind != EntryKind::Hold {
+            return false;
+        }
+        let mut state = self.state.lock();
+        if state.finished.contains_key(&e.authorization) {
+            return false;
+        }
+        state
+            .holds
+            .entry(e.authorization)
+            .or_insert_with(|| Self::hold_of_entry(e, d));
+        true
+    }
+
+    /// Whether this engine has the authorization open (not finished, not unknown).
+    pub fn is_open(&self, tenant: &str, id: Uuid) -> bool {
+        self.state
+            .lock()
+            .holds
+            .get(&id)
+            .is_some_and(|h| h.tenant == tenant)
+    }
+
+    /// Shared budgets: another instance finished this hold; forget it without any
+    /// accounting (the finish and its amounts are in the other instance's use).
+    pub fn forget_finished_elsewhere(&self, id: Uuid) {
+        self.state.lock().holds.remove(&id);
+    }
+
+    /// The holds past their TTL.
+    pub fn due_holds(&self, now: DateTime<Utc>) -> Vec<Uuid> {
+        let now_ms = ms(now);
+        self.state
+            .lock()
+            .holds
+            .iter()
+            .filter(|(_, h)| h.expires_at_ms <= now_ms)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether the budgets are shared with other instances.
+    pub fn shares_budgets(&self) -> bool {
+        self.state.lock().allowance.is_some()
+    }
+
+    /// Adds a granted lease to a bucket's allowance.
+    pub fn add_lease(&self, bucket: &BucketKey, amount: Money) {
+        let mut state = self.state.lock();
+        if let Some(allowance) = state.allowance.as_mut() {
+            *allowance.entry(bucket.clone()).or_default() += amount;
+        }
+    }
+
+    /// Takes back the unused part of this instance's leases (of `only` these buckets,
+    /// or of all): the allowance drops to the use, and the amounts taken are returned
+    /// so the store can lower the leases by as much. Lowering here first keeps the
+    /// store's leases at or above this instance's use at every moment.
+    pub fn take_spare_leases(&self, only: Option<&[BucketKey]>) -> Vec<(BucketKey, Money)> {
+        let mut state = self.state.lock();
+        let State {
+            allowance,
+            counters,
+            ..
+        } = &mut *state;
+        let Some(allowance) = allowance.as_mut() else {
+            return Vec::new();
+        };
+        let mut spare = Vec::new();
+        for (bucket, allowed) in allowance.iter_mut() {
+            if only.is_some_and(|o| !o.contains(bucket)) {
+                continue;
+            }
+            let used = counters.get(bucket).map(|c| c.used()).unwrap_or_default();
+            if *allowed > used {
+                spare.push((bucket.clone(), *allowed - used));
+                *allowed = used;
+            }
+        }
+        spare
     }
 
     fn view(a: &Applicable, counter: Counter, limit: Money) -> BudgetView {
@@ -801,6 +995,21 @@ impl Engine {
         req: AuthorizeRequest,
         now: DateTime<Utc>,
         sink: &S,
+    ) -> Result<(Permit, S::Ticket), Denial> {
+        self.authorize_within(caller, req, now, sink, true)
+    }
+
+    /// [`Engine::authorize`] when budgets are shared: with `may_ask_lease`, a call that a
+    /// larger lease would let through (or through unshaped) is answered
+    /// [`DenyCode::LeaseNeeded`] before anything changes; without it, the call is
+    /// decided within the leases held.
+    pub fn authorize_within<S: LedgerSink>(
+        &self,
+        caller: &Caller,
+        req: AuthorizeRequest,
+        now: DateTime<Utc>,
+        sink: &S,
+        may_ask_lease: bool,
     ) -> Result<(Permit, S::Ticket), Denial> {
         let key = &caller.key;
         let (KeyKind::Member | KeyKind::TenantAdmin) = key.kind else {
@@ -1067,10 +1276,13 @@ impl Engine {
             }
         }
 
-        // Budgets: the room left on the tightest bucket, and emergency actions.
+        // Budgets: the room left on the tightest bucket, and emergency actions. With
+        // shared budgets the room is what this instance's leases leave (what it knows of
+        // the others' use is not the bound: the leases are).
         let mut room = Money::MAX;
         let mut downgrade = false;
         let mut standings = Vec::with_capacity(applicable.len());
+        let mut lease_rooms = Vec::new();
         for a in &applicable {
             let (counter, limit) = Self::standing(&state, a, now);
             let t = &a.budget.spec.thresholds;
@@ -1085,11 +1297,29 @@ impl Engine {
                 }
                 EmergencyAction::AlertOnly => limit,
             };
-            room = room.min(
-                effective_limit
-                    .saturating_sub(counter.used())
-                    .max(Money::ZERO),
-            );
+            match &state.allowance {
+                Some(allowance) => {
+                    let used_here = state
+                        .counters
+                        .get(&a.bucket)
+                        .map(|c| c.used())
+                        .unwrap_or_default();
+                    let lease_room = allowance
+                        .get(&a.bucket)
+                        .copied()
+                        .unwrap_or_default()
+                        .saturating_sub(used_here);
+                    room = room.min(lease_room.max(Money::ZERO));
+                    lease_rooms.push(lease_room);
+                }
+                None => {
+                    room = room.min(
+                        effective_limit
+                            .saturating_sub(counter.used())
+                            .max(Money::ZERO),
+                    );
+                }
+            }
             standings.push((counter, limit));
         }
 
@@ -1104,7 +1334,7 @@ impl Engine {
         }
 
         // Price the worst case, shaping max_tokens down to what the room can pay.
-        let (held, price_version, max_tokens) = match &priced {
+        let (held, price_version, max_tokens, worst_case) = match &priced {
             Priced::Model {
                 model,
                 prompt_tokens,
@@ -1129,14 +1359,32 @@ impl Engine {
                     mt = u32::try_from(affordable).unwrap_or(0).min(mt);
                 }
                 let hold = Money::from_pico_ceil(base + out * i128::from(mt));
-                (hold, model.version_of(price).to_string(), Some(mt))
+                (hold, model.version_of(price).to_string(), Some(mt), full)
             }
             Priced::Api { api, quantity } => {
                 let a = self.book.resolve_api(api)?;
                 let price = a.price_at(now)?;
-                (price.cost(*quantity), a.version_of(price).to_string(), None)
+                let cost = price.cost(*quantity);
+                (cost, a.version_of(price).to_string(), None, cost)
             }
         };
+        // Shared budgets: a lease short of the unshaped worst case is asked for first.
+        if may_ask_lease && mode == EnforcementMode::Enforce && !lease_rooms.is_empty() {
+            let leases: Vec<LeaseWant> = applicable
+                .iter()
+                .zip(&lease_rooms)
+                .filter(|(_, r)| **r < worst_case)
+                .map(|(a, r)| Self::lease_want(a, worst_case.saturating_sub(*r), now))
+                .collect();
+            if !leases.is_empty() {
+                let mut d = Denial::new(
+                    DenyCode::LeaseNeeded,
+                    "this instance needs a larger lease of a shared budget",
+                );
+                d.leases = leases;
+                return Err(d);
+            }
+        }
         let too_small = max_tokens.is_some_and(|mt| {
             mt < self
                 .config
@@ -1754,20 +2002,23 @@ impl Engine {
         now: DateTime<Utc>,
         sink: &S,
     ) -> (usize, Option<S::Ticket>) {
+        let due = self.due_holds(now);
+        self.expire(&due, now, sink)
+    }
+
+    /// Expires these holds (those still open), and trims the in-memory caches. With
+    /// shared budgets the edge claims them in the store first.
+    pub fn expire<S: LedgerSink>(
+        &self,
+        due: &[Uuid],
+        now: DateTime<Utc>,
+        sink: &S,
+    ) -> (usize, Option<S::Ticket>) {
         let now_ms = ms(now);
-        let due: Vec<Uuid> = {
-            let state = self.state.lock();
-            state
-                .holds
-                .iter()
-                .filter(|(_, h)| h.expires_at_ms <= now_ms)
-                .map(|(id, _)| *id)
-                .collect()
-        };
         let mut state = self.state.lock();
         let mut entries = Vec::with_capacity(due.len());
         let mut alerts = Vec::new();
-        for id in &due {
+        for id in due {
             let Some(hold) = state.holds.remove(id) else {
                 continue;
             };
@@ -1951,32 +2202,9 @@ impl Engine {
                             },
                         );
                     }
-                    let permit = permit_of_hold(
-                        e.authorization,
-                        e.held_delta,
-                        e.model_used.clone(),
-                        e.price_version.clone(),
-                        d,
-                        false,
-                    );
-                    let (model, api) = (permit.model.clone(), permit.api.clone());
-                    let price_version = permit.price_version.clone();
-                    state.holds.insert(
-                        e.authorization,
-                        Hold {
-                            at_ms: e.at_ms,
-                            tenant: e.tenant.clone(),
-                            key_id: e.key_id,
-                            detail: d.clone(),
-                            held: e.held_delta,
-                            model,
-                            api,
-                            price_version,
-                            expires_at_ms: d.expires_at_ms,
-                            agent: d.tags.agent.clone(),
-                            permit: d.idempotency_key.is_some().then(|| Arc::new(permit)),
-                        },
-                    );
+                    state
+                        .holds
+                        .insert(e.authorization, Self::hold_of_entry(e, d));
                 }
                 kind => {
                     let hold = state.holds.get(&e.authorization).cloned().or_else(|| {

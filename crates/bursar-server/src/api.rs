@@ -223,6 +223,7 @@ pub async fn authorize(
                         code: DenyCode::IdempotencyKeyReused,
                         message: "this Idempotency-Key was used with a different request".into(),
                         retry_after: None,
+                        leases: Vec::new(),
                     }
                     .into());
                 }
@@ -238,7 +239,7 @@ pub async fn authorize(
             }
         }
     }
-    match s.engine.authorize(&caller, req, s.clock.now(), &s.ledger) {
+    match s.authorize(&caller, req).await {
         Ok((permit, ticket)) => {
             ticket.wait().await?;
             record_decision(
@@ -248,9 +249,9 @@ pub async fn authorize(
             );
             Ok(Json(permit))
         }
-        Err(d) => {
-            record_decision("deny", d.code.as_str(), started);
-            Err(d.into())
+        Err(e) => {
+            record_decision("deny", e.code, started);
+            Err(e)
         }
     }
 }
@@ -270,6 +271,18 @@ async fn finished_in_store(
         }
         .into());
     }
+    let mut entries = s.reader.entries_of(id).await?;
+    // Instances sharing the database: another one (or a concurrent call here) may have
+    // claimed the hold and not yet committed its finish; wait a moment for it.
+    if s.shared.is_some() {
+        for _ in 0..50 {
+            if entries.last().is_some_and(|e| e.1 != EntryKind::Hold) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            entries = s.reader.entries_of(id).await?;
+        }
+    }
     if let (Some(u), Some(row)) = (settle_usage, s.reader.settle_entry_of(id).await?) {
         if row.usage == u.tokens && row.quantity == u.quantity {
             return Ok(Json(Settlement {
@@ -286,7 +299,6 @@ async fn finished_in_store(
             }));
         }
     }
-    let entries = s.reader.entries_of(id).await?;
     let code = match entries
         .iter()
         .rev()
@@ -335,14 +347,8 @@ async fn finish(
 ) -> Result<Json<Settlement>, ApiError> {
     let id = parse_id(id)?;
     let tenant = tenant_of(caller)?;
-    let now = s.clock.now();
     let settle_usage = if settle { usage.clone() } else { None };
-    let result = if settle {
-        s.engine
-            .settle(&tenant, id, usage.unwrap_or_default(), now, &s.ledger)
-    } else {
-        s.engine.void(&tenant, id, usage, now, &s.ledger)
-    };
+    let result = s.finish(&tenant, id, usage, settle).await?;
     match result {
         Ok((settlement, ticket)) => {
             ticket.wait().await?;

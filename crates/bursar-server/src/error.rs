@@ -133,6 +133,8 @@ pub fn deny_status(code: DenyCode) -> StatusCode {
         DenyCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         DenyCode::BudgetExceeded => StatusCode::PAYMENT_REQUIRED,
         DenyCode::IdempotencyKeyReused => StatusCode::CONFLICT,
+        // Never reaches a caller (the edge asks for the lease); if it did, try again.
+        DenyCode::LeaseNeeded => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -26,8 +26,12 @@ pub use axum::Router;
 use bursar_core::budget::Budget;
 use bursar_core::catalog::{ApiKey, Directory};
 use bursar_core::config::Config;
-use bursar_core::engine::{plan_budgets, BudgetSet, Engine};
+use bursar_core::engine::{
+    plan_budgets, AuthorizeRequest, BudgetSet, Caller, DenyCode, Engine, FinishCode, FinishError,
+    Permit, Settlement, Usage,
+};
 use bursar_core::pricebook::PriceBook;
+use bursar_core::Money;
 use bursar_store::{CatalogRow, LedgerHandle, Location, OpenOptions, Reader, StoreError};
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -114,6 +118,10 @@ pub struct Services {
     pub catalog: tokio::sync::Mutex<CatalogState>,
     /// Where the store lives.
     pub location: Location,
+    /// With PostgreSQL: what the instances sharing the database coordinate through.
+    pub shared: Option<bursar_store::postgres::Shared>,
+    /// Holds this instance has claimed and is finishing (the sweeper leaves them be).
+    finishing: Mutex<std::collections::HashSet<uuid::Uuid>>,
     pub proxy: proxy::Proxy,
 }
 
@@ -182,6 +190,12 @@ pub async fn build(
     engine.set_budgets(catalog.budget_set());
     tracing::info!(entries = opened.entries, "ledger replayed");
     let reader: Reader = opened.reader;
+    if let Some(shared) = &opened.shared {
+        // From here on this instance decides within the leases it is granted.
+        engine.share_budgets();
+        let closed = shared.close_dead_instances().await?;
+        tracing::info!(instance = %shared.instance(), closed_dead_instances = closed, "budgets shared with other instances");
+    }
     engine.restore_alert_levels(
         reader
             .alerted_levels()
@@ -207,15 +221,223 @@ pub async fn build(
         metrics: metrics_handle(),
         catalog: tokio::sync::Mutex::new(catalog),
         location: location.clone(),
+        shared: opened.shared,
+        finishing: Mutex::new(std::collections::HashSet::new()),
         proxy,
     });
+    if let Some(shared) = services.shared.clone() {
+        tokio::spawn(give_spare_when_asked(Arc::downgrade(&services), shared));
+    }
     Ok((services, opened.writer))
 }
 
+/// How many times a call short of a lease asks for one before it is decided within
+/// what it has, and how long it waits between asks for other instances to give their
+/// spare back (doubling from the first, up to the longest): about half a second in
+/// all, spent only near a budget's limit.
+const LEASE_ROUNDS: u32 = 10;
+const LEASE_WAIT_FIRST: Duration = Duration::from_millis(5);
+const LEASE_WAIT_LONGEST: Duration = Duration::from_millis(100);
+
+/// Gives back the spare leases other instances ask for, as they ask; ends with the
+/// services.
+async fn give_spare_when_asked(
+    services: std::sync::Weak<Services>,
+    shared: bursar_store::postgres::Shared,
+) {
+    loop {
+        if services.strong_count() == 0 {
+            return;
+        }
+        let mut listener = match shared.listen_for_wants().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for lease wants; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            // Wake now and then to notice that the services have stopped.
+            let n = match tokio::time::timeout(Duration::from_secs(1), listener.recv()).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => break,
+                Err(_) if services.strong_count() == 0 => return,
+                Err(_) => continue,
+            };
+            let Some(services) = services.upgrade() else {
+                return;
+            };
+            let wanted: Vec<bursar_core::budget::BucketKey> = n
+                .payload()
+                .lines()
+                .filter_map(bursar_core::budget::BucketKey::parse)
+                .collect();
+            let spare = services.engine.take_spare_leases(Some(&wanted));
+            if let Err(e) = shared.give_back(&spare).await {
+                tracing::error!(error = %e, "giving back spare leases failed");
+            }
+        }
+    }
+}
+
 impl Services {
-    /// Expires due holds and waits until the expiries are durable.
+    /// Decides a call. With budgets shared across instances, a call short of a lease
+    /// asks the store for one (and the other instances for their spare) and is decided
+    /// again; after [`LEASE_ROUNDS`] it is decided within what it has.
+    pub async fn authorize(
+        &self,
+        caller: &Caller,
+        req: AuthorizeRequest,
+    ) -> Result<(Permit, bursar_store::Ticket), ApiError> {
+        let Some(shared) = &self.shared else {
+            return Ok(self
+                .engine
+                .authorize(caller, req, self.clock.now(), &self.ledger)?);
+        };
+        for round in 0..LEASE_ROUNDS {
+            let d = match self.engine.authorize_within(
+                caller,
+                req.clone(),
+                self.clock.now(),
+                &self.ledger,
+                true,
+            ) {
+                Err(d) if d.code == DenyCode::LeaseNeeded => d,
+                other => return Ok(other?),
+            };
+            let granted = shared.grant(&d.leases).await?;
+            let mut short = Vec::new();
+            let mut final_answer = false;
+            for g in &granted {
+                self.engine.add_lease(&g.bucket, g.amount);
+                let wanted = d
+                    .leases
+                    .iter()
+                    .find(|w| w.bucket == g.bucket)
+                    .map_or(Money::ZERO, |w| w.shortfall);
+                if g.amount < wanted {
+                    if g.others_outstanding + g.amount < wanted {
+                        // Even all the others hold could not make it fit: decide now.
+                        final_answer = true;
+                    }
+                    short.push(g.bucket.clone());
+                }
+            }
+            if short.is_empty() {
+                continue;
+            }
+            if final_answer {
+                break;
+            }
+            if round + 1 < LEASE_ROUNDS {
+                // Room may sit unused on other instances: ask for it, give it a moment.
+                shared.ask_for_spare(&short).await?;
+                tokio::time::sleep((LEASE_WAIT_FIRST * 2u32.pow(round)).min(LEASE_WAIT_LONGEST))
+                    .await;
+            }
+        }
+        Ok(self
+            .engine
+            .authorize_within(caller, req, self.clock.now(), &self.ledger, false)?)
+    }
+
+    /// Settles (`usage` given, `settle`) or voids a hold. With instances sharing the
+    /// database the hold is claimed first: exactly one instance finishes it, and a hold
+    /// another instance made is taken over from its ledger entry.
+    pub async fn finish(
+        &self,
+        tenant: &str,
+        id: uuid::Uuid,
+        usage: Option<Usage>,
+        settle: bool,
+    ) -> Result<Result<(Settlement, bursar_store::Ticket), FinishError>, StoreError> {
+        let run = || {
+            let now = self.clock.now();
+            if settle {
+                self.engine.settle(
+                    tenant,
+                    id,
+                    usage.clone().unwrap_or_default(),
+                    now,
+                    &self.ledger,
+                )
+            } else {
+                self.engine
+                    .void(tenant, id, usage.clone(), now, &self.ledger)
+            }
+        };
+        let Some(shared) = &self.shared else {
+            return Ok(run());
+        };
+        self.finishing.lock().insert(id);
+        let r = self.claim_and_finish(shared, tenant, id, run).await;
+        self.finishing.lock().remove(&id);
+        r
+    }
+
+    async fn claim_and_finish(
+        &self,
+        shared: &bursar_store::postgres::Shared,
+        tenant: &str,
+        id: uuid::Uuid,
+        run: impl Fn() -> Result<(Settlement, bursar_store::Ticket), FinishError>,
+    ) -> Result<Result<(Settlement, bursar_store::Ticket), FinishError>, StoreError> {
+        let not_here = FinishError {
+            code: FinishCode::AuthorizationNotFound,
+            message: format!("authorization `{id}` is finished or being finished elsewhere"),
+        };
+        if !self.engine.is_open(tenant, id) {
+            match run() {
+                Err(e) if e.code == FinishCode::AuthorizationNotFound => {}
+                // Finished here before: the engine answers (a retry, a late settle).
+                other => return Ok(other),
+            }
+            if shared.claim(&[id]).await?.is_empty() {
+                return Ok(Err(not_here));
+            }
+            let adopted = match shared.hold_entry(id, tenant).await? {
+                Some(entry) => self.engine.adopt_hold(&entry),
+                None => false,
+            };
+            if !adopted {
+                shared.unclaim(id).await?;
+                return Ok(Err(not_here));
+            }
+        } else if shared.claim(&[id]).await?.is_empty() {
+            return Ok(Err(not_here));
+        }
+        let r = run();
+        if r.is_err() {
+            // Refused (bad usage, say): the hold stays open, and claimable.
+            shared.unclaim(id).await?;
+        }
+        Ok(r)
+    }
+
+    /// Expires due holds and waits until the expiries are durable. With instances
+    /// sharing the database, holds are claimed first (one another instance finished
+    /// is forgotten), spare leases are given back and dead instances closed.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
-        let (n, ticket) = self.engine.expire_due(self.clock.now(), &self.ledger);
+        let now = self.clock.now();
+        let (n, ticket) = match &self.shared {
+            None => self.engine.expire_due(now, &self.ledger),
+            Some(shared) => {
+                let mut due = self.engine.due_holds(now);
+                {
+                    let finishing = self.finishing.lock();
+                    due.retain(|id| !finishing.contains(id));
+                }
+                let claimed = shared.claim(&due).await?;
+                for id in due.iter().filter(|id| !claimed.contains(id)) {
+                    self.engine.forget_finished_elsewhere(*id);
+                }
+                let spare = self.engine.take_spare_leases(None);
+                shared.give_back(&spare).await?;
+                shared.close_dead_instances().await?;
+                self.engine.expire(&claimed, now, &self.ledger)
+            }
+        };
         if let Some(t) = ticket {
             t.wait().await?;
         }

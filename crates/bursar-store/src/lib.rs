@@ -329,6 +329,48 @@ pub struct StoredRow {
     pub hash: Vec<u8>,
 }
 
+/// The entry a stored row holds, without its chain check or the buckets of a hold it
+/// refers to (for reading one entry on its own).
+pub(crate) fn entry_of_row(r: StoredRow) -> Option<Entry> {
+    let kind = EntryKind::from_code(r.kind)?;
+    let detail = match &r.detail {
+        Some(d) => Some(Arc::new(serde_json::from_str::<HoldDetail>(d).ok()?)),
+        None => None,
+    };
+    Some(build_entry(r, kind, detail, None))
+}
+
+fn build_entry(
+    r: StoredRow,
+    kind: EntryKind,
+    detail: Option<Arc<HoldDetail>>,
+    hold: Option<Arc<HoldDetail>>,
+) -> Entry {
+    Entry {
+        at_ms: r.at_ms,
+        kind,
+        authorization: r.auth,
+        tenant: r.tenant.unwrap_or_default(),
+        key_id: r.key_id,
+        held_delta: Money::from_nanos(r.held),
+        cost_delta: Money::from_nanos(r.cost),
+        charge_delta: Money::from_nanos(r.charge),
+        model_requested: r.model_requested,
+        model_used: r.model_used,
+        price_version: r.price_version,
+        usage: TokenUsage {
+            input_tokens: from_i64(r.input_tokens),
+            cached_input_tokens: from_i64(r.cached_input_tokens),
+            output_tokens: from_i64(r.output_tokens),
+        },
+        quantity: from_i64(r.quantity),
+        latency_ms: r.latency_ms.and_then(|v| u32::try_from(v).ok()),
+        flags: r.flags,
+        hold,
+        detail,
+    }
+}
+
 /// Reads the ledger in order, row by row, checking the chain and turning rows into
 /// entries. It streams: only open and expired holds are remembered (to attach their
 /// buckets to the entries that follow), so memory does not grow with the ledger.
@@ -354,7 +396,7 @@ impl Default for ChainReader {
 
 impl ChainReader {
     /// The next row; `None` when it cannot be an entry (the problem is recorded).
-    pub fn push(&mut self, r: StoredRow) -> Option<Entry> {
+    pub fn push(&mut self, mut r: StoredRow) -> Option<Entry> {
         let seq = r.seq;
         if seq != self.expected_seq {
             self.problems.push(format!(
@@ -368,8 +410,8 @@ impl ChainReader {
                 .push(format!("entry {seq}: unknown kind {}", r.kind));
             return None;
         };
-        let detail = match r.detail {
-            Some(d) => match serde_json::from_str::<HoldDetail>(&d) {
+        let detail = match &r.detail {
+            Some(d) => match serde_json::from_str::<HoldDetail>(d) {
                 Ok(d) => Some(Arc::new(d)),
                 Err(e) => {
                     self.problems
@@ -383,42 +425,22 @@ impl ChainReader {
         if let Some(d) = &detail {
             self.holds.insert(authorization, d.clone());
         }
-        let e = Entry {
-            at_ms: r.at_ms,
-            kind,
-            authorization,
-            tenant: r.tenant.unwrap_or_default(),
-            key_id: r.key_id,
-            held_delta: Money::from_nanos(r.held),
-            cost_delta: Money::from_nanos(r.cost),
-            charge_delta: Money::from_nanos(r.charge),
-            model_requested: r.model_requested,
-            model_used: r.model_used,
-            price_version: r.price_version,
-            usage: TokenUsage {
-                input_tokens: from_i64(r.input_tokens),
-                cached_input_tokens: from_i64(r.cached_input_tokens),
-                output_tokens: from_i64(r.output_tokens),
-            },
-            quantity: from_i64(r.quantity),
-            latency_ms: r.latency_ms.and_then(|v| u32::try_from(v).ok()),
-            flags: r.flags,
-            hold: if detail.is_some() {
-                None
-            } else {
-                self.holds.get(&authorization).cloned()
-            },
-            detail,
+        let hold = if detail.is_some() {
+            None
+        } else {
+            self.holds.get(&authorization).cloned()
         };
+        let stored_hash = std::mem::take(&mut r.hash);
+        let e = build_entry(r, kind, detail, hold);
         let h = e.chain_hash(&self.prev);
-        if h.as_slice() != r.hash.as_slice() {
+        if h.as_slice() != stored_hash.as_slice() {
             self.problems.push(format!(
                 "entry {seq} ({} of authorization {}): hash does not match its content and the previous hash",
                 kind.as_str(),
                 e.authorization
             ));
         }
-        self.prev = r.hash.try_into().unwrap_or(h);
+        self.prev = stored_hash.try_into().unwrap_or(h);
         // A settled or voided hold is done; an expired one may still be reconciled.
         if matches!(
             kind,
@@ -663,6 +685,8 @@ impl Reader {
 pub struct Opened {
     pub handle: LedgerHandle,
     pub reader: Reader,
+    /// With PostgreSQL: leases, claims and liveness shared with the other instances.
+    pub shared: Option<postgres::Shared>,
     /// How many entries were replayed.
     pub entries: usize,
     pub catalog: Vec<CatalogRow>,

@@ -10,6 +10,12 @@
 //! the counters with one multi-row upsert. The lock is held for one batch, not one
 //! request, so instances contend once per commit.
 //!
+//! Several instances share one database (ARCHITECTURE.md, "Several instances"): each
+//! registers in `instances` and holds a session advisory lock on its id while it lives;
+//! its writer keeps, per bucket, the use of the entries it wrote (`leases.used`, in the
+//! same transaction) and records open holds; [`Shared`] grants and takes back leases
+//! and claims holds before they are finished.
+//!
 //! A lost connection (PostgreSQL restarted, the backend terminated) is not the end: the
 //! writer reconnects, asks whether the failed batch's last entry is in the ledger with
 //! the hash it computed (the commit may have landed before the connection died), and
@@ -20,6 +26,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bursar_core::budget::{BucketKey, Counter};
+use bursar_core::engine::LeaseWant;
 use bursar_core::ledger::{Entry, HoldDetail};
 use bursar_core::pricebook::TokenUsage;
 use bursar_core::Money;
@@ -44,6 +51,9 @@ const READ_POOL_SIZE: u32 = 8;
 /// between them.
 const RECONNECT_ATTEMPTS: u32 = 10;
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+/// How many times a failed batch is checked and written again, each on a new
+/// connection, before the store fails closed.
+const WRITE_RETRIES: u32 = 5;
 
 /// The URL with any password replaced, for logs and messages.
 pub fn redact(url: &str) -> String {
@@ -137,9 +147,19 @@ pub async fn open(
     }
     let pool = pool(url, READ_POOL_SIZE).await?;
     check_schema(&pool).await?;
-    // The writer's connection (and its lock) first: nothing is written by another
-    // instance between the replay below and this instance's first batch.
-    let (rt, conn) = writer_connection(url).await?;
+    // This process is a new instance: registered, and its lock taken, before anything.
+    let instance = Uuid::now_v7();
+    let (rt, conn) = writer_connection(url, instance).await?;
+    let registered = sqlx::query("INSERT INTO instances (id, started_at_ms) VALUES ($1, $2)")
+        .bind(instance)
+        .bind(chrono::Utc::now().timestamp_millis())
+        .execute(&pool)
+        .await;
+    if let Err(e) = registered {
+        drop(conn);
+        rt.shutdown_background();
+        return Err(e.into());
+    }
     let (entries, catalog) = match replay(&pool, &mut on_entry).await {
         Ok(found) => found,
         Err(e) => {
@@ -151,6 +171,7 @@ pub async fn open(
     };
     let writer = Writer {
         url: url.to_string(),
+        instance,
         rt,
         conn: Some(conn),
         dict: HashMap::new(),
@@ -158,6 +179,10 @@ pub async fn open(
     let (handle, join) = spawn_writer(writer)?;
     Ok(Opened {
         handle,
+        shared: Some(Shared {
+            pool: pool.clone(),
+            instance,
+        }),
         reader: crate::Reader::Postgres(Reader { pool }),
         entries,
         catalog,
@@ -197,6 +222,7 @@ async fn replay(
 /// its own: a runtime cannot be started from inside the caller's.
 async fn writer_connection(
     url: &str,
+    instance: Uuid,
 ) -> Result<(tokio::runtime::Runtime, PgConnection), StoreError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let url = url.to_string();
@@ -208,7 +234,7 @@ async fn writer_connection(
                 .build()
                 .map_err(|e| StoreError::Io(e.to_string()))
                 .and_then(|rt| {
-                    let conn = rt.block_on(connect_writer(&url))?;
+                    let conn = rt.block_on(connect_writer(&url, instance))?;
                     Ok((rt, conn))
                 });
             let _ = tx.send(made);
@@ -331,6 +357,7 @@ pub async fn read_entries(url: &str) -> Result<LedgerReport, StoreError> {
 /// thread), and the texts it has interned.
 struct Writer {
     url: String,
+    instance: Uuid,
     rt: tokio::runtime::Runtime,
     conn: Option<PgConnection>,
     dict: HashMap<String, i64>,
@@ -343,35 +370,52 @@ impl Backend for Writer {
     fn write(&mut self, batch: &[Command]) -> Result<(), StoreError> {
         let Writer {
             url,
+            instance,
             rt,
             conn,
             dict,
         } = self;
+        let instance = *instance;
         rt.block_on(async {
             let mut mark: ChainMark = None;
-            let first = match connection(url, conn).await {
-                Ok(c) => write_batch(c, batch, dict, &mut mark).await,
-                Err(e) => Err(e),
+            let mut last = match connection(url, instance, conn).await {
+                Ok(c) => match write_batch(c, instance, batch, dict, &mut mark).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                },
+                Err(e) => e,
             };
-            let Err(first) = first else { return Ok(()) };
-            // The connection may be gone, and the commit may have landed before it went.
-            *conn = None;
-            dict.clear();
-            tracing::warn!(error = %first, "ledger batch failed; reconnecting to check and retry");
-            let c = reconnect(url, conn).await?;
-            if let Some((seq, hash)) = mark {
-                let stored: Option<Vec<u8>> =
-                    sqlx::query_scalar("SELECT hash FROM ledger WHERE seq = $1")
-                        .bind(seq)
-                        .fetch_optional(&mut *c)
-                        .await?;
-                if stored.as_deref() == Some(hash.as_slice()) {
-                    tracing::info!(seq, "the failed batch had been committed");
-                    return Ok(());
+            for _ in 0..WRITE_RETRIES {
+                // The connection may be gone, and the commit may have landed before it went.
+                *conn = None;
+                dict.clear();
+                tracing::warn!(error = %last, "ledger batch failed; reconnecting to check and retry");
+                let c = reconnect(url, instance, conn).await?;
+                if let Some((seq, hash)) = mark {
+                    let stored: Result<Option<Vec<u8>>, sqlx::Error> =
+                        sqlx::query_scalar("SELECT hash FROM ledger WHERE seq = $1")
+                            .bind(seq)
+                            .fetch_optional(&mut *c)
+                            .await;
+                    match stored {
+                        Ok(h) if h.as_deref() == Some(hash.as_slice()) => {
+                            tracing::info!(seq, "the failed batch had been committed");
+                            return Ok(());
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            last = e.into();
+                            continue;
+                        }
+                    }
+                }
+                mark = None;
+                match write_batch(c, instance, batch, dict, &mut mark).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = e,
                 }
             }
-            let mut again: ChainMark = None;
-            write_batch(c, batch, dict, &mut again).await
+            Err(last)
         })
     }
 
@@ -381,22 +425,24 @@ impl Backend for Writer {
     }
 }
 
-/// The advisory lock the writing instance holds for its session (one per database).
-const WRITER_LOCK: i64 = 0x6275_7273_6172_0001;
+/// The advisory lock key of an instance: it holds the lock on its own id while it lives.
+fn instance_lock(id: Uuid) -> i64 {
+    let b = id.as_bytes();
+    i64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
+}
 
-/// A writer's connection: connected, and holding [`WRITER_LOCK`].
-async fn connect_writer(url: &str) -> Result<PgConnection, StoreError> {
+/// A writer's connection: connected, and holding its instance's lock.
+async fn connect_writer(url: &str, instance: Uuid) -> Result<PgConnection, StoreError> {
     let mut c = PgConnection::connect_with(&options(url)?)
         .await
         .map_err(|e| StoreError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url))))?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(WRITER_LOCK)
+        .bind(instance_lock(instance))
         .fetch_one(&mut c)
         .await?;
     if !locked {
         return Err(StoreError::Unavailable(format!(
-            "another Bursar instance is serving the database at {}; several instances on one database need the cross-instance budget protocol, which this version does not have yet (ARCHITECTURE.md, \"Several instances\")",
-            redact(url)
+            "the lock of instance {instance} is taken (another process probing it); try again"
         )));
     }
     Ok(c)
@@ -404,10 +450,11 @@ async fn connect_writer(url: &str) -> Result<PgConnection, StoreError> {
 
 async fn connection<'a>(
     url: &str,
+    instance: Uuid,
     conn: &'a mut Option<PgConnection>,
 ) -> Result<&'a mut PgConnection, StoreError> {
     if conn.is_none() {
-        *conn = Some(connect_writer(url).await?);
+        *conn = Some(connect_writer(url, instance).await?);
     }
     conn.as_mut()
         .ok_or_else(|| StoreError::Unavailable("no connection".into()))
@@ -415,11 +462,12 @@ async fn connection<'a>(
 
 async fn reconnect<'a>(
     url: &str,
+    instance: Uuid,
     conn: &'a mut Option<PgConnection>,
 ) -> Result<&'a mut PgConnection, StoreError> {
     let mut last = None;
     for _ in 0..RECONNECT_ATTEMPTS {
-        match connect_writer(url).await {
+        match connect_writer(url, instance).await {
             Ok(c) => {
                 *conn = Some(c);
                 return conn
@@ -487,6 +535,7 @@ struct Columns {
 
 async fn write_batch(
     conn: &mut PgConnection,
+    instance: Uuid,
     batch: &[Command],
     dict: &mut HashMap<String, i64>,
     mark: &mut ChainMark,
@@ -496,6 +545,17 @@ async fn write_batch(
     let head = sqlx::query("SELECT seq, hash FROM chain_head FOR UPDATE")
         .fetch_one(&mut *tx)
         .await?;
+    // An instance another one found dead (its lock free: a connection lost for long)
+    // may not write: what it decided since may not be covered by its leases any more.
+    let closed: Option<bool> = sqlx::query_scalar("SELECT closed FROM instances WHERE id = $1")
+        .bind(instance)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if closed != Some(false) {
+        return Err(StoreError::Unavailable(format!(
+            "instance {instance} was closed by another instance; restart it"
+        )));
+    }
     let mut seq: i64 = head.try_get(0)?;
     let head_hash: Vec<u8> = head.try_get(1)?;
     let mut prev: [u8; 32] = head_hash
@@ -621,6 +681,44 @@ async fn write_batch(
         .bind(&spent)
         .execute(&mut *tx)
         .await?;
+        // This instance's use per bucket, in the same transaction as its entries.
+        sqlx::query(
+            "INSERT INTO leases (bucket, instance, amount, used) SELECT b, $4, 0, h + s FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS t(b, h, s)
+             ON CONFLICT (bucket, instance) DO UPDATE SET used = leases.used + EXCLUDED.used",
+        )
+        .bind(&buckets)
+        .bind(&held)
+        .bind(&spent)
+        .bind(instance)
+        .execute(&mut *tx)
+        .await?;
+        let opened: Vec<Uuid> = cols
+            .kind
+            .iter()
+            .zip(&cols.auth)
+            .filter(|(k, _)| **k == 1)
+            .map(|(_, a)| *a)
+            .collect();
+        if !opened.is_empty() {
+            sqlx::query("INSERT INTO open_holds (auth) SELECT * FROM UNNEST($1::uuid[]) ON CONFLICT DO NOTHING")
+                .bind(&opened)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // A finished hold is open no more, from this commit on.
+        let finished: Vec<Uuid> = cols
+            .kind
+            .iter()
+            .zip(&cols.auth)
+            .filter(|(k, _)| matches!(**k, 2 | 4 | 5))
+            .map(|(_, a)| *a)
+            .collect();
+        if !finished.is_empty() {
+            sqlx::query("DELETE FROM open_holds WHERE auth = ANY($1)")
+                .bind(&finished)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query("UPDATE chain_head SET seq = $1, hash = $2")
             .bind(seq)
             .bind(prev.as_slice())
@@ -630,6 +728,227 @@ async fn write_batch(
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// What several instances on one database need beyond the ledger: leases of the
+/// shared budgets, claims of holds, and the liveness of the other instances.
+#[derive(Clone)]
+pub struct Shared {
+    pool: PgPool,
+    instance: Uuid,
+}
+
+/// What a lease request got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub bucket: BucketKey,
+    pub amount: Money,
+    /// What the other live instances may still add to the bucket: their unused leases
+    /// and their holds not yet committed. A short grant may be worth waiting for only
+    /// when this is not zero.
+    pub others_outstanding: Money,
+}
+
+/// The room a lease grant gives beyond the shortfall: this share of what is left, so
+/// instances ask rarely far from the limit and exactly near it.
+const LEASE_CHUNK_DIVISOR: i64 = 8;
+
+impl Shared {
+    /// This instance's id.
+    pub fn instance(&self) -> Uuid {
+        self.instance
+    }
+
+    /// Grants what it can of each want, in one transaction (buckets locked in order):
+    /// at most the room left once the committed use of the bucket (and of a rolling
+    /// window's earlier slices) and what every live instance may still add to it
+    /// (`amount − used`) are counted.
+    pub async fn grant(&self, wants: &[LeaseWant]) -> Result<Vec<Grant>, StoreError> {
+        let mut sorted: Vec<&LeaseWant> = wants.iter().collect();
+        sorted.sort_by_key(|w| w.bucket.to_string());
+        let mut tx = self.pool.begin().await?;
+        let mut granted = Vec::with_capacity(sorted.len());
+        for w in sorted {
+            let bucket = w.bucket.to_string();
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
+                .bind(&bucket)
+                .execute(&mut *tx)
+                .await?;
+            let mut counted: Vec<String> = w.prior.iter().map(|b| b.to_string()).collect();
+            counted.push(bucket.clone());
+            // One statement, so one snapshot: a batch committed between two reads would
+            // otherwise move its amounts from "outstanding" to "committed" unseen.
+            let row = sqlx::query(
+                "SELECT
+                   (SELECT COALESCE(SUM(held + spent), 0) FROM counters WHERE bucket = ANY($1))::bigint,
+                   (SELECT COALESCE(SUM(GREATEST(l.amount - l.used, 0)), 0) FROM leases l JOIN instances i ON i.id = l.instance
+                     WHERE l.bucket = $2 AND NOT i.closed)::bigint,
+                   (SELECT COALESCE(SUM(GREATEST(l.amount - l.used, 0)), 0) FROM leases l JOIN instances i ON i.id = l.instance
+                     WHERE l.bucket = $2 AND NOT i.closed AND l.instance <> $3)::bigint,
+                   (SELECT held + spent FROM counters WHERE bucket = $4)",
+            )
+            .bind(&counted)
+            .bind(&bucket)
+            .bind(self.instance)
+            .bind(w.rollover_from.as_ref().map(|b| b.to_string()))
+            .fetch_one(&mut *tx)
+            .await?;
+            let committed: i64 = row.try_get(0)?;
+            let outstanding: i64 = row.try_get(1)?;
+            let others: i64 = row.try_get(2)?;
+            let prev_used: Option<i64> = row.try_get(3)?;
+            let mut limit = w.limit;
+            if let (Some(_), Some(u)) = (&w.rollover_from, prev_used) {
+                limit += w
+                    .limit
+                    .saturating_sub(Money::from_nanos(u))
+                    .max(Money::ZERO);
+            }
+            let limit = limit.mul_div_floor(i64::from(w.percent), 100);
+            let available = limit
+                .saturating_sub(Money::from_nanos(committed))
+                .saturating_sub(Money::from_nanos(outstanding))
+                .max(Money::ZERO);
+            let extra = Money::from_nanos(
+                available
+                    .saturating_sub(w.shortfall)
+                    .max(Money::ZERO)
+                    .nanos()
+                    / LEASE_CHUNK_DIVISOR,
+            );
+            let grant = (w.shortfall + extra).min(available);
+            if grant > Money::ZERO {
+                sqlx::query(
+                    "INSERT INTO leases (bucket, instance, amount, used) VALUES ($1, $2, $3, 0)
+                     ON CONFLICT (bucket, instance) DO UPDATE SET amount = leases.amount + EXCLUDED.amount",
+                )
+                .bind(&bucket)
+                .bind(self.instance)
+                .bind(grant.nanos())
+                .execute(&mut *tx)
+                .await?;
+            }
+            granted.push(Grant {
+                bucket: w.bucket.clone(),
+                amount: grant,
+                others_outstanding: Money::from_nanos(others),
+            });
+        }
+        tx.commit().await?;
+        Ok(granted)
+    }
+
+    /// Lowers this instance's leases by what it took back (it lowered its own
+    /// allowance first).
+    pub async fn give_back(&self, spare: &[(BucketKey, Money)]) -> Result<(), StoreError> {
+        if spare.is_empty() {
+            return Ok(());
+        }
+        let buckets: Vec<String> = spare.iter().map(|(b, _)| b.to_string()).collect();
+        let amounts: Vec<i64> = spare.iter().map(|(_, m)| m.nanos()).collect();
+        sqlx::query(
+            "UPDATE leases l SET amount = l.amount - t.a FROM UNNEST($1::text[], $2::bigint[]) AS t(b, a)
+             WHERE l.bucket = t.b AND l.instance = $3",
+        )
+        .bind(&buckets)
+        .bind(&amounts)
+        .bind(self.instance)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Asks the other instances to give back what they do not use of these buckets.
+    pub async fn ask_for_spare(&self, buckets: &[BucketKey]) -> Result<(), StoreError> {
+        let list: Vec<String> = buckets.iter().map(|b| b.to_string()).collect();
+        sqlx::query("SELECT pg_notify('bursar_lease_wanted', $1)")
+            .bind(list.join("\n"))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Listens for other instances asking for spare leases; each message is the list of
+    /// buckets wanted.
+    pub async fn listen_for_wants(&self) -> Result<sqlx::postgres::PgListener, StoreError> {
+        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        l.listen("bursar_lease_wanted").await?;
+        Ok(l)
+    }
+
+    /// Claims holds before finishing them: returns those this instance may finish (no
+    /// other instance finished them or holds a claim; a closed instance's claim is
+    /// taken over).
+    pub async fn claim(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "UPDATE open_holds SET claimed_by = $2 WHERE auth = ANY($1)
+               AND (claimed_by IS NULL OR claimed_by IN (SELECT id FROM instances WHERE closed))
+             RETURNING auth",
+        )
+        .bind(ids)
+        .bind(self.instance)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Gives a claim back (the finish was refused, say for bad usage).
+    pub async fn unclaim(&self, id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("UPDATE open_holds SET claimed_by = NULL WHERE auth = $1 AND claimed_by = $2")
+            .bind(id)
+            .bind(self.instance)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The hold entry of an authorization of this tenant, to take it over.
+    pub async fn hold_entry(&self, auth: Uuid, tenant: &str) -> Result<Option<Entry>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let dict = load_dict(&mut conn).await?;
+        let row = sqlx::query(
+            "SELECT seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, hash
+             FROM ledger WHERE auth = $1 AND kind = 1 AND tenant = (SELECT id FROM dict WHERE text = $2)",
+        )
+        .bind(auth)
+        .bind(tenant)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(crate::entry_of_row(stored_row(&r, &dict)?))
+    }
+
+    /// Closes the instances that died (their lock is free): what they had leased and not
+    /// used goes back to everyone. Returns how many were closed.
+    pub async fn close_dead_instances(&self) -> Result<usize, StoreError> {
+        let others: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM instances WHERE NOT closed AND id <> $1")
+                .bind(self.instance)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut closed = 0;
+        for id in others {
+            let mut conn = self.pool.acquire().await?;
+            let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(instance_lock(id))
+                .fetch_one(&mut *conn)
+                .await?;
+            if free {
+                sqlx::query("UPDATE instances SET closed = TRUE WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(instance_lock(id))
+                    .execute(&mut *conn)
+                    .await?;
+                closed += 1;
+            }
+        }
+        Ok(closed)
+    }
 }
 
 /// Read-only queries for reports (see [`crate::Reader`]), on a small pool.

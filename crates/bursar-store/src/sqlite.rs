@@ -127,6 +127,7 @@ pub fn open(
     let (handle, join) = spawn_writer(writer)?;
     Ok(Opened {
         handle,
+        shared: None,
         reader: crate::Reader::Sqlite(Reader::open(path)?),
         entries,
         catalog,

@@ -304,20 +304,18 @@ impl Call {
     /// Voids a hold that reached no provider, or whose provider failed or refused: the
     /// provider bills nothing for those.
     async fn void_unbilled(&self, permit: &Permit, reason: &str) {
-        let r = self.s.engine.void(
-            &self.tenant,
-            permit.authorization_id,
-            None,
-            self.s.clock.now(),
-            &self.s.ledger,
-        );
+        let r = self
+            .s
+            .finish(&self.tenant, permit.authorization_id, None, false)
+            .await;
         match r {
-            Ok((_, ticket)) => {
+            Ok(Ok((_, ticket))) => {
                 if let Err(e) = ticket.wait().await {
                     tracing::error!(error = %e, "voiding a hold failed; it will expire");
                 }
             }
-            Err(e) => tracing::error!(error = %e, reason, "voiding a hold failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, reason, "voiding a hold failed"),
+            Err(e) => tracing::error!(error = %e, reason, "voiding a hold failed; it will expire"),
         }
     }
 
@@ -346,13 +344,10 @@ impl Call {
             latency_ms: Some(u32::try_from(provider_time.as_millis()).unwrap_or(u32::MAX)),
             estimated,
         };
-        let (settlement, ticket) = self.s.engine.settle(
-            &self.tenant,
-            permit.authorization_id,
-            usage,
-            self.s.clock.now(),
-            &self.s.ledger,
-        )?;
+        let (settlement, ticket) = self
+            .s
+            .finish(&self.tenant, permit.authorization_id, Some(usage), true)
+            .await??;
         if settlement.drift {
             metrics::counter!("bursar_model_drift_total").increment(1);
         }
@@ -476,12 +471,7 @@ impl Call {
                 fingerprint: None,
                 ttl: None,
             };
-            let permit = match self.s.engine.authorize(
-                &self.caller,
-                req,
-                self.s.clock.now(),
-                &self.s.ledger,
-            ) {
+            let permit = match self.s.authorize(&self.caller, req).await {
                 Ok((permit, ticket)) => {
                     let t0 = Instant::now();
                     if let Err(e) = ticket.wait().await {
@@ -493,9 +483,9 @@ impl Call {
                     permit
                 }
                 Err(denial) => {
-                    metrics::counter!("bursar_decisions_total", "outcome" => "deny", "code" => denial.code.as_str())
+                    metrics::counter!("bursar_decisions_total", "outcome" => "deny", "code" => denial.code)
                         .increment(1);
-                    let _ = reply.send(Err(denial.into()));
+                    let _ = reply.send(Err(denial));
                     return;
                 }
             };
@@ -979,6 +969,7 @@ async fn start(
             code: bursar_core::engine::DenyCode::AdminKeyCannotSpend,
             message: "a platform admin key cannot spend; use a tenant key".into(),
             retry_after: None,
+            leases: Vec::new(),
         })
     })?;
     let body = parse_object(&raw)?;

@@ -139,6 +139,14 @@ impl Place {
         }
     }
 
+    /// Another instance's place on the same store.
+    pub fn at(location: Location) -> Place {
+        Place {
+            location,
+            _dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
     /// A fresh PostgreSQL database, or `None` (skipped loudly) without a server.
     pub async fn postgres() -> Option<Place> {
         let admin = test_postgres_url()?;
@@ -250,6 +258,13 @@ pub async fn restart(app: TestApp, config: &str) -> TestApp {
     let running = running.unwrap();
     let _ = running.stop.send(());
     running.server.await.unwrap();
+    // Connection tasks may end just after the server does.
+    for _ in 0..500 {
+        if Arc::strong_count(&services) == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(
         Arc::strong_count(&services),
         1,

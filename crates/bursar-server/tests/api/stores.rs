@@ -1,15 +1,13 @@
-//! What only the PostgreSQL store has to show: one writing instance per database, and a
+//! What only the PostgreSQL store has to show: instances sharing one database, and a
 //! lost connection that loses nothing acknowledged. (The promises run on both stores,
-//! in `promises.rs`.)
+//! in `promises.rs`; several processes in `crates/bursar/tests/instances.rs`.)
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bursar_core::config::Config;
 use bursar_core::ledger::EntryKind;
-use bursar_core::pricebook::PriceBook;
-use bursar_server::ManualClock;
+use bursar_core::Money;
 use bursar_store::Location;
 use serde_json::json;
 use sqlx::Connection;
@@ -25,35 +23,74 @@ fn postgres_url(app: &TestApp) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_second_instance_on_one_database_is_refused_until_the_first_stops() {
+async fn two_instances_share_one_budget_and_finish_each_others_holds() {
     let Some(place) = Place::postgres().await else {
         return;
     };
-    let app = spawn_app_at(CONFIG, place).await;
-    let book = Arc::new(PriceBook::builtin().unwrap());
-    let config = Config::parse(CONFIG, &book, start_time()).unwrap();
-    let clock = Arc::new(ManualClock::new(start_time()));
-    let refused = bursar_server::build(config, book, &app.place.location, true, clock)
-        .await
-        .err()
-        .expect("a second writer is refused");
-    assert!(
-        refused.to_string().contains("another Bursar instance"),
-        "{refused}"
+    let first = spawn_app_at(CONFIG, place).await;
+    let second = spawn_app_at(CONFIG, Place::at(first.place.location.clone())).await;
+    assert!(first.services.shared.is_some() && second.services.shared.is_some());
+    assert_ne!(
+        first.services.shared.as_ref().unwrap().instance(),
+        second.services.shared.as_ref().unwrap().instance()
     );
-    let r = app
-        .authorize(
-            A_MEMBER,
-            json!({"model": "gpt-4o-mini", "prompt_tokens": 10, "max_tokens": 10}),
+    // A budget both instances share: it fits exactly three of these calls.
+    let hold = Money::parse("0.00021").unwrap();
+    let r = first
+        .post(
+            "/v1/admin/tenants/b/budgets",
+            B_ADMIN,
+            json!({"id": "three", "scope": "tenant", "window": "lifetime", "limit": Money::from_nanos(hold.nanos() * 3).to_string()}),
         )
         .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // The second instance learns the budget when it restarts (the catalog is read at
+    // start); until then it does not enforce it.
+    let second = restart(second, CONFIG).await;
+    let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 1000, "max_tokens": 100});
+    let mut ids = Vec::new();
+    for app in [&first, &second, &first] {
+        let p = app.authorize(B_MEMBER, ask.clone()).await;
+        assert_eq!(p.status, 200, "{:?}", p.body);
+        assert_eq!(p.body["max_tokens"], 100);
+        ids.push(p.body["authorization_id"].as_str().unwrap().to_string());
+    }
+    for app in [&second, &first] {
+        let d = app.authorize(B_MEMBER, ask.clone()).await;
+        assert_eq!(
+            (d.status, d.code()),
+            (402, "budget_exceeded"),
+            "{:?}",
+            d.body
+        );
+    }
+    // A hold made on one instance is settled on the other, once.
+    let usage =
+        json!({"usage": {"input_tokens": 1000, "cached_input_tokens": 0, "output_tokens": 10}});
+    let s = second.settle(B_MEMBER, &ids[0], usage.clone()).await;
+    assert_eq!(s.status, 200, "{:?}", s.body);
+    let again = first.settle(B_MEMBER, &ids[0], usage.clone()).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body["replayed"], true, "{:?}", again.body);
+    assert_eq!(again.body["cost"], s.body["cost"]);
+    // The room the settle freed (90 output tokens' worth) is the second instance's to
+    // use; the first instance's spare goes back when the sweeper runs.
+    first.services.sweep().await.unwrap();
+    second.services.sweep().await.unwrap();
+    let small = json!({"model": "gpt-4o-mini", "prompt_tokens": 100, "max_tokens": 50});
+    let p = first.authorize(B_MEMBER, small).await;
     assert_eq!(
-        r.status, 200,
-        "the first instance still serves: {:?}",
-        r.body
+        p.status, 200,
+        "the freed room is usable from any instance: {:?}",
+        p.body
     );
-    let again = restart(app, CONFIG).await;
-    assert_eq!(again.services.engine.open_holds(), 1);
+    let entries = first.entries().await;
+    let settles = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Settle)
+        .count();
+    assert_eq!(settles, 1);
+    assert!(first.verify().await.ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,4 +1,6 @@
 //! The real `bursar` binary, started for a test.
+// Shared by several test crates; each uses part of it.
+#![allow(dead_code)]
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
