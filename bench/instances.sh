@@ -29,16 +29,17 @@ for n in "${@:-1 2 3}"; do
     done
     echo "== $count instance(s): wrk -t1 -c$((48 / count)) -d15s on each"
     outs=()
+    loads=()
     for i in $(seq 1 "$count"); do
       out=$(mktemp)
       outs+=("$out")
-      wrk -t1 -c$((48 / count)) -d15s -s bench/pairs.lua "http://127.0.0.1:$((18200 + i))" | tail -n 1 >"$out" &
+      wrk -t1 -c$((48 / count)) -d15s -s bench/pairs.lua "http://127.0.0.1:$((18200 + i))" >"$out" &
+      loads+=($!)
     done
-    wait $(jobs -p | grep -v -w -e "${pids[@]/#/-e }" 2>/dev/null) 2>/dev/null || true
-    sleep 16
+    wait "${loads[@]}"
     total=0
     for out in "${outs[@]}"; do
-      cat "$out"
+      tail -n 1 "$out"
       total=$((total + $(grep -o 'pairs/s [0-9]*' "$out" | awk '{print $2}')))
       rm -f "$out"
     done

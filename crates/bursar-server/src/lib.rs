@@ -120,6 +120,9 @@ pub struct Services {
     pub location: Location,
     /// With PostgreSQL: what the instances sharing the database coordinate through.
     pub shared: Option<bursar_store::postgres::Shared>,
+    /// One lease request of this instance at a time: calls short at once wait for the
+    /// first grant and usually fit in it.
+    granting: tokio::sync::Mutex<()>,
     /// Holds this instance has claimed and is finishing (the sweeper leaves them be).
     finishing: Mutex<std::collections::HashSet<uuid::Uuid>>,
     pub proxy: proxy::Proxy,
@@ -222,6 +225,7 @@ pub async fn build(
         catalog: tokio::sync::Mutex::new(catalog),
         location: location.clone(),
         shared: opened.shared,
+        granting: tokio::sync::Mutex::new(()),
         finishing: Mutex::new(std::collections::HashSet::new()),
         proxy,
     });
@@ -296,34 +300,49 @@ impl Services {
                 .authorize(caller, req, self.clock.now(), &self.ledger)?);
         };
         for round in 0..LEASE_ROUNDS {
-            let d = match self.engine.authorize_within(
+            match self.engine.authorize_within(
                 caller,
                 req.clone(),
                 self.clock.now(),
                 &self.ledger,
                 true,
             ) {
-                Err(d) if d.code == DenyCode::LeaseNeeded => d,
+                Err(d) if d.code == DenyCode::LeaseNeeded => {}
                 other => return Ok(other?),
-            };
-            let granted = shared.grant(&d.leases).await?;
-            let mut short = Vec::new();
-            let mut final_answer = false;
-            for g in &granted {
-                self.engine.add_lease(&g.bucket, g.amount);
-                let wanted = d
-                    .leases
-                    .iter()
-                    .find(|w| w.bucket == g.bucket)
-                    .map_or(Money::ZERO, |w| w.shortfall);
-                if g.amount < wanted {
-                    if g.others_outstanding + g.amount < wanted {
-                        // Even all the others hold could not make it fit: decide now.
-                        final_answer = true;
-                    }
-                    short.push(g.bucket.clone());
-                }
             }
+            let (short, final_answer) = {
+                let _one_at_a_time = self.granting.lock().await;
+                // A grant made while this call waited may already be enough.
+                let d = match self.engine.authorize_within(
+                    caller,
+                    req.clone(),
+                    self.clock.now(),
+                    &self.ledger,
+                    true,
+                ) {
+                    Err(d) if d.code == DenyCode::LeaseNeeded => d,
+                    other => return Ok(other?),
+                };
+                let granted = shared.grant(&d.leases).await?;
+                let mut short = Vec::new();
+                let mut final_answer = false;
+                for g in &granted {
+                    self.engine.add_lease(&g.bucket, g.amount);
+                    let wanted = d
+                        .leases
+                        .iter()
+                        .find(|w| w.bucket == g.bucket)
+                        .map_or(Money::ZERO, |w| w.shortfall);
+                    if g.amount < wanted {
+                        if g.others_outstanding + g.amount < wanted {
+                            // Even all the others hold could not make it fit: decide now.
+                            final_answer = true;
+                        }
+                        short.push(g.bucket.clone());
+                    }
+                }
+                (short, final_answer)
+            };
             if short.is_empty() {
                 continue;
             }
@@ -417,7 +436,8 @@ impl Services {
 
     /// Expires due holds and waits until the expiries are durable. With instances
     /// sharing the database, holds are claimed first (one another instance finished
-    /// is forgotten), spare leases are given back and dead instances closed.
+    /// is forgotten) and dead instances closed. (Spare leases go back when another
+    /// instance asks for them.)
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         let now = self.clock.now();
         let (n, ticket) = match &self.shared {
@@ -432,8 +452,6 @@ impl Services {
                 for id in due.iter().filter(|id| !claimed.contains(id)) {
                     self.engine.forget_finished_elsewhere(*id);
                 }
-                let spare = self.engine.take_spare_leases(None);
-                shared.give_back(&spare).await?;
                 shared.close_dead_instances().await?;
                 self.engine.expire(&claimed, now, &self.ledger)
             }

@@ -683,8 +683,8 @@ async fn write_batch(
         .await?;
         // This instance's use per bucket, in the same transaction as its entries.
         sqlx::query(
-            "INSERT INTO leases (bucket, instance, amount, used) SELECT b, $4, 0, h + s FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS t(b, h, s)
-             ON CONFLICT (bucket, instance) DO UPDATE SET used = leases.used + EXCLUDED.used",
+            "INSERT INTO lease_use (bucket, instance, used) SELECT b, $4, h + s FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS t(b, h, s)
+             ON CONFLICT (bucket, instance) DO UPDATE SET used = lease_use.used + EXCLUDED.used",
         )
         .bind(&buckets)
         .bind(&held)
@@ -781,9 +781,13 @@ impl Shared {
             let row = sqlx::query(
                 "SELECT
                    (SELECT COALESCE(SUM(held + spent), 0) FROM counters WHERE bucket = ANY($1))::bigint,
-                   (SELECT COALESCE(SUM(GREATEST(l.amount - l.used, 0)), 0) FROM leases l JOIN instances i ON i.id = l.instance
+                   (SELECT COALESCE(SUM(GREATEST(l.amount - COALESCE(u.used, 0), 0)), 0)
+                      FROM leases l JOIN instances i ON i.id = l.instance
+                      LEFT JOIN lease_use u ON u.bucket = l.bucket AND u.instance = l.instance
                      WHERE l.bucket = $2 AND NOT i.closed)::bigint,
-                   (SELECT COALESCE(SUM(GREATEST(l.amount - l.used, 0)), 0) FROM leases l JOIN instances i ON i.id = l.instance
+                   (SELECT COALESCE(SUM(GREATEST(l.amount - COALESCE(u.used, 0), 0)), 0)
+                      FROM leases l JOIN instances i ON i.id = l.instance
+                      LEFT JOIN lease_use u ON u.bucket = l.bucket AND u.instance = l.instance
                      WHERE l.bucket = $2 AND NOT i.closed AND l.instance <> $3)::bigint,
                    (SELECT held + spent FROM counters WHERE bucket = $4)",
             )
@@ -819,7 +823,7 @@ impl Shared {
             let grant = (w.shortfall + extra).min(available);
             if grant > Money::ZERO {
                 sqlx::query(
-                    "INSERT INTO leases (bucket, instance, amount, used) VALUES ($1, $2, $3, 0)
+                    "INSERT INTO leases (bucket, instance, amount) VALUES ($1, $2, $3)
                      ON CONFLICT (bucket, instance) DO UPDATE SET amount = leases.amount + EXCLUDED.amount",
                 )
                 .bind(&bucket)
@@ -839,22 +843,30 @@ impl Shared {
     }
 
     /// Lowers this instance's leases by what it took back (it lowered its own
-    /// allowance first).
+    /// allowance first), each under its bucket's lock, in the grants' order.
     pub async fn give_back(&self, spare: &[(BucketKey, Money)]) -> Result<(), StoreError> {
         if spare.is_empty() {
             return Ok(());
         }
-        let buckets: Vec<String> = spare.iter().map(|(b, _)| b.to_string()).collect();
-        let amounts: Vec<i64> = spare.iter().map(|(_, m)| m.nanos()).collect();
-        sqlx::query(
-            "UPDATE leases l SET amount = l.amount - t.a FROM UNNEST($1::text[], $2::bigint[]) AS t(b, a)
-             WHERE l.bucket = t.b AND l.instance = $3",
-        )
-        .bind(&buckets)
-        .bind(&amounts)
-        .bind(self.instance)
-        .execute(&self.pool)
-        .await?;
+        let mut sorted: Vec<(String, Money)> =
+            spare.iter().map(|(b, m)| (b.to_string(), *m)).collect();
+        sorted.sort();
+        let mut tx = self.pool.begin().await?;
+        for (bucket, amount) in &sorted {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
+                .bind(bucket)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE leases SET amount = amount - $3 WHERE bucket = $1 AND instance = $2",
+            )
+            .bind(bucket)
+            .bind(self.instance)
+            .bind(amount.nanos())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

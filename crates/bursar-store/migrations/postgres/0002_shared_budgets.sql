@@ -9,13 +9,20 @@ CREATE TABLE instances (
     closed BOOLEAN NOT NULL DEFAULT FALSE
 );
 
--- Per bucket and instance: the lease granted (net of what was given back) and the use
--- (held + spent) of the entries that instance wrote, updated in the same transaction
--- as the entries. A live instance may still add at most amount - used.
+-- Per bucket and instance: the lease granted (net of what was given back), changed only
+-- under the bucket's advisory lock ...
 CREATE TABLE leases (
     bucket TEXT NOT NULL,
     instance UUID NOT NULL,
     amount BIGINT NOT NULL,
+    PRIMARY KEY (bucket, instance)
+);
+-- ... and the use (held + spent) of the entries that instance wrote, changed only by its
+-- writer, in the same transaction as the entries. A live instance may still add at most
+-- amount - used.
+CREATE TABLE lease_use (
+    bucket TEXT NOT NULL,
+    instance UUID NOT NULL,
     used BIGINT NOT NULL,
     PRIMARY KEY (bucket, instance)
 );
