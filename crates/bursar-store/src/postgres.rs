@@ -38,7 +38,8 @@ use uuid::Uuid;
 use crate::{
     counter_deltas, detail_json, from_i64, parse_counters, spawn_writer, to_i64, AlertRow, Backend,
     CatalogRow, ChainReader, Command, LedgerReport, OpenOptions, Opened, SettleRow, StoreError,
-    StoredHold, StoredRow, UsageRow, Verification, Verifier,
+    StoredHold, StoredRow, UsageRow, Verification, Verifier, MAX_BATCH_COMMANDS,
+    MAX_QUEUED_COMMANDS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -179,9 +180,14 @@ pub async fn open(
     let (handle, join) = spawn_writer(writer)?;
     Ok(Opened {
         handle,
-        shared: Some(Shared {
-            pool: pool.clone(),
-            instance,
+        shared: Some({
+            let (claims, requests) = tokio::sync::mpsc::channel(MAX_QUEUED_COMMANDS);
+            tokio::spawn(claim_in_groups(pool.clone(), instance, requests));
+            Shared {
+                pool: pool.clone(),
+                instance,
+                claims,
+            }
         }),
         reader: crate::Reader::Postgres(Reader { pool }),
         entries,
@@ -736,6 +742,60 @@ async fn write_batch(
 pub struct Shared {
     pool: PgPool,
     instance: Uuid,
+    claims: tokio::sync::mpsc::Sender<ClaimRequest>,
+}
+
+/// Holds to claim, and where the ones claimed go.
+type ClaimRequest = (
+    Vec<Uuid>,
+    tokio::sync::oneshot::Sender<Result<Vec<Uuid>, StoreError>>,
+);
+
+/// Claims waiting together go to PostgreSQL in one statement, as commits do: under load
+/// one round trip serves many settles.
+async fn claim_in_groups(
+    pool: PgPool,
+    instance: Uuid,
+    mut requests: tokio::sync::mpsc::Receiver<ClaimRequest>,
+) {
+    while let Some(first) = requests.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_BATCH_COMMANDS {
+            match requests.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<Uuid> = group
+            .iter()
+            .flat_map(|(ids, _)| ids.iter().copied())
+            .collect();
+        let claimed: Result<Vec<Uuid>, StoreError> = sqlx::query_scalar(
+            "UPDATE open_holds SET claimed_by = $2 WHERE auth = ANY($1)
+               AND (claimed_by IS NULL OR claimed_by IN (SELECT id FROM instances WHERE closed))
+             RETURNING auth",
+        )
+        .bind(&ids)
+        .bind(instance)
+        .fetch_all(&pool)
+        .await
+        .map_err(StoreError::from);
+        match claimed {
+            Ok(claimed) => {
+                // Each hold claimed goes to one asker only (two may ask for the same).
+                let mut left: std::collections::HashSet<Uuid> = claimed.into_iter().collect();
+                for (wanted, done) in group {
+                    let mine = wanted.into_iter().filter(|id| left.remove(id)).collect();
+                    let _ = done.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                for (_, done) in group {
+                    let _ = done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// What a lease request got.
@@ -895,15 +955,14 @@ impl Shared {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(sqlx::query_scalar(
-            "UPDATE open_holds SET claimed_by = $2 WHERE auth = ANY($1)
-               AND (claimed_by IS NULL OR claimed_by IN (SELECT id FROM instances WHERE closed))
-             RETURNING auth",
-        )
-        .bind(ids)
-        .bind(self.instance)
-        .fetch_all(&self.pool)
-        .await?)
+        let (done, claimed) = tokio::sync::oneshot::channel();
+        self.claims
+            .send((ids.to_vec(), done))
+            .await
+            .map_err(|_| StoreError::Unavailable("the claim task stopped".into()))?;
+        claimed
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("the claim task stopped".into())))
     }
 
     /// Gives a claim back (the finish was refused, say for bad usage).
@@ -948,10 +1007,17 @@ impl Shared {
                 .fetch_one(&mut *conn)
                 .await?;
             if free {
+                // Under the chain head's lock: a batch of that instance is either
+                // committed before (its entries count as committed) or refused after.
+                let mut tx = conn.begin().await?;
+                sqlx::query("SELECT seq FROM chain_head FOR UPDATE")
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("UPDATE instances SET closed = TRUE WHERE id = $1")
                     .bind(id)
-                    .execute(&mut *conn)
+                    .execute(&mut *tx)
                     .await?;
+                tx.commit().await?;
                 sqlx::query("SELECT pg_advisory_unlock($1)")
                     .bind(instance_lock(id))
                     .execute(&mut *conn)
