@@ -871,11 +871,6 @@ impl Engine {
             .collect()
     }
 
-    /// Whether the budgets are shared with other instances.
-    pub fn shares_budgets(&self) -> bool {
-        self.state.lock().allowance.is_some()
-    }
-
     /// Adds a granted lease to a bucket's allowance.
     pub fn add_lease(&self, bucket: &BucketKey, amount: Money) {
         let mut state = self.state.lock();

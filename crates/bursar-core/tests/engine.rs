@@ -872,3 +872,66 @@ fn mode_off_checks_nothing_but_records_spend() {
     assert_eq!(p.shadow_denial, None);
     assert_eq!(sink.entries.lock().len(), 1);
 }
+
+#[test]
+fn a_shared_instance_decides_within_its_leases_and_asks_before_anything_changes() {
+    let (engine, _) = engine(["1000", "1000", "1000", "1000"]);
+    engine.share_budgets();
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let hold = Money::parse("0.00021").unwrap();
+    let half = Money::from_nanos(hold.nanos() / 2);
+
+    // No lease yet: every budget the call touches is asked for, the whole worst case,
+    // and nothing is held or written.
+    let d = engine
+        .authorize(&c, ask(1000, 100, Some("spring")), now(), &sink)
+        .unwrap_err();
+    assert_eq!(d.code, DenyCode::LeaseNeeded);
+    assert_eq!(d.leases.len(), 4, "tenant, team, user and campaign");
+    assert!(d
+        .leases
+        .iter()
+        .all(|w| w.shortfall == hold && w.percent == 100));
+    assert!(sink.entries.lock().is_empty());
+    assert_eq!(engine.open_holds(), 0);
+
+    // A lease of one and a half calls: one fits whole; the next asks for the rest.
+    for w in &d.leases {
+        engine.add_lease(&w.bucket, hold + half);
+    }
+    let (p, ()) = engine
+        .authorize(&c, ask(1000, 100, Some("spring")), now(), &sink)
+        .unwrap();
+    assert_eq!((p.held, p.max_tokens), (hold, Some(100)));
+    let d = engine
+        .authorize(&c, ask(1000, 100, Some("spring")), now(), &sink)
+        .unwrap_err();
+    assert_eq!(d.code, DenyCode::LeaseNeeded);
+    assert!(d.leases.iter().all(|w| w.shortfall == hold - half));
+    // Decided within what it has, half a call does not even pay the prompt: denied.
+    let d = engine
+        .authorize_within(&c, ask(1000, 100, Some("spring")), now(), &sink, false)
+        .unwrap_err();
+    assert_eq!(d.code, DenyCode::BudgetExceeded);
+
+    // The unused half goes back; a settle below the hold frees room to give back too.
+    let spare = engine.take_spare_leases(None);
+    assert_eq!(spare.len(), 4);
+    assert!(spare.iter().all(|(_, m)| *m == half));
+    assert!(engine.take_spare_leases(None).is_empty(), "given back once");
+    let usage = Usage {
+        tokens: TokenUsage {
+            input_tokens: 1000,
+            cached_input_tokens: 0,
+            output_tokens: 0,
+        },
+        ..Usage::default()
+    };
+    let (s, ()) = engine
+        .settle("acme", p.authorization_id, usage, now(), &sink)
+        .unwrap();
+    let freed = hold - s.cost;
+    let spare = engine.take_spare_leases(None);
+    assert!(spare.iter().all(|(_, m)| *m == freed), "{spare:?}");
+}
