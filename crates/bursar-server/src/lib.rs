@@ -185,6 +185,8 @@ pub async fn build(
         file_budgets: config.budgets.clone(),
         api_budgets: HashMap::new(),
     };
+    // What the file declares, for rebuilding the catalog when another instance changes it.
+    let file_catalog = catalog.clone();
     for k in config.keys {
         engine.upsert_key(k);
     }
@@ -230,7 +232,15 @@ pub async fn build(
         proxy,
     });
     if let Some(shared) = services.shared.clone() {
-        tokio::spawn(give_spare_when_asked(Arc::downgrade(&services), shared));
+        tokio::spawn(give_spare_when_asked(
+            Arc::downgrade(&services),
+            shared.clone(),
+        ));
+        tokio::spawn(follow_catalog_changes(
+            Arc::downgrade(&services),
+            shared,
+            file_catalog,
+        ));
     }
     Ok((services, opened.writer))
 }
@@ -285,7 +295,62 @@ async fn give_spare_when_asked(
     }
 }
 
+/// Reads the catalog again whenever another instance changes it, so a budget, key or
+/// tenant created on one instance is enforced by all at once; ends with the services.
+async fn follow_catalog_changes(
+    services: std::sync::Weak<Services>,
+    shared: bursar_store::postgres::Shared,
+    file_catalog: CatalogState,
+) {
+    loop {
+        if services.strong_count() == 0 {
+            return;
+        }
+        let mut listener = match shared.listen_for_catalog_changes().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for catalog changes; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            let n = match tokio::time::timeout(Duration::from_secs(1), listener.recv()).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => break,
+                Err(_) if services.strong_count() == 0 => return,
+                Err(_) => continue,
+            };
+            if n.payload() == shared.instance().to_string() {
+                continue;
+            }
+            let Some(services) = services.upgrade() else {
+                return;
+            };
+            match shared.catalog().await {
+                Ok(rows) => services.reload_catalog(&file_catalog, &rows).await,
+                Err(e) => tracing::error!(error = %e, "reading the changed catalog failed"),
+            }
+        }
+    }
+}
+
 impl Services {
+    /// Rebuilds the catalog from the file's part and the stored rows, and puts it in
+    /// force.
+    async fn reload_catalog(&self, file_catalog: &CatalogState, rows: &[CatalogRow]) {
+        let mut catalog = self.catalog.lock().await;
+        let mut fresh = file_catalog.clone();
+        admin::apply_catalog_rows(&self.engine, &mut fresh, rows);
+        self.engine.set_directory(fresh.directory.clone());
+        self.engine.set_budgets(fresh.budget_set());
+        *catalog = fresh;
+        tracing::info!(
+            rows = rows.len(),
+            "catalog changed by another instance: reloaded"
+        );
+    }
+
     /// Decides a call. With budgets shared across instances, a call short of a lease
     /// asks the store for one (and the other instances for their spare) and is decided
     /// again; after [`LEASE_ROUNDS`] it is decided within what it has.

@@ -732,6 +732,13 @@ async fn write_batch(
             .await?;
         *mark = Some((seq, prev));
     }
+    if batch.iter().any(|c| matches!(c, Command::Catalog { .. })) {
+        // The other instances read the catalog again when this commits.
+        sqlx::query("SELECT pg_notify('bursar_catalog', $1)")
+            .bind(instance.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(())
 }
@@ -946,6 +953,33 @@ impl Shared {
         let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
         l.listen("bursar_lease_wanted").await?;
         Ok(l)
+    }
+
+    /// Listens for catalog changes committed by any instance; each message names the
+    /// instance that made the change.
+    pub async fn listen_for_catalog_changes(
+        &self,
+    ) -> Result<sqlx::postgres::PgListener, StoreError> {
+        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        l.listen("bursar_catalog").await?;
+        Ok(l)
+    }
+
+    /// The catalog as stored.
+    pub async fn catalog(&self) -> Result<Vec<CatalogRow>, StoreError> {
+        sqlx::query("SELECT kind, id, body FROM catalog ORDER BY kind, id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(CatalogRow {
+                    kind: r.try_get(0)?,
+                    id: r.try_get(1)?,
+                    body: Some(r.try_get(2)?),
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
     }
 
     /// Claims holds before finishing them: returns those this instance may finish (no
