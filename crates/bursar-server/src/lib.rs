@@ -232,11 +232,7 @@ pub async fn build(
         proxy,
     });
     if let Some(shared) = services.shared.clone() {
-        tokio::spawn(give_spare_when_asked(
-            Arc::downgrade(&services),
-            shared.clone(),
-        ));
-        tokio::spawn(follow_catalog_changes(
+        tokio::spawn(follow_other_instances(
             Arc::downgrade(&services),
             shared,
             file_catalog,
@@ -253,20 +249,23 @@ const LEASE_ROUNDS: u32 = 10;
 const LEASE_WAIT_FIRST: Duration = Duration::from_millis(5);
 const LEASE_WAIT_LONGEST: Duration = Duration::from_millis(100);
 
-/// Gives back the spare leases other instances ask for, as they ask; ends with the
-/// services.
-async fn give_spare_when_asked(
+/// Follows what other instances say: gives back the spare leases they ask for, and
+/// reads the catalog again when one changes it (so a budget, key or tenant made on one
+/// instance is enforced by all at once). Ends with the services.
+async fn follow_other_instances(
     services: std::sync::Weak<Services>,
     shared: bursar_store::postgres::Shared,
+    file_catalog: CatalogState,
 ) {
+    let me = shared.instance().to_string();
     loop {
         if services.strong_count() == 0 {
             return;
         }
-        let mut listener = match shared.listen_for_wants().await {
+        let mut listener = match shared.listen().await {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for lease wants; retrying");
+                tracing::warn!(error = %e, "cannot listen to the other instances; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -282,54 +281,25 @@ async fn give_spare_when_asked(
             let Some(services) = services.upgrade() else {
                 return;
             };
-            let wanted: Vec<bursar_core::budget::BucketKey> = n
-                .payload()
-                .lines()
-                .filter_map(bursar_core::budget::BucketKey::parse)
-                .collect();
-            let spare = services.engine.take_spare_leases(Some(&wanted));
-            if let Err(e) = shared.give_back(&spare).await {
-                tracing::error!(error = %e, "giving back spare leases failed");
-            }
-        }
-    }
-}
-
-/// Reads the catalog again whenever another instance changes it, so a budget, key or
-/// tenant created on one instance is enforced by all at once; ends with the services.
-async fn follow_catalog_changes(
-    services: std::sync::Weak<Services>,
-    shared: bursar_store::postgres::Shared,
-    file_catalog: CatalogState,
-) {
-    loop {
-        if services.strong_count() == 0 {
-            return;
-        }
-        let mut listener = match shared.listen_for_catalog_changes().await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for catalog changes; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        loop {
-            let n = match tokio::time::timeout(Duration::from_secs(1), listener.recv()).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(_)) => break,
-                Err(_) if services.strong_count() == 0 => return,
-                Err(_) => continue,
-            };
-            if n.payload() == shared.instance().to_string() {
-                continue;
-            }
-            let Some(services) = services.upgrade() else {
-                return;
-            };
-            match shared.catalog().await {
-                Ok(rows) => services.reload_catalog(&file_catalog, &rows).await,
-                Err(e) => tracing::error!(error = %e, "reading the changed catalog failed"),
+            match n.channel() {
+                bursar_store::postgres::LEASE_WANTED => {
+                    let wanted: Vec<bursar_core::budget::BucketKey> = n
+                        .payload()
+                        .lines()
+                        .filter_map(bursar_core::budget::BucketKey::parse)
+                        .collect();
+                    let spare = services.engine.take_spare_leases(Some(&wanted));
+                    if let Err(e) = shared.give_back(&spare).await {
+                        tracing::error!(error = %e, "giving back spare leases failed");
+                    }
+                }
+                bursar_store::postgres::CATALOG_CHANGED if n.payload() != me => {
+                    match shared.catalog().await {
+                        Ok(rows) => services.reload_catalog(&file_catalog, &rows).await,
+                        Err(e) => tracing::error!(error = %e, "reading the changed catalog failed"),
+                    }
+                }
+                _ => {}
             }
         }
     }

@@ -734,7 +734,8 @@ async fn write_batch(
     }
     if batch.iter().any(|c| matches!(c, Command::Catalog { .. })) {
         // The other instances read the catalog again when this commits.
-        sqlx::query("SELECT pg_notify('bursar_catalog', $1)")
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CATALOG_CHANGED)
             .bind(instance.to_string())
             .execute(&mut *tx)
             .await?;
@@ -804,6 +805,11 @@ async fn claim_in_groups(
         }
     }
 }
+
+/// The channel on which an instance short of a lease asks the others for their spare.
+pub const LEASE_WANTED: &str = "bursar_lease_wanted";
+/// The channel on which a catalog change is announced, with the writer's instance id.
+pub const CATALOG_CHANGED: &str = "bursar_catalog";
 
 /// What a lease request got.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -940,28 +946,19 @@ impl Shared {
     /// Asks the other instances to give back what they do not use of these buckets.
     pub async fn ask_for_spare(&self, buckets: &[BucketKey]) -> Result<(), StoreError> {
         let list: Vec<String> = buckets.iter().map(|b| b.to_string()).collect();
-        sqlx::query("SELECT pg_notify('bursar_lease_wanted', $1)")
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(LEASE_WANTED)
             .bind(list.join("\n"))
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    /// Listens for other instances asking for spare leases; each message is the list of
-    /// buckets wanted.
-    pub async fn listen_for_wants(&self) -> Result<sqlx::postgres::PgListener, StoreError> {
+    /// Listens to the other instances: [`LEASE_WANTED`] (the buckets they are short
+    /// of, a line each) and [`CATALOG_CHANGED`] (the id of the instance that changed it).
+    pub async fn listen(&self) -> Result<sqlx::postgres::PgListener, StoreError> {
         let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        l.listen("bursar_lease_wanted").await?;
-        Ok(l)
-    }
-
-    /// Listens for catalog changes committed by any instance; each message names the
-    /// instance that made the change.
-    pub async fn listen_for_catalog_changes(
-        &self,
-    ) -> Result<sqlx::postgres::PgListener, StoreError> {
-        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        l.listen("bursar_catalog").await?;
+        l.listen_all([LEASE_WANTED, CATALOG_CHANGED]).await?;
         Ok(l)
     }
 
