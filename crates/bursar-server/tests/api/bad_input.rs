@@ -3,6 +3,7 @@
 use serde_json::json;
 
 use crate::helpers::*;
+use crate::store_test;
 
 struct Case {
     body: &'static str,
@@ -10,9 +11,9 @@ struct Case {
     code: &'static str,
 }
 
-#[tokio::test]
-async fn bad_authorize_requests() {
-    let app = spawn_app().await;
+store_test!(bad_authorize_requests);
+async fn bad_authorize_requests(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let cases = [
         Case {
             body: "{not json",
@@ -129,9 +130,9 @@ async fn bad_authorize_requests() {
     assert!(entries.is_empty());
 }
 
-#[tokio::test]
-async fn oversized_bodies_and_missing_keys() {
-    let app = spawn_app().await;
+store_test!(oversized_bodies_and_missing_keys);
+async fn oversized_bodies_and_missing_keys(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let big = format!(
         r#"{{"model":"gpt-4o-mini","prompt":"{}"}}"#,
         "a".repeat(2 << 20)
@@ -154,9 +155,9 @@ async fn oversized_bodies_and_missing_keys() {
     assert_eq!(r.status, 404);
 }
 
-#[tokio::test]
-async fn bad_settles_each_have_their_code_and_lose_nothing() {
-    let app = spawn_app().await;
+store_test!(bad_settles_each_have_their_code_and_lose_nothing);
+async fn bad_settles_each_have_their_code_and_lose_nothing(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 100, "max_tokens": 10});
     let usage =
         json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 10}});
@@ -229,9 +230,9 @@ async fn bad_settles_each_have_their_code_and_lose_nothing() {
     assert_eq!(v.entries, 5);
 }
 
-#[tokio::test]
-async fn bad_admin_input() {
-    let app = spawn_app().await;
+store_test!(bad_admin_input);
+async fn bad_admin_input(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let cases = [
         (
             json!({"id": "x", "scope": "tenant", "window": "daily", "limit": "0.0000000001"}),
@@ -314,9 +315,9 @@ async fn bad_admin_input() {
     assert_eq!(r.status, 201);
 }
 
-#[tokio::test]
-async fn operations_endpoints() {
-    let app = spawn_app().await;
+store_test!(operations_endpoints);
+async fn operations_endpoints(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     assert_eq!(app.get("/healthz", "").await.status, 200);
     assert_eq!(app.get("/readyz", "").await.status, 200);
     app.authorize(

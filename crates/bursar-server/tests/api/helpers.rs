@@ -1,5 +1,5 @@
-//! `spawn_app()`: a real Bursar router on port 0 over a fresh SQLite store in a temp dir,
-//! with a clock the test controls. `store_test!` runs a test on both stores: the
+//! `spawn_app_at()`: a real Bursar router on port 0 over a store (a fresh SQLite file in a
+//! temp dir, or a fresh PostgreSQL database), with a clock the test controls. `store_test!` runs a test on both stores: the
 //! embedded SQLite one and a fresh PostgreSQL database (when `BURSAR_TEST_POSTGRES_URL`
 //! names a server; without it the PostgreSQL half says loudly that it was skipped).
 
@@ -193,10 +193,6 @@ pub fn start_time() -> DateTime<Utc> {
     "2026-05-14T10:00:00Z".parse().unwrap()
 }
 
-pub async fn spawn_app() -> TestApp {
-    spawn_app_with(CONFIG).await
-}
-
 pub async fn spawn_app_with(config: &str) -> TestApp {
     spawn_app_at(config, Place::sqlite()).await
 }
@@ -357,14 +353,6 @@ impl TestApp {
     pub async fn settle(&self, key: &str, id: &str, body: Value) -> Resp {
         self.post(&format!("/v1/authorizations/{id}/settle"), key, body)
             .await
-    }
-
-    /// The SQLite file (tests of the embedded store only).
-    pub fn db_path(&self) -> std::path::PathBuf {
-        match &self.place.location {
-            Location::Sqlite(p) => p.clone(),
-            Location::Postgres(_) => panic!("not an embedded store"),
-        }
     }
 
     /// Every ledger entry, in order.

@@ -5,10 +5,11 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::helpers::*;
+use crate::store_test;
 
-#[tokio::test]
-async fn a_tenant_key_gets_404_on_every_resource_of_another_tenant() {
-    let app = spawn_app().await;
+store_test!(a_tenant_key_gets_404_on_every_resource_of_another_tenant);
+async fn a_tenant_key_gets_404_on_every_resource_of_another_tenant(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     // Resources of tenant b that exist.
     let p = app
         .authorize(
@@ -121,9 +122,9 @@ async fn a_tenant_key_gets_404_on_every_resource_of_another_tenant() {
     assert_eq!(list.body[0]["id"], "a");
 }
 
-#[tokio::test]
-async fn a_member_key_never_changes_budgets() {
-    let app = spawn_app().await;
+store_test!(a_member_key_never_changes_budgets);
+async fn a_member_key_never_changes_budgets(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let body = json!({"id": "mine", "scope": "tenant", "window": "daily", "limit": "1000"});
     let r = app
         .post("/v1/admin/tenants/a/budgets", A_MEMBER, body)
@@ -167,9 +168,9 @@ async fn a_member_key_never_changes_budgets() {
         .any(|b| b["budget_id"] == "a-month"));
 }
 
-#[tokio::test]
-async fn only_a_platform_admin_sets_a_plan() {
-    let app = spawn_app().await;
+store_test!(only_a_platform_admin_sets_a_plan);
+async fn only_a_platform_admin_sets_a_plan(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let r = app
         .send(
             Method::PATCH,
@@ -210,9 +211,9 @@ async fn only_a_platform_admin_sets_a_plan() {
     assert_eq!((p.status, p.code()), (403, "admin_key_cannot_spend"));
 }
 
-#[tokio::test]
-async fn secrets_are_shown_once_and_never_listed() {
-    let app = spawn_app().await;
+store_test!(secrets_are_shown_once_and_never_listed);
+async fn secrets_are_shown_once_and_never_listed(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
     let k = app
         .post("/v1/admin/tenants/a/keys", A_ADMIN, json!({"name": "once"}))
         .await;
@@ -222,8 +223,35 @@ async fn secrets_are_shown_once_and_never_listed() {
     let text = list.body.to_string();
     assert!(!text.contains(&secret));
     assert!(!text.contains("sha256"));
-    let mut stored = std::fs::read(app.db_path()).unwrap();
-    stored.extend(std::fs::read(app.db_path().with_extension("db-wal")).unwrap_or_default());
+    let stored: Vec<u8> = match &app.place.location {
+        bursar_store::Location::Sqlite(path) => {
+            let mut bytes = std::fs::read(path).unwrap();
+            bytes.extend(std::fs::read(path.with_extension("db-wal")).unwrap_or_default());
+            bytes
+        }
+        bursar_store::Location::Postgres(url) => {
+            // Every text the database holds, table by table.
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            let tables: Vec<String> = sqlx::query_scalar(
+                "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'",
+            )
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+            let mut all = Vec::new();
+            for t in tables {
+                let q = format!("SELECT COALESCE(string_agg(x::text, ''), '') FROM \"{t}\" x");
+                let text: String = sqlx::query_scalar(sqlx::AssertSqlSafe(q))
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap();
+                all.extend(text.into_bytes());
+            }
+            all
+        }
+    };
+    assert!(!stored.is_empty());
     assert!(
         !stored.windows(secret.len()).any(|w| w == secret.as_bytes()),
         "the secret is not stored"
