@@ -12,15 +12,16 @@
 //!
 //! Several instances share one database (ARCHITECTURE.md, "Several instances"): each
 //! registers in `instances` and holds a session advisory lock on its id while it lives;
-//! its writer keeps, per bucket, the use of the entries it wrote (`leases.used`, in the
-//! same transaction) and records open holds; [`Shared`] grants and takes back leases
-//! and claims holds before they are finished.
+//! its writer keeps, per bucket, the use of the entries it wrote (`lease_use`, in the
+//! same transaction), records open holds and announces catalog changes; [`Shared`]
+//! grants and takes back leases, claims holds before they are finished, and closes
+//! instances that died.
 //!
 //! A lost connection (PostgreSQL restarted, the backend terminated) is not the end: the
 //! writer reconnects, asks whether the failed batch's last entry is in the ledger with
 //! the hash it computed (the commit may have landed before the connection died), and
-//! if not writes the batch once more. Only when that fails too does the store fail
-//! closed.
+//! if not writes the batch again, up to [`WRITE_RETRIES`] times. Only then does the
+//! store fail closed.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -54,7 +55,7 @@ const RECONNECT_ATTEMPTS: u32 = 10;
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 /// How many times a failed batch is checked and written again, each on a new
 /// connection, before the store fails closed.
-const WRITE_RETRIES: u32 = 5;
+pub const WRITE_RETRIES: u32 = 5;
 
 /// The URL with any password replaced, for logs and messages.
 pub fn redact(url: &str) -> String {
