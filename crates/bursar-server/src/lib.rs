@@ -116,8 +116,6 @@ pub struct Services {
     pub max_body_bytes: usize,
     pub metrics: PrometheusHandle,
     pub catalog: tokio::sync::Mutex<CatalogState>,
-    /// Where the store lives.
-    pub location: Location,
     /// With PostgreSQL: what the instances sharing the database coordinate through.
     pub shared: Option<bursar_store::postgres::Shared>,
     /// One lease request of this instance at a time: calls short at once wait for the
@@ -225,7 +223,6 @@ pub async fn build(
             .unwrap_or(bursar_core::config::DEFAULT_MAX_BODY_BYTES),
         metrics: metrics_handle(),
         catalog: tokio::sync::Mutex::new(catalog),
-        location: location.clone(),
         shared: opened.shared,
         granting: tokio::sync::Mutex::new(()),
         finishing: Mutex::new(std::collections::HashSet::new()),
@@ -406,28 +403,31 @@ impl Services {
         usage: Option<Usage>,
         settle: bool,
     ) -> Result<Result<(Settlement, bursar_store::Ticket), FinishError>, StoreError> {
-        let run = || {
-            let now = self.clock.now();
-            if settle {
-                self.engine.settle(
-                    tenant,
-                    id,
-                    usage.clone().unwrap_or_default(),
-                    now,
-                    &self.ledger,
-                )
-            } else {
-                self.engine
-                    .void(tenant, id, usage.clone(), now, &self.ledger)
-            }
-        };
         let Some(shared) = &self.shared else {
-            return Ok(run());
+            return Ok(self.finish_here(tenant, id, usage, settle));
         };
+        let run = || self.finish_here(tenant, id, usage.clone(), settle);
         self.finishing.lock().insert(id);
         let r = self.claim_and_finish(shared, tenant, id, run).await;
         self.finishing.lock().remove(&id);
         r
+    }
+
+    /// Settles or voids in this instance's engine.
+    fn finish_here(
+        &self,
+        tenant: &str,
+        id: uuid::Uuid,
+        usage: Option<Usage>,
+        settle: bool,
+    ) -> Result<(Settlement, bursar_store::Ticket), FinishError> {
+        let now = self.clock.now();
+        if settle {
+            self.engine
+                .settle(tenant, id, usage.unwrap_or_default(), now, &self.ledger)
+        } else {
+            self.engine.void(tenant, id, usage, now, &self.ledger)
+        }
     }
 
     async fn claim_and_finish(

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bursar_core::budget::{BucketKey, Counter};
 use bursar_core::engine::LeaseWant;
-use bursar_core::ledger::{Entry, HoldDetail};
+use bursar_core::ledger::{Entry, EntryKind, HoldDetail};
 use bursar_core::pricebook::TokenUsage;
 use bursar_core::Money;
 use futures_util::TryStreamExt;
@@ -270,11 +270,12 @@ async fn load_dict(conn: &mut PgConnection) -> Result<HashMap<i64, String>, Stor
         .map_err(StoreError::from)
 }
 
-fn stored_row(r: &PgRow, dict: &HashMap<i64, String>) -> Result<StoredRow, sqlx::Error> {
-    let text = |i: usize| -> Result<Option<String>, sqlx::Error> {
-        Ok(r.try_get::<Option<i64>, _>(i)?
-            .and_then(|id| dict.get(&id).cloned()))
-    };
+/// A ledger row (columns in the order of the `ledger` table); `text` reads the interned
+/// texts (tenant, models, price version) of a column, as ids or as joined texts.
+fn stored_row(
+    r: &PgRow,
+    text: impl Fn(usize) -> Result<Option<String>, sqlx::Error>,
+) -> Result<StoredRow, sqlx::Error> {
     Ok(StoredRow {
         seq: r.try_get(0)?,
         at_ms: r.try_get(1)?,
@@ -311,7 +312,11 @@ async fn read_ledger(
     )
     .fetch(&mut *conn);
     while let Some(r) = rows.try_next().await? {
-        if let Some(e) = chain.push(stored_row(&r, &dict)?) {
+        let text = |i: usize| -> Result<Option<String>, sqlx::Error> {
+            Ok(r.try_get::<Option<i64>, _>(i)?
+                .and_then(|id| dict.get(&id).cloned()))
+        };
+        if let Some(e) = chain.push(stored_row(&r, text)?) {
             visit(e);
         }
     }
@@ -569,6 +574,8 @@ async fn write_batch(
         .try_into()
         .map_err(|_| StoreError::Corrupt("the chain head's hash is not 32 bytes".into()))?;
     let mut cols = Columns::default();
+    // Holds this batch opens and finishes, for `open_holds`.
+    let (mut opened, mut finished) = (Vec::new(), Vec::new());
     for cmd in batch {
         match cmd {
             Command::Append {
@@ -604,6 +611,13 @@ async fn write_batch(
                     cols.idem
                         .push(e.detail.as_ref().and_then(|d| d.idempotency_key.clone()));
                     cols.hash.push(hash.to_vec());
+                    match e.kind {
+                        EntryKind::Hold => opened.push(e.authorization),
+                        EntryKind::Settle | EntryKind::Void | EntryKind::Expire => {
+                            finished.push(e.authorization);
+                        }
+                        EntryKind::Release | EntryKind::Adjustment => {}
+                    }
                     prev = hash;
                 }
                 for a in alerts {
@@ -699,13 +713,6 @@ async fn write_batch(
         .bind(instance)
         .execute(&mut *tx)
         .await?;
-        let opened: Vec<Uuid> = cols
-            .kind
-            .iter()
-            .zip(&cols.auth)
-            .filter(|(k, _)| **k == 1)
-            .map(|(_, a)| *a)
-            .collect();
         if !opened.is_empty() {
             sqlx::query("INSERT INTO open_holds (auth) SELECT * FROM UNNEST($1::uuid[]) ON CONFLICT DO NOTHING")
                 .bind(&opened)
@@ -713,13 +720,6 @@ async fn write_batch(
                 .await?;
         }
         // A finished hold is open no more, from this commit on.
-        let finished: Vec<Uuid> = cols
-            .kind
-            .iter()
-            .zip(&cols.auth)
-            .filter(|(k, _)| matches!(**k, 2 | 4 | 5))
-            .map(|(_, a)| *a)
-            .collect();
         if !finished.is_empty() {
             sqlx::query("DELETE FROM open_holds WHERE auth = ANY($1)")
                 .bind(&finished)
@@ -1009,18 +1009,21 @@ impl Shared {
 
     /// The hold entry of an authorization of this tenant, to take it over.
     pub async fn hold_entry(&self, auth: Uuid, tenant: &str) -> Result<Option<Entry>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        let dict = load_dict(&mut conn).await?;
+        // The texts joined in place of their ids, so one row needs no dictionary.
         let row = sqlx::query(
-            "SELECT seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, hash
-             FROM ledger WHERE auth = $1 AND kind = 1 AND tenant = (SELECT id FROM dict WHERE text = $2)",
+            "SELECT l.seq, l.at_ms, l.kind, l.auth, t.text, l.key_id, l.held, l.cost, l.charge, mr.text, mu.text, pv.text,
+                    l.in_tok, l.cached_tok, l.out_tok, l.quantity, l.latency_ms, l.flags, l.detail, l.hash
+             FROM ledger l JOIN dict t ON t.id = l.tenant
+             LEFT JOIN dict mr ON mr.id = l.model_req LEFT JOIN dict mu ON mu.id = l.model_used
+             LEFT JOIN dict pv ON pv.id = l.price_version
+             WHERE l.auth = $1 AND l.kind = 1 AND t.text = $2",
         )
         .bind(auth)
         .bind(tenant)
-        .fetch_optional(&mut *conn)
+        .fetch_optional(&self.pool)
         .await?;
         let Some(r) = row else { return Ok(None) };
-        Ok(crate::entry_of_row(stored_row(&r, &dict)?))
+        Ok(crate::entry_of_row(stored_row(&r, |i| r.try_get(i))?))
     }
 
     /// Closes the instances that died (their lock is free): what they had leased and not
