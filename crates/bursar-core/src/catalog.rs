@@ -32,6 +32,20 @@ pub enum EnforcementMode {
     Off,
 }
 
+/// What a tenant's calls do while a part shared by the instances (the PostgreSQL store
+/// of shared budgets, Redis for rate limits) cannot be reached.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Calls are refused with a 503 until the part returns.
+    #[default]
+    FailClosed,
+    /// Calls go on under this instance's own accounting: rate limits are counted per
+    /// instance until Redis returns.
+    FailOpen,
+}
+
 /// What an API key may do.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +70,13 @@ pub struct Tenant {
     /// is answered from the cache (at $0, recorded with the cost saved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_ttl_secs: Option<u64>,
+    /// Platform admins only: fail-open trades strictness for availability.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub failure_policy: FailurePolicy,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::budget::{Budget, BudgetSpec, EmergencyAction, ScopeKind, Selector, Thresholds, Window};
 use crate::catalog::{
-    ApiKey, Directory, EnforcementMode, KeyHash, KeyKind, LimitPer, Plan, RateCard, RoleLimits,
-    SharedLimit, TaskPolicy, Team, Tenant, User, KEY_SECRET_PREFIX,
+    ApiKey, Directory, EnforcementMode, FailurePolicy, KeyHash, KeyKind, LimitPer, Plan, RateCard,
+    RoleLimits, SharedLimit, TaskPolicy, Team, Tenant, User, KEY_SECRET_PREFIX,
 };
 use crate::engine::{
     EngineConfig, ExpiryPolicy, DEFAULT_HOLD_TTL, DEFAULT_MIN_OUTPUT_TOKENS, MAX_HOLD_TTL,
@@ -63,6 +63,9 @@ pub struct ServerSection {
     /// A PostgreSQL database (`postgres://…`) instead of the embedded store: the system
     /// of record several instances share.
     pub database_url: Option<String>,
+    /// Redis (`redis://…`): rate limits counted across every instance instead of per
+    /// instance.
+    pub redis_url: Option<String>,
     pub max_body_bytes: Option<usize>,
     /// A price book file replacing the built-in one.
     pub price_book: Option<String>,
@@ -146,6 +149,7 @@ struct RawTenant {
     timezone: Option<String>,
     mode: Option<EnforcementMode>,
     cache_ttl_secs: Option<u64>,
+    failure_policy: Option<FailurePolicy>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -518,6 +522,7 @@ impl Config {
                 timezone: tz,
                 mode: t.mode.unwrap_or_default(),
                 cache_ttl_secs: t.cache_ttl_secs,
+                failure_policy: t.failure_policy.unwrap_or_default(),
             };
             if t.cache_ttl_secs
                 .is_some_and(|s| s == 0 || s > MAX_CACHE_TTL_SECS)

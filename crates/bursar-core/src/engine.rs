@@ -31,12 +31,13 @@ use crate::budget::{
     BucketKey, Budget, Counter, EmergencyAction, Level, ScopeKind, Selector, Window,
 };
 use crate::catalog::{
-    ApiKey, Directory, EnforcementMode, KeyHash, KeyKind, KeyRing, LimitPer, Plan, Tenant,
+    ApiKey, Directory, EnforcementMode, FailurePolicy, KeyHash, KeyKind, KeyRing, LimitPer, Plan,
+    Tenant,
 };
 use crate::ledger::{flags, AlertEvent, Entry, EntryKind, HoldDetail, Tags};
 use crate::money::{Money, PICOS_PER_NANO};
 use crate::pricebook::{LookupError, Model, PriceBook, TokenUsage};
-use crate::ratelimit::Gcra;
+use crate::ratelimit::{Gcra, RateError};
 use crate::tokens::{self, ChatMessage};
 
 /// Holds not finished within 15 minutes expire: long enough for a slow reasoning call,
@@ -502,6 +503,111 @@ impl BudgetSet {
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub key: Arc<ApiKey>,
+}
+
+/// A call checked by [`Engine::prepare`], waiting for [`Engine::decide`].
+pub struct Prepared<'a> {
+    key: Arc<ApiKey>,
+    dir: Arc<Directory>,
+    req: AuthorizeRequest,
+    now: DateTime<Utc>,
+    tenant_id: String,
+    plan_id: String,
+    task_name: String,
+    role: String,
+    tags: Tags,
+    team: Option<String>,
+    mode: EnforcementMode,
+    fail_open: bool,
+    shadow: Option<DenyCode>,
+    priced: Priced<'a>,
+    ttl: Duration,
+    applicable: Vec<Applicable>,
+    rate_checks: Vec<(RateCell, u64, u32)>,
+    id: Uuid,
+}
+
+/// One rate limit a call counts against, as a distributed limiter takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct RateCheck<'p> {
+    /// Names the cell: the same limit, subject and dimension give the same name.
+    pub cell: RateCellName<'p>,
+    /// Units this call takes: 1 request, or its worst-case tokens.
+    pub units: u64,
+    pub per_minute: u32,
+}
+
+/// A rate-limit cell's name, written by its `Display` (unambiguous: every caller-chosen
+/// part is length-prefixed).
+#[derive(Debug, Clone, Copy)]
+pub struct RateCellName<'p>(&'p RateCell);
+
+impl std::fmt::Display for RateCellName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = self.0;
+        let dim = if c.tokens { 't' } else { 'r' };
+        write!(f, "{}:{dim}:", c.limit)?;
+        match &c.subject {
+            Subject::Key(id) => write!(f, "k:{id}"),
+            Subject::User(t, u) => write!(f, "u:{}:{t}{}:{u}", t.len(), u.len()),
+            Subject::Tenant(t) => write!(f, "t:{}:{t}", t.len()),
+            Subject::Model(t, m) => write!(f, "m:{}:{t}{}:{m}", t.len(), m.len()),
+        }
+    }
+}
+
+/// What is left of a rate limit after a call took from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLeft {
+    pub remaining: u64,
+    /// Until the limit is whole again.
+    pub reset: Duration,
+}
+
+impl RateLeft {
+    fn of((remaining, reset): (u64, Duration)) -> Self {
+        RateLeft { remaining, reset }
+    }
+}
+
+/// Where [`Engine::decide`] gets a call's rate-limit outcomes.
+#[derive(Debug, Clone, Copy)]
+pub enum Rates<'r> {
+    /// This instance's own cells: checked, and taken with the hold.
+    Local,
+    /// Outcomes a distributed limiter has already taken, one per
+    /// [`Prepared::rate_checks`] in order. A call denied after them must give the
+    /// units back (its caller's job: the limiter is not the engine's).
+    Taken(&'r [Result<RateLeft, RateError>]),
+}
+
+impl Prepared<'_> {
+    /// The rate limits this call counts against, in the order [`Rates::Taken`] expects.
+    pub fn rate_checks(&self) -> impl ExactSizeIterator<Item = RateCheck<'_>> {
+        self.rate_checks
+            .iter()
+            .map(|(cell, units, per_minute)| RateCheck {
+                cell: RateCellName(cell),
+                units: *units,
+                per_minute: *per_minute,
+            })
+    }
+
+    /// Whether the tenant takes calls on when a shared part (store, Redis) fails, with
+    /// this instance's own accounting.
+    pub fn fail_open(&self) -> bool {
+        self.fail_open
+    }
+
+    /// Whether a limiter's [`RateError`] stops this call (enforcing tenants) or is only
+    /// noted (shadow mode).
+    pub fn enforces(&self) -> bool {
+        self.mode == EnforcementMode::Enforce
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.tenant_id
+    }
 }
 
 pub struct Engine {
@@ -1006,6 +1112,19 @@ impl Engine {
         sink: &S,
         may_ask_lease: bool,
     ) -> Result<(Permit, S::Ticket), Denial> {
+        let prepared = self.prepare(caller, req, now)?;
+        self.decide(&prepared, sink, may_ask_lease, Rates::Local)
+    }
+
+    /// The first half of a decision, which needs no lock: the key, plan, feature and task
+    /// gates, model access, the prompt counted with the model's tokenizer, the budgets
+    /// that apply and the rate limits to check. A denial here changes nothing.
+    pub fn prepare(
+        &self,
+        caller: &Caller,
+        req: AuthorizeRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Prepared<'_>, Denial> {
         let key = &caller.key;
         let (KeyKind::Member | KeyKind::TenantAdmin) = key.kind else {
             return Err(Denial::new(
@@ -1078,7 +1197,6 @@ impl Engine {
         }
 
         // Model access, prompt size and the price in effect.
-        let mut downgraded_from = None;
         let priced = match &req.metered {
             Metered::Model {
                 model,
@@ -1151,8 +1269,113 @@ impl Engine {
         let ttl = req.ttl.unwrap_or(self.config.hold_ttl).min(MAX_HOLD_TTL);
         let applicable = self.applicable(tenant, key, team.as_deref(), &tags, now);
         let limits = plan.rate_limits.get(&role).copied().unwrap_or_default();
-        let id = Uuid::now_v7();
+
+        // The rate limits to check: checked and taken by `decide`, or by a distributed
+        // limiter before it.
+        let mut rate_checks: Vec<(RateCell, u64, u32)> = Vec::new();
+        if mode != EnforcementMode::Off {
+            let mut add = |limit: u16,
+                           subject: Subject,
+                           rpm: Option<std::num::NonZeroU32>,
+                           tpm: Option<std::num::NonZeroU32>| {
+                if let Some(rpm) = rpm {
+                    rate_checks.push((
+                        RateCell {
+                            limit,
+                            subject: subject.clone(),
+                            tokens: false,
+                        },
+                        1,
+                        rpm.get(),
+                    ));
+                }
+                if let Some(tpm) = tpm {
+                    rate_checks.push((
+                        RateCell {
+                            limit,
+                            subject,
+                            tokens: true,
+                        },
+                        priced.estimated_tokens(),
+                        tpm.get(),
+                    ));
+                }
+            };
+            add(
+                ROLE_LIMIT,
+                Subject::Key(key.id),
+                limits.requests_per_minute,
+                limits.tokens_per_minute,
+            );
+            let item = priced.item_id();
+            for (i, l) in plan.limits.iter().enumerate() {
+                if l.role.as_ref().is_some_and(|r| r != &role)
+                    || l.model.as_ref().is_some_and(|m| m != item)
+                {
+                    continue;
+                }
+                let subject = match (l.per, &key.user) {
+                    (LimitPer::User, Some(u)) => Subject::User(tenant_id.clone(), u.clone()),
+                    (LimitPer::Key | LimitPer::User, _) => Subject::Key(key.id),
+                    (LimitPer::Tenant, _) => Subject::Tenant(tenant_id.clone()),
+                    (LimitPer::Model, _) => Subject::Model(tenant_id.clone(), item.to_string()),
+                };
+                let index = u16::try_from(i).unwrap_or(ROLE_LIMIT - 1);
+                add(index, subject, l.requests_per_minute, l.tokens_per_minute);
+            }
+        }
+        Ok(Prepared {
+            key: key.clone(),
+            fail_open: tenant.failure_policy == FailurePolicy::FailOpen,
+            plan_id: plan.id.clone(),
+            dir: dir.clone(),
+            req,
+            now,
+            tenant_id,
+            task_name,
+            role,
+            tags,
+            team,
+            mode,
+            shadow,
+            priced,
+            ttl,
+            applicable,
+            rate_checks,
+            id: Uuid::now_v7(),
+        })
+    }
+
+    /// The second half of a decision, under the engine's lock: idempotency, rate limits
+    /// (this instance's own cells, or outcomes a distributed limiter has already taken),
+    /// budgets, shaping, and the hold. `prepared` may be decided again after a denial
+    /// (an instance that asked for a larger lease does).
+    pub fn decide<S: LedgerSink>(
+        &self,
+        prepared: &Prepared<'_>,
+        sink: &S,
+        may_ask_lease: bool,
+        rates: Rates<'_>,
+    ) -> Result<(Permit, S::Ticket), Denial> {
+        let Prepared {
+            ref key,
+            ref req,
+            now,
+            ref tenant_id,
+            ref role,
+            ref tags,
+            ref team,
+            mode,
+            mut shadow,
+            ref applicable,
+            ref rate_checks,
+            ttl,
+            id,
+            ..
+        } = *prepared;
         let now_ms = ms(now);
+        let estimated_tokens = prepared.priced.estimated_tokens();
+        let mut downgraded_from = None;
 
         let mut state = self.state.lock();
 
@@ -1183,71 +1406,35 @@ impl Engine {
             }
         }
 
-        // Rate limits, checked before anything is taken.
-        let estimated_tokens = priced.estimated_tokens();
-        let mut rate_checks: Vec<(RateCell, u64, u32)> = Vec::new();
-        if mode != EnforcementMode::Off {
-            let mut add = |limit: u16,
-                           subject: Subject,
-                           rpm: Option<std::num::NonZeroU32>,
-                           tpm: Option<std::num::NonZeroU32>| {
-                if let Some(rpm) = rpm {
-                    rate_checks.push((
-                        RateCell {
-                            limit,
-                            subject: subject.clone(),
-                            tokens: false,
-                        },
-                        1,
-                        rpm.get(),
-                    ));
-                }
-                if let Some(tpm) = tpm {
-                    rate_checks.push((
-                        RateCell {
-                            limit,
-                            subject,
-                            tokens: true,
-                        },
-                        estimated_tokens,
-                        tpm.get(),
-                    ));
+        // Rate limits: this instance's cells are checked here and taken with the hold;
+        // a distributed limiter's were taken before (and are given back if this denies).
+        let mut rate_updates: Vec<(RateCell, Gcra)> = Vec::new();
+        let mut rate_limits = Vec::with_capacity(rate_checks.len());
+        for (i, (cell, n, per_minute)) in rate_checks.iter().enumerate() {
+            let outcome = match rates {
+                Rates::Taken(taken) if i < taken.len() => taken[i],
+                _ => {
+                    let g = state.limiters.get(cell).copied().unwrap_or_default();
+                    g.check(now_ms, *n, *per_minute).map(|next| {
+                        rate_updates.push((cell.clone(), next));
+                        RateLeft::of(next.standing(now_ms, *per_minute))
+                    })
                 }
             };
-            add(
-                ROLE_LIMIT,
-                Subject::Key(key.id),
-                limits.requests_per_minute,
-                limits.tokens_per_minute,
-            );
-            let item = priced.item_id();
-            for (i, l) in plan.limits.iter().enumerate() {
-                if l.role.as_ref().is_some_and(|r| r != &role)
-                    || l.model.as_ref().is_some_and(|m| m != item)
-                {
-                    continue;
-                }
-                let subject = match (l.per, &key.user) {
-                    (LimitPer::User, Some(u)) => Subject::User(tenant_id.clone(), u.clone()),
-                    (LimitPer::Key | LimitPer::User, _) => Subject::Key(key.id),
-                    (LimitPer::Tenant, _) => Subject::Tenant(tenant_id.clone()),
-                    (LimitPer::Model, _) => Subject::Model(tenant_id.clone(), item.to_string()),
-                };
-                let index = u16::try_from(i).unwrap_or(ROLE_LIMIT - 1);
-                add(index, subject, l.requests_per_minute, l.tokens_per_minute);
-            }
-        }
-        let mut rate_updates: Vec<(RateCell, Gcra)> = Vec::with_capacity(rate_checks.len());
-        for (cell, n, per_minute) in &rate_checks {
-            let g = state.limiters.get(cell).copied().unwrap_or_default();
-            match g.check(now_ms, *n, *per_minute) {
-                Ok(next) => rate_updates.push((cell.clone(), next)),
-                Err(crate::ratelimit::RateError::Wait(wait)) => {
+            match outcome {
+                Ok(left) => rate_limits.push(RateStanding {
+                    dimension: Cow::Borrowed(if cell.tokens { "tokens" } else { "requests" }),
+                    per: Cow::Borrowed(cell.per()),
+                    limit_per_minute: *per_minute,
+                    remaining: left.remaining,
+                    reset_ms: u64::try_from(left.reset.as_millis()).unwrap_or(u64::MAX),
+                }),
+                Err(RateError::Wait(wait)) => {
                     let mut d = Denial::new(
                         DenyCode::RateLimited,
                         format!(
                             "rate limit of {per_minute} {} per minute reached",
-                            cell.describe(&role)
+                            cell.describe(role)
                         ),
                     );
                     d.retry_after = Some(wait);
@@ -1256,7 +1443,7 @@ impl Engine {
                     }
                     shadow.get_or_insert(d.code);
                 }
-                Err(crate::ratelimit::RateError::NeverFits) => {
+                Err(RateError::NeverFits) => {
                     let d = Denial::new(
                         DenyCode::ExceedsRateLimitCapacity,
                         format!(
@@ -1278,7 +1465,7 @@ impl Engine {
         let mut downgrade = false;
         let mut standings = Vec::with_capacity(applicable.len());
         let mut lease_rooms = Vec::new();
-        for a in &applicable {
+        for a in applicable {
             let (counter, limit) = Self::standing(&state, a, now);
             let t = &a.budget.spec.thresholds;
             let level = Level::of(counter.used(), limit, t);
@@ -1318,8 +1505,13 @@ impl Engine {
             standings.push((counter, limit));
         }
 
-        let mut priced = priced;
+        let mut priced = prepared.priced.clone();
         if downgrade {
+            let task = prepared
+                .dir
+                .plans
+                .get(&prepared.plan_id)
+                .and_then(|p| p.tasks.get(&prepared.task_name));
             if let (Priced::Model { model, .. }, Some(t)) = (&mut priced, task) {
                 if let Some(cheaper) = self.cheapest_allowed(model, &t.classes, now) {
                     downgraded_from = Some(model.id.clone());
@@ -1409,16 +1601,7 @@ impl Engine {
         }
 
         // Permit: take the rate cells, hold on every bucket, record.
-        let mut rate_limits = Vec::with_capacity(rate_updates.len());
-        for ((cell, g), (_, _, per_minute)) in rate_updates.into_iter().zip(&rate_checks) {
-            let (remaining, reset) = g.standing(now_ms, *per_minute);
-            rate_limits.push(RateStanding {
-                dimension: Cow::Borrowed(if cell.tokens { "tokens" } else { "requests" }),
-                per: Cow::Borrowed(cell.per()),
-                limit_per_minute: *per_minute,
-                remaining,
-                reset_ms: u64::try_from(reset.as_millis()).unwrap_or(u64::MAX),
-            });
+        for (cell, g) in rate_updates {
             state.limiters.insert(cell, g);
         }
         let mut views = Vec::with_capacity(applicable.len());
@@ -1437,7 +1620,7 @@ impl Engine {
                 after.used(),
                 *limit,
                 now_ms,
-                &tenant_id,
+                tenant_id,
                 &mut alerts,
             );
         }
@@ -1457,7 +1640,7 @@ impl Engine {
         let detail = Arc::new(HoldDetail {
             buckets: applicable.iter().map(|a| a.bucket.clone()).collect(),
             tags: tags.clone(),
-            team,
+            team: team.clone(),
             user: key.user.clone(),
             expires_at_ms,
             idempotency_key: req.idempotency_key.clone(),
@@ -1527,7 +1710,7 @@ impl Engine {
             id,
             Hold {
                 at_ms: now_ms,
-                tenant: tenant_id,
+                tenant: tenant_id.clone(),
                 key_id: Some(key.id),
                 detail,
                 held,
@@ -2275,6 +2458,7 @@ fn cap_by_age<K: Eq + std::hash::Hash, V>(map: &mut Map<K, V>, max: usize, at: i
 }
 
 /// A call priced against the book, before shaping.
+#[derive(Clone)]
 enum Priced<'a> {
     Model {
         model: &'a Model,

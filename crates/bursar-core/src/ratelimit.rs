@@ -50,8 +50,18 @@ impl Gcra {
     /// Units still available now under a limit of `per_minute`, and the time until the
     /// cell is full again (the `x-ratelimit-remaining-*` and `-reset-*` of a response).
     pub fn standing(self, now_ms: i64, per_minute: u32) -> (u64, Duration) {
+        self.standing_us(now_ms.saturating_mul(1000), per_minute)
+    }
+
+    /// A cell whose theoretical arrival time is `tat_us` (as the distributed limiter
+    /// stores it).
+    pub fn at(tat_us: i64) -> Gcra {
+        Gcra { tat_us }
+    }
+
+    /// [`Gcra::standing`] at a time in microseconds.
+    pub fn standing_us(self, now: i64, per_minute: u32) -> (u64, Duration) {
         let per_minute = i64::from(per_minute.max(1));
-        let now = now_ms.saturating_mul(1000);
         let backlog = (self.tat_us - now).max(0);
         let used = (backlog.saturating_mul(per_minute) + MICROS_PER_MINUTE - 1) / MICROS_PER_MINUTE;
         let remaining = u64::try_from((per_minute - used).max(0)).unwrap_or(0);

@@ -13,7 +13,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use bursar_core::budget::{BucketKey, Budget, Counter, EmergencyAction};
 use bursar_core::catalog::{
-    ApiKey, EnforcementMode, KeyHash, KeyKind, Plan, Team, Tenant, User, KEY_SECRET_PREFIX,
+    ApiKey, EnforcementMode, FailurePolicy, KeyHash, KeyKind, Plan, Team, Tenant, User,
+    KEY_SECRET_PREFIX,
 };
 use bursar_core::config::{parse_budget_spec, valid_id};
 use bursar_core::engine::Engine;
@@ -228,6 +229,8 @@ pub struct TenantBody {
     /// IANA time zone; calendar budget windows start at midnight there.
     pub timezone: Option<String>,
     pub mode: Option<EnforcementMode>,
+    /// Platform admins only.
+    pub failure_policy: Option<FailurePolicy>,
 }
 
 fn parse_tz(tz: Option<&str>) -> Result<Option<Tz>, ApiError> {
@@ -279,6 +282,7 @@ pub async fn create_tenant(
         timezone: tz,
         mode: b.mode.unwrap_or_default(),
         cache_ttl_secs: None,
+        failure_policy: b.failure_policy.unwrap_or_default(),
     };
     commit(&s, vec![row("tenant", &tenant.id, &tenant)]).await?;
     catalog
@@ -315,6 +319,8 @@ pub struct TenantPatch {
     pub plan: Option<String>,
     pub timezone: Option<String>,
     pub mode: Option<EnforcementMode>,
+    /// Platform admins only.
+    pub failure_policy: Option<FailurePolicy>,
 }
 
 /// Change a tenant. Its plan is changed by a platform admin only.
@@ -329,7 +335,7 @@ pub async fn update_tenant(
     let tz = parse_tz(b.timezone.as_deref())?;
     let mut catalog = s.catalog.lock().await;
     require_admin(&caller.key, &tenant, &catalog)?;
-    if b.plan.is_some() {
+    if b.plan.is_some() || b.failure_policy.is_some() {
         require_platform(&caller.key)?;
     }
     let mut t = catalog
@@ -355,6 +361,9 @@ pub async fn update_tenant(
     }
     if let Some(m) = b.mode {
         t.mode = m;
+    }
+    if let Some(f) = b.failure_policy {
+        t.failure_policy = f;
     }
     commit(&s, vec![row("tenant", &t.id, &t)]).await?;
     catalog.directory.tenants.insert(t.id.clone(), t.clone());

@@ -61,6 +61,17 @@ impl ApiError {
         )
     }
 
+    /// Redis could not be reached and the tenant fails closed.
+    pub fn rate_limiter_unavailable(detail: String) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rate_limiter_unavailable",
+            detail,
+        );
+        e.retry_after = Some(std::time::Duration::from_secs(1));
+        e
+    }
+
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
@@ -88,6 +99,10 @@ impl IntoResponse for ApiError {
             match self.code {
                 "store_unavailable" => {
                     "the ledger store is unavailable; no money was held (fail closed)".to_string()
+                }
+                "rate_limiter_unavailable" => {
+                    "the rate limiter (Redis) is unavailable; no money was held (fail closed)"
+                        .to_string()
                 }
                 _ => "internal error".to_string(),
             }

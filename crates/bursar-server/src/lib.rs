@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api;
 pub mod error;
 pub mod extract;
+pub mod limiter;
 pub mod proxy;
 pub mod sim;
 
@@ -28,7 +29,7 @@ use bursar_core::catalog::{ApiKey, Directory};
 use bursar_core::config::Config;
 use bursar_core::engine::{
     plan_budgets, AuthorizeRequest, BudgetSet, Caller, DenyCode, Engine, FinishCode, FinishError,
-    Permit, Settlement, Usage,
+    Permit, Prepared, Rates, Settlement, Usage,
 };
 use bursar_core::pricebook::PriceBook;
 use bursar_core::Money;
@@ -123,6 +124,8 @@ pub struct Services {
     granting: tokio::sync::Mutex<()>,
     /// Holds this instance has claimed and is finishing (the sweeper leaves them be).
     finishing: Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// With Redis: rate limits counted across every instance.
+    pub limiter: Option<limiter::Limiter>,
     pub proxy: proxy::Proxy,
 }
 
@@ -162,6 +165,15 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// What keeps an instance from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the Redis URL is not valid: {0}")]
+    Redis(limiter::LimiterDown),
+}
+
 /// Opens the store, rebuilds the engine from the ledger and the catalog, and expires
 /// holds that ran out while Bursar was down.
 pub async fn build(
@@ -170,7 +182,11 @@ pub async fn build(
     location: &Location,
     migrate: bool,
     clock: Arc<dyn Clock>,
-) -> Result<(Arc<Services>, std::thread::JoinHandle<()>), StoreError> {
+) -> Result<(Arc<Services>, std::thread::JoinHandle<()>), BuildError> {
+    let limiter = match &config.server.redis_url {
+        Some(url) => Some(limiter::Limiter::new(url).map_err(BuildError::Redis)?),
+        None => None,
+    };
     let engine = Arc::new(Engine::new(config.engine.clone(), book));
     let options = OpenOptions {
         durability: config.server.durability,
@@ -226,6 +242,7 @@ pub async fn build(
         shared: opened.shared,
         granting: tokio::sync::Mutex::new(()),
         finishing: Mutex::new(std::collections::HashSet::new()),
+        limiter,
         proxy,
     });
     if let Some(shared) = services.shared.clone() {
@@ -318,40 +335,60 @@ impl Services {
         );
     }
 
-    /// Decides a call. With budgets shared across instances, a call short of a lease
-    /// asks the store for one (and the other instances for their spare) and is decided
-    /// again; after [`LEASE_ROUNDS`] it is decided within what it has.
+    /// Decides a call. Its rate limits are taken from Redis first when there is one
+    /// (and given back if the call is then denied). With budgets shared across
+    /// instances, a call short of a lease asks the store for one (and the other
+    /// instances for their spare) and is decided again; after [`LEASE_ROUNDS`] it is
+    /// decided within what it has.
     pub async fn authorize(
         &self,
         caller: &Caller,
         req: AuthorizeRequest,
     ) -> Result<(Permit, bursar_store::Ticket), ApiError> {
+        let prepared = self.engine.prepare(caller, req, self.clock.now())?;
+        let limiter = self
+            .limiter
+            .as_ref()
+            .filter(|_| prepared.rate_checks().len() > 0);
+        let Some(limiter) = limiter else {
+            return self.decide(&prepared, Rates::Local).await;
+        };
+        let strict = prepared.enforces();
+        let taken = match limiter.take(prepared.rate_checks(), strict).await {
+            Ok(t) => t,
+            Err(e) if prepared.fail_open() => {
+                // This tenant goes on under this instance's own rate-limit cells.
+                tracing::warn!(error = %e, tenant = prepared.tenant(), "Redis unreachable: rate limits counted by this instance (fail open)");
+                metrics::counter!("bursar_fail_open_total", "part" => "redis").increment(1);
+                return self.decide(&prepared, Rates::Local).await;
+            }
+            Err(e) => return Err(ApiError::rate_limiter_unavailable(e.to_string())),
+        };
+        let r = self.decide(&prepared, Rates::Taken(&taken.outcomes)).await;
+        // A call that is denied, or a retry answered with its first permit, takes nothing.
+        if r.as_ref().map_or(true, |(p, _)| p.replayed) {
+            limiter.give_back(&taken, strict).await;
+        }
+        r
+    }
+
+    async fn decide(
+        &self,
+        prepared: &Prepared<'_>,
+        rates: Rates<'_>,
+    ) -> Result<(Permit, bursar_store::Ticket), ApiError> {
         let Some(shared) = &self.shared else {
-            return Ok(self
-                .engine
-                .authorize(caller, req, self.clock.now(), &self.ledger)?);
+            return Ok(self.engine.decide(prepared, &self.ledger, true, rates)?);
         };
         for round in 0..LEASE_ROUNDS {
-            match self.engine.authorize_within(
-                caller,
-                req.clone(),
-                self.clock.now(),
-                &self.ledger,
-                true,
-            ) {
+            match self.engine.decide(prepared, &self.ledger, true, rates) {
                 Err(d) if d.code == DenyCode::LeaseNeeded => {}
                 other => return Ok(other?),
             }
             let (short, final_answer) = {
                 let _one_at_a_time = self.granting.lock().await;
                 // A grant made while this call waited may already be enough.
-                let d = match self.engine.authorize_within(
-                    caller,
-                    req.clone(),
-                    self.clock.now(),
-                    &self.ledger,
-                    true,
-                ) {
+                let d = match self.engine.decide(prepared, &self.ledger, true, rates) {
                     Err(d) if d.code == DenyCode::LeaseNeeded => d,
                     other => return Ok(other?),
                 };
@@ -388,9 +425,7 @@ impl Services {
                     .await;
             }
         }
-        Ok(self
-            .engine
-            .authorize_within(caller, req, self.clock.now(), &self.ledger, false)?)
+        Ok(self.engine.decide(prepared, &self.ledger, false, rates)?)
     }
 
     /// Settles (`usage` given, `settle`) or voids a hold. With instances sharing the
@@ -560,14 +595,29 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: the ledger accepts writes. A failing store answers 503 (fail closed).
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "the store is failing")))]
+/// Readiness: the ledger accepts writes and, when rate limits are in Redis, Redis
+/// answers. Either failing answers 503 with what fails: calls of tenants that fail
+/// closed are refused meanwhile (those that fail open go on, counted by the instance).
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready: `{\"ready\": true, \"store\": \"up\", \"redis\": \"up\"}` (`redis` is `none` without Redis)"), (status = 503, description = "the store or Redis is failing, named in the same body")))]
 pub async fn readyz(State(s): State<Arc<Services>>) -> impl IntoResponse {
-    if s.ledger.is_healthy() {
-        (StatusCode::OK, "ready")
+    let store = s.ledger.is_healthy();
+    let redis = match &s.limiter {
+        Some(l) => Some(l.ping().await),
+        None => None,
+    };
+    let up = |ok: bool| if ok { "up" } else { "unreachable" };
+    let ready = store && redis.unwrap_or(true);
+    let body = serde_json::json!({
+        "ready": ready,
+        "store": up(store),
+        "redis": redis.map_or("none", up),
+    });
+    let status = if ready {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "ledger store unavailable")
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
 }
 
 /// Prometheus metrics.

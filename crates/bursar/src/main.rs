@@ -37,6 +37,10 @@ struct ConfigArgs {
     /// server.database_url).
     #[arg(long, env = "BURSAR_DATABASE_URL", conflicts_with = "data_dir")]
     database_url: Option<String>,
+    /// Redis (redis://…) for rate limits shared by every instance (default:
+    /// server.redis_url; without it each instance counts its own).
+    #[arg(long, env = "BURSAR_REDIS_URL")]
+    redis_url: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -316,8 +320,11 @@ fn load(args: &ConfigArgs) -> Result<Loaded> {
         }
         None => PriceBook::builtin().context("the built-in price book")?,
     };
-    let config =
+    let mut config =
         Config::parse(&text, &book, chrono::Utc::now()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(url) = &args.redis_url {
+        config.server.redis_url = Some(url.clone());
+    }
     // The command line and the environment win over the file; a data directory given
     // there wins over a database URL of the file.
     let url = match (&args.database_url, &args.data_dir) {

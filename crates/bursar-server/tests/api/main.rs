@@ -8,4 +8,5 @@ mod helpers;
 mod isolation;
 mod promises;
 mod proxy;
+mod redis;
 mod stores;
