@@ -56,7 +56,7 @@ for lat in 0 50; do
       "$(get "$direct" rps)" "$(get "$direct" p50_us)" "$(get "$direct" p99_us)" \
       "$(get "$via" rps)" "$(get "$via" p50_us)" "$(get "$via" p99_us)" "$added" \
       "$(quantile "$data/m0" "$data/m1" 0.5)" "$(quantile "$data/m0" "$data/m1" 0.99)" \
-      "$(quantile "$data/m0" "$data/m1" 0.5 bursar_proxy_hold_durable_seconds)" "$(quantile "$data/m0" "$data/m1" 0.99 bursar_proxy_hold_durable_seconds)" \
+      "$(quantile "$data/m0" "$data/m1" 0.5 bursar_hold_durable_seconds)" "$(quantile "$data/m0" "$data/m1" 0.99 bursar_hold_durable_seconds)" \
       "$(echo "scale=1; ($c1-$c0)/$(getconf CLK_TCK)" | bc)" "$(awk '/VmRSS/{print $2" "$3}' /proc/$pid/status)"
     [ "$(get "$via" non200)" = 0 ] || echo "   !! $(get "$via" non200) non-200 answers through Bursar"
   done

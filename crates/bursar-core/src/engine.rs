@@ -386,6 +386,9 @@ struct Hold {
     agent: Option<String>,
     /// The answer, kept only when an idempotency key may ask for it again.
     permit: Option<Arc<Permit>>,
+    /// Permitted by this engine while the store was away (flags::FAIL_OPEN): its claim
+    /// is written with the hold, so this engine finishes it without claiming it.
+    fail_open: bool,
 }
 
 /// A finished authorization, kept for a while to answer retries.
@@ -568,6 +571,22 @@ impl RateLeft {
     fn of((remaining, reset): (u64, Duration)) -> Self {
         RateLeft { remaining, reset }
     }
+}
+
+/// How [`Engine::decide`] treats the leases of shared budgets (see
+/// [`Engine::share_budgets`]; without sharing there are none and only `FailOpen`
+/// changes anything: the flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leases {
+    /// A call a larger lease would let through is answered [`DenyCode::LeaseNeeded`]
+    /// before anything changes.
+    AskForMore,
+    /// Decided within the leases held.
+    WithinHeld,
+    /// The store is away and the tenant fails open: decided against the limits as this
+    /// instance counts the use (its own, and the others' as last read), leases aside.
+    /// The hold is flagged `FAIL_OPEN`.
+    FailOpen,
 }
 
 /// Where [`Engine::decide`] gets a call's rate-limit outcomes.
@@ -927,7 +946,19 @@ impl Engine {
             expires_at_ms: d.expires_at_ms,
             agent: d.tags.agent.clone(),
             permit: d.idempotency_key.is_some().then(|| Arc::new(permit)),
+            // Another instance's (or an earlier process's) claim is not this one's.
+            fail_open: false,
         }
+    }
+
+    /// Whether the open hold `id` was permitted by this engine failing open (the store
+    /// away): its claim is this instance's from the start.
+    pub fn is_fail_open_hold(&self, id: Uuid) -> bool {
+        self.state
+            .lock()
+            .holds
+            .get(&id)
+            .is_some_and(|h| h.fail_open)
     }
 
     /// Shared budgets: takes over an open hold another instance made (its hold entry),
@@ -1100,10 +1131,10 @@ impl Engine {
         self.authorize_within(caller, req, now, sink, true)
     }
 
-    /// [`Engine::authorize`] when budgets are shared: with `may_ask_lease`, a call that a
-    /// larger lease would let through (or through unshaped) is answered
-    /// [`DenyCode::LeaseNeeded`] before anything changes; without it, the call is
-    /// decided within the leases held.
+    /// [`Engine::authorize`] when budgets are shared: with `may_ask_lease`
+    /// ([`Leases::AskForMore`]), a call that a larger lease would let through (or
+    /// through unshaped) is answered [`DenyCode::LeaseNeeded`] before anything changes;
+    /// without it, the call is decided within the leases held.
     pub fn authorize_within<S: LedgerSink>(
         &self,
         caller: &Caller,
@@ -1113,7 +1144,12 @@ impl Engine {
         may_ask_lease: bool,
     ) -> Result<(Permit, S::Ticket), Denial> {
         let prepared = self.prepare(caller, req, now)?;
-        self.decide(&prepared, sink, may_ask_lease, Rates::Local)
+        let leases = if may_ask_lease {
+            Leases::AskForMore
+        } else {
+            Leases::WithinHeld
+        };
+        self.decide(&prepared, sink, leases, Rates::Local)
     }
 
     /// The first half of a decision, which needs no lock: the key, plan, feature and task
@@ -1354,7 +1390,7 @@ impl Engine {
         &self,
         prepared: &Prepared<'_>,
         sink: &S,
-        may_ask_lease: bool,
+        leases: Leases,
         rates: Rates<'_>,
     ) -> Result<(Permit, S::Ticket), Denial> {
         let Prepared {
@@ -1479,7 +1515,11 @@ impl Engine {
                 }
                 EmergencyAction::AlertOnly => limit,
             };
-            match &state.allowance {
+            match state
+                .allowance
+                .as_ref()
+                .filter(|_| leases != Leases::FailOpen)
+            {
                 Some(allowance) => {
                     let used_here = state
                         .counters
@@ -1556,7 +1596,10 @@ impl Engine {
             }
         };
         // Shared budgets: a lease short of the unshaped worst case is asked for first.
-        if may_ask_lease && mode == EnforcementMode::Enforce && !lease_rooms.is_empty() {
+        if leases == Leases::AskForMore
+            && mode == EnforcementMode::Enforce
+            && !lease_rooms.is_empty()
+        {
             let leases: Vec<LeaseWant> = applicable
                 .iter()
                 .zip(&lease_rooms)
@@ -1673,6 +1716,9 @@ impl Engine {
         if downgraded_from.is_some() {
             entry_flags |= flags::DOWNGRADED;
         }
+        if leases == Leases::FailOpen {
+            entry_flags |= flags::FAIL_OPEN;
+        }
         let entry = Entry {
             at_ms: now_ms,
             kind: EntryKind::Hold,
@@ -1723,6 +1769,7 @@ impl Engine {
                     .idempotency_key
                     .is_some()
                     .then(|| Arc::new(permit.clone())),
+                fail_open: leases == Leases::FailOpen,
             },
         );
         let ticket = sink.append(vec![entry], alerts);

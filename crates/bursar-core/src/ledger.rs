@@ -85,6 +85,9 @@ pub mod flags {
     /// Answered from Bursar's response cache: nothing held or spent; the entry's usage
     /// and price version give the cost saved.
     pub const CACHE_HIT: u32 = 64;
+    /// Permitted while the store could not be reached, because the tenant fails open:
+    /// decided on the instance's own accounting and written when the store returned.
+    pub const FAIL_OPEN: u32 = 128;
 }
 
 /// Attribution of a call, recorded with its hold.

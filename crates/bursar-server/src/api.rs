@@ -240,8 +240,7 @@ pub async fn authorize(
         }
     }
     match s.authorize(&caller, req).await {
-        Ok((permit, ticket)) => {
-            ticket.wait().await?;
+        Ok(permit) => {
             record_decision(
                 "permit",
                 permit.shadow_denial.map_or("ok", |c| c.as_str()),

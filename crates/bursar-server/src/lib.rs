@@ -25,11 +25,11 @@ use axum::routing::{get, post};
 use axum::Json;
 pub use axum::Router;
 use bursar_core::budget::Budget;
-use bursar_core::catalog::{ApiKey, Directory};
+use bursar_core::catalog::{ApiKey, Directory, FailurePolicy};
 use bursar_core::config::Config;
 use bursar_core::engine::{
     plan_budgets, AuthorizeRequest, BudgetSet, Caller, DenyCode, Engine, FinishCode, FinishError,
-    Permit, Prepared, Rates, Settlement, Usage,
+    Leases, Permit, Prepared, Rates, Settlement, Usage,
 };
 use bursar_core::pricebook::PriceBook;
 use bursar_core::Money;
@@ -335,23 +335,34 @@ impl Services {
         );
     }
 
-    /// Decides a call. Its rate limits are taken from Redis first when there is one
-    /// (and given back if the call is then denied). With budgets shared across
-    /// instances, a call short of a lease asks the store for one (and the other
-    /// instances for their spare) and is decided again; after [`LEASE_ROUNDS`] it is
-    /// decided within what it has.
+    /// Decides a call and, when it is permitted, waits until its hold is durable. Its
+    /// rate limits are taken from Redis first when there is one (and given back if the
+    /// call is then denied). With budgets shared across instances, a call short of a
+    /// lease asks the store for one (and the other instances for their spare) and is
+    /// decided again; after [`LEASE_ROUNDS`] it is decided within what it has.
+    ///
+    /// While the store is away a call is refused (503, nothing held), unless its tenant
+    /// fails open: then it is decided on this instance's own accounting and answered at
+    /// once, its hold queued for the store's return.
     pub async fn authorize(
         &self,
         caller: &Caller,
         req: AuthorizeRequest,
-    ) -> Result<(Permit, bursar_store::Ticket), ApiError> {
+    ) -> Result<Permit, ApiError> {
         let prepared = self.engine.prepare(caller, req, self.clock.now())?;
+        let mut fail_open = false;
+        if !self.ledger.is_healthy() {
+            if !(prepared.fail_open() && self.ledger.can_queue()) {
+                return Err(store_away());
+            }
+            fail_open = true;
+        }
         let limiter = self
             .limiter
             .as_ref()
             .filter(|_| prepared.rate_checks().len() > 0);
         let Some(limiter) = limiter else {
-            return self.decide(&prepared, Rates::Local).await;
+            return self.hold(&prepared, Rates::Local, fail_open).await;
         };
         let strict = prepared.enforces();
         let taken = match limiter.take(prepared.rate_checks(), strict).await {
@@ -360,16 +371,81 @@ impl Services {
                 // This tenant goes on under this instance's own rate-limit cells.
                 tracing::warn!(error = %e, tenant = prepared.tenant(), "Redis unreachable: rate limits counted by this instance (fail open)");
                 metrics::counter!("bursar_fail_open_total", "part" => "redis").increment(1);
-                return self.decide(&prepared, Rates::Local).await;
+                return self.hold(&prepared, Rates::Local, fail_open).await;
             }
             Err(e) => return Err(ApiError::rate_limiter_unavailable(e.to_string())),
         };
-        let r = self.decide(&prepared, Rates::Taken(&taken.outcomes)).await;
-        // A call that is denied, or a retry answered with its first permit, takes nothing.
-        if r.as_ref().map_or(true, |(p, _)| p.replayed) {
+        let r = self
+            .hold(&prepared, Rates::Taken(&taken.outcomes), fail_open)
+            .await;
+        // A call that is refused, or a retry answered with its first permit, takes nothing.
+        if r.as_ref().map_or(true, |p| p.replayed) {
             limiter.give_back(&taken, strict).await;
         }
         r
+    }
+
+    /// [`Services::authorize`] once the rate limits are taken: decides, and waits for the
+    /// hold to be durable.
+    async fn hold(
+        &self,
+        prepared: &Prepared<'_>,
+        rates: Rates<'_>,
+        mut fail_open: bool,
+    ) -> Result<Permit, ApiError> {
+        let decided = if fail_open {
+            self.engine
+                .decide(prepared, &self.ledger, Leases::FailOpen, rates)
+                .map_err(ApiError::from)
+        } else {
+            match self.decide(prepared, rates).await {
+                // The store went away while a lease was asked for.
+                Err(e)
+                    if e.code == "store_unavailable"
+                        && prepared.fail_open()
+                        && self.ledger.can_queue() =>
+                {
+                    fail_open = true;
+                    self.engine
+                        .decide(prepared, &self.ledger, Leases::FailOpen, rates)
+                        .map_err(ApiError::from)
+                }
+                other => other,
+            }
+        };
+        let (permit, ticket) = decided?;
+        if fail_open {
+            tracing::warn!(tenant = prepared.tenant(), authorization = %permit.authorization_id, "store unreachable: permitted on this instance's accounting (fail open); the hold is queued");
+            metrics::counter!("bursar_fail_open_total", "part" => "store").increment(1);
+            return Ok(permit);
+        }
+        let t0 = std::time::Instant::now();
+        let landed = ticket.wait().await;
+        metrics::histogram!("bursar_hold_durable_seconds").record(t0.elapsed().as_secs_f64());
+        if let Err(e) = landed {
+            // Not durable in time: the hold is voided, so the call holds nothing once
+            // both entries land with the store's return; the caller is refused.
+            if !permit.replayed {
+                let _ = self.engine.void(
+                    prepared.tenant(),
+                    permit.authorization_id,
+                    None,
+                    self.clock.now(),
+                    &self.ledger,
+                );
+            }
+            return Err(e.into());
+        }
+        Ok(permit)
+    }
+
+    /// Whether `tenant` takes calls on while the store or Redis is away.
+    fn fails_open(&self, tenant: &str) -> bool {
+        self.engine
+            .directory()
+            .tenants
+            .get(tenant)
+            .is_some_and(|t| t.failure_policy == FailurePolicy::FailOpen)
     }
 
     async fn decide(
@@ -378,17 +454,25 @@ impl Services {
         rates: Rates<'_>,
     ) -> Result<(Permit, bursar_store::Ticket), ApiError> {
         let Some(shared) = &self.shared else {
-            return Ok(self.engine.decide(prepared, &self.ledger, true, rates)?);
+            return Ok(self
+                .engine
+                .decide(prepared, &self.ledger, Leases::AskForMore, rates)?);
         };
         for round in 0..LEASE_ROUNDS {
-            match self.engine.decide(prepared, &self.ledger, true, rates) {
+            match self
+                .engine
+                .decide(prepared, &self.ledger, Leases::AskForMore, rates)
+            {
                 Err(d) if d.code == DenyCode::LeaseNeeded => {}
                 other => return Ok(other?),
             }
             let (short, final_answer) = {
                 let _one_at_a_time = self.granting.lock().await;
                 // A grant made while this call waited may already be enough.
-                let d = match self.engine.decide(prepared, &self.ledger, true, rates) {
+                let d = match self
+                    .engine
+                    .decide(prepared, &self.ledger, Leases::AskForMore, rates)
+                {
                     Err(d) if d.code == DenyCode::LeaseNeeded => d,
                     other => return Ok(other?),
                 };
@@ -425,7 +509,9 @@ impl Services {
                     .await;
             }
         }
-        Ok(self.engine.decide(prepared, &self.ledger, false, rates)?)
+        Ok(self
+            .engine
+            .decide(prepared, &self.ledger, Leases::WithinHeld, rates)?)
     }
 
     /// Settles (`usage` given, `settle`) or voids a hold. With instances sharing the
@@ -438,14 +524,30 @@ impl Services {
         usage: Option<Usage>,
         settle: bool,
     ) -> Result<Result<(Settlement, bursar_store::Ticket), FinishError>, StoreError> {
-        let Some(shared) = &self.shared else {
-            return Ok(self.finish_here(tenant, id, usage, settle));
+        // While the store is away a finish is still taken (and queued): the call it
+        // records happened. A tenant that fails open is answered at once; others wait
+        // for the store (their ticket), at most a moment.
+        let answer_now = !self.ledger.is_healthy() && self.fails_open(tenant);
+        let mine = self.engine.is_fail_open_hold(id);
+        let r = match &self.shared {
+            // A hold permitted failing open was claimed with it: no claim to take.
+            Some(_) if mine => Ok(self.finish_here(tenant, id, usage, settle)),
+            Some(_) if !self.ledger.is_healthy() => Err(store_away_error()),
+            Some(shared) => {
+                let run = || self.finish_here(tenant, id, usage.clone(), settle);
+                self.finishing.lock().insert(id);
+                let r = self.claim_and_finish(shared, tenant, id, run).await;
+                self.finishing.lock().remove(&id);
+                r
+            }
+            None => Ok(self.finish_here(tenant, id, usage, settle)),
         };
-        let run = || self.finish_here(tenant, id, usage.clone(), settle);
-        self.finishing.lock().insert(id);
-        let r = self.claim_and_finish(shared, tenant, id, run).await;
-        self.finishing.lock().remove(&id);
-        r
+        match r {
+            Ok(Ok((settlement, _queued))) if answer_now => {
+                Ok(Ok((settlement, bursar_store::Ticket::resolved())))
+            }
+            other => other,
+        }
     }
 
     /// Settles or voids in this instance's engine.
@@ -518,12 +620,27 @@ impl Services {
                     let finishing = self.finishing.lock();
                     due.retain(|id| !finishing.contains(id));
                 }
-                let claimed = shared.claim(&due).await?;
-                for id in due.iter().filter(|id| !claimed.contains(id)) {
-                    self.engine.forget_finished_elsewhere(*id);
+                // Holds permitted failing open are claimed already, by this instance.
+                let (mut expiring, others): (Vec<_>, Vec<_>) = due
+                    .into_iter()
+                    .partition(|id| self.engine.is_fail_open_hold(*id));
+                if self.ledger.is_healthy() {
+                    let claimed = shared.claim(&others).await?;
+                    let unclaimed: Vec<_> = others
+                        .into_iter()
+                        .filter(|id| !claimed.contains(id))
+                        .collect();
+                    // Finished elsewhere: forgotten here. Claimed by another instance and
+                    // not finished yet (or by one that died, until it is closed): kept,
+                    // and tried again at the next sweep.
+                    let open = shared.still_open(&unclaimed).await?;
+                    for id in unclaimed.iter().filter(|id| !open.contains(id)) {
+                        self.engine.forget_finished_elsewhere(*id);
+                    }
+                    shared.close_dead_instances().await?;
+                    expiring.extend(claimed);
                 }
-                shared.close_dead_instances().await?;
-                self.engine.expire(&claimed, now, &self.ledger)
+                self.engine.expire(&expiring, now, &self.ledger)
             }
         };
         if let Some(t) = ticket {
@@ -532,6 +649,15 @@ impl Services {
         metrics::gauge!("bursar_open_holds").set(self.engine.open_holds() as f64);
         Ok(n)
     }
+}
+
+/// The store is away and the caller's tenant fails closed.
+fn store_away_error() -> StoreError {
+    StoreError::Unavailable("the ledger store is unreachable".into())
+}
+
+fn store_away() -> ApiError {
+    store_away_error().into()
 }
 
 /// Runs the sweeper until the process ends.

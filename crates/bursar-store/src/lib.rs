@@ -17,9 +17,15 @@
 //!   verifies and reads whichever backend a [`Location`] names.
 //!
 //! Failure behaviour: if a commit fails (and, on PostgreSQL, a retry on a new
-//! connection fails too), its tickets resolve with an error and the store turns
-//! unhealthy: every later ticket fails (fail closed) until a restart recovers from what
-//! was committed.
+//! connection fails too), the store turns unhealthy and the writer writes the same batch
+//! again, with a growing pause, until it lands; what comes after waits behind it, in
+//! order. Its tickets resolve only then, so a caller that cannot wait gives up on its
+//! ticket, not on its entries: those land when the store returns (the HTTP edge refuses
+//! new work meanwhile, fail closed, or, for tenants that fail open, goes on and lets
+//! the queue carry it). Between batches the writer checks the store every second
+//! ([`Backend::idle`]), so an outage is seen, and its end, without waiting for work.
+//! Only a store that refuses this instance for good ([`StoreError::Fenced`],
+//! [`StoreError::Corrupt`]) fails every ticket from then on, until a restart.
 
 pub mod postgres;
 pub mod sqlite;
@@ -54,6 +60,19 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the database schema is not up to date: {0}")]
     Schema(String),
+    /// Another instance found this one dead and closed it: it may not write again.
+    #[error("{0}")]
+    Fenced(String),
+}
+
+impl StoreError {
+    /// Whether writing the same batch again can succeed once the store is back.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(_) | StoreError::Io(_) | StoreError::Unavailable(_)
+        )
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -124,14 +143,34 @@ pub enum Command {
     },
 }
 
+/// How long an async caller waits for its commit before it gives up (fail closed):
+/// longer than a lost connection takes to replace, far shorter than a client's timeout.
+pub const COMMIT_WAIT: Duration = Duration::from_secs(3);
+
 /// The ticket of an append: resolves when the entries are committed.
 pub struct Ticket(oneshot::Receiver<Result<(), StoreError>>);
 
 impl Ticket {
+    /// A ticket already resolved: for entries whose caller is answered without waiting
+    /// for the store (a tenant that fails open, while the store is away).
+    pub fn resolved() -> Ticket {
+        let (done, rx) = oneshot::channel();
+        let _ = done.send(Ok(()));
+        Ticket(rx)
+    }
+
+    /// Waits for the commit, at most [`COMMIT_WAIT`]. Giving up does not take the entries
+    /// back: they stay queued and land when the store returns.
     pub async fn wait(self) -> Result<(), StoreError> {
-        self.0.await.unwrap_or(Err(StoreError::Unavailable(
-            "the ledger writer stopped".into(),
-        )))
+        match tokio::time::timeout(COMMIT_WAIT, self.0).await {
+            Ok(r) => r.unwrap_or(Err(StoreError::Unavailable(
+                "the ledger writer stopped".into(),
+            ))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no commit within {} s; the entries are queued until the store returns",
+                COMMIT_WAIT.as_secs()
+            ))),
+        }
     }
 
     /// For synchronous callers (CLI tools, benchmarks).
@@ -148,11 +187,23 @@ impl Ticket {
 #[derive(Clone)]
 pub struct LedgerHandle {
     tx: SyncSender<Command>,
-    healthy: Arc<AtomicBool>,
+    status: Arc<WriterStatus>,
+}
+
+/// What the writer tells its handles.
+#[derive(Default)]
+struct WriterStatus {
+    /// Set while commits fail (or the store does not answer between batches).
+    failing: AtomicBool,
+    /// Set for good when the store refuses this instance.
+    fenced: AtomicBool,
+    /// Commands sent and not yet taken by the writer.
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 impl LedgerHandle {
     fn send(&self, cmd: Command) {
+        self.status.queued.fetch_add(1, Ordering::Relaxed);
         // A full queue means the store is behind: wait for room rather than drop.
         match self.tx.try_send(cmd) {
             Ok(()) => {}
@@ -160,7 +211,7 @@ impl LedgerHandle {
                 let _ = self.tx.send(cmd);
             }
             Err(TrySendError::Disconnected(_)) => {
-                self.healthy.store(false, Ordering::SeqCst);
+                self.status.fenced.store(true, Ordering::SeqCst);
             }
         }
     }
@@ -172,8 +223,21 @@ impl LedgerHandle {
         Ticket(rx)
     }
 
+    /// Whether the store takes commits now.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
+        !self.status.failing.load(Ordering::SeqCst) && !self.status.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Commands waiting for the writer (while the store is down: the queue that lands
+    /// when it returns).
+    pub fn queued(&self) -> usize {
+        self.status.queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether entries appended now will land when the store returns: the store is away
+    /// for a while, not refusing this instance, and the queue has room.
+    pub fn can_queue(&self) -> bool {
+        !self.status.fenced.load(Ordering::SeqCst) && self.queued() < MAX_QUEUED_COMMANDS / 2
     }
 }
 
@@ -182,9 +246,9 @@ impl LedgerSink for LedgerHandle {
 
     fn append(&self, entries: Vec<Entry>, alerts: Vec<AlertEvent>) -> Ticket {
         let (done, rx) = oneshot::channel();
-        if !self.is_healthy() {
-            let _ = done.send(Err(StoreError::Unavailable(
-                "the ledger is failing; restart to recover".into(),
+        if self.status.fenced.load(Ordering::SeqCst) {
+            let _ = done.send(Err(StoreError::Fenced(
+                "the ledger refuses this instance; restart it".into(),
             )));
         } else {
             self.send(Command::Append {
@@ -202,8 +266,16 @@ pub trait Backend: Send + 'static {
     /// Writes the whole batch in one transaction: all of it is committed, or none.
     fn write(&mut self, batch: &[Command]) -> Result<(), StoreError>;
     /// Called after a failed write: forget whatever the rolled-back transaction taught
-    /// the backend (interned texts, the chain head).
+    /// the backend (interned texts, the chain head). The next `write` is of the same
+    /// batch.
     fn forget(&mut self);
+    /// Called every second without work: checks that the store answers (and keeps what
+    /// the backend holds on it, such as PostgreSQL's instance lock).
+    fn idle(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Called once when the writer ends (every handle dropped: a clean exit).
+    fn close(&mut self) {}
 }
 
 /// Starts the writer thread of a backend.
@@ -211,22 +283,44 @@ pub fn spawn_writer(
     backend: impl Backend,
 ) -> Result<(LedgerHandle, thread::JoinHandle<()>), StoreError> {
     let (tx, rx) = mpsc::sync_channel(MAX_QUEUED_COMMANDS);
-    let healthy = Arc::new(AtomicBool::new(true));
-    let h = healthy.clone();
+    let status = Arc::new(WriterStatus::default());
+    let s = status.clone();
     let join = thread::Builder::new()
         .name("bursar-ledger-writer".into())
-        .spawn(move || run_writer(backend, rx, h))
+        .spawn(move || run_writer(backend, rx, &s))
         .map_err(|e| StoreError::Io(e.to_string()))?;
-    Ok((LedgerHandle { tx, healthy }, join))
+    Ok((LedgerHandle { tx, status }, join))
 }
 
-fn run_writer(mut backend: impl Backend, rx: Receiver<Command>, healthy: Arc<AtomicBool>) {
+/// The pause before a failed batch is written again: doubling from the first, up to
+/// the longest.
+const RETRY_PAUSE_FIRST: Duration = Duration::from_millis(50);
+const RETRY_PAUSE_LONGEST: Duration = Duration::from_secs(2);
+
+fn run_writer(mut backend: impl Backend, rx: Receiver<Command>, status: &WriterStatus) {
     let mut last_batch = 0usize;
     loop {
         let first = match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(c) => c,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {
+                if !status.fenced.load(Ordering::SeqCst) {
+                    let answered = backend.idle();
+                    if let Err(e) = &answered {
+                        if !status.failing.load(Ordering::SeqCst) {
+                            tracing::error!(error = %e, "the store does not answer; failing closed until it does");
+                        }
+                        backend.forget();
+                    } else if status.failing.load(Ordering::SeqCst) {
+                        tracing::info!("the store answers again");
+                    }
+                    status.failing.store(answered.is_err(), Ordering::SeqCst);
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                backend.close();
+                return;
+            }
         };
         let mut batch = vec![first];
         // Wait for company only when the last batch had some: a lone caller is not made
@@ -252,22 +346,55 @@ fn run_writer(mut backend: impl Backend, rx: Receiver<Command>, healthy: Arc<Ato
                 }
             }
         }
+        status.queued.fetch_sub(batch.len(), Ordering::Relaxed);
         last_batch = batch.len();
-        let result = if healthy.load(Ordering::SeqCst) {
-            backend.write(&batch)
-        } else {
-            Err(StoreError::Unavailable("the ledger is failing".into()))
-        };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "ledger commit failed; the store now fails closed");
-            healthy.store(false, Ordering::SeqCst);
-            backend.forget();
-        }
+        let result = write_until_landed(&mut backend, &batch, status);
         for cmd in batch {
             let done = match cmd {
                 Command::Append { done, .. } | Command::Catalog { done, .. } => done,
             };
             let _ = done.send(result.clone());
+        }
+    }
+}
+
+/// Writes `batch`, again and again while the store is away; gives up only when the store
+/// refuses this instance for good.
+fn write_until_landed(
+    backend: &mut impl Backend,
+    batch: &[Command],
+    status: &WriterStatus,
+) -> Result<(), StoreError> {
+    if status.fenced.load(Ordering::SeqCst) {
+        return Err(StoreError::Fenced(
+            "the ledger refuses this instance; restart it".into(),
+        ));
+    }
+    let mut pause = RETRY_PAUSE_FIRST;
+    loop {
+        match backend.write(batch) {
+            Ok(()) => {
+                if status.failing.swap(false, Ordering::SeqCst) {
+                    tracing::info!("the store is back: the queued entries are being written");
+                }
+                return Ok(());
+            }
+            Err(e) if e.is_transient() => {
+                if !status.failing.swap(true, Ordering::SeqCst) {
+                    tracing::error!(error = %e, "ledger commit failed; failing closed and writing the batch again until the store returns");
+                }
+                backend.forget();
+                metrics::counter!("bursar_ledger_commit_retries_total").increment(1);
+                thread::sleep(pause);
+                pause = (pause * 2).min(RETRY_PAUSE_LONGEST);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the store refuses this instance; every write fails until a restart");
+                status.fenced.store(true, Ordering::SeqCst);
+                status.failing.store(true, Ordering::SeqCst);
+                backend.forget();
+                return Err(e);
+            }
         }
     }
 }

@@ -18,10 +18,11 @@
 //! instances that died.
 //!
 //! A lost connection (PostgreSQL restarted, the backend terminated) is not the end: the
-//! writer reconnects, asks whether the failed batch's last entry is in the ledger with
-//! the hash it computed (the commit may have landed before the connection died), and
-//! if not writes the batch again, up to [`WRITE_RETRIES`] times. Only then does the
-//! store fail closed.
+//! writer reconnects at once, asks whether the failed batch's last entry is in the
+//! ledger with the hash it computed (the commit may have landed before the connection
+//! died), and if not writes the batch again. A store that stays away fails the write;
+//! the writer loop (`crate::run_writer`) then fails closed and tries again, with the
+//! same check, until the store returns.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -49,14 +50,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections of the read pool (reports, idempotency look-ups, settles of old ids).
 const READ_POOL_SIZE: u32 = 8;
-/// The writer's attempts to reconnect after losing its connection, and the pause
-/// between them.
-const RECONNECT_ATTEMPTS: u32 = 10;
-const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
-/// How many times a failed batch is checked and written again, each on a new
-/// connection, before the store fails closed.
-pub const WRITE_RETRIES: u32 = 5;
-
 /// The URL with any password replaced, for logs and messages.
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
@@ -177,6 +170,7 @@ pub async fn open(
         rt,
         conn: Some(conn),
         dict: HashMap::new(),
+        unlanded: None,
     };
     let (handle, join) = spawn_writer(writer)?;
     Ok(Opened {
@@ -188,6 +182,7 @@ pub async fn open(
                 pool: pool.clone(),
                 instance,
                 claims,
+                suspects: Default::default(),
             }
         }),
         reader: crate::Reader::Postgres(Reader { pool }),
@@ -373,6 +368,8 @@ struct Writer {
     rt: tokio::runtime::Runtime,
     conn: Option<PgConnection>,
     dict: HashMap<String, i64>,
+    /// Where the last failed attempt would have put the chain, had it committed.
+    unlanded: ChainMark,
 }
 
 /// Where a batch put the chain: its last entry's sequence number and hash.
@@ -386,24 +383,25 @@ impl Backend for Writer {
             rt,
             conn,
             dict,
+            unlanded,
         } = self;
         let instance = *instance;
         rt.block_on(async {
-            let mut mark: ChainMark = None;
-            let mut last = match connection(url, instance, conn).await {
-                Ok(c) => match write_batch(c, instance, batch, dict, &mut mark).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) => e,
-                },
-                Err(e) => e,
-            };
-            for _ in 0..WRITE_RETRIES {
-                // The connection may be gone, and the commit may have landed before it went.
-                *conn = None;
-                dict.clear();
-                tracing::warn!(error = %last, "ledger batch failed; reconnecting to check and retry");
-                let c = reconnect(url, instance, conn).await?;
-                if let Some((seq, hash)) = mark {
+            // Twice: a connection that was killed is replaced at once, without failing
+            // anyone; a store that is away fails this write, and the writer loop tries
+            // again later.
+            let mut last = None;
+            for _ in 0..2 {
+                let c = match connection(url, instance, conn).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
+                    }
+                };
+                // The last attempt at this batch may have committed before its
+                // connection went: then it is not written twice.
+                if let Some((seq, hash)) = *unlanded {
                     let stored: Result<Option<Vec<u8>>, sqlx::Error> =
                         sqlx::query_scalar("SELECT hash FROM ledger WHERE seq = $1")
                             .bind(seq)
@@ -412,28 +410,85 @@ impl Backend for Writer {
                     match stored {
                         Ok(h) if h.as_deref() == Some(hash.as_slice()) => {
                             tracing::info!(seq, "the failed batch had been committed");
+                            *unlanded = None;
                             return Ok(());
                         }
-                        Ok(_) => {}
+                        Ok(_) => *unlanded = None,
                         Err(e) => {
-                            last = e.into();
+                            *conn = None;
+                            dict.clear();
+                            last = Some(e.into());
                             continue;
                         }
                     }
                 }
-                mark = None;
+                let mut mark: ChainMark = None;
                 match write_batch(c, instance, batch, dict, &mut mark).await {
                     Ok(()) => return Ok(()),
-                    Err(e) => last = e,
+                    Err(e) => {
+                        // The connection may be gone, and the commit may have landed
+                        // before it went.
+                        *conn = None;
+                        dict.clear();
+                        *unlanded = mark;
+                        if !e.is_transient() {
+                            return Err(e);
+                        }
+                        tracing::warn!(error = %e, "ledger batch failed; checking it and writing it again on a new connection");
+                        last = Some(e);
+                    }
                 }
             }
-            Err(last)
+            Err(last.unwrap_or_else(|| StoreError::Unavailable("no connection".into())))
         })
     }
 
     fn forget(&mut self) {
+        // `unlanded` stays: the next write is of the same batch.
         self.dict.clear();
         self.conn = None;
+    }
+
+    fn close(&mut self) {
+        // A clean exit: this instance closes itself, so what it leased and did not use
+        // goes back to the others now, not when they find it dead.
+        let Writer {
+            instance, rt, conn, ..
+        } = self;
+        let Some(c) = conn.as_mut() else { return };
+        let closed = rt.block_on(async {
+            let mut tx = c.begin().await?;
+            sqlx::query("SELECT seq FROM chain_head FOR UPDATE")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE instances SET closed = TRUE WHERE id = $1")
+                .bind(*instance)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        });
+        if let Err(e) = closed {
+            tracing::warn!(error = %e, "closing this instance failed; the others will find it dead");
+        }
+    }
+
+    fn idle(&mut self) -> Result<(), StoreError> {
+        let Writer {
+            url,
+            instance,
+            rt,
+            conn,
+            ..
+        } = self;
+        rt.block_on(async {
+            let c = connection(url, *instance, conn).await?;
+            let alive = sqlx::query("SELECT 1").execute(&mut *c).await;
+            if let Err(e) = alive {
+                *conn = None;
+                return Err(e.into());
+            }
+            Ok(())
+        })
     }
 }
 
@@ -470,33 +525,6 @@ async fn connection<'a>(
     }
     conn.as_mut()
         .ok_or_else(|| StoreError::Unavailable("no connection".into()))
-}
-
-async fn reconnect<'a>(
-    url: &str,
-    instance: Uuid,
-    conn: &'a mut Option<PgConnection>,
-) -> Result<&'a mut PgConnection, StoreError> {
-    let mut last = None;
-    for _ in 0..RECONNECT_ATTEMPTS {
-        match connect_writer(url, instance).await {
-            Ok(c) => {
-                *conn = Some(c);
-                return conn
-                    .as_mut()
-                    .ok_or_else(|| StoreError::Unavailable("no connection".into()));
-            }
-            Err(e) => {
-                last = Some(e);
-                tokio::time::sleep(RECONNECT_PAUSE).await;
-            }
-        }
-    }
-    Err(StoreError::Unavailable(format!(
-        "PostgreSQL at {} did not come back: {}",
-        redact(url),
-        last.map(|e| e.to_string()).unwrap_or_default()
-    )))
 }
 
 async fn intern(
@@ -564,7 +592,7 @@ async fn write_batch(
         .fetch_optional(&mut *tx)
         .await?;
     if closed != Some(false) {
-        return Err(StoreError::Unavailable(format!(
+        return Err(StoreError::Fenced(format!(
             "instance {instance} was closed by another instance; restart it"
         )));
     }
@@ -575,7 +603,7 @@ async fn write_batch(
         .map_err(|_| StoreError::Corrupt("the chain head's hash is not 32 bytes".into()))?;
     let mut cols = Columns::default();
     // Holds this batch opens and finishes, for `open_holds`.
-    let (mut opened, mut finished) = (Vec::new(), Vec::new());
+    let (mut opened, mut claimed, mut finished) = (Vec::new(), Vec::new(), Vec::new());
     for cmd in batch {
         match cmd {
             Command::Append {
@@ -612,7 +640,15 @@ async fn write_batch(
                         .push(e.detail.as_ref().and_then(|d| d.idempotency_key.clone()));
                     cols.hash.push(hash.to_vec());
                     match e.kind {
-                        EntryKind::Hold => opened.push(e.authorization),
+                        EntryKind::Hold => {
+                            opened.push(e.authorization);
+                            // A hold permitted failing open is this instance's to finish
+                            // from the start (see `Engine::is_fail_open_hold`).
+                            claimed.push(
+                                (e.flags & bursar_core::ledger::flags::FAIL_OPEN != 0)
+                                    .then_some(instance),
+                            );
+                        }
                         EntryKind::Settle | EntryKind::Void | EntryKind::Expire => {
                             finished.push(e.authorization);
                         }
@@ -714,8 +750,9 @@ async fn write_batch(
         .execute(&mut *tx)
         .await?;
         if !opened.is_empty() {
-            sqlx::query("INSERT INTO open_holds (auth) SELECT * FROM UNNEST($1::uuid[]) ON CONFLICT DO NOTHING")
+            sqlx::query("INSERT INTO open_holds (auth, claimed_by) SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING")
                 .bind(&opened)
+                .bind(&claimed)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -752,7 +789,14 @@ pub struct Shared {
     pool: PgPool,
     instance: Uuid,
     claims: tokio::sync::mpsc::Sender<ClaimRequest>,
+    /// Other instances seen without their lock, and since when.
+    suspects: std::sync::Arc<parking_lot::Mutex<HashMap<Uuid, std::time::Instant>>>,
 }
+
+/// How long an instance's lock must stay free before it is closed: longer than any
+/// instance takes to reconnect after PostgreSQL restarts (its writer checks the store
+/// every second), so only a dead one is.
+pub const DEAD_AFTER: Duration = Duration::from_secs(10);
 
 /// Holds to claim, and where the ones claimed go.
 type ClaimRequest = (
@@ -997,6 +1041,19 @@ impl Shared {
             .unwrap_or_else(|_| Err(StoreError::Unavailable("the claim task stopped".into())))
     }
 
+    /// Which of `ids` are holds still open (not finished by any instance yet).
+    pub async fn still_open(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(
+            sqlx::query_scalar("SELECT auth FROM open_holds WHERE auth = ANY($1)")
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// Gives a claim back (the finish was refused, say for bad usage).
     pub async fn unclaim(&self, id: Uuid) -> Result<(), StoreError> {
         sqlx::query("UPDATE open_holds SET claimed_by = NULL WHERE auth = $1 AND claimed_by = $2")
@@ -1026,8 +1083,9 @@ impl Shared {
         Ok(crate::entry_of_row(stored_row(&r, |i| r.try_get(i))?))
     }
 
-    /// Closes the instances that died (their lock is free): what they had leased and not
-    /// used goes back to everyone. Returns how many were closed.
+    /// Closes the instances that died (their lock has been free for [`DEAD_AFTER`]):
+    /// what they had leased and not used goes back to everyone, and their claims may be
+    /// taken. Returns how many were closed.
     pub async fn close_dead_instances(&self) -> Result<usize, StoreError> {
         let others: Vec<Uuid> =
             sqlx::query_scalar("SELECT id FROM instances WHERE NOT closed AND id <> $1")
@@ -1041,7 +1099,27 @@ impl Shared {
                 .bind(instance_lock(id))
                 .fetch_one(&mut *conn)
                 .await?;
-            if free {
+            let due = {
+                let mut suspects = self.suspects.lock();
+                if free {
+                    suspects
+                        .entry(id)
+                        .or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        >= DEAD_AFTER
+                } else {
+                    suspects.remove(&id);
+                    false
+                }
+            };
+            if free && !due {
+                // Not long enough: let it take its lock back if it is only reconnecting.
+                sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(instance_lock(id))
+                    .execute(&mut *conn)
+                    .await?;
+            } else if free {
+                self.suspects.lock().remove(&id);
                 // Under the chain head's lock: a batch of that instance is either
                 // committed before (its entries count as committed) or refused after.
                 let mut tx = conn.begin().await?;

@@ -472,16 +472,7 @@ impl Call {
                 ttl: None,
             };
             let permit = match self.s.authorize(&self.caller, req).await {
-                Ok((permit, ticket)) => {
-                    let t0 = Instant::now();
-                    if let Err(e) = ticket.wait().await {
-                        let _ = reply.send(Err(e.into()));
-                        return;
-                    }
-                    metrics::histogram!("bursar_proxy_hold_durable_seconds")
-                        .record(t0.elapsed().as_secs_f64());
-                    permit
-                }
+                Ok(permit) => permit,
                 Err(denial) => {
                     metrics::counter!("bursar_decisions_total", "outcome" => "deny", "code" => denial.code)
                         .increment(1);

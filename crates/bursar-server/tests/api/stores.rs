@@ -225,3 +225,200 @@ async fn a_killed_database_connection_loses_nothing_acknowledged() {
     let v = app.verify().await;
     assert!(v.ok(), "{:?}", v.problems);
 }
+
+/// A TCP relay in front of PostgreSQL that a test can cut (every connection dropped, new
+/// ones refused) and mend: the store away and back for one instance, while the server
+/// itself stays up for the other tests.
+struct Relay {
+    port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start(upstream: String) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (o, l) = (open.clone(), links.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !o.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                l.lock().push(task.abort_handle());
+            }
+        });
+        Relay { port, open, links }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn mend(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// `url` with its host and port replaced by `127.0.0.1:port`, and the `host:port` it had.
+fn through(url: &str, port: u16) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, path) = rest.split_once('/').unwrap();
+    let (user, host) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h.to_string()),
+        None => (String::new(), authority.to_string()),
+    };
+    let host = if host.contains(':') {
+        host
+    } else {
+        format!("{host}:5432")
+    };
+    (format!("{scheme}://{user}127.0.0.1:{port}/{path}"), host)
+}
+
+async fn wait_ready(app: &TestApp, ready: bool) -> Resp {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = app.get("/readyz", "").await;
+        if (r.status == 200) == ready {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz stayed {:?}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it_returns() {
+    let Some(place) = Place::postgres().await else {
+        return;
+    };
+    let direct = match &place.location {
+        Location::Postgres(url) => url.clone(),
+        Location::Sqlite(_) => unreachable!(),
+    };
+    let relay = Relay::start(through(&direct, 0).1).await;
+    let (relayed, _) = through(&direct, relay.port);
+    // Tenant b fails open; a keeps the default, fail closed.
+    let config = CONFIG.replace(
+        "[[tenants]]\nid = \"b\"\nplan = \"pro\"\n",
+        "[[tenants]]\nid = \"b\"\nplan = \"pro\"\nfailure_policy = \"fail_open\"\n",
+    );
+    let app = spawn_app_at(&config, Place::at(Location::Postgres(relayed))).await;
+    let _keep = place;
+    let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 100, "max_tokens": 10});
+    let usage =
+        json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 5}});
+    let before = app.authorize(B_MEMBER, ask.clone()).await;
+    assert_eq!(before.status, 200, "{:?}", before.body);
+    let before = before.body["authorization_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    relay.cut();
+    // The writer checks the store every second: the outage shows without any work.
+    let r = wait_ready(&app, false).await;
+    assert_eq!(
+        r.body,
+        json!({"ready": false, "store": "unreachable", "redis": "none"})
+    );
+    // Fail closed: refused at once, nothing held.
+    let t0 = std::time::Instant::now();
+    let r = app.authorize(A_MEMBER, ask.clone()).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "store_unavailable"),
+        "{:?}",
+        r.body
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "refused without waiting"
+    );
+    // Fail open: permitted on this instance's accounting, and settled, without the store.
+    let mut opened = Vec::new();
+    for _ in 0..3 {
+        let p = app.authorize(B_MEMBER, ask.clone()).await;
+        assert_eq!(p.status, 200, "{:?}", p.body);
+        let id = p.body["authorization_id"].as_str().unwrap().to_string();
+        opened.push(Uuid::parse_str(&id).unwrap());
+    }
+    let s = app
+        .settle(B_MEMBER, &opened[0].to_string(), usage.clone())
+        .await;
+    assert_eq!(s.status, 200, "{:?}", s.body);
+    // A hold made before the outage is finished only with a claim, so not now.
+    let s = app.settle(B_MEMBER, &before, usage.clone()).await;
+    assert_eq!(
+        (s.status, s.code()),
+        (503, "store_unavailable"),
+        "{:?}",
+        s.body
+    );
+
+    relay.mend();
+    wait_ready(&app, true).await;
+    // Back: the fail-closed tenant is served, the old hold can be settled, and the holds
+    // permitted failing open are settled on this instance without a claim.
+    assert_eq!(app.authorize(A_MEMBER, ask.clone()).await.status, 200);
+    let s = app.settle(B_MEMBER, &before, usage.clone()).await;
+    assert_eq!(s.status, 200, "{:?}", s.body);
+    let s = app
+        .settle(B_MEMBER, &opened[1].to_string(), usage.clone())
+        .await;
+    assert_eq!(s.status, 200, "{:?}", s.body);
+    let again = app
+        .settle(B_MEMBER, &opened[0].to_string(), usage.clone())
+        .await;
+    assert_eq!(
+        again.status, 200,
+        "a retry gets the first settlement: {:?}",
+        again.body
+    );
+
+    // What was permitted and settled during the outage is in the ledger, flagged, in
+    // one valid chain with the rest; the refused call left nothing.
+    let entries = app.entries().await;
+    let of = |id: Uuid, kind: EntryKind| {
+        entries
+            .iter()
+            .filter(|e| e.authorization == id && e.kind == kind)
+            .collect::<Vec<_>>()
+    };
+    for id in &opened {
+        let holds = of(*id, EntryKind::Hold);
+        assert_eq!(holds.len(), 1);
+        assert_ne!(holds[0].flags & bursar_core::ledger::flags::FAIL_OPEN, 0);
+    }
+    assert_eq!(of(opened[0], EntryKind::Settle).len(), 1);
+    assert_eq!(of(opened[1], EntryKind::Settle).len(), 1);
+    assert_eq!(
+        of(Uuid::parse_str(&before).unwrap(), EntryKind::Settle).len(),
+        1
+    );
+    let a_holds = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Hold && e.tenant == "a")
+        .count();
+    assert_eq!(a_holds, 1, "only the call after the outage");
+    assert!(app.verify().await.ok());
+}
