@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # HTTP load on loopback: authorize + settle pairs, with wrk, on the embedded store or,
-# with BURSAR_BENCH_DATABASE_URL=postgres://…/postgres, on a fresh PostgreSQL database.
+# with BURSAR_BENCH_DATABASE_URL=postgres://…/postgres, on a fresh PostgreSQL database;
+# with BURSAR_BENCH_REDIS_URL=redis://…, rate limits in Redis (bench.toml's limit is
+# checked on every call and never reached).
 # Usage: bench/http_load.sh [connections...]   (default: 16 64)
 # Prints wrk's summary per run and Bursar's RSS and CPU seconds after each.
 set -euo pipefail
@@ -13,6 +15,9 @@ if [ -n "${BURSAR_BENCH_DATABASE_URL:-}" ]; then
   db="bursar_bench_$$"
   psql -q "$BURSAR_BENCH_DATABASE_URL" -c "CREATE DATABASE $db"
   store=(--database-url "${BURSAR_BENCH_DATABASE_URL%/*}/$db")
+fi
+if [ -n "${BURSAR_BENCH_REDIS_URL:-}" ]; then
+  store+=(--redis-url "$BURSAR_BENCH_REDIS_URL")
 fi
 trap 'kill $pid 2>/dev/null || true; rm -rf "$data"; [ -n "${db:-}" ] && sleep 1 && psql -q "$BURSAR_BENCH_DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"' EXIT
 BURSAR_LOG=warn ./target/release/bursar serve --config bench/bench.toml "${store[@]}" --migrate --listen 127.0.0.1:18181 &

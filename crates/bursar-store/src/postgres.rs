@@ -62,16 +62,20 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn options(url: &str) -> Result<PgConnectOptions, StoreError> {
+fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
     url.parse::<PgConnectOptions>()
         .map_err(|e| StoreError::Database(format!("bad database URL {}: {e}", redact(url))))
 }
 
 async fn pool(url: &str, size: u32) -> Result<PgPool, StoreError> {
+    pool_with(url, size, connect_options(url)?).await
+}
+
+async fn pool_with(url: &str, size: u32, options: PgConnectOptions) -> Result<PgPool, StoreError> {
     PgPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(CONNECT_TIMEOUT)
-        .connect_with(options(url)?)
+        .connect_with(options)
         .await
         .map_err(|e| StoreError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url))))
 }
@@ -140,16 +144,33 @@ pub async fn open(
             tracing::info!(migrations = n, "applied database migrations");
         }
     }
-    let pool = pool(url, READ_POOL_SIZE).await?;
+    // Claims, grants and give-backs commit without waiting for their WAL flush: each
+    // matters only through ledger entries committed after it (a settle after its
+    // claim, a hold after its grant), and the writer flushes before anyone is answered,
+    // which makes everything before in the WAL durable too.
+    let pool = pool_with(
+        url,
+        READ_POOL_SIZE,
+        connect_options(url)?.options([("synchronous_commit", "off")]),
+    )
+    .await?;
     check_schema(&pool).await?;
     // This process is a new instance: registered, and its lock taken, before anything.
     let instance = Uuid::now_v7();
     let (rt, conn) = writer_connection(url, instance).await?;
-    let registered = sqlx::query("INSERT INTO instances (id, started_at_ms) VALUES ($1, $2)")
-        .bind(instance)
-        .bind(chrono::Utc::now().timestamp_millis())
-        .execute(&pool)
-        .await;
+    let registered = async {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = on")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO instances (id, started_at_ms) VALUES ($1, $2)")
+            .bind(instance)
+            .bind(chrono::Utc::now().timestamp_millis())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+    .await;
     if let Err(e) = registered {
         drop(conn);
         rt.shutdown_background();
@@ -321,9 +342,11 @@ async fn read_ledger(
 async fn stored_counters(
     conn: &mut PgConnection,
 ) -> Result<HashMap<BucketKey, Counter>, StoreError> {
-    let rows = sqlx::query("SELECT bucket, held, spent FROM counters")
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT bucket, SUM(held)::bigint, SUM(spent)::bigint FROM counters GROUP BY bucket",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
     let rows = rows
         .iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
@@ -500,9 +523,11 @@ fn instance_lock(id: Uuid) -> i64 {
 
 /// A writer's connection: connected, and holding its instance's lock.
 async fn connect_writer(url: &str, instance: Uuid) -> Result<PgConnection, StoreError> {
-    let mut c = PgConnection::connect_with(&options(url)?)
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url))))?;
+    // Batches commit without waiting for the WAL flush, then flush (`write_batch`).
+    let mut c =
+        PgConnection::connect_with(&connect_options(url)?.options([("synchronous_commit", "off")]))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url))))?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(instance_lock(instance))
         .fetch_one(&mut c)
@@ -580,55 +605,40 @@ async fn write_batch(
     dict: &mut HashMap<String, i64>,
     mark: &mut ChainMark,
 ) -> Result<(), StoreError> {
-    let mut tx = conn.begin().await?;
-    // The chain head's lock orders this batch after every batch of every instance.
-    let head = sqlx::query("SELECT seq, hash FROM chain_head FOR UPDATE")
-        .fetch_one(&mut *tx)
-        .await?;
-    // An instance another one found dead (its lock free: a connection lost for long)
-    // may not write: what it decided since may not be covered by its leases any more.
-    let closed: Option<bool> = sqlx::query_scalar("SELECT closed FROM instances WHERE id = $1")
-        .bind(instance)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if closed != Some(false) {
-        return Err(StoreError::Fenced(format!(
-            "instance {instance} was closed by another instance; restart it"
-        )));
-    }
-    let mut seq: i64 = head.try_get(0)?;
-    let head_hash: Vec<u8> = head.try_get(1)?;
-    let mut prev: [u8; 32] = head_hash
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("the chain head's hash is not 32 bytes".into()))?;
+    // Begun and committed by hand, so the commit and the flush go in one round trip.
+    // On an error the caller drops the connection, and the transaction with it.
+    sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
+    // First what no other instance's batch touches: texts, this instance's counter
+    // rows, the open-holds rows of its holds, alerts, catalog rows. Only then the chain
+    // head, whose lock every batch of every instance takes in turn: it is held for
+    // three round trips, not for the whole batch.
     let mut cols = Columns::default();
     // Holds this batch opens and finishes, for `open_holds`.
     let (mut opened, mut claimed, mut finished) = (Vec::new(), Vec::new(), Vec::new());
+    let mut entries = Vec::new();
     for cmd in batch {
         match cmd {
             Command::Append {
-                entries, alerts, ..
+                entries: es,
+                alerts,
+                ..
             } => {
-                for e in entries {
-                    let hash = e.chain_hash(&prev);
-                    seq += 1;
-                    cols.seq.push(seq);
+                for e in es {
                     cols.at_ms.push(e.at_ms);
                     cols.kind
                         .push(i16::try_from(e.kind.code()).unwrap_or(i16::MAX));
                     cols.auth.push(e.authorization);
-                    cols.tenant
-                        .push(intern(&mut tx, dict, Some(&e.tenant)).await?);
+                    cols.tenant.push(intern(conn, dict, Some(&e.tenant)).await?);
                     cols.key_id.push(e.key_id);
                     cols.held.push(e.held_delta.nanos());
                     cols.cost.push(e.cost_delta.nanos());
                     cols.charge.push(e.charge_delta.nanos());
                     cols.model_req
-                        .push(intern(&mut tx, dict, e.model_requested.as_deref()).await?);
+                        .push(intern(conn, dict, e.model_requested.as_deref()).await?);
                     cols.model_used
-                        .push(intern(&mut tx, dict, e.model_used.as_deref()).await?);
+                        .push(intern(conn, dict, e.model_used.as_deref()).await?);
                     cols.price_version
-                        .push(intern(&mut tx, dict, e.price_version.as_deref()).await?);
+                        .push(intern(conn, dict, e.price_version.as_deref()).await?);
                     cols.in_tok.push(to_i64(e.usage.input_tokens));
                     cols.cached_tok.push(to_i64(e.usage.cached_input_tokens));
                     cols.out_tok.push(to_i64(e.usage.output_tokens));
@@ -638,7 +648,6 @@ async fn write_batch(
                     cols.detail.push(detail_json(e)?);
                     cols.idem
                         .push(e.detail.as_ref().and_then(|d| d.idempotency_key.clone()));
-                    cols.hash.push(hash.to_vec());
                     match e.kind {
                         EntryKind::Hold => {
                             opened.push(e.authorization);
@@ -654,7 +663,7 @@ async fn write_batch(
                         }
                         EntryKind::Release | EntryKind::Adjustment => {}
                     }
-                    prev = hash;
+                    entries.push(e);
                 }
                 for a in alerts {
                     sqlx::query(
@@ -667,7 +676,7 @@ async fn write_batch(
                     .bind(&a.reason)
                     .bind(a.limit.nanos())
                     .bind(a.used.nanos())
-                    .execute(&mut *tx)
+                    .execute(&mut *conn)
                     .await?;
                 }
             }
@@ -679,23 +688,103 @@ async fn write_batch(
                     .bind(&row.kind)
                     .bind(&row.id)
                     .bind(body)
-                    .execute(&mut *tx)
+                    .execute(&mut *conn)
                     .await?;
                 }
                 None => {
                     sqlx::query("DELETE FROM catalog WHERE kind = $1 AND id = $2")
                         .bind(&row.kind)
                         .bind(&row.id)
-                        .execute(&mut *tx)
+                        .execute(&mut *conn)
                         .await?;
                 }
             },
         }
     }
+    if !entries.is_empty() {
+        // A hold opened and finished in this batch is never open after its commit (and
+        // one statement's insert and delete would not see each other).
+        let both: std::collections::HashSet<Uuid> = {
+            let f: std::collections::HashSet<&Uuid> = finished.iter().collect();
+            opened.iter().filter(|a| f.contains(a)).copied().collect()
+        };
+        let (mut open_auth, mut open_claim) = (Vec::new(), Vec::new());
+        for (a, c) in opened.iter().zip(&claimed) {
+            if !both.contains(a) {
+                open_auth.push(*a);
+                open_claim.push(*c);
+            }
+        }
+        finished.retain(|a| !both.contains(a));
+        let deltas = counter_deltas(batch);
+        let mut buckets: Vec<(String, i64, i64)> = deltas
+            .iter()
+            .map(|(b, d)| (b.to_string(), d.held.nanos(), d.spent.nanos()))
+            .collect();
+        buckets.sort();
+        let (names, (held, spent)): (Vec<String>, (Vec<i64>, Vec<i64>)) =
+            buckets.into_iter().map(|(b, h, s)| (b, (h, s))).unzip();
+        // This instance's counter rows (also its use, for the leases) and the open
+        // holds, in one statement, in the same transaction as the entries.
+        sqlx::query(
+            "WITH c AS (
+               INSERT INTO counters (bucket, instance, held, spent)
+               SELECT b, $4, h, s FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS t(b, h, s)
+               ON CONFLICT (bucket, instance) DO UPDATE
+                 SET held = counters.held + EXCLUDED.held, spent = counters.spent + EXCLUDED.spent
+             ), o AS (
+               INSERT INTO open_holds (auth, claimed_by) SELECT * FROM UNNEST($5::uuid[], $6::uuid[])
+               ON CONFLICT DO NOTHING
+             ), f AS (
+               DELETE FROM open_holds WHERE auth = ANY($7)
+             )
+             SELECT 1",
+        )
+        .bind(&names)
+        .bind(&held)
+        .bind(&spent)
+        .bind(instance)
+        .bind(&open_auth)
+        .bind(&open_claim)
+        .bind(&finished)
+        .execute(&mut *conn)
+        .await?;
+    }
+    // The chain head's lock orders this batch after every batch of every instance.
+    let head = sqlx::query("SELECT seq, hash FROM chain_head FOR UPDATE")
+        .fetch_one(&mut *conn)
+        .await?;
+    // An instance another one found dead (its lock free: a connection lost for long)
+    // may not write: what it decided since may not be covered by its leases any more.
+    // (Its own statement, so its snapshot is taken after the lock.)
+    let closed: Option<bool> = sqlx::query_scalar("SELECT closed FROM instances WHERE id = $1")
+        .bind(instance)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if closed != Some(false) {
+        return Err(StoreError::Fenced(format!(
+            "instance {instance} was closed by another instance; restart it"
+        )));
+    }
+    let mut seq: i64 = head.try_get(0)?;
+    let head_hash: Vec<u8> = head.try_get(1)?;
+    let mut prev: [u8; 32] = head_hash
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("the chain head's hash is not 32 bytes".into()))?;
+    for e in &entries {
+        let hash = e.chain_hash(&prev);
+        seq += 1;
+        cols.seq.push(seq);
+        cols.hash.push(hash.to_vec());
+        prev = hash;
+    }
     if !cols.seq.is_empty() {
         sqlx::query(
-            "INSERT INTO ledger (seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, idem, hash)
-             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::smallint[], $4::uuid[], $5::bigint[], $6::uuid[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::int[], $19::text[], $20::text[], $21::bytea[])",
+            "WITH l AS (
+               INSERT INTO ledger (seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, idem, hash)
+               SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::smallint[], $4::uuid[], $5::bigint[], $6::uuid[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::int[], $19::text[], $20::text[], $21::bytea[])
+             )
+             UPDATE chain_head SET seq = $22, hash = $23",
         )
         .bind(&cols.seq)
         .bind(&cols.at_ms)
@@ -718,56 +807,10 @@ async fn write_batch(
         .bind(&cols.detail)
         .bind(&cols.idem)
         .bind(&cols.hash)
-        .execute(&mut *tx)
+        .bind(seq)
+        .bind(prev.as_slice())
+        .execute(&mut *conn)
         .await?;
-        let deltas = counter_deltas(batch);
-        let mut buckets = Vec::with_capacity(deltas.len());
-        let mut held = Vec::with_capacity(deltas.len());
-        let mut spent = Vec::with_capacity(deltas.len());
-        for (b, d) in &deltas {
-            buckets.push(b.to_string());
-            held.push(d.held.nanos());
-            spent.push(d.spent.nanos());
-        }
-        sqlx::query(
-            "INSERT INTO counters (bucket, held, spent) SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[])
-             ON CONFLICT (bucket) DO UPDATE SET held = counters.held + EXCLUDED.held, spent = counters.spent + EXCLUDED.spent",
-        )
-        .bind(&buckets)
-        .bind(&held)
-        .bind(&spent)
-        .execute(&mut *tx)
-        .await?;
-        // This instance's use per bucket, in the same transaction as its entries.
-        sqlx::query(
-            "INSERT INTO lease_use (bucket, instance, used) SELECT b, $4, h + s FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS t(b, h, s)
-             ON CONFLICT (bucket, instance) DO UPDATE SET used = lease_use.used + EXCLUDED.used",
-        )
-        .bind(&buckets)
-        .bind(&held)
-        .bind(&spent)
-        .bind(instance)
-        .execute(&mut *tx)
-        .await?;
-        if !opened.is_empty() {
-            sqlx::query("INSERT INTO open_holds (auth, claimed_by) SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING")
-                .bind(&opened)
-                .bind(&claimed)
-                .execute(&mut *tx)
-                .await?;
-        }
-        // A finished hold is open no more, from this commit on.
-        if !finished.is_empty() {
-            sqlx::query("DELETE FROM open_holds WHERE auth = ANY($1)")
-                .bind(&finished)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query("UPDATE chain_head SET seq = $1, hash = $2")
-            .bind(seq)
-            .bind(prev.as_slice())
-            .execute(&mut *tx)
-            .await?;
         *mark = Some((seq, prev));
     }
     if batch.iter().any(|c| matches!(c, Command::Catalog { .. })) {
@@ -775,10 +818,20 @@ async fn write_batch(
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CATALOG_CHANGED)
             .bind(instance.to_string())
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
     }
-    tx.commit().await?;
+    // The writer's connection commits without waiting for the WAL flush
+    // (`synchronous_commit = off`, see `connect_writer`), so the chain head's lock is
+    // not held through one: the next batch, of any instance, goes on at once.
+    // Durable before acknowledged: then one implicit transaction with an id of its own,
+    // committed synchronously, flushes the WAL up to its commit record, which lies after
+    // this batch's. Instances flushing at once share flushes (PostgreSQL's group
+    // commit). A batch whose flush was not confirmed is checked for (`unlanded`) like
+    // any other failed batch.
+    sqlx::raw_sql("COMMIT; SET LOCAL synchronous_commit = on; SELECT txid_current()")
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -899,15 +952,15 @@ impl Shared {
             let row = sqlx::query(
                 "SELECT
                    (SELECT COALESCE(SUM(held + spent), 0) FROM counters WHERE bucket = ANY($1))::bigint,
-                   (SELECT COALESCE(SUM(GREATEST(l.amount - COALESCE(u.used, 0), 0)), 0)
+                   (SELECT COALESCE(SUM(GREATEST(l.amount - COALESCE(u.held + u.spent, 0), 0)), 0)
                       FROM leases l JOIN instances i ON i.id = l.instance
-                      LEFT JOIN lease_use u ON u.bucket = l.bucket AND u.instance = l.instance
+                      LEFT JOIN counters u ON u.bucket = l.bucket AND u.instance = l.instance
                      WHERE l.bucket = $2 AND NOT i.closed)::bigint,
-                   (SELECT COALESCE(SUM(GREATEST(l.amount - COALESCE(u.used, 0), 0)), 0)
+                   (SELECT COALESCE(SUM(GREATEST(l.amount - COALESCE(u.held + u.spent, 0), 0)), 0)
                       FROM leases l JOIN instances i ON i.id = l.instance
-                      LEFT JOIN lease_use u ON u.bucket = l.bucket AND u.instance = l.instance
+                      LEFT JOIN counters u ON u.bucket = l.bucket AND u.instance = l.instance
                      WHERE l.bucket = $2 AND NOT i.closed AND l.instance <> $3)::bigint,
-                   (SELECT held + spent FROM counters WHERE bucket = $4)",
+                   (SELECT SUM(held + spent) FROM counters WHERE bucket = $4)::bigint",
             )
             .bind(&counted)
             .bind(&bucket)
@@ -1309,7 +1362,7 @@ impl Reader {
 pub async fn scratch_database(admin_url: &str) -> Result<String, StoreError> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let mut admin = PgConnection::connect_with(&options(admin_url)?).await?;
+    let mut admin = PgConnection::connect_with(&connect_options(admin_url)?).await?;
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT datname FROM pg_database WHERE datname LIKE 'bursar\\_test\\_%'",
     )
