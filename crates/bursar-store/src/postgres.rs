@@ -4,18 +4,20 @@
 //! `bursar migrate` or on start when asked; a database that is behind is refused.
 //!
 //! Writing: each instance has one writer thread (shared loop, see the crate
-//! documentation) with its own connection. A batch is one transaction that first takes
-//! the chain head's row lock (`SELECT … FOR UPDATE`), so the batches of every instance
-//! form one total order and one hash chain; the entries go in with one multi-row insert,
-//! the counters with one multi-row upsert. The lock is held for one batch, not one
-//! request, so instances contend once per commit.
+//! documentation) with its own connection. A batch is one transaction: first what only
+//! this instance touches (its counter rows, per bucket and instance, and the open-holds
+//! rows, in one statement), then the chain head's row lock (`SELECT … FOR UPDATE`), so
+//! the batches of every instance form one total order and one hash chain, and the
+//! entries and the new head in one statement. The commit does not wait for the WAL
+//! flush (the lock is released at once); the flush follows in the same round trip, and
+//! only then are the batch's callers answered. The lock is held for one batch's three
+//! round trips, not one request, so instances contend once per commit, briefly.
 //!
 //! Several instances share one database (ARCHITECTURE.md, "Several instances"): each
 //! registers in `instances` and holds a session advisory lock on its id while it lives;
-//! its writer keeps, per bucket, the use of the entries it wrote (`lease_use`, in the
-//! same transaction), records open holds and announces catalog changes; [`Shared`]
-//! grants and takes back leases, claims holds before they are finished, and closes
-//! instances that died.
+//! its counter rows are also its use for the leases; its writer records open holds and
+//! announces catalog changes; [`Shared`] grants and takes back leases, claims holds
+//! before they are finished, and closes instances that died.
 //!
 //! A lost connection (PostgreSQL restarted, the backend terminated) is not the end: the
 //! writer reconnects at once, asks whether the failed batch's last entry is in the
