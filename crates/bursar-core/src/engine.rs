@@ -401,7 +401,7 @@ struct Finished {
     /// The first answer, for an idempotent retry of the authorize.
     permit: Option<Arc<Permit>>,
     /// Kept (for expired holds only) so a late settle can be reconciled once.
-    hold: Option<Hold>,
+    hold: Option<Box<Hold>>,
 }
 
 #[derive(Debug, Clone)]
@@ -463,7 +463,9 @@ impl RateCell {
 struct State {
     counters: Map<BucketKey, Counter>,
     holds: Map<Uuid, Hold>,
-    finished: Map<Uuid, Finished>,
+    /// Boxed: most of a finished outcome's life is spent in the map, which is sized for
+    /// twice `MAX_FINISHED_IN_MEMORY`; its buckets stay small.
+    finished: Map<Uuid, Box<Finished>>,
     idempotency: Map<(String, String), IdempotencyRecord>,
     limiters: Map<RateCell, Gcra>,
     levels: Map<BucketKey, Level>,
@@ -2006,14 +2008,14 @@ impl Engine {
         };
         state.finished.insert(
             id,
-            Finished {
+            Box::new(Finished {
                 tenant: hold.tenant.clone(),
                 usage,
                 settlement: settlement.clone(),
                 finished_at_ms: now_ms,
                 permit: hold.permit,
                 hold: None,
-            },
+            }),
         );
         let ticket = sink.append(vec![entry], alerts);
         Ok((settlement, ticket))
@@ -2289,7 +2291,7 @@ impl Engine {
             });
             state.finished.insert(
                 *id,
-                Finished {
+                Box::new(Finished {
                     tenant: hold.tenant.clone(),
                     usage: None,
                     settlement: Settlement {
@@ -2306,8 +2308,8 @@ impl Engine {
                     },
                     finished_at_ms: now_ms,
                     permit: hold.permit.clone(),
-                    hold: Some(hold),
-                },
+                    hold: Some(Box::new(hold)),
+                }),
             );
         }
         let keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
@@ -2436,7 +2438,7 @@ impl Engine {
                         state
                             .finished
                             .get(&e.authorization)
-                            .and_then(|f| f.hold.clone())
+                            .and_then(|f| f.hold.as_deref().cloned())
                     });
                     let Some(hold) = hold else { return };
                     for b in &hold.detail.buckets {
@@ -2458,7 +2460,7 @@ impl Engine {
                     };
                     state.finished.insert(
                         e.authorization,
-                        Finished {
+                        Box::new(Finished {
                             tenant: e.tenant.clone(),
                             usage: (kind == EntryKind::Settle).then(|| Usage {
                                 tokens: e.usage,
@@ -2484,8 +2486,8 @@ impl Engine {
                             },
                             finished_at_ms: e.at_ms,
                             permit: hold.permit.clone(),
-                            hold: (kind == EntryKind::Expire).then_some(hold),
-                        },
+                            hold: (kind == EntryKind::Expire).then(|| Box::new(hold)),
+                        }),
                     );
                 }
             }

@@ -83,68 +83,72 @@ fn row<T: Serialize>(kind: &str, id: &str, value: &T) -> CatalogRow {
     }
 }
 
-/// Applies stored catalog rows over what the configuration file declared.
+/// Puts stored catalog rows in force (their order does not matter: each names its
+/// object whole).
 pub fn apply_catalog_rows(engine: &Engine, catalog: &mut CatalogState, rows: &[CatalogRow]) {
-    const ORDER: [&str; 5] = ["tenant", "team", "user", "key", "budget"];
-    for kind in ORDER {
-        for r in rows.iter().filter(|r| r.kind == kind) {
-            let Some(body) = &r.body else { continue };
-            let ok = match kind {
-                "tenant" => serde_json::from_str::<Tenant>(body)
-                    .map(|t| {
-                        catalog.directory.tenants.insert(t.id.clone(), t);
-                    })
-                    .is_ok(),
-                "team" => serde_json::from_str::<Team>(body)
-                    .map(|t| {
-                        catalog
-                            .directory
-                            .teams
-                            .insert((t.tenant.clone(), t.id.clone()), t);
-                    })
-                    .is_ok(),
-                "user" => serde_json::from_str::<User>(body)
-                    .map(|u| {
-                        catalog
-                            .directory
-                            .users
-                            .insert((u.tenant.clone(), u.id.clone()), u);
-                    })
-                    .is_ok(),
-                "key" => match serde_json::from_str::<KeyRecord>(body) {
-                    Ok(k) => match KeyHash::from_hex(&k.sha256) {
-                        Some(hash) => {
-                            engine.upsert_key(ApiKey {
-                                id: k.id,
-                                name: k.name,
-                                hash,
-                                prefix: k.prefix,
-                                tenant: k.tenant,
-                                team: k.team,
-                                user: k.user,
-                                kind: k.kind,
-                                role: k.role,
-                                created_at: k.created_at,
-                                expires_at: k.expires_at,
-                                revoked_at: k.revoked_at,
-                            });
-                            true
-                        }
-                        None => false,
-                    },
-                    Err(_) => false,
-                },
-                "budget" => serde_json::from_str::<Budget>(body)
-                    .map(|b| {
-                        catalog.api_budgets.insert(b.id.clone(), b);
-                    })
-                    .is_ok(),
-                _ => true,
-            };
-            if !ok {
-                tracing::error!(kind = %r.kind, id = %r.id, "unreadable catalog row skipped");
-            }
-        }
+    for r in rows {
+        apply_catalog_row(engine, catalog, r);
+    }
+}
+
+/// Puts one stored catalog row in force: an API key into the engine, anything else
+/// into `catalog`. An unreadable row is skipped, logged.
+pub fn apply_catalog_row(engine: &Engine, catalog: &mut CatalogState, r: &CatalogRow) {
+    let Some(body) = &r.body else { return };
+    let ok = match r.kind.as_str() {
+        "tenant" => serde_json::from_str::<Tenant>(body)
+            .map(|t| {
+                catalog.directory.tenants.insert(t.id.clone(), t);
+            })
+            .is_ok(),
+        "team" => serde_json::from_str::<Team>(body)
+            .map(|t| {
+                catalog
+                    .directory
+                    .teams
+                    .insert((t.tenant.clone(), t.id.clone()), t);
+            })
+            .is_ok(),
+        "user" => serde_json::from_str::<User>(body)
+            .map(|u| {
+                catalog
+                    .directory
+                    .users
+                    .insert((u.tenant.clone(), u.id.clone()), u);
+            })
+            .is_ok(),
+        "key" => match serde_json::from_str::<KeyRecord>(body) {
+            Ok(k) => match KeyHash::from_hex(&k.sha256) {
+                Some(hash) => {
+                    engine.upsert_key(ApiKey {
+                        id: k.id,
+                        name: k.name,
+                        hash,
+                        prefix: k.prefix,
+                        tenant: k.tenant,
+                        team: k.team,
+                        user: k.user,
+                        kind: k.kind,
+                        role: k.role,
+                        created_at: k.created_at,
+                        expires_at: k.expires_at,
+                        revoked_at: k.revoked_at,
+                    });
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        },
+        "budget" => serde_json::from_str::<Budget>(body)
+            .map(|b| {
+                catalog.api_budgets.insert(b.id.clone(), b);
+            })
+            .is_ok(),
+        _ => true,
+    };
+    if !ok {
+        tracing::error!(kind = %r.kind, id = %r.id, "unreadable catalog row skipped");
     }
 }
 

@@ -192,8 +192,6 @@ pub async fn build(
         durability: config.server.durability,
         migrate,
     };
-    // Recovery streams the ledger into the engine, entry by entry.
-    let opened = bursar_store::open(location, options, |e| engine.recover_one(&e)).await?;
     let mut catalog = CatalogState {
         directory: config.directory.clone(),
         file_budgets: config.budgets.clone(),
@@ -204,7 +202,17 @@ pub async fn build(
     for k in config.keys {
         engine.upsert_key(k);
     }
-    admin::apply_catalog_rows(&engine, &mut catalog, &opened.catalog);
+    // Recovery streams the ledger into the engine, entry by entry, then the stored
+    // catalog, row by row (it wins over the file's keys).
+    let opened = bursar_store::open(
+        location,
+        options,
+        bursar_store::Recovery {
+            on_entry: |e| engine.recover_one(&e),
+            on_catalog: |row| admin::apply_catalog_row(&engine, &mut catalog, &row),
+        },
+    )
+    .await?;
     engine.set_directory(catalog.directory.clone());
     engine.set_budgets(catalog.budget_set());
     tracing::info!(entries = opened.entries, "ledger replayed");

@@ -42,7 +42,15 @@ fn request() -> AuthorizeRequest {
 fn run(durability: sqlite::Durability, callers: usize, per_caller: usize) {
     let dir = tempfile::tempdir().unwrap();
     let path = sqlite::ledger_path(dir.path());
-    let opened = sqlite::open(&path, durability, |_| {}).unwrap();
+    let opened = sqlite::open(
+        &path,
+        durability,
+        bursar_store::Recovery {
+            on_entry: |_| {},
+            on_catalog: |_| {},
+        },
+    )
+    .unwrap();
     let book = Arc::new(PriceBook::builtin().unwrap());
     let config = Config::parse(CONFIG, &book, Utc::now()).unwrap();
     let engine = Arc::new(Engine::new(config.engine.clone(), book));

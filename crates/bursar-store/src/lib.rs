@@ -816,7 +816,6 @@ pub struct Opened {
     pub shared: Option<postgres::Shared>,
     /// How many entries were replayed.
     pub entries: usize,
-    pub catalog: Vec<CatalogRow>,
     pub writer: thread::JoinHandle<()>,
 }
 
@@ -830,16 +829,25 @@ pub struct OpenOptions {
     pub migrate: bool,
 }
 
-/// Opens (or creates) the store, streams the ledger to `on_entry` in order (recovery),
-/// and starts the writer thread. Refuses a ledger whose chain does not verify.
-pub async fn open(
+/// What recovery is handed, row by row: nothing of it is kept in a list first (a
+/// catalog of 100k keys would otherwise sit in memory twice at start).
+pub struct Recovery<E: FnMut(Entry), C: FnMut(CatalogRow)> {
+    /// Every ledger entry, in order.
+    pub on_entry: E,
+    /// Every stored catalog row, in no particular order.
+    pub on_catalog: C,
+}
+
+/// Opens (or creates) the store, streams the ledger and the catalog to `recovery`, and
+/// starts the writer thread. Refuses a ledger whose chain does not verify.
+pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow)>(
     location: &Location,
     options: OpenOptions,
-    on_entry: impl FnMut(Entry),
+    recovery: Recovery<E, C>,
 ) -> Result<Opened, StoreError> {
     match location {
-        Location::Sqlite(path) => sqlite::open(path, options.durability, on_entry),
-        Location::Postgres(url) => postgres::open(url, options, on_entry).await,
+        Location::Sqlite(path) => sqlite::open(path, options.durability, recovery),
+        Location::Postgres(url) => postgres::open(url, options, recovery).await,
     }
 }
 

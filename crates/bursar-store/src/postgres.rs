@@ -135,10 +135,10 @@ async fn check_schema(pool: &PgPool) -> Result<(), StoreError> {
 
 /// Opens the store: checks (or applies) the schema, streams the ledger to `on_entry`
 /// in order, and starts the writer thread.
-pub async fn open(
+pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow)>(
     url: &str,
     options: OpenOptions,
-    mut on_entry: impl FnMut(Entry),
+    mut recovery: crate::Recovery<E, C>,
 ) -> Result<Opened, StoreError> {
     if options.migrate {
         let n = migrate(url).await?;
@@ -178,7 +178,7 @@ pub async fn open(
         rt.shutdown_background();
         return Err(e.into());
     }
-    let (entries, catalog) = match replay(&pool, &mut on_entry).await {
+    let entries = match replay(&pool, &mut recovery.on_entry, &mut recovery.on_catalog).await {
         Ok(found) => found,
         Err(e) => {
             drop(conn);
@@ -210,16 +210,16 @@ pub async fn open(
         }),
         reader: crate::Reader::Postgres(Reader { pool }),
         entries,
-        catalog,
         writer: join,
     })
 }
 
-/// Streams the ledger to `on_entry` and reads the catalog, from one snapshot.
+/// Streams the ledger to `on_entry` and the catalog to `on_catalog`, from one snapshot.
 async fn replay(
     pool: &PgPool,
     on_entry: &mut dyn FnMut(Entry),
-) -> Result<(usize, Vec<CatalogRow>), StoreError> {
+    on_catalog: &mut dyn FnMut(CatalogRow),
+) -> Result<usize, StoreError> {
     let mut tx = snapshot(pool).await?;
     let (entries, _, problems) = read_ledger(&mut tx, on_entry).await?;
     if let Some(p) = problems.first() {
@@ -227,20 +227,18 @@ async fn replay(
             "the ledger does not verify: {p}; run `bursar ledger verify` for details"
         )));
     }
-    let catalog = sqlx::query("SELECT kind, id, body FROM catalog ORDER BY kind, id")
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(CatalogRow {
+    {
+        let mut rows = sqlx::query("SELECT kind, id, body FROM catalog").fetch(&mut *tx);
+        while let Some(r) = rows.try_next().await? {
+            on_catalog(CatalogRow {
                 kind: r.try_get(0)?,
                 id: r.try_get(1)?,
                 body: Some(r.try_get(2)?),
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            });
+        }
+    }
     tx.commit().await?;
-    Ok((entries, catalog))
+    Ok(entries)
 }
 
 /// Connects the writer on a runtime of its own (the writer thread's), from a thread of

@@ -93,10 +93,10 @@ pub fn ledger_path(data_dir: &Path) -> PathBuf {
 
 /// Opens (or creates) the store, streams the ledger to `on_entry` in order (recovery),
 /// and starts the writer thread. Refuses a ledger whose chain does not verify.
-pub fn open(
+pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow)>(
     path: &Path,
     durability: Durability,
-    mut on_entry: impl FnMut(Entry),
+    mut recovery: crate::Recovery<E, C>,
 ) -> Result<Opened, StoreError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
@@ -107,13 +107,13 @@ pub fn open(
         "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1')",
         [],
     )?;
-    let (entries, last_hash, problems) = read_ledger(&conn, &mut on_entry)?;
+    let (entries, last_hash, problems) = read_ledger(&conn, &mut recovery.on_entry)?;
     if let Some(p) = problems.first() {
         return Err(StoreError::Corrupt(format!(
             "the ledger does not verify: {p}; run `bursar ledger verify` for details"
         )));
     }
-    let catalog = read_catalog(&conn)?;
+    read_catalog(&conn, &mut recovery.on_catalog)?;
     let mut writer = Writer {
         conn,
         dict: HashMap::new(),
@@ -130,7 +130,6 @@ pub fn open(
         shared: None,
         reader: crate::Reader::Sqlite(Reader::open(path)?),
         entries,
-        catalog,
         writer: join,
     })
 }
@@ -322,8 +321,8 @@ fn read_ledger(
     Ok(chain.finish())
 }
 
-fn read_catalog(conn: &Connection) -> Result<Vec<CatalogRow>, StoreError> {
-    let mut stmt = conn.prepare("SELECT kind, id, body FROM catalog ORDER BY kind, id")?;
+fn read_catalog(conn: &Connection, on_row: &mut dyn FnMut(CatalogRow)) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare("SELECT kind, id, body FROM catalog")?;
     let rows = stmt.query_map([], |r| {
         Ok(CatalogRow {
             kind: r.get(0)?,
@@ -331,7 +330,10 @@ fn read_catalog(conn: &Connection) -> Result<Vec<CatalogRow>, StoreError> {
             body: Some(r.get(2)?),
         })
     })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    for row in rows {
+        on_row(row?);
+    }
+    Ok(())
 }
 
 fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
