@@ -211,6 +211,8 @@ impl LedgerHandle {
                 let _ = self.tx.send(cmd);
             }
             Err(TrySendError::Disconnected(_)) => {
+                // The writer is gone (its ticket resolves as "stopped").
+                self.status.queued.fetch_sub(1, Ordering::Relaxed);
                 self.status.fenced.store(true, Ordering::SeqCst);
             }
         }
