@@ -34,34 +34,23 @@ struct Limited {
 }
 
 fn limited_config(redis_url: &str) -> Limited {
-    let secret = |name: &str| format!("bsr_test_{name}_{}", Uuid::now_v7().simple());
-    let (sixty, a_slow, b_slow) = (secret("sixty"), secret("a_slow"), secret("b_slow"));
-    let config = format!(
-        "[server]\nredis_url = \"{redis_url}\"\n{}
-[[keys]]
-name = \"sixty\"
-tenant = \"a\"
-kind = \"member\"
-role = \"sixty\"
-secret = \"{sixty}\"
-[[keys]]
-name = \"a slow\"
-tenant = \"a\"
-kind = \"member\"
-role = \"limited\"
-secret = \"{a_slow}\"
-[[keys]]
-name = \"b slow\"
-tenant = \"b\"
-kind = \"member\"
-role = \"limited\"
-secret = \"{b_slow}\"
-",
+    let mut config = format!(
+        "[server]\nredis_url = \"{redis_url}\"\n{}",
         CONFIG.replace(
             "[plans.rate_limits.limited]\nrequests_per_minute = 3\n",
             "[plans.rate_limits.limited]\nrequests_per_minute = 3\n[plans.rate_limits.sixty]\nrequests_per_minute = 60\n",
         )
     );
+    let mut key = |name: &str, tenant: &str, role: &str| {
+        let secret = format!("bsr_test_{name}_{}", Uuid::now_v7().simple());
+        config += &format!(
+            "[[keys]]\nname = \"{name}\"\ntenant = \"{tenant}\"\nkind = \"member\"\nrole = \"{role}\"\nsecret = \"{secret}\"\n"
+        );
+        secret
+    };
+    let sixty = key("sixty", "a", "sixty");
+    let a_slow = key("a_slow", "a", "limited");
+    let b_slow = key("b_slow", "b", "limited");
     Limited {
         config,
         sixty,
@@ -134,15 +123,12 @@ async fn a_limit_of_60_a_minute_holds_across_two_instances_sharing_redis() {
     let elapsed = started.elapsed();
     let total = permitted[0] + permitted[1];
     // GCRA at 60 a minute: the whole minute as a burst, then one a second. Each instance
-    // counting alone would have let 120 through.
+    // got 75 calls: counting alone, each would have let 60 through, 120 in all. (How the
+    // 60 split between them depends on which instance's calls reached Redis first.)
     let refilled = u32::try_from(elapsed.as_secs()).unwrap() + 1;
     assert!(
         (60..=60 + refilled).contains(&total),
         "{total} permitted in {elapsed:?} across two instances; the limit is 60 a minute"
-    );
-    assert!(
-        permitted[0] > 0 && permitted[1] > 0,
-        "both instances permitted some: {permitted:?}"
     );
     assert_eq!(total + limited, 150);
 }
