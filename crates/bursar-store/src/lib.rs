@@ -33,7 +33,7 @@ pub mod sqlite;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -186,7 +186,7 @@ impl Ticket {
 /// A cheap, cloneable handle that appends to the ledger.
 #[derive(Clone)]
 pub struct LedgerHandle {
-    tx: SyncSender<Command>,
+    tx: Sender<Command>,
     status: Arc<WriterStatus>,
 }
 
@@ -199,22 +199,29 @@ struct WriterStatus {
     fenced: AtomicBool,
     /// Commands sent and not yet taken by the writer.
     queued: std::sync::atomic::AtomicUsize,
+    /// Where senders wait while the queue is full.
+    room: parking_lot::Condvar,
+    room_lock: parking_lot::Mutex<()>,
 }
 
 impl LedgerHandle {
     fn send(&self, cmd: Command) {
-        self.status.queued.fetch_add(1, Ordering::Relaxed);
-        // A full queue means the store is behind: wait for room rather than drop.
-        match self.tx.try_send(cmd) {
-            Ok(()) => {}
-            Err(TrySendError::Full(cmd)) => {
-                let _ = self.tx.send(cmd);
+        // A full queue means the store is behind: wait for room rather than drop. (The
+        // channel itself is unbounded, so its memory grows with what is queued, not
+        // with the bound; the count bounds it.)
+        let before = self.status.queued.fetch_add(1, Ordering::SeqCst);
+        if before >= MAX_QUEUED_COMMANDS {
+            let mut g = self.status.room_lock.lock();
+            while self.status.queued.load(Ordering::SeqCst) > MAX_QUEUED_COMMANDS
+                && !self.status.fenced.load(Ordering::SeqCst)
+            {
+                self.status.room.wait_for(&mut g, Duration::from_millis(10));
             }
-            Err(TrySendError::Disconnected(_)) => {
-                // The writer is gone (its ticket resolves as "stopped").
-                self.status.queued.fetch_sub(1, Ordering::Relaxed);
-                self.status.fenced.store(true, Ordering::SeqCst);
-            }
+        }
+        if self.tx.send(cmd).is_err() {
+            // The writer is gone (its ticket resolves as "stopped").
+            self.status.queued.fetch_sub(1, Ordering::SeqCst);
+            self.status.fenced.store(true, Ordering::SeqCst);
         }
     }
 
@@ -233,7 +240,7 @@ impl LedgerHandle {
     /// Commands waiting for the writer (while the store is down: the queue that lands
     /// when it returns).
     pub fn queued(&self) -> usize {
-        self.status.queued.load(Ordering::Relaxed)
+        self.status.queued.load(Ordering::SeqCst)
     }
 
     /// Whether entries appended now will land when the store returns: the store is away
@@ -284,7 +291,7 @@ pub trait Backend: Send + 'static {
 pub fn spawn_writer(
     backend: impl Backend,
 ) -> Result<(LedgerHandle, thread::JoinHandle<()>), StoreError> {
-    let (tx, rx) = mpsc::sync_channel(MAX_QUEUED_COMMANDS);
+    let (tx, rx) = mpsc::channel();
     let status = Arc::new(WriterStatus::default());
     let s = status.clone();
     let join = thread::Builder::new()
@@ -348,7 +355,9 @@ fn run_writer(mut backend: impl Backend, rx: Receiver<Command>, status: &WriterS
                 }
             }
         }
-        status.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        if status.queued.fetch_sub(batch.len(), Ordering::SeqCst) > MAX_QUEUED_COMMANDS {
+            status.room.notify_all();
+        }
         last_batch = batch.len();
         let result = write_until_landed(&mut backend, &batch, status);
         for cmd in batch {
@@ -876,5 +885,75 @@ pub async fn migrate(location: &Location) -> Result<usize, StoreError> {
         // The embedded store creates its schema when it opens.
         Location::Sqlite(_) => Ok(0),
         Location::Postgres(url) => postgres::migrate(url).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A backend that writes nothing until the test lets it, and then counts commands:
+    /// it is the writer loop's queue that is under test here, not a store.
+    struct Gate {
+        open: Arc<AtomicBool>,
+        written: Arc<AtomicUsize>,
+    }
+
+    impl Backend for Gate {
+        fn write(&mut self, batch: &[Command]) -> Result<(), StoreError> {
+            if !self.open.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("closed gate".into()));
+            }
+            self.written.fetch_add(batch.len(), Ordering::SeqCst);
+            Ok(())
+        }
+        fn forget(&mut self) {}
+    }
+
+    #[test]
+    fn a_store_away_fills_the_queue_to_its_bound_then_everything_lands_in_order() {
+        let open = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicUsize::new(0));
+        let (handle, _join) = spawn_writer(Gate {
+            open: open.clone(),
+            written: written.clone(),
+        })
+        .unwrap();
+        // The writer takes up to one batch out before the store fails it.
+        let total = MAX_QUEUED_COMMANDS + MAX_BATCH_COMMANDS + 100;
+        let h = handle.clone();
+        let sender = thread::spawn(move || {
+            (0..total)
+                .map(|_| h.append(Vec::new(), Vec::new()))
+                .collect::<Vec<_>>()
+        });
+        // The first batch fails and is retried; the rest queue up to the bound, and the
+        // sender waits there.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while handle.queued() < MAX_QUEUED_COMMANDS {
+            assert!(Instant::now() < deadline, "the queue never filled");
+            thread::sleep(Duration::from_millis(5));
+        }
+        thread::sleep(Duration::from_millis(100));
+        assert!(!handle.is_healthy());
+        assert!(!sender.is_finished(), "the sender waits for room");
+        assert!(handle.queued() <= MAX_QUEUED_COMMANDS + 1);
+        assert!(
+            !handle.can_queue(),
+            "fail-open tenants are refused past half"
+        );
+        assert_eq!(written.load(Ordering::SeqCst), 0);
+        // The store returns: everything lands, and every ticket resolves.
+        open.store(true, Ordering::SeqCst);
+        let tickets = sender.join().unwrap();
+        for t in tickets {
+            t.wait_blocking().unwrap();
+        }
+        assert_eq!(written.load(Ordering::SeqCst), total);
+        assert!(handle.is_healthy());
+        assert_eq!(handle.queued(), 0);
     }
 }
