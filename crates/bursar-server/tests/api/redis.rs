@@ -161,15 +161,17 @@ async fn a_call_denied_by_its_budget_gives_its_rate_back() {
     }
     // So the three a minute are all still there. A retry of a permitted call, with its
     // idempotency key, gets the first answer and takes nothing more.
-    let once = app
-        .send(
+    let body = small();
+    let idempotent = || {
+        app.send(
             reqwest::Method::POST,
             "/v1/authorizations",
             &l.b_slow,
-            Some(&small()),
+            Some(&body),
             Some("once"),
         )
-        .await;
+    };
+    let once = idempotent().await;
     assert_eq!(once.status, 200, "{:?}", once.body);
     assert_eq!(
         once.body["rate_limits"][0]["remaining"], 2,
@@ -177,15 +179,7 @@ async fn a_call_denied_by_its_budget_gives_its_rate_back() {
         once.body
     );
     for _ in 0..2 {
-        let again = app
-            .send(
-                reqwest::Method::POST,
-                "/v1/authorizations",
-                &l.b_slow,
-                Some(&small()),
-                Some("once"),
-            )
-            .await;
+        let again = idempotent().await;
         assert_eq!(again.status, 200);
         assert_eq!(
             again.body["authorization_id"],
