@@ -536,10 +536,11 @@ impl Services {
         // records happened. A tenant that fails open is answered at once; others wait
         // for the store (their ticket), at most a moment.
         let answer_now = !self.ledger.is_healthy() && self.fails_open(tenant);
-        let mine = self.engine.is_fail_open_hold(id);
         let r = match &self.shared {
             // A hold permitted failing open was claimed with it: no claim to take.
-            Some(_) if mine => Ok(self.finish_here(tenant, id, usage, settle)),
+            Some(_) if self.engine.is_fail_open_hold(id) => {
+                Ok(self.finish_here(tenant, id, usage, settle))
+            }
             Some(_) if !self.ledger.is_healthy() => Err(store_away_error()),
             Some(shared) => {
                 let run = || self.finish_here(tenant, id, usage.clone(), settle);

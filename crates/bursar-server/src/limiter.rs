@@ -11,7 +11,6 @@
 //! A cell's key expires when the cell is whole again, so Redis holds only the cells in
 //! use.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bursar_core::engine::{RateCheck, RateLeft};
@@ -97,7 +96,6 @@ pub struct Limiter {
     conn: ConnectionManager,
     take: Script,
     give_back: Script,
-    healthy: AtomicBool,
 }
 
 /// What a call took from the limiter; given back if the call is denied after.
@@ -122,17 +120,10 @@ impl Limiter {
             conn,
             take: Script::new(TAKE),
             give_back: Script::new(GIVE_BACK),
-            healthy: AtomicBool::new(true),
         })
     }
 
-    /// Whether the last word from Redis was an answer.
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
     fn note<T>(&self, r: redis::RedisResult<T>) -> Result<T, LimiterDown> {
-        self.healthy.store(r.is_ok(), Ordering::Relaxed);
         r.map_err(|e| {
             metrics::counter!("bursar_redis_errors_total").increment(1);
             LimiterDown(e.to_string())
