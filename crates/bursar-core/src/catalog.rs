@@ -5,12 +5,14 @@
 //! whole (copy-on-write) when an admin changes it, so a decision never sees half an
 //! update. API keys live in their own map because there can be 100k of them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
+use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -115,21 +117,24 @@ impl KeyHash {
 /// The prefix every Bursar key secret starts with, so leaked keys are easy to scan for.
 pub const KEY_SECRET_PREFIX: &str = "bsr_";
 
+/// An API key as the engine keeps it. A deployment holds many (100k keys is a
+/// benchmarked case), so it is compact: fixed strings boxed without spare capacity, and
+/// the owner names, repeated across a tenant's keys, shared through [`KeyRing`]'s pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ApiKey {
     pub id: Uuid,
-    pub name: String,
+    pub name: Box<str>,
     #[serde(skip)]
     pub hash: KeyHash,
     /// The first characters of the secret, to recognise a key in a list.
-    pub prefix: String,
+    pub prefix: Box<str>,
     /// `None` only for platform admin keys.
-    pub tenant: Option<String>,
-    pub team: Option<String>,
-    pub user: Option<String>,
+    pub tenant: Option<Arc<str>>,
+    pub team: Option<Arc<str>>,
+    pub user: Option<Arc<str>>,
     pub kind: KeyKind,
     /// Overrides the user's role for rate limits.
-    pub role: Option<String>,
+    pub role: Option<Arc<str>>,
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -263,27 +268,104 @@ pub struct Directory {
 }
 
 /// API keys by hash, and by id for admin operations.
+///
+/// Both indexes are bare tables of pointers to the one `Arc<ApiKey>` (8 bytes a slot,
+/// each looked up by the key's own field), not maps holding a copy of the lookup key:
+/// with 100k keys, two `HashMap`s cost 12 MB, these cost 2.4 MB.
 #[derive(Debug, Default)]
 pub struct KeyRing {
-    by_hash: HashMap<KeyHash, Arc<ApiKey>>,
-    by_id: HashMap<Uuid, KeyHash>,
+    by_hash: HashTable<Arc<ApiKey>>,
+    by_id: HashTable<Arc<ApiKey>>,
+    /// Seeded per process: ids are chosen by admins, not attackers, but a table whose
+    /// hashes nobody can predict costs nothing more.
+    state: foldhash::fast::RandomState,
+    /// Owner names (tenant, team, user, role), one allocation each however many keys
+    /// name them. Never shrunk: a name outlives its keys only until the next restart.
+    names: HashSet<Arc<str>, foldhash::fast::RandomState>,
 }
 
 impl KeyRing {
-    pub fn insert(&mut self, key: ApiKey) {
-        let hash = key.hash;
-        if let Some(old) = self.by_id.insert(key.id, hash) {
-            self.by_hash.remove(&old);
+    /// The secret's SHA-256 is already uniform: its first eight bytes are the slot hash.
+    fn slot_of_hash(hash: &KeyHash) -> u64 {
+        let [a, b, c, d, e, f, g, h, ..] = hash.0;
+        u64::from_le_bytes([a, b, c, d, e, f, g, h])
+    }
+
+    fn slot_of_id(&self, id: &Uuid) -> u64 {
+        self.state.hash_one(id)
+    }
+
+    fn intern(&mut self, name: &mut Option<Arc<str>>) {
+        if let Some(n) = name {
+            match self.names.get(n) {
+                Some(shared) => *n = Arc::clone(shared),
+                None => {
+                    self.names.insert(Arc::clone(n));
+                }
+            }
         }
-        self.by_hash.insert(hash, Arc::new(key));
+    }
+
+    pub fn insert(&mut self, mut key: ApiKey) {
+        self.intern(&mut key.tenant);
+        self.intern(&mut key.team);
+        self.intern(&mut key.user);
+        self.intern(&mut key.role);
+        let key = Arc::new(key);
+        let id_slot = self.slot_of_id(&key.id);
+        let state = self.state.clone();
+        let replaced = match self
+            .by_id
+            .entry(id_slot, |k| k.id == key.id, |k| state.hash_one(k.id))
+        {
+            hashbrown::hash_table::Entry::Occupied(mut o) => {
+                Some(std::mem::replace(o.get_mut(), Arc::clone(&key)))
+            }
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                v.insert(Arc::clone(&key));
+                None
+            }
+        };
+        if let Some(old) = replaced {
+            if let Ok(o) = self
+                .by_hash
+                .find_entry(Self::slot_of_hash(&old.hash), |k| k.hash == old.hash)
+            {
+                o.remove();
+            }
+        }
+        let hash_slot = Self::slot_of_hash(&key.hash);
+        match self.by_hash.entry(
+            hash_slot,
+            |k| k.hash == key.hash,
+            |k| Self::slot_of_hash(&k.hash),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut o) => {
+                // Another id with the same secret: the newer key wins the secret, and
+                // the older one is no longer reachable by id either.
+                let old = std::mem::replace(o.get_mut(), key);
+                if old.id != o.get().id {
+                    if let Ok(e) = self
+                        .by_id
+                        .find_entry(self.state.hash_one(old.id), |k| k.id == old.id)
+                    {
+                        e.remove();
+                    }
+                }
+            }
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                v.insert(key);
+            }
+        }
     }
 
     pub fn by_hash(&self, hash: &KeyHash) -> Option<&Arc<ApiKey>> {
-        self.by_hash.get(hash)
+        self.by_hash
+            .find(Self::slot_of_hash(hash), |k| k.hash == *hash)
     }
 
     pub fn by_id(&self, id: &Uuid) -> Option<&Arc<ApiKey>> {
-        self.by_id.get(id).and_then(|h| self.by_hash.get(h))
+        self.by_id.find(self.slot_of_id(id), |k| k.id == *id)
     }
 
     pub fn len(&self) -> usize {
@@ -295,13 +377,103 @@ impl KeyRing {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<ApiKey>> {
-        self.by_hash.values()
+        self.by_hash.iter()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(id: u128, secret: &str, tenant: &str) -> ApiKey {
+        ApiKey {
+            id: Uuid::from_u128(id),
+            name: format!("key {id}").into(),
+            hash: KeyHash::of(secret),
+            prefix: secret.chars().take(8).collect::<String>().into(),
+            tenant: Some(tenant.into()),
+            team: None,
+            user: None,
+            kind: KeyKind::Member,
+            role: Some("default".into()),
+            created_at: DateTime::<Utc>::UNIX_EPOCH,
+            expires_at: None,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn the_key_ring_finds_keys_by_secret_and_id_and_replaces_them_whole() {
+        let mut ring = KeyRing::default();
+        for i in 0..1_000u128 {
+            ring.insert(key(i, &format!("bsr_secret_{i}"), &format!("t{}", i % 10)));
+        }
+        assert_eq!(ring.len(), 1_000);
+        let k = ring.by_hash(&KeyHash::of("bsr_secret_417")).unwrap();
+        assert_eq!(k.id, Uuid::from_u128(417));
+        assert_eq!(ring.by_id(&Uuid::from_u128(417)).unwrap().hash, k.hash);
+        assert!(ring.by_hash(&KeyHash::of("bsr_secret_1000")).is_none());
+        assert!(ring.by_id(&Uuid::from_u128(1_000)).is_none());
+
+        // Revoking re-inserts the key under its id: the new version is found both ways.
+        let mut revoked = key(417, "bsr_secret_417", "t7");
+        revoked.revoked_at = Some(DateTime::<Utc>::UNIX_EPOCH);
+        ring.insert(revoked);
+        assert_eq!(ring.len(), 1_000);
+        assert!(ring
+            .by_id(&Uuid::from_u128(417))
+            .unwrap()
+            .revoked_at
+            .is_some());
+        assert!(ring
+            .by_hash(&KeyHash::of("bsr_secret_417"))
+            .unwrap()
+            .revoked_at
+            .is_some());
+
+        // A key whose secret changes under the same id is no longer found by the old one.
+        ring.insert(key(418, "bsr_rotated_418", "t8"));
+        assert!(ring.by_hash(&KeyHash::of("bsr_secret_418")).is_none());
+        assert_eq!(
+            ring.by_hash(&KeyHash::of("bsr_rotated_418")).unwrap().id,
+            Uuid::from_u128(418)
+        );
+        assert_eq!(ring.len(), 1_000);
+
+        // The same secret under another id: the newer key takes it, the older is gone.
+        ring.insert(key(5_000, "bsr_secret_419", "t9"));
+        assert_eq!(
+            ring.by_hash(&KeyHash::of("bsr_secret_419")).unwrap().id,
+            Uuid::from_u128(5_000)
+        );
+        assert!(ring.by_id(&Uuid::from_u128(419)).is_none());
+        assert_eq!(ring.len(), 1_000);
+        assert_eq!(ring.iter().count(), 1_000);
+    }
+
+    #[test]
+    fn keys_of_one_tenant_share_its_name() {
+        let mut ring = KeyRing::default();
+        ring.insert(key(1, "bsr_a", "acme"));
+        ring.insert(key(2, "bsr_b", "acme"));
+        ring.insert(key(3, "bsr_c", "globex"));
+        let a = ring.by_id(&Uuid::from_u128(1)).unwrap();
+        let b = ring.by_id(&Uuid::from_u128(2)).unwrap();
+        let c = ring.by_id(&Uuid::from_u128(3)).unwrap();
+        assert!(Arc::ptr_eq(
+            a.tenant.as_ref().unwrap(),
+            b.tenant.as_ref().unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            a.tenant.as_ref().unwrap(),
+            c.tenant.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            a.role.as_ref().unwrap(),
+            c.role.as_ref().unwrap()
+        ));
+        assert_eq!(c.tenant.as_deref(), Some("globex"));
+    }
 
     #[test]
     fn agent_rates_charge_per_thousand_tokens() {

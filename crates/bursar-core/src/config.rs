@@ -639,18 +639,18 @@ impl Config {
             let id = Uuid::from_slice(&hash.0[..16]).unwrap_or_default();
             keys.push(ApiKey {
                 id,
-                name: k.name,
+                name: k.name.into(),
                 hash,
                 prefix: k
                     .secret
                     .as_deref()
-                    .map(|s| s.chars().take(8).collect())
+                    .map(|s| s.chars().take(8).collect::<String>().into())
                     .unwrap_or_else(|| KEY_SECRET_PREFIX.into()),
-                tenant: k.tenant,
-                team: k.team,
-                user: k.user,
+                tenant: k.tenant.map(Into::into),
+                team: k.team.map(Into::into),
+                user: k.user.map(Into::into),
                 kind: k.kind,
-                role: k.role,
+                role: k.role.map(Into::into),
                 created_at: now,
                 expires_at: k.expires_at,
                 revoked_at: None,

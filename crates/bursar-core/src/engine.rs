@@ -783,7 +783,7 @@ impl Engine {
             ScopeKind::Global => Some("*".to_string()),
             ScopeKind::Tenant => Some(tenant.to_string()),
             ScopeKind::Team => team.map(str::to_string),
-            ScopeKind::User => key.user.clone(),
+            ScopeKind::User => key.user.as_deref().map(str::to_string),
             ScopeKind::ApiKey => Some(key.id.to_string()),
             ScopeKind::EndUser => tags.end_user.clone(),
             ScopeKind::Workflow => tags.workflow.clone(),
@@ -1100,7 +1100,7 @@ impl Engine {
             at_ms: ms(now),
             kind: EntryKind::Adjustment,
             authorization: id,
-            tenant: caller.key.tenant.clone().unwrap_or_default(),
+            tenant: caller.key.tenant.as_deref().unwrap_or_default().to_string(),
             key_id: Some(caller.key.id),
             held_delta: Money::ZERO,
             cost_delta: Money::ZERO,
@@ -1171,7 +1171,7 @@ impl Engine {
             ));
         };
         let dir = self.directory();
-        let tenant_id = key.tenant.clone().unwrap_or_default();
+        let tenant_id = key.tenant.as_deref().unwrap_or_default().to_string();
         let tenant = dir.tenants.get(&tenant_id).ok_or_else(|| {
             Denial::new(
                 DenyCode::TenantNotFound,
@@ -1187,14 +1187,16 @@ impl Engine {
         let user = key
             .user
             .as_ref()
-            .and_then(|u| dir.users.get(&(tenant_id.clone(), u.clone())));
+            .and_then(|u| dir.users.get(&(tenant_id.clone(), u.to_string())));
         let team = key
             .team
-            .clone()
+            .as_deref()
+            .map(str::to_string)
             .or_else(|| user.and_then(|u| u.team.clone()));
         let role = key
             .role
-            .clone()
+            .as_deref()
+            .map(str::to_string)
             .or_else(|| user.map(|u| u.role.clone()))
             .unwrap_or_else(|| "default".to_string());
         let mut tags = req.tags.clone();
@@ -1353,7 +1355,7 @@ impl Engine {
                     continue;
                 }
                 let subject = match (l.per, &key.user) {
-                    (LimitPer::User, Some(u)) => Subject::User(tenant_id.clone(), u.clone()),
+                    (LimitPer::User, Some(u)) => Subject::User(tenant_id.clone(), u.to_string()),
                     (LimitPer::Key | LimitPer::User, _) => Subject::Key(key.id),
                     (LimitPer::Tenant, _) => Subject::Tenant(tenant_id.clone()),
                     (LimitPer::Model, _) => Subject::Model(tenant_id.clone(), item.to_string()),
@@ -1686,7 +1688,7 @@ impl Engine {
             buckets: applicable.iter().map(|a| a.bucket.clone()).collect(),
             tags: tags.clone(),
             team: team.clone(),
-            user: key.user.clone(),
+            user: key.user.as_deref().map(str::to_string),
             expires_at_ms,
             idempotency_key: req.idempotency_key.clone(),
             fingerprint: req.fingerprint.clone(),
@@ -2352,18 +2354,24 @@ impl Engine {
         now: DateTime<Utc>,
     ) -> Vec<BudgetView> {
         let dir = self.directory();
-        let Some(tenant) = caller.key.tenant.as_ref().and_then(|t| dir.tenants.get(t)) else {
+        let Some(tenant) = caller
+            .key
+            .tenant
+            .as_deref()
+            .and_then(|t| dir.tenants.get(t))
+        else {
             return Vec::new();
         };
         let user = caller
             .key
             .user
             .as_ref()
-            .and_then(|u| dir.users.get(&(tenant.id.clone(), u.clone())));
+            .and_then(|u| dir.users.get(&(tenant.id.clone(), u.to_string())));
         let team = caller
             .key
             .team
-            .clone()
+            .as_deref()
+            .map(str::to_string)
             .or_else(|| user.and_then(|u| u.team.clone()));
         let applicable = self.applicable(tenant, &caller.key, team.as_deref(), tags, now);
         let state = self.state.lock();

@@ -40,14 +40,14 @@ pub const MAX_ALERTS_LISTED: u32 = 1000;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct KeyRecord {
     id: Uuid,
-    name: String,
+    name: Box<str>,
     sha256: String,
-    prefix: String,
-    tenant: Option<String>,
-    team: Option<String>,
-    user: Option<String>,
+    prefix: Box<str>,
+    tenant: Option<Arc<str>>,
+    team: Option<Arc<str>>,
+    user: Option<Arc<str>>,
     kind: KeyKind,
-    role: Option<String>,
+    role: Option<Arc<str>>,
     created_at: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
     revoked_at: Option<DateTime<Utc>>,
@@ -213,7 +213,7 @@ pub async fn list_tenants(
         KeyKind::TenantAdmin => caller
             .key
             .tenant
-            .as_ref()
+            .as_deref()
             .and_then(|t| catalog.directory.tenants.get(t))
             .cloned()
             .into_iter()
@@ -485,13 +485,13 @@ impl From<&ApiKey> for KeyView {
     fn from(k: &ApiKey) -> Self {
         KeyView {
             id: k.id,
-            name: k.name.clone(),
-            prefix: k.prefix.clone(),
-            tenant: k.tenant.clone(),
-            team: k.team.clone(),
-            user: k.user.clone(),
+            name: k.name.to_string(),
+            prefix: k.prefix.to_string(),
+            tenant: k.tenant.as_deref().map(str::to_string),
+            team: k.team.as_deref().map(str::to_string),
+            user: k.user.as_deref().map(str::to_string),
             kind: k.kind,
-            role: k.role.clone(),
+            role: k.role.as_deref().map(str::to_string),
             created_at: k.created_at,
             expires_at: k.expires_at,
             revoked_at: k.revoked_at,
@@ -598,14 +598,14 @@ pub async fn create_key(
     );
     let key = ApiKey {
         id: Uuid::now_v7(),
-        name: b.name,
+        name: b.name.into(),
         hash: KeyHash::of(&secret),
-        prefix: secret.chars().take(8).collect(),
-        tenant: Some(tenant),
-        team: b.team,
-        user: b.user,
+        prefix: secret.chars().take(8).collect::<String>().into(),
+        tenant: Some(tenant.into()),
+        team: b.team.map(Into::into),
+        user: b.user.map(Into::into),
         kind,
-        role: b.role,
+        role: b.role.map(Into::into),
         created_at: now,
         expires_at: b.expires_at,
         revoked_at: None,

@@ -333,7 +333,8 @@ fn tenant_of(caller: &Caller) -> Result<String, ApiError> {
     caller
         .key
         .tenant
-        .clone()
+        .as_deref()
+        .map(str::to_string)
         .ok_or_else(|| ApiError::forbidden("a platform admin key has no authorizations"))
 }
 
@@ -484,7 +485,7 @@ pub async fn usage(State(s): State<Arc<Services>>, Authed(caller): Authed) -> Js
         .engine
         .standing_for(&caller, &Tags::default(), s.clock.now());
     Json(UsageView {
-        tenant: caller.key.tenant.clone(),
+        tenant: caller.key.tenant.as_deref().map(str::to_string),
         key_id: caller.key.id,
         budgets,
     })

@@ -289,6 +289,9 @@ enum BudgetsCommand {
 
 /// mimalloc: faster than the system allocator on the request path, and it returns freed
 /// memory to the system (the configuration parse of 100k keys would otherwise stay in RSS).
+/// The `system-allocator` feature leaves it out, for heap profilers that trace `malloc`
+/// (`bench/memory.sh --heaptrack`).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -955,14 +955,19 @@ async fn start(
     let started = Instant::now();
     let raw = read_body(&s, body).await?;
     let caller = crate::extract::identify(&s, &headers)?;
-    let tenant = caller.key.tenant.clone().ok_or_else(|| {
-        ApiError::from(bursar_core::engine::Denial {
-            code: bursar_core::engine::DenyCode::AdminKeyCannotSpend,
-            message: "a platform admin key cannot spend; use a tenant key".into(),
-            retry_after: None,
-            leases: Vec::new(),
-        })
-    })?;
+    let tenant = caller
+        .key
+        .tenant
+        .as_deref()
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ApiError::from(bursar_core::engine::Denial {
+                code: bursar_core::engine::DenyCode::AdminKeyCannotSpend,
+                message: "a platform admin key cannot spend; use a tenant key".into(),
+                retry_after: None,
+                leases: Vec::new(),
+            })
+        })?;
     let body = parse_object(&raw)?;
     let req = match ep {
         Endpoint::Embeddings => wire::parse_embeddings(&body)?,
@@ -1101,7 +1106,7 @@ pub async fn models(State(s): State<Arc<Services>>, headers: HeaderMap) -> Respo
     let classes: std::collections::BTreeSet<String> = caller
         .key
         .tenant
-        .as_ref()
+        .as_deref()
         .and_then(|t| dir.tenants.get(t))
         .and_then(|t| dir.plans.get(&t.plan))
         .map(|p| {

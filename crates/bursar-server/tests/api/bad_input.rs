@@ -141,9 +141,8 @@ async fn oversized_bodies_and_missing_keys(place: Place) {
         .raw_post("/v1/authorizations", A_MEMBER, big.into_bytes())
         .await;
     assert_eq!((r.status, r.code()), (413, "body_too_large"));
-    // A new client: the server closes a connection whose body it did not read, and a
-    // pooled client may not have seen that yet.
-    let r = reqwest::Client::new()
+    let r = app
+        .http
         .post(format!("{}/v1/authorizations", app.base))
         .json(&json!({"model": "gpt-4o-mini", "prompt_tokens": 1}))
         .send()

@@ -325,9 +325,11 @@ impl TestApp {
         self.send(reqwest::Method::GET, path, key, None, None).await
     }
 
+    /// Sent on a connection of its own: a server may close a connection whose body it
+    /// refused unread (413), and a pooled connection closed that way would fail the
+    /// next request made on it.
     pub async fn raw_post(&self, path: &str, key: &str, body: Vec<u8>) -> Resp {
-        let resp = self
-            .http
+        let resp = reqwest::Client::new()
             .post(format!("{}{path}", self.base))
             .bearer_auth(key)
             .header("content-type", "application/json")
