@@ -56,6 +56,10 @@ pub const FINISHED_RETENTION: Duration = Duration::from_secs(300);
 /// first and retries are answered from the ledger. 20k is a second at 20k settles/s,
 /// far longer than a commit takes, in ~10 MB.
 pub const MAX_FINISHED_IN_MEMORY: usize = 20_000;
+/// A settle that finds this many finished outcomes in memory trims them to
+/// `MAX_FINISHED_IN_MEMORY` first, so their memory does not grow with throughput between
+/// two sweeps (at 20k settles/s a second of them is ~7 MB).
+const FINISHED_CAP_AT: usize = MAX_FINISHED_IN_MEMORY + MAX_FINISHED_IN_MEMORY / 4;
 /// Idempotency records kept in memory at most (oldest forgotten first).
 pub const MAX_IDEMPOTENCY_IN_MEMORY: usize = 100_000;
 /// A prompt longer than this many tokens is refused before counting further.
@@ -464,7 +468,7 @@ struct State {
     counters: Map<BucketKey, Counter>,
     holds: Map<Uuid, Hold>,
     /// Boxed: most of a finished outcome's life is spent in the map, which is sized for
-    /// twice `MAX_FINISHED_IN_MEMORY`; its buckets stay small.
+    /// `FINISHED_CAP_AT`; its buckets stay small.
     finished: Map<Uuid, Box<Finished>>,
     idempotency: Map<(String, String), IdempotencyRecord>,
     limiters: Map<RateCell, Gcra>,
@@ -2008,6 +2012,11 @@ impl Engine {
             drift,
             replayed: false,
         };
+        if state.finished.len() >= FINISHED_CAP_AT {
+            cap_by_age(&mut state.finished, MAX_FINISHED_IN_MEMORY, |f| {
+                f.finished_at_ms
+            });
+        }
         state.finished.insert(
             id,
             Box::new(Finished {
@@ -2342,6 +2351,11 @@ impl Engine {
     }
 
     /// Open holds.
+    /// Finished outcomes kept in memory to answer retries (the rest are in the ledger).
+    pub fn finished_in_memory(&self) -> usize {
+        self.state.lock().finished.len()
+    }
+
     pub fn open_holds(&self) -> usize {
         self.state.lock().holds.len()
     }

@@ -13,7 +13,7 @@ use bursar_core::budget::{BucketKey, Counter};
 use bursar_core::config::Config;
 use bursar_core::engine::{
     AuthorizeRequest, Caller, DenyCode, Engine, FinishCode, LedgerSink, Metered, Outcome, Prompt,
-    Usage,
+    Usage, MAX_FINISHED_IN_MEMORY,
 };
 use bursar_core::ledger::{flags, AlertEvent, Entry, EntryKind, Replay, Tags};
 use bursar_core::money::Money;
@@ -285,6 +285,46 @@ fn max_tokens_is_shaped_to_the_plan_and_the_budget() {
         .authorize(&c, ask(100, 5000, None), now(), &sink)
         .unwrap_err();
     assert_eq!(d.code, DenyCode::BudgetExceeded);
+}
+
+#[test]
+fn finished_outcomes_in_memory_stay_bounded_between_sweeps() {
+    let (engine, _) = engine(["1000000", "1000000", "1000000", "1000000"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let usage = Usage {
+        tokens: TokenUsage {
+            input_tokens: 10,
+            cached_input_tokens: 0,
+            output_tokens: 1,
+        },
+        ..Usage::default()
+    };
+    let calls = MAX_FINISHED_IN_MEMORY + MAX_FINISHED_IN_MEMORY / 2;
+    let mut first = None;
+    let mut last = None;
+    for i in 0..calls {
+        // A millisecond apart, so the oldest are told apart; no sweep runs.
+        let at = now() + chrono::Duration::milliseconds(i64::try_from(i).unwrap());
+        let (p, ()) = engine.authorize(&c, ask(10, 16, None), at, &sink).unwrap();
+        engine
+            .settle("acme", p.authorization_id, usage.clone(), at, &sink)
+            .unwrap();
+        first.get_or_insert(p.authorization_id);
+        last = Some(p.authorization_id);
+        assert!(engine.finished_in_memory() <= MAX_FINISHED_IN_MEMORY * 5 / 4);
+    }
+    assert!(engine.finished_in_memory() >= MAX_FINISHED_IN_MEMORY);
+    let at = now() + chrono::Duration::milliseconds(i64::try_from(calls).unwrap());
+    // The newest is answered from memory; the oldest is left to the ledger.
+    let (again, ()) = engine
+        .settle("acme", last.unwrap(), usage.clone(), at, &sink)
+        .unwrap();
+    assert!(again.replayed);
+    let e = engine
+        .settle("acme", first.unwrap(), usage, at, &sink)
+        .unwrap_err();
+    assert_eq!(e.code, FinishCode::AuthorizationNotFound);
 }
 
 #[test]
