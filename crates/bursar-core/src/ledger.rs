@@ -186,42 +186,81 @@ pub const GENESIS_HASH: [u8; 32] = [0; 32];
 impl Entry {
     /// The canonical bytes an entry's hash covers; see the module documentation.
     pub fn canonical(&self) -> Vec<u8> {
-        let opt = |o: &Option<String>| o.clone().unwrap_or_default();
-        let detail = self
-            .detail
+        let detail = self.detail_text();
+        let mut out = Vec::with_capacity(256 + detail.as_deref().map_or(0, str::len));
+        self.write_canonical(&mut out, detail.as_deref());
+        out
+    }
+
+    /// The hold detail as the ledger stores it (and the hash covers it): compact JSON.
+    pub fn detail_text(&self) -> Option<String> {
+        self.detail
             .as_ref()
             .and_then(|d| serde_json::to_string(d.as_ref()).ok())
-            .unwrap_or_default();
-        let fields: [String; 17] = [
-            self.at_ms.to_string(),
-            self.kind.as_str().to_string(),
-            self.authorization.to_string(),
-            self.tenant.clone(),
-            self.key_id.map(|k| k.to_string()).unwrap_or_default(),
-            self.held_delta.nanos().to_string(),
-            self.cost_delta.nanos().to_string(),
-            self.charge_delta.nanos().to_string(),
-            opt(&self.model_requested),
-            opt(&self.model_used),
-            opt(&self.price_version),
-            format!(
-                "{},{},{}",
-                self.usage.input_tokens, self.usage.cached_input_tokens, self.usage.output_tokens
-            ),
-            self.quantity.to_string(),
-            self.latency_ms.map(|l| l.to_string()).unwrap_or_default(),
-            self.flags.to_string(),
-            detail,
-            String::from("v1"),
-        ];
-        fields.join("\u{1f}").into_bytes()
+    }
+
+    /// The canonical encoding: the fields as text, joined by U+001F, then `v1`. Written
+    /// straight into `out`, without a string per field (this runs for every entry written
+    /// and every entry read back on start and by `ledger verify`).
+    fn write_canonical(&self, out: &mut Vec<u8>, detail: Option<&str>) {
+        use std::io::Write;
+        const SEP: u8 = 0x1f;
+        fn text(out: &mut Vec<u8>, s: &str) {
+            out.extend_from_slice(s.as_bytes());
+            out.push(SEP);
+        }
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "{}", self.at_ms);
+        out.push(SEP);
+        text(out, self.kind.as_str());
+        let _ = write!(out, "{}", self.authorization);
+        out.push(SEP);
+        text(out, &self.tenant);
+        if let Some(k) = self.key_id {
+            let _ = write!(out, "{k}");
+        }
+        out.push(SEP);
+        let _ = write!(
+            out,
+            "{}\u{1f}{}\u{1f}{}\u{1f}",
+            self.held_delta.nanos(),
+            self.cost_delta.nanos(),
+            self.charge_delta.nanos()
+        );
+        text(out, self.model_requested.as_deref().unwrap_or_default());
+        text(out, self.model_used.as_deref().unwrap_or_default());
+        text(out, self.price_version.as_deref().unwrap_or_default());
+        let _ = write!(
+            out,
+            "{},{},{}\u{1f}{}\u{1f}",
+            self.usage.input_tokens,
+            self.usage.cached_input_tokens,
+            self.usage.output_tokens,
+            self.quantity
+        );
+        if let Some(l) = self.latency_ms {
+            let _ = write!(out, "{l}");
+        }
+        out.push(SEP);
+        let _ = write!(out, "{}\u{1f}", self.flags);
+        text(out, detail.unwrap_or_default());
+        out.extend_from_slice(b"v1");
     }
 
     /// The chain hash of this entry after `prev`.
     pub fn chain_hash(&self, prev: &[u8; 32]) -> [u8; 32] {
+        self.chain_hash_with_detail(prev, self.detail_text().as_deref())
+    }
+
+    /// The chain hash, with the hold detail given as the text the ledger stores: a store
+    /// writing an entry serializes its detail once for both, and one reading it back
+    /// hashes the text it read instead of serializing what it parsed again.
+    pub fn chain_hash_with_detail(&self, prev: &[u8; 32], detail: Option<&str>) -> [u8; 32] {
+        let mut out = Vec::with_capacity(256 + detail.map_or(0, str::len));
+        self.write_canonical(&mut out, detail);
         let mut h = Sha256::new();
         h.update(prev);
-        h.update(self.canonical());
+        h.update(&out);
         h.finalize().into()
     }
 }
@@ -321,6 +360,56 @@ mod tests {
         assert_ne!(g.chain_hash(&GENESIS_HASH), h);
         assert_ne!(e.chain_hash(&[1; 32]), h);
         assert_eq!(e.clone().chain_hash(&GENESIS_HASH), h);
+    }
+
+    /// The canonical encoding is a format: ledgers written by earlier versions must still
+    /// verify. These hashes were computed by the first implementation.
+    #[test]
+    fn the_canonical_encoding_does_not_change() {
+        let e = entry();
+        assert_eq!(
+            hex::encode(e.chain_hash(&GENESIS_HASH)),
+            "a759ce29719c74aeb82610d48180e8bdfe0210f5c8e7bcc0c8852925e83b2ac6"
+        );
+        let mut h = entry();
+        h.kind = EntryKind::Hold;
+        h.key_id = Some(Uuid::from_u128(7));
+        h.usage = TokenUsage {
+            input_tokens: 1_200,
+            cached_input_tokens: 100,
+            output_tokens: 300,
+        };
+        h.quantity = 2;
+        h.latency_ms = None;
+        h.flags = 3;
+        h.model_used = None;
+        let mut tags = Tags {
+            campaign: Some("launch".into()),
+            ..Tags::default()
+        };
+        tags.custom.insert("env".into(), "prod".into());
+        h.detail = Some(Arc::new(HoldDetail {
+            buckets: Vec::new(),
+            tags,
+            team: Some("core".into()),
+            user: None,
+            expires_at_ms: 900_001,
+            idempotency_key: Some("k1".into()),
+            fingerprint: None,
+            max_tokens: Some(300),
+            prompt_tokens: 1_200,
+            quantity: 0,
+            rate_tokens: 1_500,
+        }));
+        assert_eq!(
+            hex::encode(h.chain_hash(&[9; 32])),
+            "bafaadd48e5049ad02d34dffb210c8199cd923b48b29d9011021cd93f1abcdcd"
+        );
+        let text = serde_json::to_string(h.detail.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            h.chain_hash_with_detail(&[9; 32], Some(&text)),
+            h.chain_hash(&[9; 32])
+        );
     }
 
     #[test]

@@ -204,6 +204,7 @@ pub async fn build(
     }
     // Recovery streams the ledger into the engine, entry by entry, then the stored
     // catalog, row by row (it wins over the file's keys).
+    let replay_started = std::time::Instant::now();
     let opened = bursar_store::open(
         location,
         options,
@@ -215,7 +216,11 @@ pub async fn build(
     .await?;
     engine.set_directory(catalog.directory.clone());
     engine.set_budgets(catalog.budget_set());
-    tracing::info!(entries = opened.entries, "ledger replayed");
+    tracing::info!(
+        entries = opened.entries,
+        seconds = replay_started.elapsed().as_secs_f64(),
+        "ledger replayed and checked"
+    );
     let reader: Reader = opened.reader;
     if let Some(shared) = &opened.shared {
         // From here on this instance decides within the leases it is granted.

@@ -569,8 +569,10 @@ impl ChainReader {
             self.holds.get(&authorization).cloned()
         };
         let stored_hash = std::mem::take(&mut r.hash);
+        // The hash covers the detail's stored text: hashed as read, not serialized again.
+        let detail_text = r.detail.take();
         let e = build_entry(r, kind, detail, hold);
-        let h = e.chain_hash(&self.prev);
+        let h = e.chain_hash_with_detail(&self.prev, detail_text.as_deref());
         if h.as_slice() != stored_hash.as_slice() {
             self.problems.push(format!(
                 "entry {seq} ({} of authorization {}): hash does not match its content and the previous hash",

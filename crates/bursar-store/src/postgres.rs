@@ -771,8 +771,9 @@ async fn write_batch(
     let mut prev: [u8; 32] = head_hash
         .try_into()
         .map_err(|_| StoreError::Corrupt("the chain head's hash is not 32 bytes".into()))?;
-    for e in &entries {
-        let hash = e.chain_hash(&prev);
+    // `cols.detail` has one text per entry, in order: hashed as written.
+    for (e, detail) in entries.iter().zip(&cols.detail) {
+        let hash = e.chain_hash_with_detail(&prev, detail.as_deref());
         seq += 1;
         cols.seq.push(seq);
         cols.hash.push(hash.to_vec());

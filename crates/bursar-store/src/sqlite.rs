@@ -197,7 +197,8 @@ impl Writer {
                         entries, alerts, ..
                     } => {
                         for e in entries {
-                            let hash = e.chain_hash(&self.last_hash);
+                            let detail = detail_json(e)?;
+                            let hash = e.chain_hash_with_detail(&self.last_hash, detail.as_deref());
                             let tenant = Self::intern(&mut self.dict, &tx, Some(&e.tenant))?;
                             let model_req =
                                 Self::intern(&mut self.dict, &tx, e.model_requested.as_deref())?;
@@ -223,7 +224,7 @@ impl Writer {
                                 to_i64(e.quantity),
                                 e.latency_ms,
                                 e.flags,
-                                detail_json(e)?,
+                                detail,
                                 hash.as_slice(),
                             ])?;
                             self.last_hash = hash;
