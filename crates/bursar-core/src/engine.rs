@@ -60,6 +60,8 @@ pub const MAX_FINISHED_IN_MEMORY: usize = 20_000;
 /// `MAX_FINISHED_IN_MEMORY` first, so their memory does not grow with throughput between
 /// two sweeps (at 20k settles/s a second of them is ~7 MB).
 const FINISHED_CAP_AT: usize = MAX_FINISHED_IN_MEMORY + MAX_FINISHED_IN_MEMORY / 4;
+/// How often counters of ended periods are pruned from memory (`Engine::prune_counters`).
+const COUNTER_PRUNE_EVERY_SECS: i64 = 60;
 /// Idempotency records kept in memory at most (oldest forgotten first).
 pub const MAX_IDEMPOTENCY_IN_MEMORY: usize = 100_000;
 /// A prompt longer than this many tokens is refused before counting further.
@@ -477,6 +479,8 @@ struct State {
     /// reach on its own (its use when it started plus the leases it holds). `None`: this
     /// instance owns the budgets, the limits are the only bound.
     allowance: Option<Map<BucketKey, Money>>,
+    /// When counters of ended periods were last pruned (unix seconds).
+    pruned_at_s: i64,
 }
 
 /// Budgets in force, by owner.
@@ -2323,6 +2327,7 @@ impl Engine {
                 }),
             );
         }
+        self.prune_locked(&mut state, now.timestamp());
         let keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
         state
             .finished
@@ -2351,6 +2356,69 @@ impl Engine {
     }
 
     /// Open holds.
+    /// Forgets the in-memory counters (and alert levels and leases) of periods no
+    /// decision can read any more, so memory does not grow with time: a counter goes once
+    /// nothing is held on it and its period started before the current one and the one
+    /// before it (rollover reads that one), or before a rolling window's slices, with a
+    /// margin for time zones. Lifetime counters stay, and so do those of budgets the
+    /// engine does not know. The stored `counters` table keeps every period (it is what
+    /// `ledger verify` compares). At most once a minute; returns how many went.
+    pub fn prune_counters(&self, now: DateTime<Utc>) -> usize {
+        let mut state = self.state.lock();
+        self.prune_locked(&mut state, now.timestamp())
+    }
+
+    fn prune_locked(&self, state: &mut State, now_s: i64) -> usize {
+        if now_s - state.pruned_at_s < COUNTER_PRUNE_EVERY_SECS {
+            return 0;
+        }
+        state.pruned_at_s = now_s;
+        let budgets = self.budgets.read().clone();
+        let keep_from: Map<&str, Option<i64>> = budgets
+            .all()
+            .map(|b| {
+                const DAY: i64 = 86_400;
+                let from = match b.spec.window {
+                    Window::Daily => Some(now_s - 3 * DAY),
+                    Window::Weekly => Some(now_s - 21 * DAY),
+                    Window::Monthly => Some(now_s - 95 * DAY),
+                    Window::Rolling { seconds } => {
+                        let slice = (i64::from(seconds) / crate::budget::ROLLING_SLICES).max(1);
+                        Some(now_s - i64::from(seconds) - 2 * slice)
+                    }
+                    Window::Lifetime => None,
+                };
+                (b.id.as_str(), from)
+            })
+            .collect();
+        // A budget this engine does not know (not loaded yet, or deleted and perhaps
+        // re-created under its id) keeps its counters.
+        let gone = |k: &BucketKey| match keep_from.get(k.budget.as_str()) {
+            Some(Some(from)) => k.period_start < *from,
+            Some(None) | None => false,
+        };
+        let before = state.counters.len();
+        state
+            .counters
+            .retain(|k, c| c.held != Money::ZERO || !gone(k));
+        let State {
+            counters,
+            levels,
+            allowance,
+            ..
+        } = state;
+        levels.retain(|k, _| counters.contains_key(k) || !gone(k));
+        if let Some(a) = allowance {
+            a.retain(|k, _| counters.contains_key(k) || !gone(k));
+        }
+        before - state.counters.len()
+    }
+
+    /// Counters held in memory (current periods, and older ones not yet pruned).
+    pub fn counters_in_memory(&self) -> usize {
+        self.state.lock().counters.len()
+    }
+
     /// Finished outcomes kept in memory to answer retries (the rest are in the ledger).
     pub fn finished_in_memory(&self) -> usize {
         self.state.lock().finished.len()

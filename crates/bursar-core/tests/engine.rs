@@ -328,6 +328,76 @@ fn finished_outcomes_in_memory_stay_bounded_between_sweeps() {
 }
 
 #[test]
+fn counters_of_ended_periods_leave_memory_and_current_ones_stay() {
+    let (engine, _) = engine(["10", "10", "10", "10"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let usage = Usage {
+        tokens: TokenUsage {
+            input_tokens: 1_000,
+            cached_input_tokens: 0,
+            output_tokens: 100,
+        },
+        ..Usage::default()
+    };
+    let day = chrono::Duration::days(1);
+    // Day 0: one call settled, one left open; day 1: one call settled.
+    let (a, ()) = engine
+        .authorize(&c, ask(1_000, 100, Some("launch")), now(), &sink)
+        .unwrap();
+    engine
+        .settle("acme", a.authorization_id, usage.clone(), now(), &sink)
+        .unwrap();
+    let (open, ()) = engine
+        .authorize(&c, ask(1_000, 100, None), now(), &sink)
+        .unwrap();
+    let (b, ()) = engine
+        .authorize(&c, ask(1_000, 100, None), now() + day, &sink)
+        .unwrap();
+    engine
+        .settle(
+            "acme",
+            b.authorization_id,
+            usage.clone(),
+            now() + day,
+            &sink,
+        )
+        .unwrap();
+    // Monthly (March), lifetime campaign, team and user days 0 and 1.
+    assert_eq!(engine.counters_in_memory(), 6);
+    let month = |at| {
+        engine
+            .standing_for(&c, &Tags::default(), at)
+            .into_iter()
+            .find(|v| v.budget_id == "acme-month")
+            .unwrap()
+    };
+    let later = now() + day * 10;
+    let before = month(later);
+
+    // Ten days on: day 1's counters go; day 0's stay while the open hold is on them;
+    // the month and the lifetime campaign stay.
+    assert_eq!(engine.prune_counters(later), 2);
+    assert_eq!(engine.counters_in_memory(), 4);
+    // At most once a minute.
+    engine
+        .void("acme", open.authorization_id, None, later, &sink)
+        .unwrap();
+    assert_eq!(engine.prune_counters(later), 0);
+    assert_eq!(
+        engine.prune_counters(later + chrono::Duration::seconds(61)),
+        2
+    );
+    assert_eq!(engine.counters_in_memory(), 2);
+    // The month still counts everything spent in it, held money released.
+    let after = month(later);
+    assert_eq!(after.spent, before.spent);
+    assert_eq!(after.held, Money::ZERO);
+    assert_eq!(after.remaining, before.remaining + before.held);
+    assert!(after.spent > Money::ZERO);
+}
+
+#[test]
 fn settle_is_exactly_once_and_releases_the_rest() {
     let (engine, config) = engine(["10", "10", "10", "10"]);
     let sink = VecSink::default();

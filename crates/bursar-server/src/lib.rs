@@ -765,6 +765,7 @@ pub async fn readyz(State(s): State<Arc<Services>>) -> impl IntoResponse {
 pub async fn metrics_text(State(s): State<Arc<Services>>) -> impl IntoResponse {
     metrics::gauge!("bursar_open_holds").set(s.engine.open_holds() as f64);
     metrics::gauge!("bursar_api_keys").set(s.engine.key_count() as f64);
+    metrics::gauge!("bursar_counters_in_memory").set(s.engine.counters_in_memory() as f64);
     s.metrics.render()
 }
 
