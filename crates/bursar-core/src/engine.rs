@@ -2355,7 +2355,6 @@ impl Engine {
             .collect()
     }
 
-    /// Open holds.
     /// Forgets the in-memory counters (and alert levels and leases) of periods no
     /// decision can read any more, so memory does not grow with time: a counter goes once
     /// nothing is held on it and its period started before the current one and the one
@@ -2424,6 +2423,7 @@ impl Engine {
         self.state.lock().finished.len()
     }
 
+    /// Open holds.
     pub fn open_holds(&self) -> usize {
         self.state.lock().holds.len()
     }

@@ -287,19 +287,24 @@ fn max_tokens_is_shaped_to_the_plan_and_the_budget() {
     assert_eq!(d.code, DenyCode::BudgetExceeded);
 }
 
+/// Provider-reported usage without cached tokens.
+fn usage_of(input_tokens: u64, output_tokens: u64) -> Usage {
+    Usage {
+        tokens: TokenUsage {
+            input_tokens,
+            cached_input_tokens: 0,
+            output_tokens,
+        },
+        ..Usage::default()
+    }
+}
+
 #[test]
 fn finished_outcomes_in_memory_stay_bounded_between_sweeps() {
     let (engine, _) = engine(["1000000", "1000000", "1000000", "1000000"]);
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
-    let usage = Usage {
-        tokens: TokenUsage {
-            input_tokens: 10,
-            cached_input_tokens: 0,
-            output_tokens: 1,
-        },
-        ..Usage::default()
-    };
+    let usage = usage_of(10, 1);
     let calls = MAX_FINISHED_IN_MEMORY + MAX_FINISHED_IN_MEMORY / 2;
     let mut first = None;
     let mut last = None;
@@ -332,14 +337,7 @@ fn counters_of_ended_periods_leave_memory_and_current_ones_stay() {
     let (engine, _) = engine(["10", "10", "10", "10"]);
     let sink = VecSink::default();
     let c = caller(&engine, "bsr_test_ann_0000000000000000000");
-    let usage = Usage {
-        tokens: TokenUsage {
-            input_tokens: 1_000,
-            cached_input_tokens: 0,
-            output_tokens: 100,
-        },
-        ..Usage::default()
-    };
+    let usage = usage_of(1_000, 100);
     let day = chrono::Duration::days(1);
     // Day 0: one call settled, one left open; day 1: one call settled.
     let (a, ()) = engine
