@@ -276,8 +276,7 @@ pub struct Directory {
 pub struct KeyRing {
     by_hash: HashTable<Arc<ApiKey>>,
     by_id: HashTable<Arc<ApiKey>>,
-    /// Seeded per process: ids are chosen by admins, not attackers, but a table whose
-    /// hashes nobody can predict costs nothing more.
+    /// Hashes ids, seeded per process like the engine's maps.
     state: foldhash::fast::RandomState,
     /// Owner names (tenant, team, user, role), one allocation each however many keys
     /// name them. Never shrunk: a name outlives its keys only until the next restart.
