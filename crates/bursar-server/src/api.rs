@@ -214,28 +214,51 @@ pub async fn authorize(
         ttl,
     };
     // A key the engine has forgotten (past its memory's time or size) may still belong to
-    // a hold in the ledger: a retry gets that hold, never a second one.
+    // a hold in the ledger: a retry gets that hold, never a second one. Instances sharing
+    // the database claim a key's first use, so two of them receiving it at once do not
+    // both decide: the other waits for the claimer's hold (`COMMIT_WAIT` at most).
+    let mut claimed: Option<(&bursar_store::postgres::Shared, String, String)> = None;
     if let (Some(key), Some(tenant)) = (&req.idempotency_key, &caller.key.tenant) {
         if !s.engine.knows_idempotency_key(tenant, key) {
-            if let Some(h) = s.reader.hold_by_idempotency_key(tenant, key).await? {
-                if h.detail.fingerprint != req.fingerprint {
+            let deadline = Instant::now() + bursar_store::COMMIT_WAIT;
+            loop {
+                if let Some(h) = s.reader.hold_by_idempotency_key(tenant, key).await? {
+                    if h.detail.fingerprint != req.fingerprint {
+                        return Err(Denial {
+                            code: DenyCode::IdempotencyKeyReused,
+                            message: "this Idempotency-Key was used with a different request"
+                                .into(),
+                            retry_after: None,
+                            leases: Vec::new(),
+                        }
+                        .into());
+                    }
+                    record_decision("permit", "replayed", started);
+                    return Ok(Json(permit_of_hold(
+                        h.authorization,
+                        h.held,
+                        h.model_used,
+                        h.price_version,
+                        &h.detail,
+                        true,
+                    )));
+                }
+                let Some(shared) = &s.shared else { break };
+                let now_ms = s.clock.now().timestamp_millis();
+                if shared.claim_idempotency_key(tenant, key, now_ms).await? {
+                    claimed = Some((shared, tenant.to_string(), key.clone()));
+                    break;
+                }
+                if Instant::now() >= deadline {
                     return Err(Denial {
                         code: DenyCode::IdempotencyKeyReused,
-                        message: "this Idempotency-Key was used with a different request".into(),
-                        retry_after: None,
+                        message: "this Idempotency-Key is in use by a call another instance is still deciding; retry".into(),
+                        retry_after: Some(Duration::from_secs(1)),
                         leases: Vec::new(),
                     }
                     .into());
                 }
-                record_decision("permit", "replayed", started);
-                return Ok(Json(permit_of_hold(
-                    h.authorization,
-                    h.held,
-                    h.model_used,
-                    h.price_version,
-                    &h.detail,
-                    true,
-                )));
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }
@@ -250,6 +273,12 @@ pub async fn authorize(
         }
         Err(e) => {
             record_decision("deny", e.code, started);
+            // Nothing was held: a retry is decided anew, on whichever instance.
+            if let Some((shared, tenant, key)) = claimed {
+                if let Err(release) = shared.release_idempotency_key(&tenant, &key).await {
+                    tracing::warn!(error = %release, "could not release an idempotency claim; it lapses in a minute");
+                }
+            }
             Err(e)
         }
     }

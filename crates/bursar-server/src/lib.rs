@@ -652,6 +652,9 @@ impl Services {
                         self.engine.forget_finished_elsewhere(*id);
                     }
                     shared.close_dead_instances().await?;
+                    shared
+                        .forget_old_idempotency_claims(now.timestamp_millis())
+                        .await?;
                     expiring.extend(claimed);
                 }
                 self.engine.expire(&expiring, now, &self.ledger)

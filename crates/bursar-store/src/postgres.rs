@@ -206,6 +206,7 @@ pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow)>(
                 instance,
                 claims,
                 suspects: Default::default(),
+                claims_swept_ms: Default::default(),
             }
         }),
         reader: crate::Reader::Postgres(Reader { pool }),
@@ -845,12 +846,18 @@ pub struct Shared {
     claims: tokio::sync::mpsc::Sender<ClaimRequest>,
     /// Other instances seen without their lock, and since when.
     suspects: std::sync::Arc<parking_lot::Mutex<HashMap<Uuid, std::time::Instant>>>,
+    /// When old idempotency claims were last deleted (ms).
+    claims_swept_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// How long an instance's lock must stay free before it is closed: longer than any
 /// instance takes to reconnect after PostgreSQL restarts (its writer checks the store
 /// every second), so only a dead one is.
 pub const DEAD_AFTER: Duration = Duration::from_secs(10);
+
+/// A claim on an idempotency key older than this, whose hold never appeared, belonged
+/// to an instance that died deciding: another may take it over.
+pub const IDEMPOTENCY_CLAIM_STALE: Duration = Duration::from_secs(60);
 
 /// Holds to claim, and where the ones claimed go.
 type ClaimRequest = (
@@ -1093,6 +1100,69 @@ impl Shared {
         claimed
             .await
             .unwrap_or_else(|_| Err(StoreError::Unavailable("the claim task stopped".into())))
+    }
+
+    /// Claims the first use of an idempotency key for this instance. `false`: another
+    /// instance claimed it less than `IDEMPOTENCY_CLAIM_STALE` ago (its hold, if it makes
+    /// one, is the answer). This instance's own claim, or a stale one, is taken again.
+    pub async fn claim_idempotency_key(
+        &self,
+        tenant: &str,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let stale_before =
+            now_ms - i64::try_from(IDEMPOTENCY_CLAIM_STALE.as_millis()).unwrap_or(i64::MAX);
+        let won: Option<i32> = sqlx::query_scalar(
+            "INSERT INTO idempotency_claims (tenant, key, instance, claimed_at_ms)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant, key) DO UPDATE
+               SET instance = EXCLUDED.instance, claimed_at_ms = EXCLUDED.claimed_at_ms
+               WHERE idempotency_claims.instance = EXCLUDED.instance
+                  OR idempotency_claims.claimed_at_ms < $5
+             RETURNING 1",
+        )
+        .bind(tenant)
+        .bind(key)
+        .bind(self.instance)
+        .bind(now_ms)
+        .bind(stale_before)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(won.is_some())
+    }
+
+    /// Releases this instance's claim on a key whose call was denied (nothing was held:
+    /// a retry may be decided anew, on any instance).
+    pub async fn release_idempotency_key(&self, tenant: &str, key: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM idempotency_claims WHERE tenant = $1 AND key = $2 AND instance = $3",
+        )
+        .bind(tenant)
+        .bind(key)
+        .bind(self.instance)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes claims old enough that their hold, if any, is long in the ledger (where a
+    /// retry finds it first). At most once a minute.
+    pub async fn forget_old_idempotency_claims(&self, now_ms: i64) -> Result<(), StoreError> {
+        let last = self
+            .claims_swept_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now_ms - last < 60_000 {
+            return Ok(());
+        }
+        self.claims_swept_ms
+            .store(now_ms, std::sync::atomic::Ordering::Relaxed);
+        let before = now_ms - 10 * i64::try_from(IDEMPOTENCY_CLAIM_STALE.as_millis()).unwrap_or(0);
+        sqlx::query("DELETE FROM idempotency_claims WHERE claimed_at_ms < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Which of `ids` are holds still open (not finished by any instance yet).

@@ -422,3 +422,101 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
     assert_eq!(a_holds, 1, "only the call after the outage");
     assert!(app.verify().await.ok());
 }
+
+/// Promise 2 across instances: the first use of an Idempotency-Key, sent to two instances
+/// at once, makes one hold, and every call gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_idempotency_key_sent_to_two_instances_at_once_makes_one_hold() {
+    let Some(place) = Place::postgres().await else {
+        return;
+    };
+    let first = Arc::new(spawn_app_at(CONFIG, place).await);
+    let second = Arc::new(spawn_app_at(CONFIG, Place::at(first.place.location.clone())).await);
+    let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 1000, "max_tokens": 100});
+    let rounds = 5;
+    for round in 0..rounds {
+        let key = format!("same-key-{round}");
+        let calls: Vec<_> = (0..10)
+            .map(|i| {
+                let app = if i % 2 == 0 {
+                    first.clone()
+                } else {
+                    second.clone()
+                };
+                let (ask, key) = (ask.clone(), key.clone());
+                tokio::spawn(async move {
+                    app.send(
+                        reqwest::Method::POST,
+                        "/v1/authorizations",
+                        B_MEMBER,
+                        Some(&ask),
+                        Some(&key),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut ids = HashSet::new();
+        for c in calls {
+            let r = c.await.unwrap();
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            ids.insert(r.body["authorization_id"].as_str().unwrap().to_string());
+        }
+        assert_eq!(
+            ids.len(),
+            1,
+            "round {round}: one key, one authorization: {ids:?}"
+        );
+    }
+    let mut conn = sqlx::PgConnection::connect(&postgres_url(&first))
+        .await
+        .unwrap();
+    let holds: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger WHERE kind = 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(holds, rounds);
+}
+
+/// A call denied on one instance releases its key's claim: the same key retried on the
+/// other is decided anew at once (not kept waiting for a hold that will never come).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_denied_first_use_of_an_idempotency_key_frees_it_for_every_instance() {
+    let Some(place) = Place::postgres().await else {
+        return;
+    };
+    let first = spawn_app_at(CONFIG, place).await;
+    let second = spawn_app_at(CONFIG, Place::at(first.place.location.clone())).await;
+    let r = first
+        .post(
+            "/v1/admin/tenants/b/budgets",
+            B_ADMIN,
+            json!({"id": "tiny", "scope": "tenant", "window": "lifetime", "limit": "0.0001"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    for _ in 0..200 {
+        if second.services.engine.budgets().get("b.tiny").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 1000, "max_tokens": 100});
+    for app in [&first, &second, &first] {
+        let r = app
+            .send(
+                reqwest::Method::POST,
+                "/v1/authorizations",
+                B_MEMBER,
+                Some(&ask),
+                Some("denied-key"),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (402, "budget_exceeded"),
+            "{:?}",
+            r.body
+        );
+    }
+}
