@@ -348,6 +348,26 @@ impl TestApp {
         }
     }
 
+    /// Makes a budget for tenant `b` with its admin key.
+    pub async fn add_b_budget(&self, body: Value) {
+        let r = self
+            .post("/v1/admin/tenants/b/budgets", B_ADMIN, body)
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+
+    /// Whether this instance enforces budget `id` within two seconds (another instance
+    /// may have made it).
+    pub async fn sees_budget(&self, id: &str) -> bool {
+        for _ in 0..200 {
+            if self.services.engine.budgets().get(id).is_some() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     pub async fn authorize(&self, key: &str, body: Value) -> Resp {
         self.post("/v1/authorizations", key, body).await
     }

@@ -140,14 +140,10 @@ async fn a_call_denied_by_its_budget_gives_its_rate_back() {
     };
     let l = limited_config(&redis);
     let app = spawn_app_at(&l.config, Place::sqlite()).await;
-    let r = app
-        .post(
-            "/v1/admin/tenants/b/budgets",
-            B_ADMIN,
-            json!({"id": "tiny", "scope": "tenant", "window": "lifetime", "limit": "0.0001"}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{:?}", r.body);
+    app.add_b_budget(
+        json!({"id": "tiny", "scope": "tenant", "window": "lifetime", "limit": "0.0001"}),
+    )
+    .await;
     // Five calls the budget refuses: each took a unit from Redis and gave it back.
     let big = json!({"model": "gpt-4o-mini", "prompt_tokens": 1000, "max_tokens": 100});
     for _ in 0..5 {

@@ -36,25 +36,14 @@ async fn two_instances_share_one_budget_and_its_changes_and_finish_each_others_h
     );
     // A budget both instances share: it fits exactly three of these calls.
     let hold = Money::parse("0.00021").unwrap();
-    let r = first
-        .post(
-            "/v1/admin/tenants/b/budgets",
-            B_ADMIN,
+    first
+        .add_b_budget(
             json!({"id": "three", "scope": "tenant", "window": "lifetime", "limit": Money::from_nanos(hold.nanos() * 3).to_string()}),
         )
         .await;
-    assert_eq!(r.status, 201, "{:?}", r.body);
     // The second instance follows the change at once (it is told, and reads the catalog).
-    let mut seen = false;
-    for _ in 0..200 {
-        if second.services.engine.budgets().get("b.three").is_some() {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     assert!(
-        seen,
+        second.sees_budget("b.three").await,
         "the second instance enforces a budget made on the first"
     );
     let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 1000, "max_tokens": 100});
@@ -487,20 +476,12 @@ async fn a_denied_first_use_of_an_idempotency_key_frees_it_for_every_instance() 
     };
     let first = spawn_app_at(CONFIG, place).await;
     let second = spawn_app_at(CONFIG, Place::at(first.place.location.clone())).await;
-    let r = first
-        .post(
-            "/v1/admin/tenants/b/budgets",
-            B_ADMIN,
+    first
+        .add_b_budget(
             json!({"id": "tiny", "scope": "tenant", "window": "lifetime", "limit": "0.0001"}),
         )
         .await;
-    assert_eq!(r.status, 201, "{:?}", r.body);
-    for _ in 0..200 {
-        if second.services.engine.budgets().get("b.tiny").is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(second.sees_budget("b.tiny").await);
     let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 1000, "max_tokens": 100});
     for app in [&first, &second, &first] {
         let r = app
