@@ -273,7 +273,8 @@ pub async fn authorize(
         }
         Err(e) => {
             record_decision("deny", e.code, started);
-            // Nothing was held: a retry is decided anew, on whichever instance.
+            // Denied, or failed: a retry is decided anew, on whichever instance (a hold
+            // that was made and voided is in the ledger, which a retry asks first).
             if let Some((shared, tenant, key)) = claimed {
                 if let Err(release) = shared.release_idempotency_key(&tenant, &key).await {
                     tracing::warn!(error = %release, "could not release an idempotency claim; it lapses in a minute");
