@@ -62,6 +62,19 @@ scope = "tenant"
 window = "lifetime"
 limit = "0.000001"
 
+# Real Anthropic- and OpenAI-style providers (the simulator over HTTP): each SDK reaches
+# the other dialect's model through translation.
+[[providers]]
+name = "anthropic-upstream"
+kind = "anthropic"
+base_url = "SIMULATOR"
+models = ["claude-haiku-4-5"]
+[[providers]]
+name = "openai-upstream"
+kind = "openai"
+base_url = "SIMULATOR"
+models = ["gpt-4.1-nano"]
+
 [[providers]]
 name = "sim"
 kind = "simulated"
@@ -91,7 +104,8 @@ fn official_python_sdks_work_against_bursar() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("bursar.toml");
-    std::fs::write(&config, CONFIG).unwrap();
+    let simulator = common::start_simulator(&["--completion-tokens", "16"]);
+    std::fs::write(&config, CONFIG.replace("SIMULATOR", &simulator.base)).unwrap();
     let server = common::start(&tmp.path().join("data"), &config);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/test_sdks.py");
     let out = Command::new("python3")
@@ -105,6 +119,6 @@ fn official_python_sdks_work_against_bursar() {
         out.status.success(),
         "SDK checks failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("all 10 SDK checks passed"), "{stdout}");
+    assert!(stdout.contains("all 12 SDK checks passed"), "{stdout}");
     eprintln!("{stdout}");
 }

@@ -12,6 +12,7 @@
 //! way: a non-streamed answer is still settled, and a stream is settled by the
 //! provider's [`DisconnectPolicy`].
 
+pub mod translate;
 pub mod upstream;
 pub mod wire;
 
@@ -40,7 +41,8 @@ use bursar_store::Ticket;
 
 use crate::error::ApiError;
 use crate::Services;
-use upstream::{speaks, Endpoint, UpBody, UpError, UpResponse};
+use translate::{Data, StreamTranslator};
+use upstream::{provider_dialect, speaks, Endpoint, UpBody, UpError, UpResponse};
 use wire::{Dialect, Seen};
 
 /// Events buffered between the provider and a slow client before the provider is made
@@ -360,13 +362,26 @@ impl Call {
         Ok((settlement, ticket))
     }
 
-    /// The body sent upstream for this hop.
+    /// The body sent upstream for this hop, in the provider's dialect `up` (translated
+    /// when the client speaks the other one).
     ///
-    /// The output cap goes in the field the client used. When the client gave none,
-    /// OpenAI's own models get `max_completion_tokens` (its reasoning and GPT-5 models
-    /// refuse `max_tokens`); every other provider gets `max_tokens`.
-    fn upstream_body(&self, hop: usize, permit: &Permit, routed_model: &Model) -> Bytes {
-        let mut body = self.body.clone();
+    /// The output cap goes in the field the client used. When the client gave none (or
+    /// spoke Anthropic's dialect to an OpenAI-style provider), OpenAI's own models get
+    /// `max_completion_tokens` (its reasoning and GPT-5 models refuse `max_tokens`);
+    /// every other provider gets `max_tokens`.
+    fn upstream_body(
+        &self,
+        hop: usize,
+        permit: &Permit,
+        routed_model: &Model,
+        up: Dialect,
+    ) -> Result<Bytes, ApiError> {
+        let client = self.dialect();
+        let mut body = if up == client || self.ep == Endpoint::Embeddings {
+            self.body.clone()
+        } else {
+            translate::request(client, up, &self.body)?
+        };
         let routed = permit.model.clone().unwrap_or_default();
         let model = if hop == 0 && permit.downgraded_from.is_none() {
             self.client_model.clone()
@@ -376,17 +391,18 @@ impl Call {
         body.insert("model".into(), Value::String(model));
         if self.ep != Endpoint::Embeddings {
             if let Some(mt) = permit.max_tokens {
-                let field = if self.req.max_tokens.is_none()
-                    && self.dialect() == Dialect::OpenAi
-                    && routed_model.provider == "openai"
-                {
+                let field = if up == Dialect::Anthropic {
+                    "max_tokens"
+                } else if client == Dialect::OpenAi && self.req.max_tokens.is_some() {
+                    self.req.max_tokens_field
+                } else if routed_model.provider == "openai" {
                     "max_completion_tokens"
                 } else {
-                    self.req.max_tokens_field
+                    "max_tokens"
                 };
                 body.insert(field.into(), json!(mt));
             }
-            if self.req.stream && self.dialect() == Dialect::OpenAi {
+            if self.req.stream && up == Dialect::OpenAi {
                 let mut opts = body
                     .get("stream_options")
                     .and_then(Value::as_object)
@@ -396,13 +412,14 @@ impl Call {
                 body.insert("stream_options".into(), Value::Object(opts));
             }
         }
-        Bytes::from(Value::Object(body).to_string())
+        Ok(Bytes::from(Value::Object(body).to_string()))
     }
 
     /// Sends one hop, retrying what may succeed on a second try.
     async fn attempts(
         &self,
         provider: &Provider,
+        up: Dialect,
         body: Bytes,
         provider_time: &mut Duration,
     ) -> HopEnd {
@@ -413,7 +430,12 @@ impl Call {
                 .s
                 .proxy
                 .upstreams
-                .send(provider, self.ep, body.clone(), self.req.stream)
+                .send(
+                    provider,
+                    self.ep.speaking(up),
+                    body.clone(),
+                    self.req.stream,
+                )
                 .await;
             *provider_time += t0.elapsed();
             let failure = match r {
@@ -504,6 +526,7 @@ impl Call {
                 let _ = reply.send(Err(wrong_dialect(&routed, provider, self.ep)));
                 return;
             }
+            let up = provider_dialect(provider.kind, self.dialect());
             if !self.s.proxy.upstreams.allow(provider) {
                 self.void_unbilled(&permit, "circuit open").await;
                 last_failure = Some(ApiError::new(
@@ -516,9 +539,16 @@ impl Call {
                 ));
                 continue;
             }
-            let body = self.upstream_body(hop, &permit, routed_model);
+            let body = match self.upstream_body(hop, &permit, routed_model, up) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.void_unbilled(&permit, "untranslatable request").await;
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            };
             let mut provider_time = Duration::ZERO;
-            match self.attempts(provider, body, &mut provider_time).await {
+            match self.attempts(provider, up, body, &mut provider_time).await {
                 HopEnd::Answer(resp) => {
                     self.s.proxy.upstreams.record(provider, true);
                     if hop > 0 {
@@ -526,8 +556,15 @@ impl Call {
                     }
                     match resp.body {
                         UpBody::Full(bytes) => {
-                            self.finish_whole(&permit, routed_model, bytes, provider_time, reply)
-                                .await;
+                            self.finish_whole(
+                                &permit,
+                                routed_model,
+                                up,
+                                bytes,
+                                provider_time,
+                                reply,
+                            )
+                            .await;
                         }
                         UpBody::Stream(stream) => {
                             self.pump(permit, routed_model, provider, stream, provider_time, reply)
@@ -541,7 +578,9 @@ impl Call {
                     self.void_unbilled(&permit, "provider refused the request")
                         .await;
                     let bytes = match resp.body {
-                        UpBody::Full(b) => b,
+                        UpBody::Full(b) => {
+                            translate::error_body(up, self.dialect(), resp.status, &b)
+                        }
                         UpBody::Stream(_) => Bytes::new(),
                     };
                     let mut r = (resp.status, bytes).into_response();
@@ -607,6 +646,7 @@ impl Call {
         &self,
         permit: &Permit,
         model: &Model,
+        up: Dialect,
         bytes: Bytes,
         provider_time: Duration,
         reply: oneshot::Sender<Result<Response, ApiError>>,
@@ -614,8 +654,15 @@ impl Call {
         let mut seen = Seen::default();
         let parsed = serde_json::from_slice::<Value>(&bytes).ok();
         if let Some(v) = &parsed {
-            wire::read_answer(self.dialect(), v, &mut seen);
+            wire::read_answer(up, v, &mut seen);
         }
+        // The usage was read in the provider's dialect; the client gets its own.
+        let bytes = match &parsed {
+            Some(v) if up != self.dialect() => {
+                Bytes::from(translate::answer(up, self.dialect(), v).to_string())
+            }
+            _ => bytes,
+        };
         let (usage, estimated) = match (seen.usage, &parsed) {
             (Some(u), _) => (u, false),
             (None, Some(_)) => (self.counted_usage(permit, model, &seen, 0), true),
@@ -710,6 +757,8 @@ impl Call {
         reply: oneshot::Sender<Result<Response, ApiError>>,
     ) {
         let dialect = self.dialect();
+        let up = provider_dialect(provider.kind, dialect);
+        let mut translator = StreamTranslator::new(up, dialect, self.req.client_wants_usage);
         let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER_EVENTS);
         let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
@@ -767,25 +816,38 @@ impl Call {
                 break;
             };
             for ev in events {
+                // What goes to the client for this event: the event itself, or its
+                // translation into the client's dialect.
+                let mut out = Vec::new();
                 let mut forward = true;
                 if let Some(data) = wire::event_data(&ev) {
                     if data.trim() == "[DONE]" {
                         seen.finished = true;
+                        if let Some(t) = &mut translator {
+                            out = t.push(Data::Done);
+                        }
                     } else if let Ok(v) = serde_json::from_str::<Value>(&data) {
-                        for t in wire::read_event(dialect, &v, &mut seen) {
+                        for t in wire::read_event(up, &v, &mut seen) {
                             counted += tokens::count_text(model.tokenizer, t);
                         }
-                        // The usage chunk Bursar asked for is not passed to a client that
-                        // did not ask for it.
-                        let usage_only = dialect == Dialect::OpenAi
-                            && v.get("choices")
-                                .and_then(Value::as_array)
-                                .is_some_and(Vec::is_empty)
-                            && v.get("usage").is_some_and(|u| !u.is_null());
-                        if usage_only && !self.req.client_wants_usage {
-                            forward = false;
+                        if let Some(t) = &mut translator {
+                            out = t.push(Data::Json(&v));
+                        } else {
+                            // The usage chunk Bursar asked for is not passed to a client
+                            // that did not ask for it.
+                            let usage_only = up == Dialect::OpenAi
+                                && v.get("choices")
+                                    .and_then(Value::as_array)
+                                    .is_some_and(Vec::is_empty)
+                                && v.get("usage").is_some_and(|u| !u.is_null());
+                            if usage_only && !self.req.client_wants_usage {
+                                forward = false;
+                            }
                         }
                     }
+                }
+                if translator.is_none() && forward {
+                    out.push(ev);
                 }
                 if counted > cap {
                     cut = Some((
@@ -794,11 +856,13 @@ impl Call {
                     ));
                     break 'read;
                 }
-                if forward && !client_gone && tx.send(ev).await.is_err() {
-                    client_gone = true;
-                    metrics::counter!("bursar_client_disconnects_total").increment(1);
-                    if provider.on_disconnect == DisconnectPolicy::Cancel {
-                        break 'read;
+                for ev in out {
+                    if !client_gone && tx.send(ev).await.is_err() {
+                        client_gone = true;
+                        metrics::counter!("bursar_client_disconnects_total").increment(1);
+                        if provider.on_disconnect == DisconnectPolicy::Cancel {
+                            break 'read;
+                        }
                     }
                 }
             }
@@ -1027,6 +1091,22 @@ async fn start(
         }
     }
     let chain = s.proxy.routing.chain(&model.id);
+    // A request that cannot be said in the dialect of a provider of its chain is
+    // refused now, before any hold (each hop translates it again for itself).
+    let needs_translation = ep != Endpoint::Embeddings
+        && chain.iter().any(|m| {
+            book.resolve(m)
+                .ok()
+                .and_then(|m| s.proxy.routing.provider_for(m).ok())
+                .is_some_and(|p| provider_dialect(p.kind, ep.dialect()) != ep.dialect())
+        });
+    if needs_translation {
+        let other = match ep.dialect() {
+            Dialect::OpenAi => Dialect::Anthropic,
+            Dialect::Anthropic => Dialect::OpenAi,
+        };
+        translate::request(ep.dialect(), other, &body)?;
+    }
     let call = Call {
         s: s.clone(),
         caller,

@@ -46,14 +46,30 @@ impl Endpoint {
             Endpoint::Chat | Endpoint::Embeddings => Dialect::OpenAi,
         }
     }
+
+    /// The endpoint of the same kind in another dialect (where a translated call goes).
+    pub fn speaking(self, d: Dialect) -> Endpoint {
+        match (self, d) {
+            (Endpoint::Embeddings, _) => Endpoint::Embeddings,
+            (_, Dialect::OpenAi) => Endpoint::Chat,
+            (_, Dialect::Anthropic) => Endpoint::Messages,
+        }
+    }
 }
 
-/// Can this provider answer this endpoint?
+/// Can this provider answer this endpoint (chat in either dialect is translated;
+/// Anthropic has no embeddings)?
 pub fn speaks(kind: ProviderKind, ep: Endpoint) -> bool {
+    kind != ProviderKind::Anthropic || ep != Endpoint::Embeddings
+}
+
+/// The dialect a provider is spoken to in, for a client speaking `client`: the
+/// simulated provider speaks both.
+pub fn provider_dialect(kind: ProviderKind, client: Dialect) -> Dialect {
     match kind {
-        ProviderKind::Simulated => true,
-        ProviderKind::Openai => ep != Endpoint::Messages,
-        ProviderKind::Anthropic => ep == Endpoint::Messages,
+        ProviderKind::Simulated => client,
+        ProviderKind::Openai => Dialect::OpenAi,
+        ProviderKind::Anthropic => Dialect::Anthropic,
     }
 }
 

@@ -854,22 +854,180 @@ async fn an_anthropic_provider_gets_its_key_from_the_environment_and_streams_thr
     assert_eq!(row.usage.output_tokens, 12);
     assert_eq!(row.flags & flags::ESTIMATED, 0, "usage from message_delta");
 
-    // The OpenAI endpoint cannot reach an Anthropic-only provider: 400, nothing held.
-    let r = app
-        .post("/v1/chat/completions", MEMBER, chat("claude-3-5-haiku", 10))
-        .await;
+    // The OpenAI endpoint reaches the Anthropic provider through translation: the
+    // upstream (which checks Anthropic's shape) gets a Messages request, the client an
+    // OpenAI answer, and the ledger the provider's usage.
+    let mut body = chat("claude-3-5-haiku", 40);
+    body["messages"] = json!([{"role": "system", "content": "be brief"},
+                              {"role": "user", "content": "Say something about budgets."}]);
+    let r = app.post("/v1/chat/completions", MEMBER, body.clone()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["object"], "chat.completion");
+    assert_eq!(r.body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(r.body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(r.body["usage"]["completion_tokens"], 12);
+    let content = r.body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(tokens::count_text(TokenizerKind::O200kBase, content), 12);
+    let row = settle_row(&app, auth_id(&r.headers)).await;
+    assert_eq!(row.usage.output_tokens, 12);
+    assert_eq!(
+        row.usage.input_tokens,
+        r.body["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(row.flags & flags::ESTIMATED, 0);
+
+    // Streamed, with the usage chunk the client asked for, and `[DONE]` at the end.
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let resp = post_raw(&app, "/v1/chat/completions", MEMBER, &body).await;
+    assert_eq!(resp.status(), 200);
+    let id = auth_id(resp.headers());
+    let text = resp.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(!text.contains("event:"), "no Anthropic event names: {text}");
+    let chunks: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(tokens::count_text(TokenizerKind::O200kBase, &streamed), 12);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 12);
+    finished_entries(&app, id).await;
+    let row = settle_row(&app, id).await;
+    assert_eq!(row.usage.output_tokens, 12);
+    assert_eq!(row.flags & flags::ESTIMATED, 0);
+
+    // What Anthropic cannot be told is refused before any hold, naming the field.
+    let mut bad = chat("claude-3-5-haiku", 40);
+    bad["logprobs"] = json!(true);
+    let r = app.post("/v1/chat/completions", MEMBER, bad).await;
     assert_eq!(
         (r.status, r.code()),
-        (400, "invalid_request"),
+        (400, "unsupported_parameter"),
         "{:?}",
         r.body
     );
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`logprobs`"));
+    // Embeddings cannot go to an Anthropic provider: 400, nothing held.
+    let r = app
+        .post(
+            "/v1/embeddings",
+            MEMBER,
+            json!({"model": "claude-3-5-haiku", "input": "x"}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
     let entries = app.entries().await;
     assert_eq!(
         entries.len(),
-        4,
-        "two calls held and settled; the refused one held nothing"
+        8,
+        "four calls held and settled; the refused ones held nothing"
     );
+}
+
+#[tokio::test]
+async fn anthropic_clients_reach_openai_models_through_translation() {
+    let (app, up) = spawn_proxy().await;
+    let ask = |body: Value| {
+        app.http
+            .post(format!("{}/v1/messages", app.base))
+            .header("x-api-key", MEMBER)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+    };
+    let body = json!({"model": "gpt-3.5-turbo", "max_tokens": 50, "system": "be brief",
+                      "stop_sequences": ["END"],
+                      "messages": [{"role": "user", "content": "Say something about budgets."}]});
+    let r = ask(body.clone()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let id = auth_id(r.headers());
+    let v: Value = r.json().await.unwrap();
+    // The OpenAI-compatible upstream got OpenAI's shape.
+    let sent = up.last.lock().clone();
+    assert_eq!(
+        sent["messages"][0],
+        json!({"role": "system", "content": "be brief"})
+    );
+    assert_eq!(sent["stop"], json!(["END"]));
+    assert_eq!(sent["max_completion_tokens"], 50);
+    assert!(sent.get("system").is_none() && sent.get("max_tokens").is_none());
+    // The client got Anthropic's.
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["content"][0]["type"], "text");
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert_eq!(v["usage"]["output_tokens"], 20);
+    let row = settle_row(&app, id).await;
+    assert_eq!(row.usage.output_tokens, 20);
+    assert_eq!(
+        row.usage.input_tokens,
+        v["usage"]["input_tokens"].as_u64().unwrap()
+    );
+
+    // Streamed: Bursar asks the upstream for its usage chunk and turns the chunks into
+    // Anthropic's events, ending with the usage in `message_delta`.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let r = ask(streamed).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let id = auth_id(r.headers());
+    assert_eq!(
+        up.last.lock()["stream_options"]["include_usage"],
+        true,
+        "asked for usage upstream"
+    );
+    let text = r.text().await.unwrap();
+    let names: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("event: "))
+        .filter_map(|e| e.split('\n').next())
+        .collect();
+    assert_eq!(names.first(), Some(&"message_start"));
+    assert_eq!(
+        &names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    assert!(!text.contains("[DONE]"), "{text}");
+    let events: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    let said: String = events
+        .iter()
+        .filter_map(|e| e["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(tokens::count_text(TokenizerKind::O200kBase, &said), 20);
+    let delta = events
+        .iter()
+        .find(|e| e["type"] == "message_delta")
+        .unwrap();
+    assert_eq!(delta["usage"]["output_tokens"], 20);
+    finished_entries(&app, id).await;
+    let row = settle_row(&app, id).await;
+    assert_eq!(row.usage.output_tokens, 20);
+    assert_eq!(row.flags & flags::ESTIMATED, 0, "the upstream's own usage");
+
+    // A refusal by the upstream reaches the client in Anthropic's shape, at $0.
+    up.mode.store(REFUSE, Ordering::SeqCst);
+    let r = ask(body).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["message"], "bad temperature");
+    let entries = app.entries().await;
+    assert_eq!(entries.last().unwrap().kind, EntryKind::Void);
+    assert_eq!(entries.last().unwrap().cost_delta, Money::ZERO);
+    assert_eq!(app.services.engine.open_holds(), 0);
 }
 
 #[tokio::test]

@@ -148,6 +148,50 @@ def anthropic_errors():
         assert int(e.response.headers["retry-after"]) >= 1
 
 
+def openai_sdk_reaches_claude():
+    # /v1/chat/completions → an Anthropic provider: translated both ways.
+    messages = [{"role": "system", "content": "be brief"}] + MESSAGES
+    r = oa(MEMBER).chat.completions.create(
+        model="claude-haiku-4-5", messages=messages, max_tokens=50
+    )
+    assert r.object == "chat.completion", r
+    assert r.choices[0].message.content.startswith("Yes"), r
+    assert r.choices[0].finish_reason == "stop", r
+    assert r.usage.completion_tokens == 16 and r.usage.prompt_tokens > 0, r.usage
+    stream = oa(MEMBER).chat.completions.create(
+        model="claude-haiku-4-5",
+        messages=messages,
+        max_tokens=50,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("Yes") and text.endswith("."), text
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert len(usage) == 1 and usage[0].completion_tokens == 16, usage
+
+
+def anthropic_sdk_reaches_openai_models():
+    # /v1/messages → an OpenAI-style provider: translated both ways.
+    r = an(MEMBER).messages.create(
+        model="gpt-4.1-nano", max_tokens=50, system="be brief", messages=MESSAGES
+    )
+    assert r.type == "message" and r.role == "assistant", r
+    assert r.content[0].text.startswith("Yes"), r
+    assert r.stop_reason == "end_turn", r
+    assert r.usage.output_tokens == 16 and r.usage.input_tokens > 0, r.usage
+    with an(MEMBER).messages.stream(
+        model="gpt-4.1-nano", max_tokens=50, messages=MESSAGES
+    ) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text.startswith("Yes") and text.endswith("."), text
+    assert final.content[0].text == text, final
+    assert final.usage.output_tokens == 16, final.usage
+    assert final.usage.input_tokens > 0, final.usage
+
+
 CHECKS = [
     openai_chat,
     openai_stream,
@@ -159,6 +203,8 @@ CHECKS = [
     anthropic_messages,
     anthropic_stream,
     anthropic_errors,
+    openai_sdk_reaches_claude,
+    anthropic_sdk_reaches_openai_models,
 ]
 
 if __name__ == "__main__":
