@@ -481,6 +481,9 @@ struct State {
     allowance: Option<Map<BucketKey, Money>>,
     /// When counters of ended periods were last pruned (unix seconds).
     pruned_at_s: i64,
+    /// Recovery started from the stored counters (those at the ledger's head): the
+    /// entries recovered after them rebuild holds and outcomes, not counters.
+    counters_restored: bool,
 }
 
 /// Budgets in force, by owner.
@@ -2487,8 +2490,18 @@ impl Engine {
         }
     }
 
+    /// Starts recovery from the stored counters, which are those at the ledger's head:
+    /// the store then hands only the ledger's tail to [`Engine::recover_one`] (every
+    /// hold still open, and the recent past), which rebuilds holds and outcomes without
+    /// counting their amounts a second time.
+    pub fn restore_counters(&self, counters: impl IntoIterator<Item = (BucketKey, Counter)>) {
+        let mut state = self.state.lock();
+        state.counters = counters.into_iter().collect();
+        state.counters_restored = true;
+    }
+
     /// Applies one ledger entry to the live state; entries must come in ledger order,
-    /// into an engine that has applied nothing else. Memory stays bounded however long
+    /// into an engine that has applied nothing else (but restored counters). Memory stays bounded however long
     /// the ledger: finished outcomes are capped as the sweeper caps them.
     pub fn recover_one(&self, e: &Entry) {
         let mut state = self.state.lock();
@@ -2506,8 +2519,10 @@ impl Engine {
             match e.kind {
                 EntryKind::Hold => {
                     let Some(d) = &e.detail else { return };
-                    for b in &d.buckets {
-                        state.counters.entry(b.clone()).or_default().held += e.held_delta;
+                    if !state.counters_restored {
+                        for b in &d.buckets {
+                            state.counters.entry(b.clone()).or_default().held += e.held_delta;
+                        }
                     }
                     if let Some(k) = &d.idempotency_key {
                         state.idempotency.insert(
@@ -2531,10 +2546,12 @@ impl Engine {
                             .and_then(|f| f.hold.as_deref().cloned())
                     });
                     let Some(hold) = hold else { return };
-                    for b in &hold.detail.buckets {
-                        let c = state.counters.entry(b.clone()).or_default();
-                        c.held += e.held_delta;
-                        c.spent += e.cost_delta;
+                    if !state.counters_restored {
+                        for b in &hold.detail.buckets {
+                            let c = state.counters.entry(b.clone()).or_default();
+                            c.held += e.held_delta;
+                            c.spent += e.cost_delta;
+                        }
                     }
                     if kind == EntryKind::Adjustment {
                         if let Some(f) = state.finished.get_mut(&e.authorization) {

@@ -127,6 +127,9 @@ pub struct Services {
     /// With Redis: rate limits counted across every instance.
     pub limiter: Option<limiter::Limiter>,
     pub proxy: proxy::Proxy,
+    /// The check of the whole ledger (running in the background after a start that
+    /// replayed only its tail).
+    pub chain: Arc<bursar_store::ChainCheck>,
 }
 
 /// One Prometheus recorder per process, shared by every server in it (tests run several).
@@ -211,11 +214,15 @@ pub async fn build(
         bursar_store::Recovery {
             on_entry: |e| engine.recover_one(&e),
             on_catalog: |row| admin::apply_catalog_row(&engine, &mut catalog, &row),
+            on_counters: |counters| engine.restore_counters(counters),
         },
     )
     .await?;
     engine.set_directory(catalog.directory.clone());
     engine.set_budgets(catalog.budget_set());
+    // Counters of ended periods (from the stored table, or rebuilt by a whole replay)
+    // leave memory now rather than at the first sweep.
+    engine.prune_counters(clock.now());
     tracing::info!(
         entries = opened.entries,
         seconds = replay_started.elapsed().as_secs_f64(),
@@ -253,6 +260,7 @@ pub async fn build(
         metrics: metrics_handle(),
         catalog: tokio::sync::Mutex::new(catalog),
         shared: opened.shared,
+        chain: opened.chain,
         granting: tokio::sync::Mutex::new(()),
         finishing: Mutex::new(std::collections::HashSet::new()),
         limiter,
@@ -741,7 +749,7 @@ pub async fn healthz() -> &'static str {
 /// Readiness: the ledger accepts writes and, when rate limits are in Redis, Redis
 /// answers. Either failing answers 503 with what fails: calls of tenants that fail
 /// closed are refused meanwhile (those that fail open go on, counted by the instance).
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready: `{\"ready\": true, \"store\": \"up\", \"redis\": \"up\"}` (`redis` is `none` without Redis)"), (status = 503, description = "the store or Redis is failing, named in the same body")))]
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready: `{\"ready\": true, \"store\": \"up\", \"redis\": \"up\", \"ledger\": \"verified\"}` (`redis` is `none` without Redis; `ledger` is `checking` while the whole ledger is checked in the background after a start)"), (status = 503, description = "the store or Redis is failing, or the ledger does not verify (`ledger`: `broken`), named in the same body")))]
 pub async fn readyz(State(s): State<Arc<Services>>) -> impl IntoResponse {
     let store = s.ledger.is_healthy();
     let redis = match &s.limiter {
@@ -749,11 +757,14 @@ pub async fn readyz(State(s): State<Arc<Services>>) -> impl IntoResponse {
         None => None,
     };
     let up = |ok: bool| if ok { "up" } else { "unreachable" };
-    let ready = store && redis.unwrap_or(true);
+    // A ledger that does not verify is not served from, as a start refuses one whose
+    // tail does not.
+    let ready = store && redis.unwrap_or(true) && !s.chain.is_broken();
     let body = serde_json::json!({
         "ready": ready,
         "store": up(store),
         "redis": redis.map_or("none", up),
+        "ledger": s.chain.state(),
     });
     let status = if ready {
         StatusCode::OK

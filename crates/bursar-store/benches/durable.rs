@@ -48,6 +48,7 @@ fn run(durability: sqlite::Durability, callers: usize, per_caller: usize) {
         bursar_store::Recovery {
             on_entry: |_| {},
             on_catalog: |_| {},
+            on_counters: |_| {},
         },
     )
     .unwrap();

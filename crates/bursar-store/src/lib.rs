@@ -30,9 +30,9 @@
 pub mod postgres;
 pub mod sqlite;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -533,6 +533,16 @@ impl Default for ChainReader {
 }
 
 impl ChainReader {
+    /// A reader of the ledger's tail from entry `seq`, whose previous entry's hash is
+    /// `prev`.
+    pub fn starting_at(seq: i64, prev: [u8; 32]) -> Self {
+        ChainReader {
+            prev,
+            expected_seq: seq,
+            ..ChainReader::default()
+        }
+    }
+
     /// The next row; `None` when it cannot be an entry (the problem is recorded).
     pub fn push(&mut self, mut r: StoredRow) -> Option<Entry> {
         let seq = r.seq;
@@ -829,7 +839,124 @@ pub struct Opened {
     pub shared: Option<postgres::Shared>,
     /// How many entries were replayed.
     pub entries: usize,
+    /// The check of the whole hash chain: done during recovery, or running in the
+    /// background when only the ledger's tail was replayed.
+    pub chain: Arc<ChainCheck>,
     pub writer: thread::JoinHandle<()>,
+}
+
+/// Where the check of the whole ledger (chain and counters) stands.
+#[derive(Debug, Default)]
+pub struct ChainCheck(AtomicU8);
+
+const CHECKING: u8 = 0;
+const VERIFIED: u8 = 1;
+const BROKEN: u8 = 2;
+
+impl ChainCheck {
+    /// A check already passed (recovery read and checked the whole chain).
+    pub fn verified() -> Arc<Self> {
+        Arc::new(ChainCheck(AtomicU8::new(VERIFIED)))
+    }
+
+    /// `checking`, `verified` or `broken`.
+    pub fn state(&self) -> &'static str {
+        match self.0.load(Ordering::SeqCst) {
+            CHECKING => "checking",
+            VERIFIED => "verified",
+            _ => "broken",
+        }
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == BROKEN
+    }
+
+    fn set(&self, ok: bool) {
+        self.0
+            .store(if ok { VERIFIED } else { BROKEN }, Ordering::SeqCst);
+    }
+}
+
+/// Entries of the recent past replayed at start beside every open hold: outcomes and
+/// idempotency records a retry may still ask for (older ones are answered from the
+/// ledger).
+pub const RECENT_REPLAY_MS: i64 = 10 * 60 * 1000;
+
+/// What the embedded writer keeps to know where the next start may begin replaying:
+/// the open holds (by sequence number) and one mark per second of entry time over the
+/// recent past. Fed every entry, in order, by recovery and then by the writer.
+#[derive(Debug)]
+pub struct ReplayMarks {
+    open: HashMap<Uuid, i64>,
+    /// (entry time, first sequence number at or after it), oldest first.
+    marks: VecDeque<(i64, i64)>,
+    /// Where this process's own replay began: nothing before it is recent or open.
+    floor: i64,
+    /// The last entry noted.
+    last_seq: i64,
+    /// The replay start last stored.
+    stored: i64,
+}
+
+impl ReplayMarks {
+    pub fn new(floor: i64) -> Self {
+        ReplayMarks {
+            open: HashMap::new(),
+            marks: VecDeque::new(),
+            floor,
+            last_seq: floor - 1,
+            stored: floor,
+        }
+    }
+
+    /// Notes one entry.
+    pub fn note(&mut self, seq: i64, at_ms: i64, kind: EntryKind, auth: Uuid) {
+        self.last_seq = seq;
+        match kind {
+            EntryKind::Hold => {
+                self.open.insert(auth, seq);
+            }
+            EntryKind::Adjustment => {}
+            // Every other entry ends its hold (as recovery in the engine reads it).
+            _ => {
+                self.open.remove(&auth);
+            }
+        }
+        if self.marks.back().is_none_or(|(t, _)| at_ms >= t + 1000) {
+            self.marks.push_back((at_ms, seq));
+            // Keep one mark at or before the window's start, and those after it.
+            while self.marks.len() > 1 && self.marks[1].0 <= at_ms - RECENT_REPLAY_MS {
+                self.marks.pop_front();
+            }
+        }
+    }
+
+    /// Where a start may begin replaying: the first open hold, or the first entry of
+    /// the recent past, whichever is earlier.
+    pub fn replay_from(&self) -> i64 {
+        let newest = self.marks.back().map_or(i64::MIN, |m| m.0);
+        let recent = match self.marks.front() {
+            Some(&(t, seq)) if t <= newest - RECENT_REPLAY_MS => seq,
+            _ => self.floor,
+        };
+        let open = self
+            .open
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(self.last_seq + 1);
+        recent.min(open).max(1)
+    }
+
+    /// The replay start to store, when it moved since it was last stored.
+    pub fn to_store(&mut self) -> Option<i64> {
+        let from = self.replay_from();
+        (from != self.stored).then(|| {
+            self.stored = from;
+            from
+        })
+    }
 }
 
 /// How a store is opened.
@@ -844,19 +971,22 @@ pub struct OpenOptions {
 
 /// What recovery is handed, row by row: nothing of it is kept in a list first (a
 /// catalog of 100k keys would otherwise sit in memory twice at start).
-pub struct Recovery<E: FnMut(Entry), C: FnMut(CatalogRow)> {
-    /// Every ledger entry, in order.
+pub struct Recovery<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, Counter>)> {
+    /// Every ledger entry, in order (or, after `on_counters`, the ledger's tail).
     pub on_entry: E,
     /// Every stored catalog row, in no particular order.
     pub on_catalog: C,
+    /// The stored counters (those at the ledger's head), when the store replays only
+    /// the ledger's tail: every open hold and the recent past. Called before any entry.
+    pub on_counters: K,
 }
 
 /// Opens (or creates) the store, streams the ledger and the catalog to `recovery`, and
 /// starts the writer thread. Refuses a ledger whose chain does not verify.
-pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow)>(
+pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, Counter>)>(
     location: &Location,
     options: OpenOptions,
-    recovery: Recovery<E, C>,
+    recovery: Recovery<E, C, K>,
 ) -> Result<Opened, StoreError> {
     match location {
         Location::Sqlite(path) => sqlite::open(path, options.durability, recovery),

@@ -135,10 +135,10 @@ async fn check_schema(pool: &PgPool) -> Result<(), StoreError> {
 
 /// Opens the store: checks (or applies) the schema, streams the ledger to `on_entry`
 /// in order, and starts the writer thread.
-pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow)>(
+pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, Counter>)>(
     url: &str,
     options: OpenOptions,
-    mut recovery: crate::Recovery<E, C>,
+    mut recovery: crate::Recovery<E, C, K>,
 ) -> Result<Opened, StoreError> {
     if options.migrate {
         let n = migrate(url).await?;
@@ -211,6 +211,8 @@ pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow)>(
         }),
         reader: crate::Reader::Postgres(Reader { pool }),
         entries,
+        // PostgreSQL replays (and so checks) the whole ledger at start.
+        chain: crate::ChainCheck::verified(),
         writer: join,
     })
 }

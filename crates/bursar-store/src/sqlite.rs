@@ -5,9 +5,17 @@
 //! they change, alerts and catalog changes in one transaction, committed with the
 //! configured durability (`synchronous = NORMAL` survives a killed process, `FULL` a
 //! lost machine).
+//!
+//! A start replays only the ledger's tail: the stored counters are those at the head
+//! (they are written in the same transactions as the entries), and the writer keeps in
+//! `meta.replay_from_seq` where the tail begins: at the first hold still open, or the
+//! first entry of the recent past ([`crate::RECENT_REPLAY_MS`]), whichever is earlier.
+//! The whole chain is then checked in the background ([`crate::ChainCheck`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bursar_core::budget::{BucketKey, Counter};
 pub use bursar_core::config::Durability;
@@ -18,10 +26,11 @@ use uuid::Uuid;
 
 use crate::{
     counter_deltas, detail_json, from_i64, parse_counters, spawn_writer, to_i64, AlertRow, Backend,
-    CatalogRow, ChainReader, Command, LedgerReport, Opened, SettleRow, StoreError, StoredHold,
-    StoredRow, UsageRow, Verification, Verifier,
+    CatalogRow, ChainCheck, ChainReader, Command, LedgerReport, Opened, ReplayMarks, SettleRow,
+    StoreError, StoredHold, StoredRow, UsageRow, Verification, Verifier,
 };
 use bursar_core::ledger::HoldDetail;
+use bursar_core::ledger::GENESIS_HASH;
 use bursar_core::pricebook::TokenUsage;
 
 const SCHEMA: &str = r#"
@@ -91,12 +100,42 @@ pub fn ledger_path(data_dir: &Path) -> PathBuf {
     data_dir.join("bursar.db")
 }
 
-/// Opens (or creates) the store, streams the ledger to `on_entry` in order (recovery),
-/// and starts the writer thread. Refuses a ledger whose chain does not verify.
-pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow)>(
+/// How often, at most, the writer stores where the next start may begin replaying.
+const REPLAY_MARK_EVERY: Duration = Duration::from_secs(1);
+
+/// Where this start begins replaying, and the hash of the entry before it: the stored
+/// replay start, or the whole ledger when there is none (or its anchor is gone, which
+/// the background check then reports).
+fn replay_start(conn: &Connection) -> Result<(i64, [u8; 32]), StoreError> {
+    let from: Option<String> = conn
+        .query_row("SELECT v FROM meta WHERE k = 'replay_from_seq'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let Some(from) = from.and_then(|v| v.parse::<i64>().ok()).filter(|f| *f > 1) else {
+        return Ok((1, GENESIS_HASH));
+    };
+    let anchor: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT hash FROM ledger WHERE seq = ?1",
+            params![from - 1],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(match anchor.and_then(|h| <[u8; 32]>::try_from(h).ok()) {
+        Some(h) => (from, h),
+        None => (1, GENESIS_HASH),
+    })
+}
+
+/// Opens (or creates) the store, streams the ledger's tail to `on_entry` in order after
+/// handing the stored counters to `on_counters` (or the whole ledger, on a first start
+/// or a ledger written before replay starts were kept), and starts the writer thread.
+/// Refuses a ledger whose tail does not verify; checks the rest in the background.
+pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, Counter>)>(
     path: &Path,
     durability: Durability,
-    mut recovery: crate::Recovery<E, C>,
+    mut recovery: crate::Recovery<E, C, K>,
 ) -> Result<Opened, StoreError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
@@ -107,18 +146,40 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow)>(
         "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1')",
         [],
     )?;
-    let (entries, last_hash, problems) = read_ledger(&conn, &mut recovery.on_entry)?;
+    // One read transaction: the counters are those at the head the tail ends at.
+    conn.execute_batch("BEGIN")?;
+    let (from, anchor) = replay_start(&conn)?;
+    if from > 1 {
+        (recovery.on_counters)(stored_counters(&conn)?);
+    }
+    let mut marks = ReplayMarks::new(from);
+    let (entries, last_hash, problems) = read_ledger(
+        &conn,
+        from,
+        anchor,
+        &mut recovery.on_entry,
+        Some(&mut marks),
+    )?;
+    conn.execute_batch("COMMIT")?;
     if let Some(p) = problems.first() {
         return Err(StoreError::Corrupt(format!(
             "the ledger does not verify: {p}; run `bursar ledger verify` for details"
         )));
     }
     read_catalog(&conn, &mut recovery.on_catalog)?;
+    let chain = if from > 1 {
+        check_in_background(path)?
+    } else {
+        ChainCheck::verified()
+    };
+    tracing::debug!(from_seq = from, "ledger tail replayed");
     let mut writer = Writer {
         conn,
         dict: HashMap::new(),
         last_hash,
         saved_hash: last_hash,
+        marks,
+        marked_at: Instant::now(),
     };
     writer.load_dict()?;
     // SQLite's automatic checkpoint (every 1,000 WAL pages) keeps the WAL small. It runs
@@ -130,8 +191,56 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow)>(
         shared: None,
         reader: crate::Reader::Sqlite(Reader::open(path)?),
         entries,
+        chain,
         writer: join,
     })
+}
+
+/// Checks the whole ledger (chain and counters, as `bursar ledger verify` does) on a
+/// thread of its own, on a read-only snapshot, while the server runs.
+fn check_in_background(path: &Path) -> Result<Arc<ChainCheck>, StoreError> {
+    let chain = Arc::new(ChainCheck::default());
+    let (check, path) = (chain.clone(), path.to_path_buf());
+    std::thread::Builder::new()
+        .name("bursar-ledger-check".into())
+        .spawn(move || {
+            let started = Instant::now();
+            match verify(&path) {
+                Ok(v) if v.ok() => {
+                    check.set(true);
+                    tracing::info!(
+                        entries = v.entries,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "whole ledger checked: hash chain intact, counters equal to a rebuild"
+                    );
+                }
+                Ok(v) => {
+                    check.set(false);
+                    tracing::error!(
+                        problems = v.problems.len(),
+                        first = ?v.problems.iter().take(5).collect::<Vec<_>>(),
+                        "THE LEDGER DOES NOT VERIFY; /readyz fails; run `bursar ledger verify`"
+                    );
+                }
+                Err(e) => {
+                    check.set(false);
+                    tracing::error!(error = %e, "the ledger could not be checked; /readyz fails");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+    Ok(chain)
+}
+
+/// Stores where the next start may begin replaying, when it moved.
+fn store_replay_start(marks: &mut ReplayMarks, conn: &Connection) -> Result<(), StoreError> {
+    if let Some(from) = marks.to_store() {
+        conn.execute(
+            "INSERT INTO meta (k, v) VALUES ('replay_from_seq', ?1) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            params![from.to_string()],
+        )?;
+    }
+    Ok(())
 }
 
 struct Writer {
@@ -140,6 +249,9 @@ struct Writer {
     last_hash: [u8; 32],
     /// The chain head before the batch being written, restored when it fails.
     saved_hash: [u8; 32],
+    /// Open holds and recent entries: where the next start may begin replaying.
+    marks: ReplayMarks,
+    marked_at: Instant,
 }
 
 impl Backend for Writer {
@@ -150,9 +262,20 @@ impl Backend for Writer {
 
     fn forget(&mut self) {
         self.last_hash = self.saved_hash;
-        // Interned texts of the failed transaction were rolled back too.
+        // Interned texts of the failed transaction were rolled back too. (The replay
+        // marks it noted are noted again, the same, when the batch is written again.)
         self.dict.clear();
         let _ = self.load_dict();
+    }
+
+    fn idle(&mut self) -> Result<(), StoreError> {
+        store_replay_start(&mut self.marks, &self.conn)
+    }
+
+    fn close(&mut self) {
+        if let Err(e) = store_replay_start(&mut self.marks, &self.conn) {
+            tracing::warn!(error = %e, "the replay start was not stored; the next start replays more");
+        }
     }
 }
 
@@ -228,6 +351,12 @@ impl Writer {
                                 hash.as_slice(),
                             ])?;
                             self.last_hash = hash;
+                            self.marks.note(
+                                tx.last_insert_rowid(),
+                                e.at_ms,
+                                e.kind,
+                                e.authorization,
+                            );
                         }
                         for a in alerts {
                             alert.execute(params![
@@ -264,16 +393,24 @@ impl Writer {
                 upsert.execute(params![bucket.to_string(), d.held.nanos(), d.spent.nanos()])?;
             }
         }
+        if self.marked_at.elapsed() >= REPLAY_MARK_EVERY {
+            self.marked_at = Instant::now();
+            store_replay_start(&mut self.marks, &tx)?;
+        }
         tx.commit()?;
         Ok(())
     }
 }
 
-/// Reads the ledger in order, checking the chain, and hands each entry to `visit`.
+/// Reads the ledger in order from entry `from` (whose previous entry's hash is
+/// `anchor`), checking the chain, and hands each entry to `visit` (and to `marks`).
 /// Returns the number of entries, the last hash and the chain's problems.
 fn read_ledger(
     conn: &Connection,
+    from: i64,
+    anchor: [u8; 32],
     visit: &mut dyn FnMut(Entry),
+    mut marks: Option<&mut ReplayMarks>,
 ) -> Result<(usize, [u8; 32], Vec<String>), StoreError> {
     let mut dict: HashMap<i64, String> = HashMap::new();
     {
@@ -286,15 +423,16 @@ fn read_ledger(
     }
     let text = |id: Option<i64>| id.and_then(|i| dict.get(&i).cloned());
     let mut stmt = conn.prepare(
-        "SELECT seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, hash FROM ledger ORDER BY seq",
+        "SELECT seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, hash FROM ledger WHERE seq >= ?1 ORDER BY seq",
     )?;
-    let mut rows = stmt.query([])?;
-    let mut chain = ChainReader::default();
+    let mut rows = stmt.query(params![from])?;
+    let mut chain = ChainReader::starting_at(from, anchor);
     while let Some(r) = rows.next()? {
         let auth: Vec<u8> = r.get(3)?;
         let key_id: Option<Vec<u8>> = r.get(5)?;
+        let seq: i64 = r.get(0)?;
         let row = StoredRow {
-            seq: r.get(0)?,
+            seq,
             at_ms: r.get(1)?,
             kind: r.get(2)?,
             auth: Uuid::from_slice(&auth).unwrap_or_default(),
@@ -316,6 +454,9 @@ fn read_ledger(
             hash: r.get(19)?,
         };
         if let Some(e) = chain.push(row) {
+            if let Some(m) = marks.as_deref_mut() {
+                m.note(seq, e.at_ms, e.kind, e.authorization);
+            }
             visit(e);
         }
     }
@@ -352,7 +493,8 @@ pub fn verify(path: &Path) -> Result<Verification, StoreError> {
     let conn = open_read_only(path)?;
     conn.execute_batch("BEGIN")?;
     let mut verifier = Verifier::default();
-    let (entries, _, problems) = read_ledger(&conn, &mut |e| verifier.apply(&e))?;
+    let (entries, _, problems) =
+        read_ledger(&conn, 1, GENESIS_HASH, &mut |e| verifier.apply(&e), None)?;
     let stored = stored_counters(&conn)?;
     conn.execute_batch("COMMIT")?;
     Ok(verifier.finish(entries, problems, &stored))
@@ -362,7 +504,8 @@ pub fn verify(path: &Path) -> Result<Verification, StoreError> {
 pub fn read_entries(path: &Path) -> Result<LedgerReport, StoreError> {
     let conn = open_read_only(path)?;
     let mut entries = Vec::new();
-    let (_, last_hash, chain_problems) = read_ledger(&conn, &mut |e| entries.push(e))?;
+    let (_, last_hash, chain_problems) =
+        read_ledger(&conn, 1, GENESIS_HASH, &mut |e| entries.push(e), None)?;
     Ok(LedgerReport {
         entries,
         last_hash,

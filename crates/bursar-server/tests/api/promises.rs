@@ -571,3 +571,166 @@ async fn a_retry_after_the_engine_forgot_its_key_gets_the_hold_from_the_ledger(p
         "one hold and its settle; the retry held nothing"
     );
 }
+
+/// The replay start the embedded writer stored, if any.
+fn stored_replay_start(app: &TestApp) -> Option<i64> {
+    let bursar_store::Location::Sqlite(path) = &app.place.location else {
+        panic!("an embedded store");
+    };
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("SELECT v FROM meta WHERE k = 'replay_from_seq'", [], |r| {
+        r.get::<_, String>(0)
+    })
+    .ok()
+    .map(|v| v.parse().unwrap())
+}
+
+async fn ledger_state(app: &TestApp) -> String {
+    let r = app.get("/readyz", A_MEMBER).await;
+    r.body["ledger"].as_str().unwrap_or_default().to_string()
+}
+
+/// Authorizes and settles one call (with an idempotency key, if given).
+async fn settled(app: &TestApp, key: Option<&str>) -> String {
+    let p = app
+        .send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            A_MEMBER,
+            Some(&ask(100, 10)),
+            key,
+        )
+        .await;
+    assert_eq!(p.status, 200, "{:?}", p.body);
+    let id = p.body["authorization_id"].as_str().unwrap().to_string();
+    let s = app
+        .settle(
+            A_MEMBER,
+            &id,
+            json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 7}}),
+        )
+        .await;
+    assert_eq!(s.status, 200, "{:?}", s.body);
+    id
+}
+
+/// A start on the embedded store replays only the ledger's tail (every open hold and
+/// the recent past) on top of the stored counters, answers what older entries made
+/// exactly as before, and checks the whole ledger in the background.
+#[tokio::test]
+async fn a_start_replays_the_ledgers_tail_and_checks_the_rest_in_the_background() {
+    let app = spawn_app_with(CONFIG).await;
+    // Old and finished: entries 1–10; the first with an idempotency key.
+    let old = settled(&app, Some("old-call")).await;
+    for _ in 0..4 {
+        settled(&app, None).await;
+    }
+    // Old and still open (a long hold): entry 11.
+    app.clock.advance(Duration::from_secs(5));
+    let mut long = ask(100, 10);
+    long["ttl_seconds"] = json!(3600);
+    let open = app.authorize(A_MEMBER, long).await;
+    assert_eq!(open.status, 200, "{:?}", open.body);
+    let open_id = open.body["authorization_id"].as_str().unwrap().to_string();
+    // Eleven minutes on, the recent past: entries 12 and after.
+    app.clock.advance(Duration::from_secs(11 * 60));
+    let recent = settled(&app, None).await;
+    for _ in 0..3 {
+        settled(&app, None).await;
+    }
+    let counters = app.services.engine.counters();
+    let app = restart(app, CONFIG).await;
+    app.clock.advance(Duration::from_secs(11 * 60 + 5));
+    assert_eq!(
+        stored_replay_start(&app),
+        Some(11),
+        "the tail begins at the oldest open hold"
+    );
+    // The counters are those before the restart (read from the store, not rebuilt).
+    assert_eq!(
+        bursar_core::engine::sorted(&app.services.engine.counters()),
+        bursar_core::engine::sorted(&counters)
+    );
+    assert_eq!(app.services.engine.open_holds(), 1);
+    for _ in 0..100 {
+        if ledger_state(&app).await == "verified" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ledger_state(&app).await, "verified");
+    // Older entries answer as before: an idempotent retry of the first call (from the
+    // ledger), a retried settle of a recent one (replayed), and the open hold settles.
+    let again = app
+        .send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            A_MEMBER,
+            Some(&ask(100, 10)),
+            Some("old-call"),
+        )
+        .await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body["authorization_id"], old.as_str());
+    let retried = app
+        .settle(
+            A_MEMBER,
+            &recent,
+            json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 7}}),
+        )
+        .await;
+    assert_eq!(retried.status, 200, "{:?}", retried.body);
+    let s = app
+        .settle(
+            A_MEMBER,
+            &open_id,
+            json!({"usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 7}}),
+        )
+        .await;
+    assert_eq!(s.status, 200, "{:?}", s.body);
+    assert_eq!(app.services.engine.open_holds(), 0);
+    let v = app.verify().await;
+    assert!(v.ok(), "{:?}", v.problems);
+    assert_eq!(v.entries, 20, "no entry was added by the retries");
+    let rebuilt: HashMap<_, _> = {
+        let mut r = Replay::default();
+        for (i, e) in app.entries().await.iter().enumerate() {
+            r.apply(i as u64 + 1, e);
+        }
+        r.counters.into_iter().collect()
+    };
+    assert_eq!(
+        bursar_core::engine::sorted(&app.services.engine.counters()),
+        bursar_core::engine::sorted(&rebuilt),
+        "the engine's counters equal a rebuild from every entry"
+    );
+
+    // An entry edited before the tail: the start succeeds (the tail verifies; a whole
+    // replay would refuse to start), the background check finds it, and /readyz fails
+    // naming the ledger.
+    let bursar_store::Location::Sqlite(path) = &app.place.location else {
+        unreachable!()
+    };
+    let path = path.clone();
+    app.clock.advance(Duration::from_secs(1));
+    let app = restart(app, CONFIG).await;
+    assert_eq!(stored_replay_start(&app), Some(11));
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE ledger SET cost = cost - 1 WHERE seq = 3", [])
+        .unwrap();
+    let app = restart(app, CONFIG).await;
+    for _ in 0..100 {
+        if ledger_state(&app).await == "broken" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = app.get("/readyz", A_MEMBER).await;
+    assert_eq!(
+        (r.status, r.body["ledger"].as_str()),
+        (503, Some("broken")),
+        "{:?}",
+        r.body
+    );
+}
