@@ -328,7 +328,7 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
     let r = wait_ready(&app, false).await;
     assert_eq!(
         r.body,
-        json!({"ready": false, "store": "unreachable", "redis": "none"})
+        json!({"ready": false, "store": "unreachable", "redis": "none", "ledger": "verified"})
     );
     // Fail closed: refused at once, nothing held.
     let t0 = std::time::Instant::now();
