@@ -994,6 +994,32 @@ impl Engine {
         true
     }
 
+    /// Takes up an expired hold this engine has no outcome for (another instance expired
+    /// it, or its record left memory), from its hold and expire entries, so that a late
+    /// report of its usage is reconciled once as an adjustment, as for one it
+    /// remembers. Call it only with the ledger's word that the hold expired. `false`
+    /// when it knows the outcome already, or the entries do not fit.
+    pub fn adopt_expired(&self, hold: &Entry, expired: &Entry) -> bool {
+        let Some(d) = &hold.detail else { return false };
+        if hold.kind != EntryKind::Hold
+            || expired.kind != EntryKind::Expire
+            || hold.authorization != expired.authorization
+        {
+            return false;
+        }
+        let id = hold.authorization;
+        let mut state = self.state.lock();
+        if state.finished.contains_key(&id) {
+            return false;
+        }
+        // Shared budgets: a hold this instance still lists as open was expired by the
+        // one that claimed it (its amounts are in that instance's use).
+        state.holds.remove(&id);
+        let finished = Self::finished_of(expired, Self::hold_of_entry(hold, d));
+        state.finished.insert(id, Box::new(finished));
+        true
+    }
+
     /// Whether this engine has the authorization open (not finished, not unknown).
     pub fn is_open(&self, tenant: &str, id: Uuid) -> bool {
         self.state
@@ -2490,6 +2516,41 @@ impl Engine {
         }
     }
 
+    /// The finished outcome an ending entry (settle, void, release, expire) records.
+    fn finished_of(e: &Entry, hold: Hold) -> Finished {
+        let kind = e.kind;
+        let outcome = match kind {
+            EntryKind::Settle => Outcome::Settled,
+            EntryKind::Expire => Outcome::Expired,
+            _ => Outcome::Voided,
+        };
+        Finished {
+            tenant: e.tenant.clone(),
+            usage: (kind == EntryKind::Settle).then(|| Usage {
+                tokens: e.usage,
+                quantity: e.quantity,
+                model_used: e.model_used.clone(),
+                latency_ms: e.latency_ms,
+                estimated: e.flags & flags::ESTIMATED != 0,
+            }),
+            settlement: Settlement {
+                authorization_id: e.authorization,
+                outcome,
+                cost: e.cost_delta,
+                charge: e.charge_delta,
+                released: -e.held_delta,
+                overage: e.cost_delta.saturating_sub(-e.held_delta).max(Money::ZERO),
+                model_used: e.model_used.clone(),
+                price_version: e.price_version.clone().unwrap_or_default(),
+                drift: e.flags & flags::DRIFT != 0,
+                replayed: false,
+            },
+            finished_at_ms: e.at_ms,
+            permit: hold.permit.clone(),
+            hold: (kind == EntryKind::Expire).then(|| Box::new(hold)),
+        }
+    }
+
     /// Starts recovery from the stored counters, which are those at the ledger's head:
     /// the store then hands only the ledger's tail to [`Engine::recover_one`] (every
     /// hold still open, and the recent past), which rebuilds holds and outcomes without
@@ -2501,8 +2562,9 @@ impl Engine {
     }
 
     /// Applies one ledger entry to the live state; entries must come in ledger order,
-    /// into an engine that has applied nothing else (but restored counters). Memory stays bounded however long
-    /// the ledger: finished outcomes are capped as the sweeper caps them.
+    /// into an engine that has applied nothing else (but restored counters). Memory
+    /// stays bounded however long the ledger: finished outcomes are capped as the
+    /// sweeper caps them.
     pub fn recover_one(&self, e: &Entry) {
         let mut state = self.state.lock();
         if state.finished.len() >= 2 * MAX_FINISHED_IN_MEMORY {
@@ -2560,42 +2622,9 @@ impl Engine {
                         return;
                     }
                     state.holds.remove(&e.authorization);
-                    let outcome = match kind {
-                        EntryKind::Settle => Outcome::Settled,
-                        EntryKind::Expire => Outcome::Expired,
-                        _ => Outcome::Voided,
-                    };
-                    state.finished.insert(
-                        e.authorization,
-                        Box::new(Finished {
-                            tenant: e.tenant.clone(),
-                            usage: (kind == EntryKind::Settle).then(|| Usage {
-                                tokens: e.usage,
-                                quantity: e.quantity,
-                                model_used: e.model_used.clone(),
-                                latency_ms: e.latency_ms,
-                                estimated: e.flags & flags::ESTIMATED != 0,
-                            }),
-                            settlement: Settlement {
-                                authorization_id: e.authorization,
-                                outcome,
-                                cost: e.cost_delta,
-                                charge: e.charge_delta,
-                                released: -e.held_delta,
-                                overage: e
-                                    .cost_delta
-                                    .saturating_sub(-e.held_delta)
-                                    .max(Money::ZERO),
-                                model_used: e.model_used.clone(),
-                                price_version: e.price_version.clone().unwrap_or_default(),
-                                drift: e.flags & flags::DRIFT != 0,
-                                replayed: false,
-                            },
-                            finished_at_ms: e.at_ms,
-                            permit: hold.permit.clone(),
-                            hold: (kind == EntryKind::Expire).then(|| Box::new(hold)),
-                        }),
-                    );
+                    state
+                        .finished
+                        .insert(e.authorization, Box::new(Self::finished_of(e, hold)));
                 }
             }
         }

@@ -285,6 +285,42 @@ pub async fn authorize(
     }
 }
 
+/// Claim key (never a valid Idempotency-Key: it starts with a control character) under
+/// which one instance reconciles a late report of an expired hold.
+fn reconcile_claim(id: Uuid) -> String {
+    format!("\u{1}reconcile {id}")
+}
+
+/// Takes up, from the ledger, an expired hold of this tenant that has not been
+/// reconciled yet, so that a late settle records its true cost once. With instances
+/// sharing the database, the one that claims the reconciliation does it.
+async fn adopt_expired(s: &Services, tenant: &str, id: Uuid) -> Result<bool, ApiError> {
+    let entries = s.reader.authorization_entries(id, tenant).await?;
+    let (Some(hold), Some(last)) = (entries.first(), entries.last()) else {
+        return Ok(false);
+    };
+    if last.kind != EntryKind::Expire {
+        // Not expired, or reconciled already (an adjustment follows the expiry).
+        return Ok(false);
+    }
+    if let Some(shared) = &s.shared {
+        let now_ms = s.clock.now().timestamp_millis();
+        if !shared
+            .claim_idempotency_key(tenant, &reconcile_claim(id), now_ms)
+            .await?
+        {
+            return Ok(false);
+        }
+        // The claim may have been won after another instance reconciled and released
+        // it: read again.
+        let again = s.reader.authorization_entries(id, tenant).await?;
+        if again.last().map(|e| e.kind) != Some(EntryKind::Expire) {
+            return Ok(false);
+        }
+    }
+    Ok(s.engine.adopt_expired(hold, last))
+}
+
 /// A finished authorization no longer in memory: answer from the ledger. A retried
 /// settle with the same usage gets the first settlement; anything else its conflict.
 async fn finished_in_store(
@@ -378,7 +414,14 @@ async fn finish(
     let id = parse_id(id)?;
     let tenant = tenant_of(caller)?;
     let settle_usage = if settle { usage.clone() } else { None };
-    let result = s.finish(&tenant, id, usage, settle).await?;
+    let mut result = s.finish(&tenant, id, usage, settle).await?;
+    if let (Err(e), Some(u)) = (&result, &settle_usage) {
+        // A late report of a hold expired elsewhere (or forgotten here): taken up from
+        // the ledger and reconciled, as the engine does for one it remembers.
+        if e.code == FinishCode::AuthorizationNotFound && adopt_expired(s, &tenant, id).await? {
+            result = s.finish(&tenant, id, Some(u.clone()), true).await?;
+        }
+    }
     match result {
         Ok((settlement, ticket)) => {
             ticket.wait().await?;

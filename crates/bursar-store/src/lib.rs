@@ -779,6 +779,26 @@ impl Reader {
         }
     }
 
+    /// Every entry of one of a tenant's authorizations, whole, in order (the hold with
+    /// its detail): what reconciling a late report needs once the engine forgot it.
+    pub async fn authorization_entries(
+        &self,
+        auth: Uuid,
+        tenant: &str,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let rows = match self {
+            Reader::Sqlite(r) => r.authorization_rows(auth, tenant)?,
+            Reader::Postgres(r) => r.authorization_rows(auth, tenant).await?,
+        };
+        rows.into_iter()
+            .map(|r| {
+                let seq = r.seq;
+                entry_of_row(r)
+                    .ok_or_else(|| StoreError::Corrupt(format!("entry {seq} cannot be read")))
+            })
+            .collect()
+    }
+
     /// Settled spend of a tenant since `since_ms`, by model used.
     pub async fn usage_by_model(
         &self,

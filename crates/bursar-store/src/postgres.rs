@@ -1372,6 +1372,30 @@ impl Reader {
     }
 
     /// Entries of one authorization, in order: (seq, kind code, held, cost).
+    /// The rows of one of a tenant's authorizations, in order, texts joined in.
+    pub async fn authorization_rows(
+        &self,
+        auth: Uuid,
+        tenant: &str,
+    ) -> Result<Vec<StoredRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT l.seq, l.at_ms, l.kind, l.auth, t.text, l.key_id, l.held, l.cost, l.charge, mr.text, mu.text, pv.text,
+                    l.in_tok, l.cached_tok, l.out_tok, l.quantity, l.latency_ms, l.flags, l.detail, l.hash
+             FROM ledger l JOIN dict t ON t.id = l.tenant
+             LEFT JOIN dict mr ON mr.id = l.model_req LEFT JOIN dict mu ON mu.id = l.model_used
+             LEFT JOIN dict pv ON pv.id = l.price_version
+             WHERE l.auth = $1 AND t.text = $2 ORDER BY l.seq",
+        )
+        .bind(auth)
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| stored_row(r, |i| r.try_get(i)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
     pub async fn entries_of(&self, auth: Uuid) -> Result<Vec<(i64, i64, i64, i64)>, StoreError> {
         let rows =
             sqlx::query("SELECT seq, kind, held, cost FROM ledger WHERE auth = $1 ORDER BY seq")

@@ -620,6 +620,50 @@ impl Reader {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    /// The rows of one of a tenant's authorizations, in order, texts joined in.
+    pub fn authorization_rows(
+        &self,
+        auth: Uuid,
+        tenant: &str,
+    ) -> Result<Vec<StoredRow>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT l.seq, l.at_ms, l.kind, l.auth, t.text, l.key_id, l.held, l.cost, l.charge, mr.text, mu.text, pv.text,
+                    l.in_tok, l.cached_tok, l.out_tok, l.quantity, l.latency_ms, l.flags, l.detail, l.hash
+             FROM ledger l JOIN dict t ON t.id = l.tenant
+             LEFT JOIN dict mr ON mr.id = l.model_req LEFT JOIN dict mu ON mu.id = l.model_used
+             LEFT JOIN dict pv ON pv.id = l.price_version
+             WHERE l.auth = ?1 AND t.text = ?2 ORDER BY l.seq",
+        )?;
+        let rows = stmt.query_map(params![auth.as_bytes().as_slice(), tenant], |r| {
+            let auth: Vec<u8> = r.get(3)?;
+            let key_id: Option<Vec<u8>> = r.get(5)?;
+            Ok(StoredRow {
+                seq: r.get(0)?,
+                at_ms: r.get(1)?,
+                kind: r.get(2)?,
+                auth: Uuid::from_slice(&auth).unwrap_or_default(),
+                tenant: r.get(4)?,
+                key_id: key_id.and_then(|k| Uuid::from_slice(&k).ok()),
+                held: r.get(6)?,
+                cost: r.get(7)?,
+                charge: r.get(8)?,
+                model_requested: r.get(9)?,
+                model_used: r.get(10)?,
+                price_version: r.get(11)?,
+                input_tokens: r.get(12)?,
+                cached_input_tokens: r.get(13)?,
+                output_tokens: r.get(14)?,
+                quantity: r.get(15)?,
+                latency_ms: r.get(16)?,
+                flags: r.get(17)?,
+                detail: r.get(18)?,
+                hash: r.get(19)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Entries of one authorization, in order: (seq, kind code, held, cost).
     pub fn entries_of(&self, auth: Uuid) -> Result<Vec<(i64, i64, i64, i64)>, StoreError> {
         let conn = self.conn.lock();

@@ -197,6 +197,75 @@ async fn an_expired_hold_is_charged_and_a_late_settle_reconciled(place: Place) {
     assert!(app.verify().await.ok());
 }
 
+store_test!(a_late_settle_of_a_hold_expired_elsewhere_is_reconciled_once);
+async fn a_late_settle_of_a_hold_expired_elsewhere_is_reconciled_once(place: Place) {
+    let first = spawn_app_at(CONFIG, place).await;
+    // On PostgreSQL, a second instance, started before the hold expires: it lists the
+    // hold as open, then learns only from the ledger that the first expired it.
+    let second = match first.place.location.clone() {
+        location @ bursar_store::Location::Postgres(_) => {
+            Some(spawn_app_at(CONFIG, Place::at(location)).await)
+        }
+        bursar_store::Location::Sqlite(_) => None,
+    };
+    let p = first.authorize(A_MEMBER, ask(1000, 100)).await;
+    let id = p.body["authorization_id"].as_str().unwrap().to_string();
+    first.clock.advance(Duration::from_secs(61));
+    assert_eq!(first.services.sweep().await.unwrap(), 1);
+    // The late report reaches an engine without the hold's outcome: the second instance
+    // on PostgreSQL; on the embedded store, the same one restarted after its replay no
+    // longer reaches the hold (eleven minutes and one call later).
+    let (other, _first) = match second {
+        Some(second) => (second, Some(first)),
+        None => {
+            first.clock.advance(Duration::from_secs(11 * 60));
+            settled(&first, None).await;
+            let app = restart(first, CONFIG).await;
+            app.clock.advance(Duration::from_secs(12 * 60 + 2));
+            (app, None)
+        }
+    };
+    let usage =
+        json!({"usage": {"input_tokens": 1000, "cached_input_tokens": 0, "output_tokens": 10}});
+    let late = other.settle(A_MEMBER, &id, usage.clone()).await;
+    assert_eq!(
+        (late.status, late.code()),
+        (409, "authorization_expired"),
+        "{:?}",
+        late.body
+    );
+    assert!(
+        late.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("adjustment"),
+        "{:?}",
+        late.body
+    );
+    // Once: a second late report finds the adjustment and records nothing.
+    let again = other.settle(A_MEMBER, &id, usage).await;
+    assert_eq!((again.status, again.code()), (409, "authorization_expired"));
+    let entries: Vec<_> = other
+        .entries()
+        .await
+        .into_iter()
+        .filter(|e| e.authorization.to_string() == id)
+        .collect();
+    let kinds: Vec<_> = entries.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [EntryKind::Hold, EntryKind::Expire, EntryKind::Adjustment]
+    );
+    assert!(entries[2].flags & flags::RECONCILED != 0);
+    let spent: Money = entries.iter().map(|e| e.cost_delta).sum();
+    assert_eq!(
+        spent,
+        Money::parse("0.000156").unwrap(),
+        "the true cost in the end"
+    );
+    assert!(other.verify().await.ok());
+}
+
 store_test!(verify_fails_naming_the_entry_edited_by_hand);
 async fn verify_fails_naming_the_entry_edited_by_hand(place: Place) {
     let app = spawn_app_at(CONFIG, place).await;
