@@ -456,6 +456,38 @@ impl Writer {
     }
 }
 
+/// A ledger row as read: columns in the order of `ledger`'s, the texts (tenant, models,
+/// price version) at 4 and 9–11 through `text` (joined in, or looked up by id).
+fn stored_row(
+    r: &rusqlite::Row<'_>,
+    text: impl Fn(usize) -> rusqlite::Result<Option<String>>,
+) -> rusqlite::Result<StoredRow> {
+    let auth: Vec<u8> = r.get(3)?;
+    let key_id: Option<Vec<u8>> = r.get(5)?;
+    Ok(StoredRow {
+        seq: r.get(0)?,
+        at_ms: r.get(1)?,
+        kind: r.get(2)?,
+        auth: Uuid::from_slice(&auth).unwrap_or_default(),
+        tenant: text(4)?,
+        key_id: key_id.and_then(|k| Uuid::from_slice(&k).ok()),
+        held: r.get(6)?,
+        cost: r.get(7)?,
+        charge: r.get(8)?,
+        model_requested: text(9)?,
+        model_used: text(10)?,
+        price_version: text(11)?,
+        input_tokens: r.get(12)?,
+        cached_input_tokens: r.get(13)?,
+        output_tokens: r.get(14)?,
+        quantity: r.get(15)?,
+        latency_ms: r.get(16)?,
+        flags: r.get(17)?,
+        detail: r.get(18)?,
+        hash: r.get(19)?,
+    })
+}
+
 /// Reads the ledger in order from entry `from` (whose previous entry's hash is
 /// `anchor`), checking the chain, and hands each entry to `visit` (and to `marks`).
 /// Returns the number of entries, the last hash and the chain's problems.
@@ -482,31 +514,8 @@ fn read_ledger(
     let mut rows = stmt.query(params![from])?;
     let mut chain = ChainReader::starting_at(from, anchor);
     while let Some(r) = rows.next()? {
-        let auth: Vec<u8> = r.get(3)?;
-        let key_id: Option<Vec<u8>> = r.get(5)?;
-        let seq: i64 = r.get(0)?;
-        let row = StoredRow {
-            seq,
-            at_ms: r.get(1)?,
-            kind: r.get(2)?,
-            auth: Uuid::from_slice(&auth).unwrap_or_default(),
-            tenant: text(r.get(4)?),
-            key_id: key_id.and_then(|k| Uuid::from_slice(&k).ok()),
-            held: r.get(6)?,
-            cost: r.get(7)?,
-            charge: r.get(8)?,
-            model_requested: text(r.get(9)?),
-            model_used: text(r.get(10)?),
-            price_version: text(r.get(11)?),
-            input_tokens: r.get(12)?,
-            cached_input_tokens: r.get(13)?,
-            output_tokens: r.get(14)?,
-            quantity: r.get(15)?,
-            latency_ms: r.get(16)?,
-            flags: r.get(17)?,
-            detail: r.get(18)?,
-            hash: r.get(19)?,
-        };
+        let row = stored_row(r, |i| Ok(text(r.get(i)?)))?;
+        let seq = row.seq;
         if let Some(e) = chain.push(row) {
             if let Some(m) = marks.as_deref_mut() {
                 m.note(seq, e.at_ms, e.kind, e.authorization);
@@ -690,30 +699,7 @@ impl Reader {
              WHERE l.auth = ?1 AND t.text = ?2 ORDER BY l.seq",
         )?;
         let rows = stmt.query_map(params![auth.as_bytes().as_slice(), tenant], |r| {
-            let auth: Vec<u8> = r.get(3)?;
-            let key_id: Option<Vec<u8>> = r.get(5)?;
-            Ok(StoredRow {
-                seq: r.get(0)?,
-                at_ms: r.get(1)?,
-                kind: r.get(2)?,
-                auth: Uuid::from_slice(&auth).unwrap_or_default(),
-                tenant: r.get(4)?,
-                key_id: key_id.and_then(|k| Uuid::from_slice(&k).ok()),
-                held: r.get(6)?,
-                cost: r.get(7)?,
-                charge: r.get(8)?,
-                model_requested: r.get(9)?,
-                model_used: r.get(10)?,
-                price_version: r.get(11)?,
-                input_tokens: r.get(12)?,
-                cached_input_tokens: r.get(13)?,
-                output_tokens: r.get(14)?,
-                quantity: r.get(15)?,
-                latency_ms: r.get(16)?,
-                flags: r.get(17)?,
-                detail: r.get(18)?,
-                hash: r.get(19)?,
-            })
+            stored_row(r, |i| r.get(i))
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }

@@ -65,7 +65,7 @@ impl ProxyError {
 }
 
 /// Anthropic's error types, by status.
-fn anthropic_type(status: StatusCode) -> &'static str {
+pub(crate) fn anthropic_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
         401 => "authentication_error",
         402 => "billing_error",

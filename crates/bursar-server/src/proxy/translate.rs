@@ -664,21 +664,6 @@ fn tool_input(args: &str) -> Value {
     }
 }
 
-/// Anthropic's error type for an HTTP status.
-fn anthropic_error_type(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        400 | 422 => "invalid_request_error",
-        401 => "authentication_error",
-        402 => "billing_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        413 => "request_too_large",
-        429 => "rate_limit_error",
-        529 => "overloaded_error",
-        _ => "api_error",
-    }
-}
-
 /// A provider's error answer in the client's dialect (the message is kept).
 pub fn error_body(from: Dialect, to: Dialect, status: StatusCode, raw: &[u8]) -> Bytes {
     if from == to {
@@ -695,7 +680,7 @@ pub fn error_body(from: Dialect, to: Dialect, status: StatusCode, raw: &[u8]) ->
             "type": parsed.get("error").and_then(|e| e.get("type")).cloned().unwrap_or(json!("api_error")),
             "param": null, "code": null}}),
         Dialect::Anthropic => json!({"type": "error",
-            "error": {"type": anthropic_error_type(status), "message": message}}),
+            "error": {"type": super::anthropic_type(status), "message": message}}),
     };
     Bytes::from(v.to_string())
 }
