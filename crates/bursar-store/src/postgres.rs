@@ -291,6 +291,18 @@ async fn load_dict(conn: &mut PgConnection) -> Result<HashMap<i64, String>, Stor
 
 /// A ledger row (columns in the order of the `ledger` table); `text` reads the interned
 /// texts (tenant, models, price version) of a column, as ids or as joined texts.
+/// Ledger rows with their texts joined in place of their ids, so a few rows need no
+/// dictionary (read with [`stored_row`]); a macro, so queries stay literal strings.
+macro_rules! rows_with_texts {
+    () => {
+        "SELECT l.seq, l.at_ms, l.kind, l.auth, t.text, l.key_id, l.held, l.cost, l.charge, mr.text, mu.text, pv.text,
+        l.in_tok, l.cached_tok, l.out_tok, l.quantity, l.latency_ms, l.flags, l.detail, l.hash
+    FROM ledger l JOIN dict t ON t.id = l.tenant
+    LEFT JOIN dict mr ON mr.id = l.model_req LEFT JOIN dict mu ON mu.id = l.model_used
+    LEFT JOIN dict pv ON pv.id = l.price_version"
+    };
+}
+
 fn stored_row(
     r: &PgRow,
     text: impl Fn(usize) -> Result<Option<String>, sqlx::Error>,
@@ -1193,14 +1205,10 @@ impl Shared {
     /// The hold entry of an authorization of this tenant, to take it over.
     pub async fn hold_entry(&self, auth: Uuid, tenant: &str) -> Result<Option<Entry>, StoreError> {
         // The texts joined in place of their ids, so one row needs no dictionary.
-        let row = sqlx::query(
-            "SELECT l.seq, l.at_ms, l.kind, l.auth, t.text, l.key_id, l.held, l.cost, l.charge, mr.text, mu.text, pv.text,
-                    l.in_tok, l.cached_tok, l.out_tok, l.quantity, l.latency_ms, l.flags, l.detail, l.hash
-             FROM ledger l JOIN dict t ON t.id = l.tenant
-             LEFT JOIN dict mr ON mr.id = l.model_req LEFT JOIN dict mu ON mu.id = l.model_used
-             LEFT JOIN dict pv ON pv.id = l.price_version
-             WHERE l.auth = $1 AND l.kind = 1 AND t.text = $2",
-        )
+        let row = sqlx::query(concat!(
+            rows_with_texts!(),
+            " WHERE l.auth = $1 AND l.kind = 1 AND t.text = $2"
+        ))
         .bind(auth)
         .bind(tenant)
         .fetch_optional(&self.pool)
@@ -1378,14 +1386,10 @@ impl Reader {
         auth: Uuid,
         tenant: &str,
     ) -> Result<Vec<StoredRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT l.seq, l.at_ms, l.kind, l.auth, t.text, l.key_id, l.held, l.cost, l.charge, mr.text, mu.text, pv.text,
-                    l.in_tok, l.cached_tok, l.out_tok, l.quantity, l.latency_ms, l.flags, l.detail, l.hash
-             FROM ledger l JOIN dict t ON t.id = l.tenant
-             LEFT JOIN dict mr ON mr.id = l.model_req LEFT JOIN dict mu ON mu.id = l.model_used
-             LEFT JOIN dict pv ON pv.id = l.price_version
-             WHERE l.auth = $1 AND t.text = $2 ORDER BY l.seq",
-        )
+        let rows = sqlx::query(concat!(
+            rows_with_texts!(),
+            " WHERE l.auth = $1 AND t.text = $2 ORDER BY l.seq"
+        ))
         .bind(auth)
         .bind(tenant)
         .fetch_all(&self.pool)
