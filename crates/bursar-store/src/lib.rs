@@ -896,6 +896,32 @@ impl ChainCheck {
         self.0
             .store(if ok { VERIFIED } else { BROKEN }, Ordering::SeqCst);
     }
+
+    /// Records and logs what a background check found.
+    fn report(&self, found: Result<Verification, StoreError>, started: Instant) {
+        match found {
+            Ok(v) if v.ok() => {
+                self.set(true);
+                tracing::info!(
+                    entries = v.entries,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "whole ledger checked: hash chain intact, counters equal to a rebuild"
+                );
+            }
+            Ok(v) => {
+                self.set(false);
+                tracing::error!(
+                    problems = v.problems.len(),
+                    first = ?v.problems.iter().take(5).collect::<Vec<_>>(),
+                    "THE LEDGER DOES NOT VERIFY; /readyz fails; run `bursar ledger verify`"
+                );
+            }
+            Err(e) => {
+                self.set(false);
+                tracing::error!(error = %e, "the ledger could not be checked; /readyz fails");
+            }
+        }
+    }
 }
 
 /// Entries of the recent past replayed at start beside every open hold: outcomes and

@@ -27,11 +27,12 @@
 //! same check, until the store returns.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bursar_core::budget::{BucketKey, Counter};
 use bursar_core::engine::LeaseWant;
-use bursar_core::ledger::{Entry, EntryKind, HoldDetail};
+use bursar_core::ledger::{Entry, EntryKind, HoldDetail, GENESIS_HASH};
 use bursar_core::pricebook::TokenUsage;
 use bursar_core::Money;
 use futures_util::TryStreamExt;
@@ -178,7 +179,14 @@ pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<Bucke
         rt.shutdown_background();
         return Err(e.into());
     }
-    let entries = match replay(&pool, &mut recovery.on_entry, &mut recovery.on_catalog).await {
+    let replayed = replay(
+        &pool,
+        &mut recovery.on_entry,
+        &mut recovery.on_catalog,
+        recovery.on_counters,
+    )
+    .await;
+    let (entries, tail) = match replayed {
         Ok(found) => found,
         Err(e) => {
             drop(conn);
@@ -209,22 +217,72 @@ pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<Bucke
                 claims_swept_ms: Default::default(),
             }
         }),
+        chain: if tail {
+            check_in_background(url.to_string())
+        } else {
+            crate::ChainCheck::verified()
+        },
         reader: crate::Reader::Postgres(Reader { pool }),
         entries,
-        // PostgreSQL replays (and so checks) the whole ledger at start.
-        chain: crate::ChainCheck::verified(),
         writer: join,
     })
 }
 
 /// Streams the ledger to `on_entry` and the catalog to `on_catalog`, from one snapshot.
-async fn replay(
+/// Where a start begins replaying, and the hash of the entry before it: the hold entry
+/// of the oldest hold still open (`open_holds`, every instance's), or the first entry of
+/// the ten minutes of entry time before the newest entry ([`crate::RECENT_REPLAY_MS`]),
+/// whichever is earlier; the whole ledger when that is its start.
+async fn replay_start(conn: &mut PgConnection) -> Result<(i64, [u8; 32]), StoreError> {
+    let whole = (1, GENESIS_HASH);
+    let newest: Option<(i64, i64)> =
+        sqlx::query_as("SELECT seq, at_ms FROM ledger ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((head, newest_ms)) = newest else {
+        return Ok(whole);
+    };
+    let old: Option<i64> =
+        sqlx::query_scalar("SELECT seq FROM ledger WHERE at_ms < $1 ORDER BY seq DESC LIMIT 1")
+            .bind(newest_ms - crate::RECENT_REPLAY_MS)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let open: Option<i64> = sqlx::query_scalar(
+        "SELECT MIN(l.seq) FROM open_holds o JOIN ledger l ON l.auth = o.auth AND l.kind = 1",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let from = old
+        .map_or(1, |s| s + 1)
+        .min(open.unwrap_or(head + 1))
+        .max(1);
+    if from == 1 {
+        return Ok(whole);
+    }
+    let anchor: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM ledger WHERE seq = $1")
+        .bind(from - 1)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(match anchor.and_then(|h| <[u8; 32]>::try_from(h).ok()) {
+        Some(h) => (from, h),
+        None => whole,
+    })
+}
+
+/// Streams the ledger's tail (or all of it) and the catalog to recovery from one
+/// snapshot; returns the entries replayed and whether only a tail was.
+async fn replay<K: FnOnce(HashMap<BucketKey, Counter>)>(
     pool: &PgPool,
     on_entry: &mut dyn FnMut(Entry),
     on_catalog: &mut dyn FnMut(CatalogRow),
-) -> Result<usize, StoreError> {
+    on_counters: K,
+) -> Result<(usize, bool), StoreError> {
     let mut tx = snapshot(pool).await?;
-    let (entries, _, problems) = read_ledger(&mut tx, on_entry).await?;
+    let (from, anchor) = replay_start(&mut tx).await?;
+    if from > 1 {
+        on_counters(stored_counters(&mut tx).await?);
+    }
+    let (entries, _, problems) = read_ledger(&mut tx, from, anchor, on_entry).await?;
     if let Some(p) = problems.first() {
         return Err(StoreError::Corrupt(format!(
             "the ledger does not verify: {p}; run `bursar ledger verify` for details"
@@ -241,7 +299,30 @@ async fn replay(
         }
     }
     tx.commit().await?;
-    Ok(entries)
+    Ok((entries, from > 1))
+}
+
+/// Checks the whole ledger (chain and counters, as `bursar ledger verify`) in the
+/// background, on a snapshot, while the instance runs.
+fn check_in_background(url: String) -> Arc<crate::ChainCheck> {
+    let chain = Arc::new(crate::ChainCheck::default());
+    let check = chain.clone();
+    // On a thread and runtime of its own: it reads the whole ledger.
+    let spawned = std::thread::Builder::new()
+        .name("bursar-ledger-check".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let found = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Io(e.to_string()))
+                .and_then(|rt| rt.block_on(verify(&url)));
+            check.report(found, started);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "the ledger check could not start; run `bursar ledger verify`");
+    }
+    chain
 }
 
 /// Connects the writer on a runtime of its own (the writer thread's), from a thread of
@@ -334,13 +415,16 @@ fn stored_row(
 /// Streams the ledger in order through the chain check to `visit`.
 async fn read_ledger(
     conn: &mut PgConnection,
+    from: i64,
+    anchor: [u8; 32],
     visit: &mut dyn FnMut(Entry),
 ) -> Result<(usize, [u8; 32], Vec<String>), StoreError> {
     let dict = load_dict(conn).await?;
-    let mut chain = ChainReader::default();
+    let mut chain = ChainReader::starting_at(from, anchor);
     let mut rows = sqlx::query(
-        "SELECT seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, hash FROM ledger ORDER BY seq",
+        "SELECT seq, at_ms, kind, auth, tenant, key_id, held, cost, charge, model_req, model_used, price_version, in_tok, cached_tok, out_tok, quantity, latency_ms, flags, detail, hash FROM ledger WHERE seq >= $1 ORDER BY seq",
     )
+    .bind(from)
     .fetch(&mut *conn);
     while let Some(r) = rows.try_next().await? {
         let text = |i: usize| -> Result<Option<String>, sqlx::Error> {
@@ -375,7 +459,8 @@ pub async fn verify(url: &str) -> Result<Verification, StoreError> {
     check_schema(&pool).await?;
     let mut tx = snapshot(&pool).await?;
     let mut verifier = Verifier::default();
-    let (entries, _, problems) = read_ledger(&mut tx, &mut |e| verifier.apply(&e)).await?;
+    let (entries, _, problems) =
+        read_ledger(&mut tx, 1, GENESIS_HASH, &mut |e| verifier.apply(&e)).await?;
     let stored = stored_counters(&mut tx).await?;
     tx.commit().await?;
     pool.close().await;
@@ -388,7 +473,8 @@ pub async fn read_entries(url: &str) -> Result<LedgerReport, StoreError> {
     check_schema(&pool).await?;
     let mut tx = snapshot(&pool).await?;
     let mut entries = Vec::new();
-    let (_, last_hash, chain_problems) = read_ledger(&mut tx, &mut |e| entries.push(e)).await?;
+    let (_, last_hash, chain_problems) =
+        read_ledger(&mut tx, 1, GENESIS_HASH, &mut |e| entries.push(e)).await?;
     tx.commit().await?;
     pool.close().await;
     Ok(LedgerReport {

@@ -209,28 +209,7 @@ fn check_in_background(path: &Path) -> Result<Arc<ChainCheck>, StoreError> {
         .name("bursar-ledger-check".into())
         .spawn(move || {
             let started = Instant::now();
-            match verify(&path) {
-                Ok(v) if v.ok() => {
-                    check.set(true);
-                    tracing::info!(
-                        entries = v.entries,
-                        seconds = started.elapsed().as_secs_f64(),
-                        "whole ledger checked: hash chain intact, counters equal to a rebuild"
-                    );
-                }
-                Ok(v) => {
-                    check.set(false);
-                    tracing::error!(
-                        problems = v.problems.len(),
-                        first = ?v.problems.iter().take(5).collect::<Vec<_>>(),
-                        "THE LEDGER DOES NOT VERIFY; /readyz fails; run `bursar ledger verify`"
-                    );
-                }
-                Err(e) => {
-                    check.set(false);
-                    tracing::error!(error = %e, "the ledger could not be checked; /readyz fails");
-                }
-            }
+            check.report(verify(&path), started);
         })
         .map_err(|e| StoreError::Io(e.to_string()))?;
     Ok(chain)
