@@ -684,9 +684,9 @@ async fn settled(app: &TestApp, key: Option<&str>) -> String {
     id
 }
 
-/// A start replays only the ledger's tail (every open hold and the recent past) on top
-/// of the stored counters, answers what older entries made exactly as before, and
-/// checks the whole ledger in the background.
+// A start replays only the ledger's tail (every open hold and the recent past) on top
+// of the stored counters, answers what older entries made exactly as before, and
+// checks the whole ledger in the background.
 store_test!(a_start_replays_the_ledgers_tail_and_checks_the_rest_in_the_background);
 async fn a_start_replays_the_ledgers_tail_and_checks_the_rest_in_the_background(place: Place) {
     let embedded = matches!(place.location, bursar_store::Location::Sqlite(_));
