@@ -481,6 +481,10 @@ struct State {
     allowance: Option<Map<BucketKey, Money>>,
     /// When counters of ended periods were last pruned (unix seconds).
     pruned_at_s: i64,
+    /// Shared budgets: per bucket, the use of the other instances beyond what this
+    /// engine counts (refreshed by the sweeper), so levels and alerts judge the use of
+    /// all of them. Decisions do not read it: they stay within this instance's leases.
+    elsewhere: Map<BucketKey, Money>,
     /// Recovery started from the stored counters (those at the ledger's head): the
     /// entries recovered after them rebuild holds and outcomes, not counters.
     counters_restored: bool,
@@ -1081,6 +1085,15 @@ impl Engine {
             }
         }
         spare
+    }
+
+    /// A counter with the other instances' use of its bucket added as spent (shared
+    /// budgets: what a caller is shown is the use of all instances).
+    fn with_elsewhere(state: &State, a: &Applicable, mut c: Counter) -> Counter {
+        if let Some(e) = state.elsewhere.get(&a.bucket) {
+            c.spent += *e;
+        }
+        c
     }
 
     fn view(a: &Applicable, counter: Counter, limit: Money) -> BudgetView {
@@ -1697,7 +1710,11 @@ impl Engine {
                 held: counter.held + held,
                 spent: counter.spent,
             };
-            views.push(Self::view(a, after, *limit));
+            views.push(Self::view(
+                a,
+                Self::with_elsewhere(&state, a, after),
+                *limit,
+            ));
             Self::note_level(
                 &mut state,
                 a,
@@ -1847,6 +1864,12 @@ impl Engine {
         tenant: &str,
         alerts: &mut Vec<AlertEvent>,
     ) {
+        let used = used
+            + state
+                .elsewhere
+                .get(&a.bucket)
+                .copied()
+                .unwrap_or(Money::ZERO);
         let level = Level::of(used, limit, &a.budget.spec.thresholds);
         let last = state
             .levels
@@ -2384,6 +2407,52 @@ impl Engine {
             .collect()
     }
 
+    /// Shared budgets: the buckets this engine counts, to learn the use of all instances.
+    pub fn counted_buckets(&self) -> Vec<BucketKey> {
+        self.state.lock().counters.keys().cloned().collect()
+    }
+
+    /// Shared budgets: the use of all instances per bucket, as committed; what exceeds
+    /// this engine's own count is the others' (their use since it started), which the
+    /// levels then count too. Returns the alerts of thresholds that use crosses.
+    pub fn note_use_everywhere<S: LedgerSink>(
+        &self,
+        everywhere: impl IntoIterator<Item = (BucketKey, Money)>,
+        now: DateTime<Utc>,
+        sink: &S,
+    ) -> Option<S::Ticket> {
+        let budgets = self.budgets.read().clone();
+        let dir = self.directory.read().clone();
+        let now_ms = ms(now);
+        let mut alerts = Vec::new();
+        let mut state = self.state.lock();
+        for (bucket, all) in everywhere {
+            let own = state
+                .counters
+                .get(&bucket)
+                .map_or(Money::ZERO, Counter::used);
+            let others = all.saturating_sub(own).max(Money::ZERO);
+            state.elsewhere.insert(bucket.clone(), others);
+            let Some(budget) = budgets.get(&bucket.budget) else {
+                continue;
+            };
+            let tz = budget
+                .tenant
+                .as_ref()
+                .and_then(|t| dir.tenants.get(t))
+                .map_or(Tz::UTC, |t| t.timezone);
+            let a = Applicable {
+                budget: budget.clone(),
+                bucket,
+                tz,
+            };
+            let (_, limit) = Self::standing(&state, &a, now);
+            let tenant = budget.tenant.clone().unwrap_or_default();
+            Self::note_level(&mut state, &a, own, limit, now_ms, &tenant, &mut alerts);
+        }
+        (!alerts.is_empty()).then(|| sink.append(Vec::new(), alerts))
+    }
+
     /// Forgets the in-memory counters (and alert levels and leases) of periods no
     /// decision can read any more, so memory does not grow with time: a counter goes once
     /// nothing is held on it and its period started before the current one and the one
@@ -2433,8 +2502,10 @@ impl Engine {
             counters,
             levels,
             allowance,
+            elsewhere,
             ..
         } = state;
+        elsewhere.retain(|k, _| counters.contains_key(k));
         levels.retain(|k, _| counters.contains_key(k) || !gone(k));
         if let Some(a) = allowance {
             a.retain(|k, _| counters.contains_key(k) || !gone(k));
@@ -2490,7 +2561,7 @@ impl Engine {
             .iter()
             .map(|a| {
                 let (c, l) = Self::standing(&state, a, now);
-                Self::view(a, c, l)
+                Self::view(a, Self::with_elsewhere(&state, a, c), l)
             })
             .collect()
     }

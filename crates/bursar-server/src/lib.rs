@@ -663,6 +663,16 @@ impl Services {
                     shared
                         .forget_old_idempotency_claims(now.timestamp_millis())
                         .await?;
+                    // Levels and alerts judge the use of every instance.
+                    let everywhere = shared
+                        .use_everywhere(&self.engine.counted_buckets())
+                        .await?;
+                    if let Some(t) = self
+                        .engine
+                        .note_use_everywhere(everywhere, now, &self.ledger)
+                    {
+                        t.wait().await?;
+                    }
                     expiring.extend(claimed);
                 }
                 self.engine.expire(&expiring, now, &self.ledger)

@@ -768,7 +768,8 @@ async fn write_batch(
                 }
                 for a in alerts {
                     sqlx::query(
-                        "INSERT INTO alerts (at_ms, tenant, bucket, level, reason, limit_nanos, used_nanos) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                        "INSERT INTO alerts (at_ms, tenant, bucket, level, reason, limit_nanos, used_nanos) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                         ON CONFLICT (bucket, level) WHERE reason = 'threshold' DO NOTHING",
                     )
                     .bind(a.at_ms)
                     .bind(&a.tenant)
@@ -1301,6 +1302,27 @@ impl Shared {
         .await?;
         let Some(r) = row else { return Ok(None) };
         Ok(crate::entry_of_row(stored_row(&r, |i| r.try_get(i))?))
+    }
+
+    /// The use (held + spent) of these buckets summed over every instance, as committed.
+    pub async fn use_everywhere(
+        &self,
+        buckets: &[BucketKey],
+    ) -> Result<Vec<(BucketKey, Money)>, StoreError> {
+        if buckets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = buckets.iter().map(ToString::to_string).collect();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT bucket, (SUM(held) + SUM(spent))::bigint FROM counters WHERE bucket = ANY($1) GROUP BY bucket",
+        )
+        .bind(&names)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(b, used)| Some((BucketKey::parse(&b)?, Money::from_nanos(used))))
+            .collect())
     }
 
     /// Closes the instances that died (their lock has been free for [`DEAD_AFTER`]):

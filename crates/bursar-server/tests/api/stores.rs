@@ -501,3 +501,69 @@ async fn a_denied_first_use_of_an_idempotency_key_frees_it_for_every_instance() 
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_threshold_crossed_by_the_instances_together_alerts_once() {
+    let Some(place) = Place::postgres().await else {
+        return;
+    };
+    let first = spawn_app_at(CONFIG, place).await;
+    let second = spawn_app_at(CONFIG, Place::at(first.place.location.clone())).await;
+    // Ten calls' worth; warn at 80 %.
+    let call = Money::parse("0.00021").unwrap();
+    first
+        .add_b_budget(json!({"id": "ten", "scope": "tenant", "window": "lifetime",
+                             "limit": Money::from_nanos(call.nanos() * 10).to_string()}))
+        .await;
+    assert!(second.sees_budget("b.ten").await);
+    let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 1000, "max_tokens": 100});
+    let usage =
+        json!({"usage": {"input_tokens": 1000, "cached_input_tokens": 0, "output_tokens": 100}});
+    // Five calls on the first instance and three on the second: 80 % together, neither
+    // near it alone.
+    for (app, n) in [(&first, 5), (&second, 3)] {
+        for _ in 0..n {
+            let p = app.authorize(B_MEMBER, ask.clone()).await;
+            assert_eq!(p.status, 200, "{:?}", p.body);
+            let id = p.body["authorization_id"].as_str().unwrap();
+            let s = app.settle(B_MEMBER, id, usage.clone()).await;
+            assert_eq!(s.status, 200, "{:?}", s.body);
+        }
+    }
+    let warns = || async {
+        first
+            .services
+            .reader
+            .alerts(Some("b"), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.bucket.starts_with("b.ten") && a.reason == "threshold")
+            .map(|a| a.level)
+            .collect::<Vec<_>>()
+    };
+    assert!(warns().await.is_empty(), "no instance alone reached 80 %");
+    // Each instance's sweeper learns the others' use: the threshold alerts, once.
+    second.services.sweep().await.unwrap();
+    first.services.sweep().await.unwrap();
+    second.services.sweep().await.unwrap();
+    assert_eq!(warns().await, ["warn"]);
+    // What a key is shown is the use of both instances.
+    for app in [&first, &second] {
+        let u = app.get("/v1/usage", B_MEMBER).await;
+        let ten = u.body["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["budget_id"] == "b.ten")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            ten["remaining"],
+            Money::from_nanos(call.nanos() * 2).to_string(),
+            "{ten}"
+        );
+        assert_eq!(ten["level"], "warn", "{ten}");
+    }
+    assert!(first.verify().await.ok());
+}
