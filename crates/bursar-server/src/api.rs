@@ -311,8 +311,8 @@ async fn adopt_expired(s: &Services, tenant: &str, id: Uuid) -> Result<bool, Api
         {
             return Ok(false);
         }
-        // The claim may have been won after another instance reconciled and released
-        // it: read again.
+        // A claim is taken over once stale (its instance may have reconciled, or died,
+        // a minute ago): read again.
         let again = s.reader.authorization_entries(id, tenant).await?;
         if again.last().map(|e| e.kind) != Some(EntryKind::Expire) {
             return Ok(false);
