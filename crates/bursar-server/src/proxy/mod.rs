@@ -8,6 +8,11 @@
 //! failure void at $0 and try the next hop → settle from the provider's usage (or from
 //! counted tokens, flagged estimated) → answer.
 //!
+//! A provider that speaks the other dialect (an Anthropic provider behind
+//! `/v1/chat/completions`, an OpenAI-style one behind `/v1/messages`) is reached through
+//! [`translate`]: the request, the answer, its errors and its stream are rewritten, and
+//! the usage is read from the provider's own answer first.
+//!
 //! The call runs in its own task, so a client that goes away does not cancel it half
 //! way: a non-streamed answer is still settled, and a stream is settled by the
 //! provider's [`DisconnectPolicy`].
