@@ -1024,6 +1024,22 @@ impl Engine {
         true
     }
 
+    /// Whether this engine remembers the authorization as expired and not reconciled yet
+    /// (a late settle here would record its true cost).
+    pub fn is_expired_unreconciled(&self, tenant: &str, id: Uuid) -> bool {
+        self.state.lock().finished.get(&id).is_some_and(|f| {
+            f.tenant == tenant && f.settlement.outcome == Outcome::Expired && f.hold.is_some()
+        })
+    }
+
+    /// Shared budgets: another instance reconciles (or has reconciled) this expired
+    /// hold's late report; a late settle here is answered as an expiry, recording nothing.
+    pub fn reconciled_elsewhere(&self, id: Uuid) {
+        if let Some(f) = self.state.lock().finished.get_mut(&id) {
+            f.hold = None;
+        }
+    }
+
     /// Whether this engine has the authorization open (not finished, not unknown).
     pub fn is_open(&self, tenant: &str, id: Uuid) -> bool {
         self.state

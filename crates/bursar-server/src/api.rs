@@ -414,6 +414,26 @@ async fn finish(
     let id = parse_id(id)?;
     let tenant = tenant_of(caller)?;
     let settle_usage = if settle { usage.clone() } else { None };
+    if let Some(shared) = &s.shared {
+        // A late report of a hold this instance expired: one instance reconciles it,
+        // the one that claims it (another may be taking it up from the ledger).
+        if settle && s.engine.is_expired_unreconciled(&tenant, id) {
+            let now_ms = s.clock.now().timestamp_millis();
+            let won = shared
+                .claim_idempotency_key(&tenant, &reconcile_claim(id), now_ms)
+                .await?;
+            // A claim is taken over once stale: the ledger says whether it was done.
+            let done = !won
+                || s.reader
+                    .authorization_entries(id, &tenant)
+                    .await?
+                    .last()
+                    .is_some_and(|e| e.kind != EntryKind::Expire);
+            if done {
+                s.engine.reconciled_elsewhere(id);
+            }
+        }
+    }
     let mut result = s.finish(&tenant, id, usage, settle).await?;
     if let (Err(e), Some(u)) = (&result, &settle_usage) {
         // A late report of a hold expired elsewhere (or forgotten here): taken up from

@@ -266,6 +266,40 @@ async fn a_late_settle_of_a_hold_expired_elsewhere_is_reconciled_once(place: Pla
     assert!(other.verify().await.ok());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_settle_is_reconciled_once_whichever_instances_it_reaches() {
+    let Some(place) = Place::postgres().await else {
+        return;
+    };
+    let first = spawn_app_at(CONFIG, place).await;
+    let second = spawn_app_at(CONFIG, Place::at(first.place.location.clone())).await;
+    let p = first.authorize(A_MEMBER, ask(1000, 100)).await;
+    let id = p.body["authorization_id"].as_str().unwrap().to_string();
+    first.clock.advance(Duration::from_secs(61));
+    assert_eq!(first.services.sweep().await.unwrap(), 1);
+    let usage =
+        json!({"usage": {"input_tokens": 1000, "cached_input_tokens": 0, "output_tokens": 10}});
+    // The second instance takes it up from the ledger and reconciles it; the first,
+    // which expired it and still remembers it, must not reconcile it again.
+    for app in [&second, &first, &second] {
+        let late = app.settle(A_MEMBER, &id, usage.clone()).await;
+        assert_eq!(
+            (late.status, late.code()),
+            (409, "authorization_expired"),
+            "{:?}",
+            late.body
+        );
+    }
+    let adjustments = first
+        .entries()
+        .await
+        .iter()
+        .filter(|e| e.authorization.to_string() == id && e.kind == EntryKind::Adjustment)
+        .count();
+    assert_eq!(adjustments, 1);
+    assert!(first.verify().await.ok());
+}
+
 store_test!(verify_fails_naming_the_entry_edited_by_hand);
 async fn verify_fails_naming_the_entry_edited_by_hand(place: Place) {
     let app = spawn_app_at(CONFIG, place).await;
