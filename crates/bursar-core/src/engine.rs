@@ -1896,7 +1896,11 @@ impl Engine {
             state.levels.insert(a.bucket.clone(), level);
             alerts.push(AlertEvent {
                 at_ms: now_ms,
-                tenant: a.budget.tenant.clone().or_else(|| Some(tenant.to_string())),
+                tenant: a
+                    .budget
+                    .tenant
+                    .clone()
+                    .or_else(|| (!tenant.is_empty()).then(|| tenant.to_string())),
                 bucket: a.bucket.clone(),
                 level,
                 limit,
@@ -2463,6 +2467,7 @@ impl Engine {
                 tz,
             };
             let (_, limit) = Self::standing(&state, &a, now);
+            // A global budget's alert names no tenant here (no call crossed it).
             let tenant = budget.tenant.clone().unwrap_or_default();
             Self::note_level(&mut state, &a, own, limit, now_ms, &tenant, &mut alerts);
         }
