@@ -109,9 +109,9 @@ fn openai_to_anthropic(body: &Map<String, Value>) -> Result<Map<String, Value>, 
                     let at = format!("messages[{i}]");
                     match role {
                         "system" | "developer" => system.push(plain_text(content, &at)?),
-                        "user" => push_turn(&mut messages, "user", user_blocks(content, &at)?),
+                        "user" => push_turn(&mut messages, "user", content_blocks(content, &at)?),
                         "assistant" => {
-                            let mut blocks = user_blocks(content, &at)?;
+                            let mut blocks = content_blocks(content, &at)?;
                             for call in m
                                 .get("tool_calls")
                                 .and_then(Value::as_array)
@@ -264,7 +264,7 @@ fn push_turn(messages: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
 }
 
 /// An OpenAI content (string or parts) as Anthropic content blocks.
-fn user_blocks(content: &Value, at: &str) -> Result<Vec<Value>, ApiError> {
+fn content_blocks(content: &Value, at: &str) -> Result<Vec<Value>, ApiError> {
     match content {
         Value::Null => Ok(Vec::new()),
         Value::String(s) if s.is_empty() => Ok(Vec::new()),
