@@ -194,6 +194,12 @@ pub async fn build(
     let options = OpenOptions {
         durability: config.server.durability,
         migrate,
+        // On PostgreSQL, the data directory keeps only this instance's spool.
+        spool_dir: config
+            .server
+            .data_dir
+            .as_ref()
+            .map(std::path::PathBuf::from),
     };
     let mut catalog = CatalogState {
         directory: config.directory.clone(),
@@ -435,14 +441,18 @@ impl Services {
             }
         };
         let (permit, ticket) = decided?;
-        if fail_open {
-            tracing::warn!(tenant = prepared.tenant(), authorization = %permit.authorization_id, "store unreachable: permitted on this instance's accounting (fail open); the hold is queued");
+        let landed = if fail_open {
+            tracing::warn!(tenant = prepared.tenant(), authorization = %permit.authorization_id, "store unreachable: permitted on this instance's accounting (fail open); the hold is spooled");
             metrics::counter!("bursar_fail_open_total", "part" => "store").increment(1);
-            return Ok(permit);
-        }
-        let t0 = std::time::Instant::now();
-        let landed = ticket.wait().await;
-        metrics::histogram!("bursar_hold_durable_seconds").record(t0.elapsed().as_secs_f64());
+            // Answered once the hold is in the local spool (or the store): a kill -9
+            // during the outage loses no decision anyone was told of.
+            ticket.or_spooled().wait().await
+        } else {
+            let t0 = std::time::Instant::now();
+            let landed = ticket.wait().await;
+            metrics::histogram!("bursar_hold_durable_seconds").record(t0.elapsed().as_secs_f64());
+            landed
+        };
         if let Err(e) = landed {
             // Not durable in time: the hold is voided, so the call holds nothing once
             // both entries land with the store's return; the caller is refused.
@@ -545,9 +555,9 @@ impl Services {
         usage: Option<Usage>,
         settle: bool,
     ) -> Result<Result<(Settlement, bursar_store::Ticket), FinishError>, StoreError> {
-        // While the store is away a finish is still taken (and queued): the call it
-        // records happened. A tenant that fails open is answered at once; others wait
-        // for the store (their ticket), at most a moment.
+        // While the store is away a finish is still taken (and spooled): the call it
+        // records happened. A tenant that fails open is answered once it is in the
+        // local spool; others wait for the store (their ticket), at most a moment.
         let answer_now = !self.ledger.is_healthy() && self.fails_open(tenant);
         let r = match &self.shared {
             // A hold permitted failing open was claimed with it: no claim to take.
@@ -565,9 +575,7 @@ impl Services {
             None => Ok(self.finish_here(tenant, id, usage, settle)),
         };
         match r {
-            Ok(Ok((settlement, _queued))) if answer_now => {
-                Ok(Ok((settlement, bursar_store::Ticket::resolved())))
-            }
+            Ok(Ok((settlement, ticket))) if answer_now => Ok(Ok((settlement, ticket.or_spooled()))),
             other => other,
         }
     }

@@ -28,6 +28,7 @@
 //! [`StoreError::Corrupt`]) fails every ticket from then on, until a restart.
 
 pub mod postgres;
+pub mod spool;
 pub mod sqlite;
 
 use std::collections::{HashMap, VecDeque};
@@ -130,42 +131,90 @@ pub struct CatalogRow {
     pub body: Option<String>,
 }
 
+/// Where a writer's commands were kept, once they were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// Committed to the store.
+    Landed,
+    /// In this instance's local spool, to land when the store returns ([`spool`]).
+    Spooled,
+}
+
+type Done = oneshot::Sender<Result<Kept, StoreError>>;
+
 /// What the writer is asked to do.
 pub enum Command {
     Append {
         entries: Vec<Entry>,
         alerts: Vec<AlertEvent>,
-        done: oneshot::Sender<Result<(), StoreError>>,
+        done: Done,
     },
     Catalog {
         row: CatalogRow,
-        done: oneshot::Sender<Result<(), StoreError>>,
+        done: Done,
     },
+    /// Batch `through` of spool `spool` has landed: written by the writer itself, in the
+    /// same transaction as that batch.
+    SpoolMark {
+        spool: Uuid,
+        through: u64,
+    },
+}
+
+impl Command {
+    fn resolve(self, result: Result<Kept, StoreError>) {
+        match self {
+            Command::Append { done, .. } | Command::Catalog { done, .. } => {
+                let _ = done.send(result);
+            }
+            Command::SpoolMark { .. } => {}
+        }
+    }
 }
 
 /// How long an async caller waits for its commit before it gives up (fail closed):
 /// longer than a lost connection takes to replace, far shorter than a client's timeout.
 pub const COMMIT_WAIT: Duration = Duration::from_secs(3);
 
-/// The ticket of an append: resolves when the entries are committed.
-pub struct Ticket(oneshot::Receiver<Result<(), StoreError>>);
+/// The ticket of an append: resolves when the entries are committed (or, for a ticket
+/// that accepts it, kept in the local spool).
+pub struct Ticket {
+    rx: oneshot::Receiver<Result<Kept, StoreError>>,
+    spooled_will_do: bool,
+}
 
 impl Ticket {
-    /// A ticket already resolved: for entries whose caller is answered without waiting
-    /// for the store (a tenant that fails open, while the store is away).
-    pub fn resolved() -> Ticket {
-        let (done, rx) = oneshot::channel();
-        let _ = done.send(Ok(()));
-        Ticket(rx)
+    /// This ticket resolves once the entries are in the store or in the local spool:
+    /// for a caller answered without the store (a tenant that fails open, while the
+    /// store is away). Without a spool, only the store will do.
+    pub fn or_spooled(self) -> Ticket {
+        Ticket {
+            spooled_will_do: true,
+            ..self
+        }
+    }
+
+    fn judge(
+        spooled_will_do: bool,
+        r: Result<Result<Kept, StoreError>, oneshot::error::RecvError>,
+    ) -> Result<(), StoreError> {
+        match r {
+            Ok(Ok(Kept::Landed)) => Ok(()),
+            Ok(Ok(Kept::Spooled)) if spooled_will_do => Ok(()),
+            Ok(Ok(Kept::Spooled)) => Err(StoreError::Unavailable(
+                "the store is away; the entries are kept in this instance's spool until it returns"
+                    .into(),
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Unavailable("the ledger writer stopped".into())),
+        }
     }
 
     /// Waits for the commit, at most [`COMMIT_WAIT`]. Giving up does not take the entries
     /// back: they stay queued and land when the store returns.
-    pub async fn wait(self) -> Result<(), StoreError> {
-        match tokio::time::timeout(COMMIT_WAIT, self.0).await {
-            Ok(r) => r.unwrap_or(Err(StoreError::Unavailable(
-                "the ledger writer stopped".into(),
-            ))),
+    pub async fn wait(mut self) -> Result<(), StoreError> {
+        match tokio::time::timeout(COMMIT_WAIT, &mut self.rx).await {
+            Ok(r) => Self::judge(self.spooled_will_do, r),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no commit within {} s; the entries are queued until the store returns",
                 COMMIT_WAIT.as_secs()
@@ -175,11 +224,14 @@ impl Ticket {
 
     /// For synchronous callers (CLI tools, benchmarks).
     pub fn wait_blocking(self) -> Result<(), StoreError> {
-        self.0
-            .blocking_recv()
-            .unwrap_or(Err(StoreError::Unavailable(
-                "the ledger writer stopped".into(),
-            )))
+        Self::judge(self.spooled_will_do, self.rx.blocking_recv())
+    }
+
+    fn new(rx: oneshot::Receiver<Result<Kept, StoreError>>) -> Ticket {
+        Ticket {
+            rx,
+            spooled_will_do: false,
+        }
     }
 }
 
@@ -197,6 +249,9 @@ struct WriterStatus {
     failing: AtomicBool,
     /// Set for good when the store refuses this instance.
     fenced: AtomicBool,
+    /// Set while the store is away and the spool cannot take more (or there is none):
+    /// what comes is kept in memory only.
+    unspooled: AtomicBool,
     /// Commands sent and not yet taken by the writer.
     queued: std::sync::atomic::AtomicUsize,
     /// Where senders wait while the queue is full.
@@ -229,7 +284,7 @@ impl LedgerHandle {
     pub fn put_catalog(&self, row: CatalogRow) -> Ticket {
         let (done, rx) = oneshot::channel();
         self.send(Command::Catalog { row, done });
-        Ticket(rx)
+        Ticket::new(rx)
     }
 
     /// Whether the store takes commits now.
@@ -243,10 +298,13 @@ impl LedgerHandle {
         self.status.queued.load(Ordering::SeqCst)
     }
 
-    /// Whether entries appended now will land when the store returns: the store is away
-    /// for a while, not refusing this instance, and the queue has room.
+    /// Whether entries appended now are kept until the store returns, even if this
+    /// process dies: the store is away for a while, not refusing this instance, and the
+    /// local spool takes them.
     pub fn can_queue(&self) -> bool {
-        !self.status.fenced.load(Ordering::SeqCst) && self.queued() < MAX_QUEUED_COMMANDS / 2
+        !self.status.fenced.load(Ordering::SeqCst)
+            && !self.status.unspooled.load(Ordering::SeqCst)
+            && self.queued() < MAX_QUEUED_COMMANDS / 2
     }
 }
 
@@ -266,7 +324,7 @@ impl LedgerSink for LedgerHandle {
                 done,
             });
         }
-        Ticket(rx)
+        Ticket::new(rx)
     }
 }
 
@@ -285,18 +343,33 @@ pub trait Backend: Send + 'static {
     }
     /// Called once when the writer ends (every handle dropped: a clean exit).
     fn close(&mut self) {}
+    /// The store's identity, which a spool names so it lands nowhere else.
+    fn identity(&mut self) -> Result<String, StoreError>;
+    /// How many batches of spool `spool` have landed ([`Command::SpoolMark`]).
+    fn spool_landed(&mut self, spool: Uuid) -> Result<u64, StoreError>;
+    /// After a failed write: the chain position it may have taken anyway, if the store
+    /// cannot tell a failed commit from one whose answer was lost.
+    fn in_doubt(&self) -> Option<spool::InDoubt> {
+        None
+    }
+    /// Before the next write (of the same batch, read back from a spool): the position
+    /// its earlier attempt may have taken.
+    fn expect_in_doubt(&mut self, _: Option<spool::InDoubt>) {}
 }
 
-/// Starts the writer thread of a backend.
+/// Starts the writer thread of a backend; with a spool, what cannot be written while the
+/// store is away is kept in it ([`spool`]).
 pub fn spawn_writer(
     backend: impl Backend,
+    spool: Option<spool::SpoolConfig>,
 ) -> Result<(LedgerHandle, thread::JoinHandle<()>), StoreError> {
     let (tx, rx) = mpsc::channel();
     let status = Arc::new(WriterStatus::default());
+    status.unspooled.store(spool.is_none(), Ordering::SeqCst);
     let s = status.clone();
     let join = thread::Builder::new()
         .name("bursar-ledger-writer".into())
-        .spawn(move || run_writer(backend, rx, &s))
+        .spawn(move || run_writer(backend, rx, &s, spool))
         .map_err(|e| StoreError::Io(e.to_string()))?;
     Ok((LedgerHandle { tx, status }, join))
 }
@@ -305,8 +378,15 @@ pub fn spawn_writer(
 /// the longest.
 const RETRY_PAUSE_FIRST: Duration = Duration::from_millis(50);
 const RETRY_PAUSE_LONGEST: Duration = Duration::from_secs(2);
+/// Spooled batches landed in one go before the writer looks at what came meanwhile.
+const LAND_AT_ONCE: usize = 64;
 
-fn run_writer(mut backend: impl Backend, rx: Receiver<Command>, status: &WriterStatus) {
+fn run_writer(
+    mut backend: impl Backend,
+    rx: Receiver<Command>,
+    status: &WriterStatus,
+    spool: Option<spool::SpoolConfig>,
+) {
     let mut last_batch = 0usize;
     loop {
         let first = match rx.recv_timeout(Duration::from_secs(1)) {
@@ -331,7 +411,6 @@ fn run_writer(mut backend: impl Backend, rx: Receiver<Command>, status: &WriterS
                 return;
             }
         };
-        let mut batch = vec![first];
         // Wait for company only when the last batch had some: a lone caller is not made
         // to wait for others who are not coming.
         let window = if last_batch > 1 {
@@ -339,32 +418,196 @@ fn run_writer(mut backend: impl Backend, rx: Receiver<Command>, status: &WriterS
         } else {
             Duration::ZERO
         };
-        let window_end = Instant::now() + window;
-        while batch.len() < MAX_BATCH_COMMANDS {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(_) => {
-                    let left = window_end.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
+        let batch = take_batch(first, &rx, window, status);
+        last_batch = batch.len();
+        if status.fenced.load(Ordering::SeqCst) {
+            resolve(batch, &Err(fenced()));
+            continue;
+        }
+        match backend.write(&batch) {
+            Ok(()) => {
+                if status.failing.swap(false, Ordering::SeqCst) {
+                    tracing::info!("the store is back");
+                }
+                resolve(batch, &Ok(Kept::Landed));
+            }
+            Err(e) if e.is_transient() => {
+                if !status.failing.swap(true, Ordering::SeqCst) {
+                    tracing::error!(error = %e, "ledger commit failed; failing closed until the store returns");
+                }
+                metrics::counter!("bursar_ledger_commit_retries_total").increment(1);
+                let in_doubt = backend.in_doubt();
+                backend.forget();
+                let spooled = spool.as_ref().map(|config| {
+                    let mut s = spool::Spool::create(config)?;
+                    match s.append(&batch, in_doubt) {
+                        Ok(()) => Ok(s),
+                        Err(e) => {
+                            s.remove();
+                            Err(e)
+                        }
                     }
-                    match rx.recv_timeout(left) {
-                        Ok(c) => batch.push(c),
-                        Err(_) => break,
+                });
+                match spooled {
+                    Some(Ok(s)) => {
+                        resolve(batch, &Ok(Kept::Spooled));
+                        if ride_out(&mut backend, &rx, status, s) {
+                            backend.close();
+                            return;
+                        }
+                    }
+                    other => {
+                        if let Some(Err(e)) = other {
+                            tracing::error!(error = %e, "the spool cannot be written: what comes is kept in memory only until the store returns");
+                        }
+                        status.unspooled.store(true, Ordering::SeqCst);
+                        let result = write_until_landed(&mut backend, &batch, status);
+                        status.unspooled.store(spool.is_none(), Ordering::SeqCst);
+                        resolve(batch, &result.map(|()| Kept::Landed));
                     }
                 }
             }
+            Err(e) => {
+                refused(&mut backend, status, &e);
+                resolve(batch, &Err(e));
+            }
         }
-        if status.queued.fetch_sub(batch.len(), Ordering::SeqCst) > MAX_QUEUED_COMMANDS {
-            status.room.notify_all();
+    }
+}
+
+/// `first` and whatever else is waiting (up to [`MAX_BATCH_COMMANDS`]), waiting up to
+/// `window` for more.
+fn take_batch(
+    first: Command,
+    rx: &Receiver<Command>,
+    window: Duration,
+    status: &WriterStatus,
+) -> Vec<Command> {
+    let mut batch = vec![first];
+    let window_end = Instant::now() + window;
+    while batch.len() < MAX_BATCH_COMMANDS {
+        match rx.try_recv() {
+            Ok(c) => batch.push(c),
+            Err(_) => {
+                let left = window_end.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match rx.recv_timeout(left) {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
         }
-        last_batch = batch.len();
-        let result = write_until_landed(&mut backend, &batch, status);
-        for cmd in batch {
-            let done = match cmd {
-                Command::Append { done, .. } | Command::Catalog { done, .. } => done,
+    }
+    if status.queued.fetch_sub(batch.len(), Ordering::SeqCst) > MAX_QUEUED_COMMANDS {
+        status.room.notify_all();
+    }
+    batch
+}
+
+fn resolve(batch: Vec<Command>, result: &Result<Kept, StoreError>) {
+    for cmd in batch {
+        cmd.resolve(result.clone());
+    }
+}
+
+fn fenced() -> StoreError {
+    StoreError::Fenced("the ledger refuses this instance; restart it".into())
+}
+
+/// The store refused this instance for good: every write fails from now on.
+fn refused(backend: &mut impl Backend, status: &WriterStatus, e: &StoreError) {
+    tracing::error!(error = %e, "the store refuses this instance; every write fails until a restart");
+    status.fenced.store(true, Ordering::SeqCst);
+    status.failing.store(true, Ordering::SeqCst);
+    backend.forget();
+}
+
+/// While the store is away: spools what comes, and tries to land the spool, with a
+/// growing pause, until all of it has landed (then deletes it). Returns whether every
+/// handle is gone (the process is ending): the spool is then left for the next start.
+fn ride_out(
+    backend: &mut impl Backend,
+    rx: &Receiver<Command>,
+    status: &WriterStatus,
+    mut spool: spool::Spool,
+) -> bool {
+    let mut pause = RETRY_PAUSE_FIRST;
+    // Batches the spool could not take (its disk failed): landed after it, in order,
+    // their callers answered then.
+    let mut unspooled: VecDeque<Vec<Command>> = VecDeque::new();
+    let mut closed = false;
+    loop {
+        let until = Instant::now() + pause;
+        while !closed {
+            let first = match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(c) => c,
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
             };
-            let _ = done.send(result.clone());
+            let batch = take_batch(first, rx, Duration::ZERO, status);
+            if unspooled.is_empty() {
+                match spool.append(&batch, None) {
+                    Ok(()) => {
+                        resolve(batch, &Ok(Kept::Spooled));
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the spool cannot be written: what comes is kept in memory only until the store returns");
+                        status.unspooled.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            unspooled.push_back(batch);
+        }
+        metrics::gauge!("bursar_spool_batches").set(spool.waiting() as f64);
+        let landed = spool.land(backend, LAND_AT_ONCE, None).and_then(|all| {
+            if !all {
+                return Ok(false);
+            }
+            while let Some(batch) = unspooled.front() {
+                backend.write(batch)?;
+                if let Some(batch) = unspooled.pop_front() {
+                    resolve(batch, &Ok(Kept::Landed));
+                }
+            }
+            Ok(true)
+        });
+        match landed {
+            Ok(true) => {
+                tracing::info!(
+                    batches = spool.landed(),
+                    "the store is back: the spool has landed"
+                );
+                spool.remove();
+                metrics::gauge!("bursar_spool_batches").set(0.0);
+                status.unspooled.store(false, Ordering::SeqCst);
+                status.failing.store(false, Ordering::SeqCst);
+                return closed;
+            }
+            // More to land: look at what came meanwhile first, without a pause.
+            Ok(false) => pause = Duration::ZERO,
+            Err(e) if e.is_transient() => {
+                backend.forget();
+                metrics::counter!("bursar_ledger_commit_retries_total").increment(1);
+                if closed {
+                    tracing::error!(error = %e, "the store is still away at exit: the spool lands at the next start");
+                    return true;
+                }
+                pause = (pause * 2).clamp(RETRY_PAUSE_FIRST, RETRY_PAUSE_LONGEST);
+            }
+            Err(e) => {
+                refused(backend, status, &e);
+                tracing::error!("the spool lands at the next start");
+                for batch in unspooled {
+                    resolve(batch, &Err(e.clone()));
+                }
+                return closed;
+            }
         }
     }
 }
@@ -376,11 +619,6 @@ fn write_until_landed(
     batch: &[Command],
     status: &WriterStatus,
 ) -> Result<(), StoreError> {
-    if status.fenced.load(Ordering::SeqCst) {
-        return Err(StoreError::Fenced(
-            "the ledger refuses this instance; restart it".into(),
-        ));
-    }
     let mut pause = RETRY_PAUSE_FIRST;
     loop {
         match backend.write(batch) {
@@ -391,19 +629,13 @@ fn write_until_landed(
                 return Ok(());
             }
             Err(e) if e.is_transient() => {
-                if !status.failing.swap(true, Ordering::SeqCst) {
-                    tracing::error!(error = %e, "ledger commit failed; failing closed and writing the batch again until the store returns");
-                }
                 backend.forget();
                 metrics::counter!("bursar_ledger_commit_retries_total").increment(1);
                 thread::sleep(pause);
                 pause = (pause * 2).min(RETRY_PAUSE_LONGEST);
             }
             Err(e) => {
-                tracing::error!(error = %e, "the store refuses this instance; every write fails until a restart");
-                status.fenced.store(true, Ordering::SeqCst);
-                status.failing.store(true, Ordering::SeqCst);
-                backend.forget();
+                refused(backend, status, &e);
                 return Err(e);
             }
         }
@@ -1006,13 +1238,17 @@ impl ReplayMarks {
 }
 
 /// How a store is opened.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OpenOptions {
     pub durability: Durability,
     /// Apply pending PostgreSQL migrations first (otherwise a database that is behind
     /// is refused, naming `bursar migrate`). The embedded store always creates its
     /// schema.
     pub migrate: bool,
+    /// Where an instance on PostgreSQL keeps its spool while the store is away
+    /// ([`spool`]); without one, what it cannot write waits in memory only. The
+    /// embedded store spools in its own directory.
+    pub spool_dir: Option<PathBuf>,
 }
 
 /// What recovery is handed, row by row: nothing of it is kept in a list first (a
@@ -1089,16 +1325,272 @@ mod tests {
             Ok(())
         }
         fn forget(&mut self) {}
+        fn identity(&mut self) -> Result<String, StoreError> {
+            Ok("gate".into())
+        }
+        fn spool_landed(&mut self, _: Uuid) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+    }
+
+    /// A backend that refuses every write until the test lets it, then logs what it
+    /// is given: the writer loop and its spool are under test here, not a store.
+    struct Recorder {
+        open: Arc<AtomicBool>,
+        log: Arc<parking_lot::Mutex<Vec<String>>>,
+    }
+
+    impl Backend for Recorder {
+        fn write(&mut self, batch: &[Command]) -> Result<(), StoreError> {
+            if !self.open.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("closed".into()));
+            }
+            let mut log = self.log.lock();
+            for c in batch {
+                log.push(match c {
+                    Command::Append { entries, .. } => format!("entry {}", entries[0].quantity),
+                    Command::Catalog { row, .. } => format!("catalog {}", row.id),
+                    Command::SpoolMark { through, .. } => format!("mark {through}"),
+                });
+            }
+            Ok(())
+        }
+        fn forget(&mut self) {}
+        fn identity(&mut self) -> Result<String, StoreError> {
+            Ok("recorder".into())
+        }
+        fn spool_landed(&mut self, _: Uuid) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+    }
+
+    /// Entry `n` (its quantity), a hold on one bucket when `held` is not zero.
+    fn entry(n: u64, held: i64) -> Entry {
+        let detail = (held != 0).then(|| {
+            Arc::new(HoldDetail {
+                buckets: vec![BucketKey {
+                    budget: "b".into(),
+                    value: "t".into(),
+                    period_start: 0,
+                }],
+                tags: Default::default(),
+                team: None,
+                user: None,
+                expires_at_ms: i64::MAX,
+                idempotency_key: None,
+                fingerprint: None,
+                max_tokens: None,
+                prompt_tokens: 0,
+                quantity: n,
+                rate_tokens: 0,
+            })
+        });
+        Entry {
+            at_ms: 1_700_000_000_000 + n as i64,
+            kind: if held != 0 {
+                EntryKind::Hold
+            } else {
+                EntryKind::Adjustment
+            },
+            authorization: Uuid::now_v7(),
+            tenant: "t".into(),
+            key_id: None,
+            held_delta: Money::from_nanos(held),
+            cost_delta: Money::ZERO,
+            charge_delta: Money::ZERO,
+            model_requested: None,
+            model_used: None,
+            price_version: None,
+            usage: TokenUsage::default(),
+            quantity: n,
+            latency_ms: None,
+            flags: 0,
+            detail,
+            hold: None,
+        }
+    }
+
+    fn spool_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("spool-"))
+            .collect()
+    }
+
+    #[test]
+    fn a_store_away_spools_what_comes_and_lands_it_in_order_once_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = Arc::new(AtomicBool::new(false));
+        let log: Arc<parking_lot::Mutex<Vec<String>>> = Arc::default();
+        let spool = spool::SpoolConfig {
+            dir: dir.path().to_path_buf(),
+            store: "recorder".into(),
+            durability: Durability::Process,
+        };
+        let (handle, _join) = spawn_writer(
+            Recorder {
+                open: open.clone(),
+                log: log.clone(),
+            },
+            Some(spool),
+        )
+        .unwrap();
+        // The first batch fails: it starts the spool. Its caller, who may not be answered
+        // without the store, hears that it is away.
+        let first = handle.append(vec![entry(1, 0)], Vec::new()).wait_blocking();
+        match first {
+            Err(StoreError::Unavailable(m)) => assert!(m.contains("spool"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!handle.is_healthy());
+        assert!(handle.can_queue(), "the spool takes what comes");
+        // Callers answered without the store are answered once their entries are spooled.
+        let kept: Vec<_> = (2..=50)
+            .map(|n| handle.append(vec![entry(n, 0)], Vec::new()).or_spooled())
+            .collect();
+        for t in kept {
+            t.wait_blocking().unwrap();
+        }
+        let files = spool_files(dir.path());
+        assert_eq!(files.len(), 1);
+        let text = std::fs::read_to_string(&files[0]).unwrap();
+        assert!(text.contains("\"quantity\":50"), "entry 50 is on disk");
+        assert!(log.lock().is_empty());
+
+        // The store returns: the spool lands, batch by batch with its mark, and goes.
+        open.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !handle.is_healthy() || !spool_files(dir.path()).is_empty() {
+            assert!(Instant::now() < deadline, "the spool never landed");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let batches = text.lines().count() - 1;
+        let log = log.lock().clone();
+        let entries: Vec<String> = log
+            .iter()
+            .filter(|l| l.starts_with("entry"))
+            .cloned()
+            .collect();
+        let expected: Vec<String> = (1..=50).map(|n| format!("entry {n}")).collect();
+        assert_eq!(entries, expected, "every entry once, in order");
+        let marks: Vec<String> = log
+            .iter()
+            .filter(|l| l.starts_with("mark"))
+            .cloned()
+            .collect();
+        let expected: Vec<String> = (1..=batches).map(|n| format!("mark {n}")).collect();
+        assert_eq!(marks, expected, "each batch with its mark");
+        assert_eq!(log.last().unwrap(), &format!("mark {batches}"));
+        // Then the writer writes straight to the store again.
+        handle
+            .append(vec![entry(51, 0)], Vec::new())
+            .wait_blocking()
+            .unwrap();
+        assert!(spool_files(dir.path()).is_empty());
+    }
+
+    /// What a process killed during an outage leaves is landed by the next start, after
+    /// what its mark says had landed, and only once.
+    #[test]
+    fn a_spool_left_by_a_killed_process_lands_at_the_next_start_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sqlite::ledger_path(dir.path());
+        let start = |seen: &mut Vec<u64>| {
+            let opened = sqlite::open(
+                &path,
+                Durability::Process,
+                Recovery {
+                    on_entry: |e: Entry| seen.push(e.quantity),
+                    on_catalog: |_| {},
+                    on_counters: |_| {},
+                },
+            )
+            .unwrap();
+            (opened.handle, opened.writer)
+        };
+        let mut seen = Vec::new();
+        let (handle, writer) = start(&mut seen);
+        handle
+            .append(vec![entry(1, 1_000)], Vec::new())
+            .wait_blocking()
+            .unwrap();
+        drop(handle);
+        writer.join().unwrap();
+
+        // The spool of three batches a killed process left (its lock went with it). The
+        // first had landed: its mark says so.
+        let store: String = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))
+            .unwrap();
+        let config = spool::SpoolConfig {
+            dir: dir.path().to_path_buf(),
+            store,
+            durability: Durability::Process,
+        };
+        let mut left = spool::Spool::create(&config).unwrap();
+        for n in 2..=4 {
+            let batch = [Command::Append {
+                entries: vec![entry(n, 1_000 * n as i64)],
+                alerts: Vec::new(),
+                done: oneshot::channel().0,
+            }];
+            left.append(&batch, None).unwrap();
+        }
+        drop(left);
+        let file = spool_files(dir.path()).pop().unwrap();
+        let id = file
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("spool-")
+            .trim_end_matches(".jsonl")
+            .to_string();
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute(
+                "INSERT INTO meta (k, v) VALUES (?1, '1')",
+                [format!("spool:{id}")],
+            )
+            .unwrap();
+
+        let mut seen = Vec::new();
+        let (handle, writer) = start(&mut seen);
+        assert_eq!(seen, vec![1, 3, 4], "replayed, then landed after the mark");
+        assert!(spool_files(dir.path()).is_empty());
+        drop(handle);
+        writer.join().unwrap();
+        let mut seen = Vec::new();
+        let (handle, writer) = start(&mut seen);
+        assert_eq!(seen, vec![1, 3, 4], "nothing lands twice");
+        drop(handle);
+        writer.join().unwrap();
+        let v = sqlite::verify(&path).unwrap();
+        assert!(v.ok(), "{:?}", v.problems);
+        let stored: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT held FROM counters", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            stored,
+            1_000 + 3_000 + 4_000,
+            "the landed holds are counted"
+        );
     }
 
     #[test]
     fn a_store_away_fills_the_queue_to_its_bound_then_everything_lands_in_order() {
         let open = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicUsize::new(0));
-        let (handle, _join) = spawn_writer(Gate {
-            open: open.clone(),
-            written: written.clone(),
-        })
+        // Without a spool: the queue in memory is all there is.
+        let (handle, _join) = spawn_writer(
+            Gate {
+                open: open.clone(),
+                written: written.clone(),
+            },
+            None,
+        )
         .unwrap();
         // The writer takes up to one batch out before the store fails it.
         let total = MAX_QUEUED_COMMANDS + MAX_BATCH_COMMANDS + 100;
@@ -1121,7 +1613,7 @@ mod tests {
         assert!(handle.queued() <= MAX_QUEUED_COMMANDS + 1);
         assert!(
             !handle.can_queue(),
-            "fail-open tenants are refused past half"
+            "without a spool, fail-open tenants are refused"
         );
         assert_eq!(written.load(Ordering::SeqCst), 0);
         // The store returns: everything lands, and every ticket resolves.

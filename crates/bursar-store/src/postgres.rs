@@ -40,6 +40,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, Row};
 use uuid::Uuid;
 
+use crate::spool::{InDoubt, SpoolConfig};
 use crate::{
     counter_deltas, detail_json, from_i64, parse_counters, spawn_writer, to_i64, AlertRow, Backend,
     CatalogRow, ChainReader, Command, LedgerReport, OpenOptions, Opened, SettleRow, StoreError,
@@ -195,7 +196,7 @@ pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<Bucke
             return Err(e);
         }
     };
-    let writer = Writer {
+    let mut writer = Writer {
         url: url.to_string(),
         instance,
         rt,
@@ -203,7 +204,39 @@ pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<Bucke
         dict: HashMap::new(),
         unlanded: None,
     };
-    let (handle, join) = spawn_writer(writer)?;
+    // What an earlier run of this data directory kept in its spool lands now (on the
+    // writer's own runtime, so off this one), after the tail replayed.
+    let (dir, durability) = (options.spool_dir.clone(), options.durability);
+    let landing = tokio::task::spawn_blocking(move || {
+        let Some(dir) = dir else {
+            return (writer, Ok((None, Vec::new())));
+        };
+        let spool = writer.identity().map(|store| SpoolConfig {
+            dir,
+            store,
+            durability,
+        });
+        let landed = spool.and_then(|config| {
+            let entries = crate::spool::land_left_spools(&config, &mut writer)?;
+            Ok((Some(config), entries))
+        });
+        (writer, landed)
+    })
+    .await;
+    let (writer, (spool, landed)) = match landing {
+        Ok((writer, Ok(landed))) => (writer, landed),
+        Ok((writer, Err(e))) => {
+            writer.rt.shutdown_background();
+            return Err(e);
+        }
+        Err(e) => return Err(StoreError::Io(format!("landing the spool: {e}"))),
+    };
+    let mut entries = entries;
+    for e in landed {
+        (recovery.on_entry)(e);
+        entries += 1;
+    }
+    let (handle, join) = spawn_writer(writer, spool)?;
     Ok(Opened {
         handle,
         shared: Some({
@@ -534,6 +567,13 @@ impl Backend for Writer {
                     match stored {
                         Ok(h) if h.as_deref() == Some(hash.as_slice()) => {
                             tracing::info!(seq, "the failed batch had been committed");
+                            // Its spool mark, if it has one, is written now.
+                            if let Err(e) = write_spool_marks(c, batch).await {
+                                *conn = None;
+                                dict.clear();
+                                last = Some(e);
+                                continue;
+                            }
                             *unlanded = None;
                             return Ok(());
                         }
@@ -614,6 +654,80 @@ impl Backend for Writer {
             Ok(())
         })
     }
+
+    fn identity(&mut self) -> Result<String, StoreError> {
+        let Writer {
+            url,
+            instance,
+            rt,
+            conn,
+            ..
+        } = self;
+        rt.block_on(async {
+            let c = connection(url, *instance, conn).await?;
+            Ok(sqlx::query_scalar("SELECT id FROM store_identity")
+                .fetch_one(&mut *c)
+                .await?)
+        })
+    }
+
+    fn spool_landed(&mut self, spool: Uuid) -> Result<u64, StoreError> {
+        let Writer {
+            url,
+            instance,
+            rt,
+            conn,
+            ..
+        } = self;
+        rt.block_on(async {
+            let c = connection(url, *instance, conn).await?;
+            let landed: Option<i64> =
+                sqlx::query_scalar("SELECT landed FROM spool_marks WHERE spool = $1")
+                    .bind(spool)
+                    .fetch_optional(&mut *c)
+                    .await?;
+            Ok(landed.map_or(0, from_i64))
+        })
+    }
+
+    fn in_doubt(&self) -> Option<InDoubt> {
+        self.unlanded.map(|(seq, hash)| InDoubt { seq, hash })
+    }
+
+    fn expect_in_doubt(&mut self, d: Option<InDoubt>) {
+        self.unlanded = d.map(|d| (d.seq, d.hash));
+    }
+}
+
+/// The spool marks of a batch whose entries had been committed (by an attempt whose
+/// answer was lost), in a transaction of their own, durable before the batch counts
+/// as landed.
+async fn write_spool_marks(conn: &mut PgConnection, batch: &[Command]) -> Result<(), StoreError> {
+    if !batch.iter().any(|c| matches!(c, Command::SpoolMark { .. })) {
+        return Ok(());
+    }
+    sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
+    for c in batch {
+        if let Command::SpoolMark { spool, through } = c {
+            mark_spool(conn, *spool, *through).await?;
+        }
+    }
+    sqlx::raw_sql("SET LOCAL synchronous_commit = on; COMMIT")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn mark_spool(conn: &mut PgConnection, spool: Uuid, through: u64) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO spool_marks (spool, landed) VALUES ($1, $2)
+         ON CONFLICT (spool) DO UPDATE SET landed = GREATEST(spool_marks.landed, EXCLUDED.landed)",
+    )
+    .bind(spool)
+    .bind(to_i64(through))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// The advisory lock key of an instance: it holds the lock on its own id while it lives.
@@ -801,6 +915,7 @@ async fn write_batch(
                         .await?;
                 }
             },
+            Command::SpoolMark { spool, through } => mark_spool(conn, *spool, *through).await?,
         }
     }
     if !entries.is_empty() {
@@ -985,9 +1100,13 @@ async fn claim_in_groups(
             .iter()
             .flat_map(|(ids, _)| ids.iter().copied())
             .collect();
+        // A hold this instance claimed already is its own: the holds it permitted
+        // failing open land from its spool claimed by it (after a restart its engine
+        // no longer knows them as such), and its engine finishes a hold once anyway.
         let claimed: Result<Vec<Uuid>, StoreError> = sqlx::query_scalar(
             "UPDATE open_holds SET claimed_by = $2 WHERE auth = ANY($1)
-               AND (claimed_by IS NULL OR claimed_by IN (SELECT id FROM instances WHERE closed))
+               AND (claimed_by IS NULL OR claimed_by = $2
+                    OR claimed_by IN (SELECT id FROM instances WHERE closed))
              RETURNING auth",
         )
         .bind(&ids)

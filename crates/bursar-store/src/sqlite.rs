@@ -24,6 +24,7 @@ use bursar_core::Money;
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
+use crate::spool::SpoolConfig;
 use crate::{
     counter_deltas, detail_json, from_i64, parse_counters, spawn_writer, to_i64, AlertRow, Backend,
     CatalogRow, ChainCheck, ChainReader, Command, LedgerReport, Opened, ReplayMarks, SettleRow,
@@ -146,6 +147,10 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
         "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1')",
         [],
     )?;
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (k, v) VALUES ('store_id', ?1)",
+        params![Uuid::now_v7().to_string()],
+    )?;
     // One read transaction: the counters are those at the head the tail ends at.
     conn.execute_batch("BEGIN")?;
     let (from, anchor) = replay_start(&conn)?;
@@ -153,7 +158,7 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
         (recovery.on_counters)(stored_counters(&conn)?);
     }
     let mut marks = ReplayMarks::new(from);
-    let (entries, last_hash, problems) = read_ledger(
+    let (mut entries, last_hash, problems) = read_ledger(
         &conn,
         from,
         anchor,
@@ -183,13 +188,23 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
         wal_flusher: None,
     };
     writer.load_dict()?;
+    // What an earlier run kept in its spool lands now, after the tail it follows.
+    let spool = SpoolConfig {
+        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        store: writer.identity()?,
+        durability,
+    };
+    for e in crate::spool::land_left_spools(&spool, &mut writer)? {
+        (recovery.on_entry)(e);
+        entries += 1;
+    }
     if durability == Durability::Process {
         writer.wal_flusher = Some(WalFlusher::start(path)?);
     }
     // SQLite's automatic checkpoint (every 1,000 WAL pages) keeps the WAL small. It runs
     // inside a commit; copying it to a second connection was measured and gained
     // nothing on this machine while letting the WAL grow without bound (BENCHMARKS.md).
-    let (handle, join) = spawn_writer(writer)?;
+    let (handle, join) = spawn_writer(writer, Some(spool))?;
     Ok(Opened {
         handle,
         shared: None,
@@ -310,6 +325,32 @@ impl Backend for Writer {
             tracing::warn!(error = %e, "the replay start was not stored; the next start replays more");
         }
     }
+
+    fn identity(&mut self) -> Result<String, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))?)
+    }
+
+    fn spool_landed(&mut self, spool: Uuid) -> Result<u64, StoreError> {
+        let landed: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT v FROM meta WHERE k = ?1",
+                params![spool_key(spool)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        landed.map_or(Ok(0), |v| {
+            v.parse()
+                .map_err(|_| StoreError::Corrupt(format!("spool mark `{v}` is not a number")))
+        })
+    }
+}
+
+/// The `meta` key of a spool's mark.
+fn spool_key(spool: Uuid) -> String {
+    format!("spool:{spool}")
 }
 
 impl Writer {
@@ -417,6 +458,12 @@ impl Writer {
                             )?;
                         }
                     },
+                    Command::SpoolMark { spool, through } => {
+                        tx.execute(
+                            "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                            params![spool_key(*spool), through.to_string()],
+                        )?;
+                    }
                 }
             }
             let mut upsert = tx.prepare_cached(

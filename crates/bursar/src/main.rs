@@ -31,11 +31,13 @@ struct ConfigArgs {
     #[arg(long, env = "BURSAR_CONFIG")]
     config: Option<PathBuf>,
     /// Where the embedded store lives (default: server.data_dir, else ./bursar-data).
+    /// With --database-url: where this instance keeps its spool while the database is
+    /// away.
     #[arg(long, env = "BURSAR_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// A PostgreSQL database (postgres://…) instead of the embedded store (default:
     /// server.database_url).
-    #[arg(long, env = "BURSAR_DATABASE_URL", conflicts_with = "data_dir")]
+    #[arg(long, env = "BURSAR_DATABASE_URL")]
     database_url: Option<String>,
     /// Redis (redis://…) for rate limits shared by every instance (default:
     /// server.redis_url; without it each instance counts its own).
@@ -335,6 +337,12 @@ fn load(args: &ConfigArgs) -> Result<Loaded> {
         (None, Some(_)) => None,
         (None, None) => config.server.database_url.clone(),
     };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| config.server.data_dir.clone().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    config.server.data_dir = Some(data_dir.display().to_string());
     let store = match url {
         Some(url) => {
             anyhow::ensure!(
@@ -344,13 +352,7 @@ fn load(args: &ConfigArgs) -> Result<Loaded> {
             );
             bursar_store::Location::Postgres(url)
         }
-        None => bursar_store::Location::data_dir(
-            &args
-                .data_dir
-                .clone()
-                .or_else(|| config.server.data_dir.clone().map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-        ),
+        None => bursar_store::Location::data_dir(&data_dir),
     };
     Ok(Loaded {
         config,

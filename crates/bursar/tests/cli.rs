@@ -14,6 +14,8 @@ use bursar_core::ledger::EntryKind;
 use serde_json::json;
 
 mod common;
+#[path = "common/relay.rs"]
+mod relay;
 
 use bursar_store::Location;
 use common::{start, start_on, BIN};
@@ -142,6 +144,159 @@ async fn on_postgres_migrate_then_kill_9_loses_nothing_acknowledged() {
     let out = bursar(&["migrate"], &store, &config);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("0 migration(s) applied"));
     kill_9(&store, tmp.path()).await;
+}
+
+/// Promise 6 with promise 3: a tenant that fails open goes on while PostgreSQL is away,
+/// and what the instance told its callers survives a kill -9 during the outage: the
+/// holds and settles are in its spool, and they land, once, when it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_decisions_survive_a_kill_9_during_an_outage() {
+    let Some(url) = scratch_postgres().await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(
+        tmp.path(),
+        &CONFIG.replace(
+            "[[tenants]]\nid = \"acme\"\nplan = \"pro\"\n",
+            "[[tenants]]\nid = \"acme\"\nplan = \"pro\"\nfailure_policy = \"fail_open\"\n",
+        ),
+    );
+    let direct = Store::Postgres(url.clone());
+    let out = bursar(&["migrate"], &direct, &config);
+    assert!(out.status.success());
+    let relay = relay::Relay::start(relay::through(&url, 0).1).await;
+    let (relayed, _) = relay::through(&url, relay.port);
+    let data = tmp.path().join("data");
+    let args: Vec<OsString> = vec![
+        "--database-url".into(),
+        relayed.into(),
+        "--data-dir".into(),
+        data.clone().into(),
+    ];
+    let mut server = start_on(&args, &config);
+    let http = reqwest::Client::new();
+    let ready = |base: String| {
+        let http = http.clone();
+        async move {
+            http.get(format!("{base}/readyz"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    let c = bursar_client::Client::new(&server.base, MEMBER);
+    let ask = bursar_client::Authorize::model("gpt-4o-mini")
+        .prompt_tokens(100)
+        .max_tokens(50);
+    let usage = bursar_client::TokenUsage {
+        input_tokens: 100,
+        cached_input_tokens: 0,
+        output_tokens: 10,
+    };
+    let before = c.authorize(&ask, None).await.unwrap();
+    c.settle(
+        &before.authorization_id,
+        &bursar_client::Settle::tokens(usage),
+    )
+    .await
+    .unwrap();
+
+    relay.cut();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ready(server.base.clone()).await != 503 {
+        assert!(Instant::now() < deadline, "the outage never showed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut held, mut settled) = (Vec::new(), Vec::new());
+    for i in 0..20 {
+        let p = c.authorize(&ask, None).await.unwrap();
+        if i % 2 == 0 {
+            c.settle(&p.authorization_id, &bursar_client::Settle::tokens(usage))
+                .await
+                .unwrap();
+            settled.push(p.authorization_id.clone());
+        }
+        held.push(p.authorization_id);
+    }
+    let spools = || {
+        std::fs::read_dir(&data)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("spool-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(spools(), 1, "the outage is spooled");
+    // Killed during the outage: no shutdown hook runs, and nothing reached the store.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let report = bursar_store::read_entries(&direct.location())
+        .await
+        .unwrap();
+    assert!(report
+        .entries
+        .iter()
+        .all(|e| !held.contains(&e.authorization.to_string())));
+
+    // The store returns, and the instance starts again: its spool lands first.
+    relay.mend();
+    let server = start_on(&args, &config);
+    assert_eq!(spools(), 0, "the spool landed and was removed");
+    let report = bursar_store::read_entries(&direct.location())
+        .await
+        .unwrap();
+    assert!(
+        report.chain_problems.is_empty(),
+        "{:?}",
+        report.chain_problems
+    );
+    let count = |id: &str, kind: EntryKind| {
+        report
+            .entries
+            .iter()
+            .filter(|e| e.authorization.to_string() == id && e.kind == kind)
+            .count()
+    };
+    for id in &held {
+        assert_eq!(count(id, EntryKind::Hold), 1, "hold {id}: once");
+        let hold = report
+            .entries
+            .iter()
+            .find(|e| e.authorization.to_string() == *id)
+            .unwrap();
+        assert_ne!(hold.flags & bursar_core::ledger::flags::FAIL_OPEN, 0);
+    }
+    for id in &settled {
+        assert_eq!(count(id, EntryKind::Settle), 1, "settle {id}: once");
+    }
+    // The holds never settled expire by policy, like any other.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let report = bursar_store::read_entries(&direct.location())
+            .await
+            .unwrap();
+        let finished: HashSet<String> = report
+            .entries
+            .iter()
+            .filter(|e| e.kind != EntryKind::Hold)
+            .map(|e| e.authorization.to_string())
+            .collect();
+        if held.iter().all(|id| finished.contains(id)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "spooled holds left open");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let out = bursar(&["ledger", "verify"], &direct, &config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(server);
 }
 
 async fn kill_9(store: &Store, dir: &Path) {

@@ -200,7 +200,11 @@ pub async fn spawn_app_with(config: &str) -> TestApp {
 /// A Bursar over the store at `place` (a restart when the place was used before).
 pub async fn spawn_app_at(config: &str, place: Place) -> TestApp {
     let book = Arc::new(PriceBook::builtin().unwrap());
-    let config = Config::parse(config, &book, start_time()).unwrap();
+    let mut config = Config::parse(config, &book, start_time()).unwrap();
+    // An instance on PostgreSQL spools in its place's directory.
+    if config.server.data_dir.is_none() {
+        config.server.data_dir = Some(place._dir.path().display().to_string());
+    }
     let clock = Arc::new(ManualClock::new(start_time()));
     let (services, writer) =
         bursar_server::build(config, book, &place.location, true, clock.clone())

@@ -14,6 +14,9 @@ use sqlx::Connection;
 use uuid::Uuid;
 
 use crate::helpers::*;
+#[path = "../../../bursar/tests/common/relay.rs"]
+mod relay;
+use relay::{through, Relay};
 
 fn postgres_url(app: &TestApp) -> String {
     match &app.place.location {
@@ -213,70 +216,6 @@ async fn a_killed_database_connection_loses_nothing_acknowledged() {
     );
     let v = app.verify().await;
     assert!(v.ok(), "{:?}", v.problems);
-}
-
-/// A TCP relay in front of PostgreSQL that a test can cut (every connection dropped, new
-/// ones refused) and mend: the store away and back for one instance, while the server
-/// itself stays up for the other tests.
-struct Relay {
-    port: u16,
-    open: Arc<std::sync::atomic::AtomicBool>,
-    links: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Relay {
-    async fn start(upstream: String) -> Relay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let links: Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (o, l) = (open.clone(), links.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    return;
-                };
-                if !o.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: refused
-                }
-                let upstream = upstream.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                l.lock().push(task.abort_handle());
-            }
-        });
-        Relay { port, open, links }
-    }
-
-    fn cut(&self) {
-        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
-        for link in self.links.lock().drain(..) {
-            link.abort();
-        }
-    }
-
-    fn mend(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// `url` with its host and port replaced by `127.0.0.1:port`, and the `host:port` it had.
-fn through(url: &str, port: u16) -> (String, String) {
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let (authority, path) = rest.split_once('/').unwrap();
-    let (user, host) = match authority.rsplit_once('@') {
-        Some((u, h)) => (format!("{u}@"), h.to_string()),
-        None => (String::new(), authority.to_string()),
-    };
-    let host = if host.contains(':') {
-        host
-    } else {
-        format!("{host}:5432")
-    };
-    (format!("{scheme}://{user}127.0.0.1:{port}/{path}"), host)
 }
 
 async fn wait_ready(app: &TestApp, ready: bool) -> Resp {

@@ -1,0 +1,442 @@
+//! The local spool: what the ledger writer keeps on this machine's disk while the store
+//! is away, and lands in the store, in order and once, when it returns — or at the next
+//! start, if the process died meanwhile.
+//!
+//! A batch whose transaction fails (after the backend's own retry on a fresh
+//! connection) starts a spool file, `spool-<id>.jsonl` in the data directory, locked by
+//! this process. That batch and every command after it go to the file, in order, one
+//! JSON line per batch, written through (and synced, with `power` durability) before
+//! their tickets resolve as [`Kept::Spooled`](crate::Kept::Spooled). A caller that may be
+//! answered without the store (a tenant that fails open) is answered then; the others
+//! hear that the store is away (fail closed).
+//!
+//! Landing: the writer writes the file's batches in order, one transaction each, each
+//! with a mark ("batch n of spool id has landed", [`Command::SpoolMark`]) in the same
+//! transaction; when the last one has landed it deletes the file and writes directly
+//! again. A start lands every spool file of its data directory that no live process
+//! holds, after its mark, before it takes any call. So every batch lands exactly once,
+//! whenever the process dies. A batch whose commit was in doubt when it failed
+//! (PostgreSQL may have committed it just before its connection went) carries the
+//! chain position it would have taken, and is not written again if it is there.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bursar_core::ledger::{AlertEvent, Entry, HoldDetail};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::{Backend, CatalogRow, Command, Durability, StoreError};
+
+/// Where a writer spools, and for which store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolConfig {
+    /// The data directory (the embedded store's, or the one given to an instance on
+    /// PostgreSQL).
+    pub dir: PathBuf,
+    /// The store's identity ([`Backend::identity`]): a spool lands only where it was
+    /// written for.
+    pub store: String,
+    pub durability: Durability,
+}
+
+/// The chain position a failed commit may have taken: the sequence number and hash of
+/// its last entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InDoubt {
+    pub seq: i64,
+    pub hash: [u8; 32],
+}
+
+const FORMAT: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    spool: Uuid,
+    store: String,
+    format: u32,
+}
+
+#[derive(Deserialize)]
+struct Line {
+    n: u64,
+    #[serde(default)]
+    in_doubt: Option<InDoubt>,
+    commands: Vec<Spooled>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Spooled {
+    Append {
+        entries: Vec<SpooledEntry>,
+        alerts: Vec<AlertEvent>,
+    },
+    Catalog {
+        kind: String,
+        id: String,
+        body: Option<String>,
+    },
+}
+
+#[derive(Deserialize)]
+struct SpooledEntry {
+    entry: Entry,
+    /// The hold an entry acts on (not part of an entry's own serialized form): its
+    /// buckets are what a landed settle changes.
+    hold: Option<Arc<HoldDetail>>,
+}
+
+// The same shapes, borrowed, for writing a batch without copying it.
+#[derive(Serialize)]
+struct LineRef<'a> {
+    n: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_doubt: Option<InDoubt>,
+    commands: Vec<SpooledRef<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum SpooledRef<'a> {
+    Append {
+        entries: Vec<SpooledEntryRef<'a>>,
+        alerts: &'a [AlertEvent],
+    },
+    Catalog {
+        kind: &'a str,
+        id: &'a str,
+        body: Option<&'a str>,
+    },
+}
+
+#[derive(Serialize)]
+struct SpooledEntryRef<'a> {
+    entry: &'a Entry,
+    hold: Option<&'a HoldDetail>,
+}
+
+fn io(e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("spool: {e}"))
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("spool {}: {e}", path.display()))
+}
+
+/// A batch read back, not landed yet.
+struct Unlanded {
+    n: u64,
+    commands: Vec<Command>,
+    in_doubt: Option<InDoubt>,
+}
+
+/// One spool file, held (locked) by this process.
+pub(crate) struct Spool {
+    id: Uuid,
+    path: PathBuf,
+    file: File,
+    /// The file's length after the last whole batch written.
+    len: u64,
+    reader: BufReader<File>,
+    durability: Durability,
+    /// The number of the next batch written.
+    next: u64,
+    /// Batches landed (from the store's mark, for a spool found at start).
+    landed: u64,
+    unlanded: Option<Unlanded>,
+}
+
+impl Spool {
+    /// Starts a new spool file.
+    pub(crate) fn create(config: &SpoolConfig) -> Result<Spool, StoreError> {
+        std::fs::create_dir_all(&config.dir).map_err(io)?;
+        let id = Uuid::now_v7();
+        let path = config.dir.join(format!("spool-{id}.jsonl"));
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        // A new file: nobody else holds it.
+        if let Err(std::fs::TryLockError::Error(e)) = file.try_lock() {
+            return Err(io(e));
+        }
+        let mut header = serde_json::to_vec(&Header {
+            spool: id,
+            store: config.store.clone(),
+            format: FORMAT,
+        })
+        .map_err(|e| corrupt(&path, e))?;
+        header.push(b'\n');
+        file.write_all(&header).map_err(io)?;
+        if config.durability == Durability::Power {
+            file.sync_all().map_err(io)?;
+            // The file's name must outlive a power cut too.
+            File::open(&config.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        let mut reader = BufReader::new(File::open(&path).map_err(io)?);
+        reader
+            .seek(SeekFrom::Start(header.len() as u64))
+            .map_err(io)?;
+        tracing::warn!(spool = %path.display(), "the store is away: the ledger's entries go to a local spool until it returns");
+        Ok(Spool {
+            id,
+            path,
+            file,
+            len: header.len() as u64,
+            reader,
+            durability: config.durability,
+            next: 1,
+            landed: 0,
+            unlanded: None,
+        })
+    }
+
+    /// A spool file left by an earlier run, unless a live process holds it or it was
+    /// written for another store.
+    fn open_left(path: &Path, config: &SpoolConfig) -> Result<Option<Spool>, StoreError> {
+        let file = OpenOptions::new().append(true).open(path).map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!(spool = %path.display(), "a spool held by a live process is left to it");
+                return Ok(None);
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let mut reader = BufReader::new(File::open(path).map_err(io)?);
+        let mut first = String::new();
+        reader.read_line(&mut first).map_err(io)?;
+        if !first.ends_with('\n') {
+            // Cut while its header was written: nothing in it was ever acknowledged.
+            tracing::warn!(spool = %path.display(), "an empty spool is removed");
+            std::fs::remove_file(path).map_err(io)?;
+            return Ok(None);
+        }
+        let header: Header = serde_json::from_str(&first).map_err(|e| corrupt(path, e))?;
+        if header.format != FORMAT {
+            return Err(corrupt(
+                path,
+                format!("format {} is not known to this version", header.format),
+            ));
+        }
+        if header.store != config.store {
+            tracing::error!(spool = %path.display(), "this spool was written for another store; it is left as it is");
+            return Ok(None);
+        }
+        Ok(Some(Spool {
+            id: header.spool,
+            path: path.to_path_buf(),
+            len: 0,
+            file,
+            reader,
+            durability: config.durability,
+            next: u64::MAX,
+            landed: 0,
+            unlanded: None,
+        }))
+    }
+
+    /// Adds a batch at the end. On an error the file is as it was before.
+    pub(crate) fn append(
+        &mut self,
+        batch: &[Command],
+        in_doubt: Option<InDoubt>,
+    ) -> Result<(), StoreError> {
+        let commands = batch
+            .iter()
+            .filter_map(|c| match c {
+                Command::Append {
+                    entries, alerts, ..
+                } => Some(SpooledRef::Append {
+                    entries: entries
+                        .iter()
+                        .map(|e| SpooledEntryRef {
+                            entry: e,
+                            hold: e.hold.as_deref(),
+                        })
+                        .collect(),
+                    alerts,
+                }),
+                Command::Catalog { row, .. } => Some(SpooledRef::Catalog {
+                    kind: &row.kind,
+                    id: &row.id,
+                    body: row.body.as_deref(),
+                }),
+                Command::SpoolMark { .. } => None,
+            })
+            .collect();
+        let mut line = serde_json::to_vec(&LineRef {
+            n: self.next,
+            in_doubt,
+            commands,
+        })
+        .map_err(|e| corrupt(&self.path, e))?;
+        line.push(b'\n');
+        let written = self.file.write_all(&line).and_then(|()| {
+            if self.durability == Durability::Power {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            // A torn line would hide every batch after it: cut it off.
+            let _ = self.file.set_len(self.len);
+            return Err(io(e));
+        }
+        self.len += line.len() as u64;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Reads the next whole batch; `None` at the end (or at a line cut by a crash,
+    /// which no caller was told about).
+    fn read_next(&mut self) -> Result<Option<Unlanded>, StoreError> {
+        let mut text = String::new();
+        let read = self.reader.read_line(&mut text).map_err(io)?;
+        if read == 0 {
+            return Ok(None);
+        }
+        if !text.ends_with('\n') {
+            tracing::warn!(spool = %self.path.display(), "a batch cut by a crash is left out: nobody was told it was kept");
+            return Ok(None);
+        }
+        let line: Line = serde_json::from_str(&text).map_err(|e| corrupt(&self.path, e))?;
+        let commands = line
+            .commands
+            .into_iter()
+            .map(|c| match c {
+                Spooled::Append { entries, alerts } => Command::Append {
+                    entries: entries
+                        .into_iter()
+                        .map(|s| Entry {
+                            hold: s.hold,
+                            ..s.entry
+                        })
+                        .collect(),
+                    alerts,
+                    // Nobody waits on a batch read back.
+                    done: oneshot::channel().0,
+                },
+                Spooled::Catalog { kind, id, body } => Command::Catalog {
+                    row: CatalogRow { kind, id, body },
+                    done: oneshot::channel().0,
+                },
+            })
+            .collect();
+        Ok(Some(Unlanded {
+            n: line.n,
+            commands,
+            in_doubt: line.in_doubt,
+        }))
+    }
+
+    /// Lands batches in order, one transaction each with its mark, at most `most` of
+    /// them; `Ok(true)` once every batch written has landed. The entries landed are added
+    /// to `landed` when given.
+    pub(crate) fn land(
+        &mut self,
+        backend: &mut impl Backend,
+        most: usize,
+        mut landed: Option<&mut Vec<Entry>>,
+    ) -> Result<bool, StoreError> {
+        for _ in 0..most {
+            let mut batch = match self.unlanded.take() {
+                Some(b) => b,
+                None => match self.read_next()? {
+                    Some(b) => b,
+                    None => return Ok(true),
+                },
+            };
+            if batch.n <= self.landed {
+                continue;
+            }
+            if let Some(d) = batch.in_doubt.take() {
+                backend.expect_in_doubt(Some(d));
+            }
+            batch.commands.push(Command::SpoolMark {
+                spool: self.id,
+                through: batch.n,
+            });
+            let written = backend.write(&batch.commands);
+            batch.commands.pop();
+            match written {
+                Ok(()) => {
+                    self.landed = batch.n;
+                    if let Some(out) = landed.as_deref_mut() {
+                        for c in batch.commands {
+                            if let Command::Append { entries, .. } = c {
+                                out.extend(entries);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.unlanded = Some(batch);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Batches landed so far.
+    pub(crate) fn landed(&self) -> u64 {
+        self.landed
+    }
+
+    /// Batches written and not landed yet (the `bursar_spool_batches` gauge).
+    pub(crate) fn waiting(&self) -> u64 {
+        (self.next - 1).saturating_sub(self.landed)
+    }
+
+    /// Deletes the file, every batch of it landed.
+    pub(crate) fn remove(self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::error!(spool = %self.path.display(), error = %e, "a landed spool could not be removed; the next start skips what it landed");
+        }
+    }
+}
+
+/// Lands every spool file an earlier run left in the data directory (oldest first),
+/// before a start replays anything else; returns the entries landed, in order.
+pub(crate) fn land_left_spools(
+    config: &SpoolConfig,
+    backend: &mut impl Backend,
+) -> Result<Vec<Entry>, StoreError> {
+    let mut entries = Vec::new();
+    let listing = match std::fs::read_dir(&config.dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(entries),
+        Err(e) => return Err(io(e)),
+    };
+    let mut paths: Vec<PathBuf> = listing
+        .filter_map(Result::ok)
+        .map(|d| d.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("spool-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    // Spool ids are time-ordered (UUID v7): the oldest spool lands first.
+    paths.sort();
+    for path in paths {
+        let Some(mut spool) = Spool::open_left(&path, config)? else {
+            continue;
+        };
+        spool.landed = backend.spool_landed(spool.id)?;
+        let before = entries.len();
+        while !spool.land(backend, usize::MAX, Some(&mut entries))? {}
+        tracing::info!(spool = %path.display(), batches = spool.landed, entries = entries.len() - before, "a spool left by an earlier run has landed");
+        spool.remove();
+    }
+    Ok(entries)
+}
