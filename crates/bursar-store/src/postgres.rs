@@ -180,6 +180,43 @@ pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<Bucke
         rt.shutdown_background();
         return Err(e.into());
     }
+    let writer = Writer {
+        url: url.to_string(),
+        instance,
+        rt,
+        conn: Some(conn),
+        dict: HashMap::new(),
+        unlanded: None,
+    };
+    // What an earlier run of this data directory kept in its spool lands first (on the
+    // writer's own runtime, so off this one): the replay then reads it like the rest.
+    let (dir, durability) = (options.spool_dir.clone(), options.durability);
+    let landing = tokio::task::spawn_blocking(move || {
+        let mut writer = writer;
+        let Some(dir) = dir else {
+            return (writer, Ok(None));
+        };
+        let landed = writer.identity().and_then(|store| {
+            let config = SpoolConfig {
+                dir,
+                store,
+                durability,
+            };
+            crate::spool::land_left_spools(&config, &mut writer)?;
+            Ok(Some(config))
+        });
+        (writer, landed)
+    })
+    .await;
+    let (writer, spool) = match landing {
+        Ok((writer, Ok(spool))) => (writer, spool),
+        Ok((writer, Err(e))) => {
+            // A runtime may not be dropped inside another; this one has nothing running.
+            writer.rt.shutdown_background();
+            return Err(e);
+        }
+        Err(e) => return Err(StoreError::Io(format!("landing the spool: {e}"))),
+    };
     let replayed = replay(
         &pool,
         &mut recovery.on_entry,
@@ -190,52 +227,10 @@ pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<Bucke
     let (entries, tail) = match replayed {
         Ok(found) => found,
         Err(e) => {
-            drop(conn);
-            // A runtime may not be dropped inside another; this one has nothing running.
-            rt.shutdown_background();
-            return Err(e);
-        }
-    };
-    let mut writer = Writer {
-        url: url.to_string(),
-        instance,
-        rt,
-        conn: Some(conn),
-        dict: HashMap::new(),
-        unlanded: None,
-    };
-    // What an earlier run of this data directory kept in its spool lands now (on the
-    // writer's own runtime, so off this one), after the tail replayed.
-    let (dir, durability) = (options.spool_dir.clone(), options.durability);
-    let landing = tokio::task::spawn_blocking(move || {
-        let Some(dir) = dir else {
-            return (writer, Ok((None, Vec::new())));
-        };
-        let spool = writer.identity().map(|store| SpoolConfig {
-            dir,
-            store,
-            durability,
-        });
-        let landed = spool.and_then(|config| {
-            let entries = crate::spool::land_left_spools(&config, &mut writer)?;
-            Ok((Some(config), entries))
-        });
-        (writer, landed)
-    })
-    .await;
-    let (writer, (spool, landed)) = match landing {
-        Ok((writer, Ok(landed))) => (writer, landed),
-        Ok((writer, Err(e))) => {
             writer.rt.shutdown_background();
             return Err(e);
         }
-        Err(e) => return Err(StoreError::Io(format!("landing the spool: {e}"))),
     };
-    let mut entries = entries;
-    for e in landed {
-        (recovery.on_entry)(e);
-        entries += 1;
-    }
     let (handle, join) = spawn_writer(writer, spool)?;
     Ok(Opened {
         handle,

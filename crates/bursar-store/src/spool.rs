@@ -406,7 +406,7 @@ impl Spool {
 }
 
 /// Lands every spool file an earlier run left in the data directory (oldest first),
-/// before a start replays anything else; returns the entries landed, in order.
+/// before a start takes any call; returns the entries landed, in order.
 pub(crate) fn land_left_spools(
     config: &SpoolConfig,
     backend: &mut impl Backend,

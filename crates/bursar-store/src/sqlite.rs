@@ -151,6 +151,12 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
         "INSERT OR IGNORE INTO meta (k, v) VALUES ('store_id', ?1)",
         params![Uuid::now_v7().to_string()],
     )?;
+    let spool = SpoolConfig {
+        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        store: store_identity(&conn)?,
+        durability,
+    };
+    let conn = land_left_spools(conn, &spool)?;
     // One read transaction: the counters are those at the head the tail ends at.
     conn.execute_batch("BEGIN")?;
     let (from, anchor) = replay_start(&conn)?;
@@ -158,7 +164,7 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
         (recovery.on_counters)(stored_counters(&conn)?);
     }
     let mut marks = ReplayMarks::new(from);
-    let (mut entries, last_hash, problems) = read_ledger(
+    let (entries, last_hash, problems) = read_ledger(
         &conn,
         from,
         anchor,
@@ -183,21 +189,11 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
         dict: HashMap::new(),
         last_hash,
         saved_hash: last_hash,
-        marks,
+        marks: Some(marks),
         marked_at: Instant::now(),
         wal_flusher: None,
     };
     writer.load_dict()?;
-    // What an earlier run kept in its spool lands now, after the tail it follows.
-    let spool = SpoolConfig {
-        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
-        store: writer.identity()?,
-        durability,
-    };
-    for e in crate::spool::land_left_spools(&spool, &mut writer)? {
-        (recovery.on_entry)(e);
-        entries += 1;
-    }
     if durability == Durability::Process {
         writer.wal_flusher = Some(WalFlusher::start(path)?);
     }
@@ -213,6 +209,40 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
         chain,
         writer: join,
     })
+}
+
+/// Lands what an earlier run left in its spool, before anything is read: the replay and
+/// the stored counters then include it like any other entries.
+fn land_left_spools(conn: Connection, spool: &SpoolConfig) -> Result<Connection, StoreError> {
+    let head: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT hash FROM ledger ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let last_hash = match head {
+        Some(h) => <[u8; 32]>::try_from(h)
+            .map_err(|_| StoreError::Corrupt("the last entry's hash is not 32 bytes".into()))?,
+        None => GENESIS_HASH,
+    };
+    let mut writer = Writer {
+        conn,
+        dict: HashMap::new(),
+        last_hash,
+        saved_hash: last_hash,
+        // The stored replay start stays where it is, before what lands.
+        marks: None,
+        marked_at: Instant::now(),
+        wal_flusher: None,
+    };
+    writer.load_dict()?;
+    crate::spool::land_left_spools(spool, &mut writer)?;
+    Ok(writer.conn)
+}
+
+fn store_identity(conn: &Connection) -> Result<String, StoreError> {
+    Ok(conn.query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))?)
 }
 
 /// Checks the whole ledger (chain and counters, as `bursar ledger verify` does) on a
@@ -231,8 +261,11 @@ fn check_in_background(path: &Path) -> Result<Arc<ChainCheck>, StoreError> {
 }
 
 /// Stores where the next start may begin replaying, when it moved.
-fn store_replay_start(marks: &mut ReplayMarks, conn: &Connection) -> Result<(), StoreError> {
-    if let Some(from) = marks.to_store() {
+fn store_replay_start(
+    marks: &mut Option<ReplayMarks>,
+    conn: &Connection,
+) -> Result<(), StoreError> {
+    if let Some(from) = marks.as_mut().and_then(ReplayMarks::to_store) {
         conn.execute(
             "INSERT INTO meta (k, v) VALUES ('replay_from_seq', ?1) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
             params![from.to_string()],
@@ -247,8 +280,9 @@ struct Writer {
     last_hash: [u8; 32],
     /// The chain head before the batch being written, restored when it fails.
     saved_hash: [u8; 32],
-    /// Open holds and recent entries: where the next start may begin replaying.
-    marks: ReplayMarks,
+    /// Open holds and recent entries: where the next start may begin replaying (none
+    /// while a start lands a spool: the stored start stays before it).
+    marks: Option<ReplayMarks>,
     marked_at: Instant,
     /// Ends the WAL flusher when the writer ends.
     wal_flusher: Option<WalFlusher>,
@@ -327,9 +361,7 @@ impl Backend for Writer {
     }
 
     fn identity(&mut self) -> Result<String, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))?)
+        store_identity(&self.conn)
     }
 
     fn spool_landed(&mut self, spool: Uuid) -> Result<u64, StoreError> {
@@ -425,12 +457,9 @@ impl Writer {
                                 hash.as_slice(),
                             ])?;
                             self.last_hash = hash;
-                            self.marks.note(
-                                tx.last_insert_rowid(),
-                                e.at_ms,
-                                e.kind,
-                                e.authorization,
-                            );
+                            if let Some(m) = &mut self.marks {
+                                m.note(tx.last_insert_rowid(), e.at_ms, e.kind, e.authorization);
+                            }
                         }
                         for a in alerts {
                             alert.execute(params![
