@@ -66,6 +66,9 @@ pub struct ServerSection {
     /// Redis (`redis://…`): rate limits counted across every instance instead of per
     /// instance.
     pub redis_url: Option<String>,
+    /// What every Redis key of this deployment starts with (default `bursar`): several
+    /// deployments may share one Redis database, each with its own prefix.
+    pub redis_prefix: Option<String>,
     pub max_body_bytes: Option<usize>,
     /// A price book file replacing the built-in one.
     pub price_book: Option<String>,
@@ -344,6 +347,18 @@ impl Config {
         }
         if raw.server.max_body_bytes == Some(0) {
             p.push("server.max_body_bytes must be greater than zero".into());
+        }
+        if let Some(prefix) = &raw.server.redis_prefix {
+            if prefix.is_empty()
+                || prefix.len() > 64
+                || !prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            {
+                p.push(format!(
+                    "server.redis_prefix `{prefix}` must be 1 to 64 letters, digits, `-`, `_`, `.` or `:`"
+                ));
+            }
         }
 
         let mut dir = Directory::default();
@@ -745,6 +760,9 @@ mod tests {
     #[test]
     fn every_problem_is_named() {
         let text = r#"
+[server]
+redis_prefix = "my prefix"
+
 [[plans]]
 id = "free"
 default_task = "chat"
@@ -780,9 +798,10 @@ emergency_percent = 90
             "unknown window `fortnightly`",
             "limit",
             "thresholds",
+            "server.redis_prefix `my prefix`",
         ] {
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }
-        assert!(err.0.len() >= 9, "{all}");
+        assert!(err.0.len() >= 10, "{all}");
     }
 }

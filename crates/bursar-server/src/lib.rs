@@ -187,7 +187,17 @@ pub async fn build(
     clock: Arc<dyn Clock>,
 ) -> Result<(Arc<Services>, std::thread::JoinHandle<()>), BuildError> {
     let limiter = match &config.server.redis_url {
-        Some(url) => Some(limiter::Limiter::new(url).map_err(BuildError::Redis)?),
+        Some(url) => Some(
+            limiter::Limiter::new(
+                url,
+                config
+                    .server
+                    .redis_prefix
+                    .as_deref()
+                    .unwrap_or(limiter::DEFAULT_PREFIX),
+            )
+            .map_err(BuildError::Redis)?,
+        ),
         None => None,
     };
     let engine = Arc::new(Engine::new(config.engine.clone(), book));

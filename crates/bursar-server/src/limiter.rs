@@ -83,6 +83,8 @@ return 1
 ";
 
 /// How long a call waits for Redis before it counts as unreachable.
+/// What Redis keys start with unless `server.redis_prefix` says otherwise.
+pub const DEFAULT_PREFIX: &str = "bursar";
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -94,6 +96,8 @@ pub struct LimiterDown(String);
 /// The distributed rate limiter.
 pub struct Limiter {
     conn: ConnectionManager,
+    /// What every key starts with: `<prefix>:rl:`.
+    prefix: String,
     take: Script,
     give_back: Script,
 }
@@ -107,7 +111,7 @@ pub struct Taken {
 impl Limiter {
     /// A limiter on `url`. It connects lazily, so an instance starts while Redis is down
     /// (and fails closed, or open for the tenants so configured, until it returns).
-    pub fn new(url: &str) -> Result<Limiter, LimiterDown> {
+    pub fn new(url: &str, prefix: &str) -> Result<Limiter, LimiterDown> {
         let client = redis::Client::open(url).map_err(|e| LimiterDown(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -118,6 +122,7 @@ impl Limiter {
             .map_err(|e| LimiterDown(e.to_string()))?;
         Ok(Limiter {
             conn,
+            prefix: format!("{prefix}:rl:"),
             take: Script::new(TAKE),
             give_back: Script::new(GIVE_BACK),
         })
@@ -145,7 +150,7 @@ impl Limiter {
         all_or_nothing: bool,
     ) -> Result<Taken, LimiterDown> {
         let cells: Vec<(String, u64, u32)> = checks
-            .map(|c| (format!("bursar:rl:{}", c.cell), c.units, c.per_minute))
+            .map(|c| (format!("{}{}", self.prefix, c.cell), c.units, c.per_minute))
             .collect();
         let mut inv = self.take.prepare_invoke();
         inv.arg(if all_or_nothing { "1" } else { "0" });

@@ -335,3 +335,37 @@ async fn redis_stopped_fails_closed_or_open_as_configured_and_recovers() {
     assert_eq!(holds_of(b_slow_id), 3);
     assert!(app.verify().await.ok());
 }
+
+/// Two deployments may share one Redis database: each counts under its own prefix
+/// (`server.redis_prefix`), even where their cells have the same names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deployments_with_their_own_prefixes_share_one_redis_without_sharing_limits() {
+    let Some(redis) = test_redis_url() else {
+        return;
+    };
+    let l = limited_config(&redis);
+    let run = Uuid::now_v7().simple().to_string();
+    let deployment = |name: &str| {
+        l.config.replacen(
+            "[server]\n",
+            &format!("[server]\nredis_prefix = \"{name}-{run}\"\n"),
+            1,
+        )
+    };
+    let one = spawn_app_at(&deployment("one"), Place::sqlite()).await;
+    let two = spawn_app_at(&deployment("two"), Place::sqlite()).await;
+    let same = spawn_app_at(&deployment("one"), Place::sqlite()).await;
+    // The same key (same cell names) on each: 3 a minute.
+    for _ in 0..3 {
+        let r = one.authorize(&l.a_slow, small()).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let r = one.authorize(&l.a_slow, small()).await;
+    assert_eq!((r.status, r.code()), (429, "rate_limited"));
+    // Another prefix: its own count.
+    let r = two.authorize(&l.a_slow, small()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // The same prefix: the same count.
+    let r = same.authorize(&l.a_slow, small()).await;
+    assert_eq!((r.status, r.code()), (429, "rate_limited"));
+}
