@@ -96,7 +96,8 @@ pub struct LimiterDown(String);
 /// The distributed rate limiter.
 pub struct Limiter {
     conn: ConnectionManager,
-    /// What every key starts with: `<prefix>:rl:`.
+    /// What every key starts with: `<prefix>:rl:` (rate cells), `<prefix>:cache:`
+    /// (answers).
     prefix: String,
     take: Script,
     give_back: Script,
@@ -122,7 +123,7 @@ impl Limiter {
             .map_err(|e| LimiterDown(e.to_string()))?;
         Ok(Limiter {
             conn,
-            prefix: format!("{prefix}:rl:"),
+            prefix: prefix.to_string(),
             take: Script::new(TAKE),
             give_back: Script::new(GIVE_BACK),
         })
@@ -150,7 +151,13 @@ impl Limiter {
         all_or_nothing: bool,
     ) -> Result<Taken, LimiterDown> {
         let cells: Vec<(String, u64, u32)> = checks
-            .map(|c| (format!("{}{}", self.prefix, c.cell), c.units, c.per_minute))
+            .map(|c| {
+                (
+                    format!("{}:rl:{}", self.prefix, c.cell),
+                    c.units,
+                    c.per_minute,
+                )
+            })
             .collect();
         let mut inv = self.take.prepare_invoke();
         inv.arg(if all_or_nothing { "1" } else { "0" });
@@ -178,6 +185,38 @@ impl Limiter {
             })
             .collect();
         Ok(Taken { outcomes, cells })
+    }
+
+    /// The response cache's shared half: the answer some instance keeps under `key`.
+    pub async fn cache_get(&self, key: &[u8; 32]) -> Result<Option<Vec<u8>>, LimiterDown> {
+        let mut conn = self.conn.clone();
+        let r = redis::cmd("GET")
+            .arg(self.cache_key(key))
+            .query_async(&mut conn)
+            .await;
+        self.note(r)
+    }
+
+    /// Keeps an answer under `key` for every instance, for `ttl`.
+    pub async fn cache_put(
+        &self,
+        key: &[u8; 32],
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), LimiterDown> {
+        let mut conn = self.conn.clone();
+        let r = redis::cmd("SET")
+            .arg(self.cache_key(key))
+            .arg(value)
+            .arg("PX")
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .query_async(&mut conn)
+            .await;
+        self.note(r)
+    }
+
+    fn cache_key(&self, key: &[u8; 32]) -> String {
+        format!("{}:cache:{}", self.prefix, hex::encode(key))
     }
 
     /// Gives back the cells `taken` holds. Best effort: a unit not given back comes back

@@ -724,15 +724,23 @@ impl Call {
                         .clone()
                         .or_else(|| permit.model.clone())
                         .unwrap_or_default();
-                    self.s.proxy.cache.insert(
-                        key,
-                        Arc::new(Cached {
-                            body: bytes,
-                            model,
-                            usage,
-                            expires_at,
-                        }),
-                    );
+                    let answer = Cached {
+                        body: bytes,
+                        model,
+                        usage,
+                        expires_at,
+                    };
+                    // Kept for every instance first, so a call that follows this one
+                    // anywhere finds it.
+                    if let Some(redis) = &self.s.limiter {
+                        let ttl = (expires_at - self.s.clock.now())
+                            .to_std()
+                            .unwrap_or_default();
+                        if let Err(e) = redis.cache_put(&key, &answer.encode(), ttl).await {
+                            tracing::warn!(error = %e, "an answer was not kept in Redis; this instance keeps it");
+                        }
+                    }
+                    self.s.proxy.cache.insert(key, Arc::new(answer));
                 }
                 resp.headers_mut().insert(
                     HeaderName::from_static("x-bursar-cache"),
@@ -923,6 +931,60 @@ pub struct Cached {
     expires_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// How a cached answer is kept in Redis: a JSON line of what it cost, then the body.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedHead {
+    model: String,
+    usage: TokenUsage,
+    expires_at_ms: i64,
+}
+
+impl Cached {
+    fn encode(&self) -> Vec<u8> {
+        let head = CachedHead {
+            model: self.model.clone(),
+            usage: self.usage,
+            expires_at_ms: self.expires_at.timestamp_millis(),
+        };
+        let mut out = serde_json::to_vec(&head).unwrap_or_default();
+        out.push(b'\n');
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Cached> {
+        let split = bytes.iter().position(|&b| b == b'\n')?;
+        let head: CachedHead = serde_json::from_slice(&bytes[..split]).ok()?;
+        Some(Cached {
+            body: Bytes::copy_from_slice(&bytes[split + 1..]),
+            model: head.model,
+            usage: head.usage,
+            expires_at: chrono::DateTime::from_timestamp_millis(head.expires_at_ms)?,
+        })
+    }
+}
+
+/// The answer kept under `key`: this instance's, or, with Redis, one any instance kept
+/// (then kept here too). Redis away is a miss.
+async fn cached(s: &Services, key: &[u8; 32]) -> Option<Arc<Cached>> {
+    if let Some(hit) = s.proxy.cache.get(key) {
+        return Some(hit);
+    }
+    let redis = s.limiter.as_ref()?;
+    match redis.cache_get(key).await {
+        Ok(Some(bytes)) => {
+            let hit = Arc::new(Cached::decode(&bytes)?);
+            s.proxy.cache.insert(*key, hit.clone());
+            Some(hit)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "the shared response cache is unreachable: a miss");
+            None
+        }
+    }
+}
+
 /// What the proxy needs beyond the engine: routes, upstream clients and the cache.
 pub struct Proxy {
     pub routing: bursar_core::providers::Routing,
@@ -1069,7 +1131,7 @@ async fn start(
         Some(ttl) => {
             let key = cache_key(&tenant, ep, &headers, &raw);
             let now = s.clock.now();
-            if let Some(hit) = s.proxy.cache.get(&key) {
+            if let Some(hit) = cached(&s, &key).await {
                 if hit.expires_at > now {
                     return answer_from_cache(&s, &caller, &hit).await;
                 }

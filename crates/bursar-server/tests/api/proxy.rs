@@ -193,6 +193,13 @@ async fn spawn_proxy() -> (TestApp, Arc<Upstream>) {
 }
 
 async fn spawn_proxy_at(place: Place) -> (TestApp, Arc<Upstream>) {
+    let (up, url) = spawn_upstream().await;
+    let app = spawn_app_at(&CONFIG.replace("UPSTREAM", &url), place).await;
+    (app, up)
+}
+
+/// The upstream, and its base URL.
+async fn spawn_upstream() -> (Arc<Upstream>, String) {
     let up = Arc::new(Upstream {
         mode: AtomicU8::new(OK),
         hits: AtomicUsize::new(0),
@@ -210,8 +217,7 @@ async fn spawn_proxy_at(place: Place) -> (TestApp, Arc<Upstream>) {
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
-    let app = spawn_app_at(&CONFIG.replace("UPSTREAM", &url), place).await;
-    (app, up)
+    (up, url)
 }
 
 fn chat(model: &str, max_tokens: u32) -> Value {
@@ -1112,6 +1118,51 @@ async fn the_response_cache_answers_at_zero_and_records_the_cost_saved() {
     settle_row(&app, auth_id(&again.headers)).await;
     let v = app.verify().await;
     assert!(v.ok(), "{:?}", v.problems);
+}
+
+/// With Redis, instances share the response cache: an answer one instance got is a hit
+/// on another, which records it in its own ledger at $0 with the cost saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_sharing_redis_share_the_response_cache() {
+    let Some(redis) = crate::redis::test_redis_url() else {
+        return;
+    };
+    let (_up, url) = spawn_upstream().await;
+    let config = format!(
+        "[server]\nredis_url = \"{redis}\"\nredis_prefix = \"cache-{}\"\n{}",
+        uuid::Uuid::now_v7().simple(),
+        CONFIG.replace("UPSTREAM", &url)
+    );
+    let first = spawn_app_at(&config, Place::sqlite()).await;
+    let second = spawn_app_at(&config, Place::sqlite()).await;
+    let key = "bsr_test_proxy_cached_00000000000";
+    let miss = first
+        .post("/v1/chat/completions", key, chat("fast", 100))
+        .await;
+    assert_eq!(miss.status, 200, "{:?}", miss.body);
+    assert_eq!(miss.headers["x-bursar-cache"], "miss");
+
+    let hit = second
+        .post("/v1/chat/completions", key, chat("fast", 100))
+        .await;
+    assert_eq!(hit.status, 200, "{:?}", hit.body);
+    assert_eq!(hit.headers["x-bursar-cache"], "hit");
+    assert_eq!(hit.body, miss.body, "the same answer");
+    assert_eq!(hit.headers["x-bursar-cost"], "0");
+    assert_eq!(
+        hit.headers["x-bursar-cost-saved"],
+        miss.headers["x-bursar-cost"],
+    );
+    // No call on the second instance: no hold, only the hit.
+    let entries = second.entries().await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].kind, EntryKind::Adjustment);
+    assert_ne!(entries[0].flags & flags::CACHE_HIT, 0);
+    // Another body is a miss on either.
+    let other = second
+        .post("/v1/chat/completions", key, chat("fast", 99))
+        .await;
+    assert_eq!(other.headers["x-bursar-cache"], "miss");
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::helpers::*;
 
 /// The Redis server tests may use, from `BURSAR_TEST_REDIS_URL`.
-fn test_redis_url() -> Option<String> {
+pub(crate) fn test_redis_url() -> Option<String> {
     match std::env::var("BURSAR_TEST_REDIS_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
