@@ -156,12 +156,15 @@ impl Spool {
         std::fs::create_dir_all(&config.dir).map_err(io)?;
         let id = Uuid::now_v7();
         let path = config.dir.join(format!("spool-{id}.jsonl"));
+        // Made under another name, and named a spool only once locked with its header
+        // written: a start of another instance on this directory never takes it for
+        // one left behind.
+        let making = config.dir.join(format!(".spool-{id}.new"));
         let mut file = OpenOptions::new()
             .create_new(true)
             .append(true)
-            .open(&path)
+            .open(&making)
             .map_err(io)?;
-        // A new file: nobody else holds it.
         if let Err(std::fs::TryLockError::Error(e)) = file.try_lock() {
             return Err(io(e));
         }
@@ -173,6 +176,7 @@ impl Spool {
         .map_err(|e| corrupt(&path, e))?;
         header.push(b'\n');
         file.write_all(&header).map_err(io)?;
+        std::fs::rename(&making, &path).map_err(io)?;
         if config.durability == Durability::Power {
             file.sync_all().map_err(io)?;
             // The file's name must outlive a power cut too.
@@ -417,15 +421,21 @@ pub(crate) fn land_left_spools(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(entries),
         Err(e) => return Err(io(e)),
     };
-    let mut paths: Vec<PathBuf> = listing
-        .filter_map(Result::ok)
-        .map(|d| d.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("spool-") && n.ends_with(".jsonl"))
-        })
-        .collect();
+    let mut paths = Vec::new();
+    for path in listing.filter_map(Result::ok).map(|d| d.path()) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.starts_with("spool-") && name.ends_with(".jsonl") {
+            paths.push(path);
+        } else if name.starts_with(".spool-") && name.ends_with(".new") {
+            // A spool a process died making: a header at most, nothing acknowledged.
+            let unheld = File::open(&path).is_ok_and(|f| f.try_lock().is_ok());
+            if unheld {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
     // Spool ids are time-ordered (UUID v7): the oldest spool lands first.
     paths.sort();
     for path in paths {
