@@ -409,6 +409,25 @@ impl Spool {
     }
 }
 
+/// The spool files in `dir`: entries kept while the store was away, not in the ledger
+/// until a start (or the process that holds one) lands them.
+pub fn waiting(dir: &Path) -> Vec<PathBuf> {
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = listing
+        .filter_map(Result::ok)
+        .map(|d| d.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("spool-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 /// Lands every spool file an earlier run left in the data directory (oldest first),
 /// before a start takes any call; returns the entries landed, in order.
 pub(crate) fn land_left_spools(

@@ -446,6 +446,15 @@ async fn verify(config: ConfigArgs) -> Result<bool> {
     let v = bursar_store::verify(&loaded.store)
         .await
         .with_context(|| format!("reading {}", loaded.store.describe()))?;
+    // What an instance kept while the store was away is not in the ledger yet.
+    if let Some(dir) = &loaded.config.server.data_dir {
+        for spool in bursar_store::spool::waiting(Path::new(dir)) {
+            eprintln!(
+                "note: {} holds entries kept while the store was away; they are not in the ledger until bursar starts on this data directory and lands them",
+                spool.display()
+            );
+        }
+    }
     if v.ok() {
         println!(
             "ledger OK: {} entries, hash chain intact, {} counters rebuilt and equal to the stored ones",

@@ -240,6 +240,19 @@ async fn fail_open_decisions_survive_a_kill_9_during_an_outage() {
         .entries
         .iter()
         .all(|e| !held.contains(&e.authorization.to_string())));
+    // `ledger verify` says what is waiting in the spool.
+    let out = Command::new(BIN)
+        .args(["ledger", "verify", "--config"])
+        .arg(&config)
+        .args(["--database-url", url.as_str(), "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("kept while the store was away"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The store returns, and the instance starts again: its spool lands first.
     relay.mend();
