@@ -174,6 +174,11 @@ fn require_platform(caller: &ApiKey) -> Result<(), ApiError> {
 }
 
 async fn commit(s: &Services, rows: Vec<CatalogRow>) -> Result<(), ApiError> {
+    // While the store is away a change is refused before anything is written: a change
+    // kept in the spool would land later than its caller was told it failed.
+    if !s.ledger.is_healthy() {
+        return Err(crate::store_away());
+    }
     for r in rows {
         s.ledger.put_catalog(r).wait().await?;
     }

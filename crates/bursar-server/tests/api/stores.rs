@@ -294,6 +294,20 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
         .settle(B_MEMBER, &opened[0].to_string(), usage.clone())
         .await;
     assert_eq!(s.status, 200, "{:?}", s.body);
+    // The catalog is not changed while the store is away: refused, and nothing lands.
+    let r = app
+        .post(
+            "/v1/admin/tenants/b/budgets",
+            B_ADMIN,
+            json!({"id": "in-the-outage", "scope": "tenant", "window": "lifetime", "limit": "5"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "store_unavailable"),
+        "{:?}",
+        r.body
+    );
     // A hold made before the outage is finished only with a claim, so not now.
     let s = app.settle(B_MEMBER, &before, usage.clone()).await;
     assert_eq!(
@@ -348,7 +362,18 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
         .filter(|e| e.kind == EntryKind::Hold && e.tenant == "a")
         .count();
     assert_eq!(a_holds, 1, "only the call after the outage");
+    assert!(
+        app.services.engine.budgets().get("in-the-outage").is_none(),
+        "the refused change stayed out"
+    );
     assert!(app.verify().await.ok());
+    let restarted = restart(app, &config).await;
+    assert!(restarted
+        .services
+        .engine
+        .budgets()
+        .get("in-the-outage")
+        .is_none());
 }
 
 /// Promise 2 across instances: the first use of an Idempotency-Key, sent to two instances
