@@ -524,6 +524,31 @@ struct Writer {
     unlanded: ChainMark,
 }
 
+impl Writer {
+    /// Runs `query` on the writer's connection (made again if it was lost); an error
+    /// drops the connection, so the next use makes a new one.
+    fn on_connection<T>(
+        &mut self,
+        query: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, StoreError> {
+        let Writer {
+            url,
+            instance,
+            rt,
+            conn,
+            ..
+        } = self;
+        rt.block_on(async {
+            let c = connection(url, *instance, conn).await?;
+            let answer = query(c).await;
+            if answer.is_err() {
+                *conn = None;
+            }
+            Ok(answer?)
+        })
+    }
+}
+
 /// Where a batch put the chain: its last entry's sequence number and hash.
 type ChainMark = Option<(i64, [u8; 32])>;
 
@@ -632,57 +657,25 @@ impl Backend for Writer {
     }
 
     fn idle(&mut self) -> Result<(), StoreError> {
-        let Writer {
-            url,
-            instance,
-            rt,
-            conn,
-            ..
-        } = self;
-        rt.block_on(async {
-            let c = connection(url, *instance, conn).await?;
-            let alive = sqlx::query("SELECT 1").execute(&mut *c).await;
-            if let Err(e) = alive {
-                *conn = None;
-                return Err(e.into());
-            }
-            Ok(())
-        })
+        self.on_connection(async |c| sqlx::query("SELECT 1").execute(c).await.map(|_| ()))
     }
 
     fn identity(&mut self) -> Result<String, StoreError> {
-        let Writer {
-            url,
-            instance,
-            rt,
-            conn,
-            ..
-        } = self;
-        rt.block_on(async {
-            let c = connection(url, *instance, conn).await?;
-            Ok(sqlx::query_scalar("SELECT id FROM store_identity")
-                .fetch_one(&mut *c)
-                .await?)
+        self.on_connection(async |c| {
+            sqlx::query_scalar("SELECT id FROM store_identity")
+                .fetch_one(c)
+                .await
         })
     }
 
     fn spool_landed(&mut self, spool: Uuid) -> Result<u64, StoreError> {
-        let Writer {
-            url,
-            instance,
-            rt,
-            conn,
-            ..
-        } = self;
-        rt.block_on(async {
-            let c = connection(url, *instance, conn).await?;
-            let landed: Option<i64> =
-                sqlx::query_scalar("SELECT landed FROM spool_marks WHERE spool = $1")
-                    .bind(spool)
-                    .fetch_optional(&mut *c)
-                    .await?;
-            Ok(landed.map_or(0, from_i64))
-        })
+        let landed: Option<i64> = self.on_connection(async |c| {
+            sqlx::query_scalar("SELECT landed FROM spool_marks WHERE spool = $1")
+                .bind(spool)
+                .fetch_optional(c)
+                .await
+        })?;
+        Ok(landed.map_or(0, from_i64))
     }
 
     fn in_doubt(&self) -> Option<InDoubt> {

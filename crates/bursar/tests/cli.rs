@@ -220,15 +220,7 @@ async fn fail_open_decisions_survive_a_kill_9_during_an_outage() {
         }
         held.push(p.authorization_id);
     }
-    let spools = || {
-        std::fs::read_dir(&data)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("spool-"))
-                    .count()
-            })
-            .unwrap_or(0)
-    };
+    let spools = || bursar_store::spool::waiting(&data).len();
     assert_eq!(spools(), 1, "the outage is spooled");
     // Killed during the outage: no shutdown hook runs, and nothing reached the store.
     server.child.kill().unwrap();
