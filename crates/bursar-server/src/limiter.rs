@@ -82,9 +82,10 @@ end
 return 1
 ";
 
-/// How long a call waits for Redis before it counts as unreachable.
 /// What Redis keys start with unless `server.redis_prefix` says otherwise.
 pub const DEFAULT_PREFIX: &str = "bursar";
+
+/// How long a call waits for Redis before it counts as unreachable.
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -93,7 +94,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 #[error("redis: {0}")]
 pub struct LimiterDown(String);
 
-/// The distributed rate limiter.
+/// Redis: the distributed rate limiter, and the shared half of the response cache.
 pub struct Limiter {
     conn: ConnectionManager,
     /// What every key starts with: `<prefix>:rl:` (rate cells), `<prefix>:cache:`
