@@ -1490,6 +1490,73 @@ mod tests {
         assert!(spool_files(dir.path()).is_empty());
     }
 
+    /// A start lands only whole batches of spools written for its own store: a line a
+    /// crash cut short was never acknowledged, and another store's spool is left as it
+    /// is.
+    #[test]
+    fn a_start_lands_whole_batches_of_its_own_stores_spools_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sqlite::ledger_path(dir.path());
+        let start = || {
+            let mut seen = Vec::new();
+            let opened = sqlite::open(
+                &path,
+                Durability::Process,
+                Recovery {
+                    on_entry: |e: Entry| seen.push(e.quantity),
+                    on_catalog: |_| {},
+                    on_counters: |_| {},
+                },
+            )
+            .unwrap();
+            drop(opened.handle);
+            opened.writer.join().unwrap();
+            seen
+        };
+        assert!(start().is_empty());
+        let store: String = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))
+            .unwrap();
+        let spool_of = |store: &str, entries: std::ops::RangeInclusive<u64>| {
+            let config = spool::SpoolConfig {
+                dir: dir.path().to_path_buf(),
+                store: store.to_string(),
+                durability: Durability::Process,
+            };
+            let mut s = spool::Spool::create(&config).unwrap();
+            for n in entries {
+                let batch = [Command::Append {
+                    entries: vec![entry(n, 1_000)],
+                    alerts: Vec::new(),
+                    done: oneshot::channel().0,
+                }];
+                s.append(&batch, None).unwrap();
+            }
+        };
+        spool_of("another store", 1..=2);
+        let foreign = spool_files(dir.path());
+        spool_of(&store, 3..=5);
+        let own = spool_files(dir.path())
+            .into_iter()
+            .find(|p| !foreign.contains(p))
+            .unwrap();
+        // The last batch cut short, as by a crash in the middle of its line.
+        let text = std::fs::read(&own).unwrap();
+        let cut = text.len() - 10;
+        std::fs::write(&own, &text[..cut]).unwrap();
+
+        assert_eq!(start(), vec![3, 4], "the whole batches of its own spool");
+        assert_eq!(
+            spool_files(dir.path()),
+            foreign,
+            "the other store's is left"
+        );
+        assert_eq!(start(), vec![3, 4], "and nothing lands twice");
+        let v = sqlite::verify(&path).unwrap();
+        assert!(v.ok(), "{:?}", v.problems);
+    }
+
     /// What a process killed during an outage leaves is landed by the next start, after
     /// what its mark says had landed, and only once.
     #[test]
