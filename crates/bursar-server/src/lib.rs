@@ -778,7 +778,7 @@ pub async fn healthz() -> &'static str {
 /// answers. Either failing answers 503 with what fails: calls of tenants that fail
 /// closed are refused meanwhile (those that fail open go on, counted by the instance).
 /// So does a ledger the background check found altered.
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready: `{\"ready\": true, \"store\": \"up\", \"redis\": \"up\", \"ledger\": \"verified\"}` (`redis` is `none` without Redis; `ledger` is `checking` while the whole ledger is checked in the background after a start)"), (status = 503, description = "the store or Redis is failing, or the ledger does not verify (`ledger`: `broken`), named in the same body")))]
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready: `{\"ready\": true, \"store\": \"up\", \"redis\": \"up\", \"ledger\": \"verified\"}` (`redis` is `none` without Redis; `ledger` is `checking` while the whole ledger is checked in the background after a start; `spooled`: batches of this instance's spool waiting for the store)"), (status = 503, description = "the store or Redis is failing, or the ledger does not verify (`ledger`: `broken`), named in the same body")))]
 pub async fn readyz(State(s): State<Arc<Services>>) -> impl IntoResponse {
     let store = s.ledger.is_healthy();
     let redis = match &s.limiter {
@@ -794,6 +794,7 @@ pub async fn readyz(State(s): State<Arc<Services>>) -> impl IntoResponse {
         "store": up(store),
         "redis": redis.map_or("none", up),
         "ledger": s.chain.state(),
+        "spooled": s.ledger.spooled(),
     });
     let status = if ready {
         StatusCode::OK

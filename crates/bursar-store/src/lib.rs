@@ -252,6 +252,8 @@ struct WriterStatus {
     /// Set while the store is away and the spool cannot take more (or there is none):
     /// what comes is kept in memory only.
     unspooled: AtomicBool,
+    /// Batches in the spool, waiting for the store.
+    spooled: std::sync::atomic::AtomicU64,
     /// Commands sent and not yet taken by the writer.
     queued: std::sync::atomic::AtomicUsize,
     /// Where senders wait while the queue is full.
@@ -290,6 +292,11 @@ impl LedgerHandle {
     /// Whether the store takes commits now.
     pub fn is_healthy(&self) -> bool {
         !self.status.failing.load(Ordering::SeqCst) && !self.status.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Batches in this instance's spool, waiting for the store to return.
+    pub fn spooled(&self) -> u64 {
+        self.status.spooled.load(Ordering::SeqCst)
     }
 
     /// Commands waiting for the writer (while the store is down: the queue that lands
@@ -450,6 +457,7 @@ fn run_writer(
                 });
                 match spooled {
                     Some(Ok(s)) => {
+                        status.spooled.store(s.waiting(), Ordering::SeqCst);
                         resolve(batch, &Ok(Kept::Spooled));
                         if ride_out(&mut backend, &rx, status, s) {
                             backend.close();
@@ -553,6 +561,7 @@ fn ride_out(
             if unspooled.is_empty() {
                 match spool.append(&batch, None) {
                     Ok(()) => {
+                        status.spooled.store(spool.waiting(), Ordering::SeqCst);
                         resolve(batch, &Ok(Kept::Spooled));
                         continue;
                     }
@@ -564,6 +573,7 @@ fn ride_out(
             }
             unspooled.push_back(batch);
         }
+        status.spooled.store(spool.waiting(), Ordering::SeqCst);
         metrics::gauge!("bursar_spool_batches").set(spool.waiting() as f64);
         let landed = spool.land(backend, LAND_AT_ONCE, None).and_then(|all| {
             if !all {
@@ -585,6 +595,7 @@ fn ride_out(
                 );
                 spool.remove();
                 metrics::gauge!("bursar_spool_batches").set(0.0);
+                status.spooled.store(0, Ordering::SeqCst);
                 status.unspooled.store(false, Ordering::SeqCst);
                 status.failing.store(false, Ordering::SeqCst);
                 return closed;

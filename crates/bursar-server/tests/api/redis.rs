@@ -262,7 +262,7 @@ async fn redis_stopped_fails_closed_or_open_as_configured_and_recovers() {
     assert_eq!(ready.status, 200);
     assert_eq!(
         ready.body,
-        json!({"ready": true, "store": "up", "redis": "up", "ledger": "verified"})
+        json!({"ready": true, "store": "up", "redis": "up", "ledger": "verified", "spooled": 0})
     );
     assert_eq!(app.authorize(&l.a_slow, small()).await.status, 200);
 
@@ -289,7 +289,7 @@ async fn redis_stopped_fails_closed_or_open_as_configured_and_recovers() {
     assert_eq!(ready.status, 503);
     assert_eq!(
         ready.body,
-        json!({"ready": false, "store": "up", "redis": "unreachable", "ledger": "verified"})
+        json!({"ready": false, "store": "up", "redis": "unreachable", "ledger": "verified", "spooled": 0})
     );
 
     // Redis returns: the instance is ready again and the fail-closed tenant is served.

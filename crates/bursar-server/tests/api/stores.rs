@@ -267,7 +267,7 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
     let r = wait_ready(&app, false).await;
     assert_eq!(
         r.body,
-        json!({"ready": false, "store": "unreachable", "redis": "none", "ledger": "verified"})
+        json!({"ready": false, "store": "unreachable", "redis": "none", "ledger": "verified", "spooled": 0})
     );
     // Fail closed: refused at once, nothing held.
     let t0 = std::time::Instant::now();
@@ -294,6 +294,9 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
         .settle(B_MEMBER, &opened[0].to_string(), usage.clone())
         .await;
     assert_eq!(s.status, 200, "{:?}", s.body);
+    // /readyz tells what this instance keeps for the store.
+    let r = app.get("/readyz", "").await;
+    assert!(r.body["spooled"].as_u64().unwrap() > 0, "{:?}", r.body);
     // The catalog is not changed while the store is away: refused, and nothing lands.
     let r = app
         .post(
@@ -318,7 +321,8 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
     );
 
     relay.mend();
-    wait_ready(&app, true).await;
+    let r = wait_ready(&app, true).await;
+    assert_eq!(r.body["spooled"], 0, "the spool landed");
     // Back: the fail-closed tenant is served, the old hold can be settled, and the holds
     // permitted failing open are settled on this instance without a claim.
     assert_eq!(app.authorize(A_MEMBER, ask.clone()).await.status, 200);
