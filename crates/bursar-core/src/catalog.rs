@@ -138,6 +138,9 @@ pub struct ApiKey {
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The response cache for this key's calls, with this TTL (seconds), whether or not
+    /// its tenant has one (the key's TTL wins).
+    pub cache_ttl_secs: Option<u32>,
 }
 
 impl ApiKey {
@@ -398,6 +401,7 @@ mod tests {
             created_at: DateTime::<Utc>::UNIX_EPOCH,
             expires_at: None,
             revoked_at: None,
+            cache_ttl_secs: None,
         }
     }
 

@@ -185,6 +185,8 @@ struct RawKey {
     /// The SHA-256 of the secret, hex: for production files.
     sha256: Option<String>,
     expires_at: Option<DateTime<Utc>>,
+    /// The response cache for this key's calls (seconds), even where its tenant has none.
+    cache_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -646,6 +648,13 @@ impl Config {
                     p.push(format!("{owner}: user `{user}` does not exist"));
                 }
             }
+            if k.cache_ttl_secs
+                .is_some_and(|s| s == 0 || s > MAX_CACHE_TTL_SECS)
+            {
+                p.push(format!(
+                    "{owner}: cache_ttl_secs must be 1 to {MAX_CACHE_TTL_SECS} (leave it out for no cache)"
+                ));
+            }
             let Some(hash) = hash else { continue };
             if !seen_hashes.insert(hash) {
                 p.push(format!("{owner}: the same secret is declared twice"));
@@ -669,6 +678,7 @@ impl Config {
                 created_at: now,
                 expires_at: k.expires_at,
                 revoked_at: None,
+                cache_ttl_secs: k.cache_ttl_secs.and_then(|t| u32::try_from(t).ok()),
             });
         }
 
@@ -785,6 +795,13 @@ window = "fortnightly"
 limit = "-5"
 warn_percent = 95
 emergency_percent = 90
+
+[[keys]]
+name = "forever"
+tenant = "acme"
+kind = "member"
+secret = "bsr_config_test_key_0000000000000"
+cache_ttl_secs = 0
 "#;
         let err = Config::parse(text, &book(), Utc::now()).unwrap_err();
         let all = err.to_string();
@@ -799,9 +816,10 @@ emergency_percent = 90
             "limit",
             "thresholds",
             "server.redis_prefix `my prefix`",
+            "key `forever`: cache_ttl_secs must be 1",
         ] {
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }
-        assert!(err.0.len() >= 10, "{all}");
+        assert!(err.0.len() >= 11, "{all}");
     }
 }

@@ -51,6 +51,8 @@ struct KeyRecord {
     created_at: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
     revoked_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cache_ttl_secs: Option<u32>,
 }
 
 pub fn key_row(k: &ApiKey) -> CatalogRow {
@@ -67,6 +69,7 @@ pub fn key_row(k: &ApiKey) -> CatalogRow {
         created_at: k.created_at,
         expires_at: k.expires_at,
         revoked_at: k.revoked_at,
+        cache_ttl_secs: k.cache_ttl_secs,
     };
     CatalogRow {
         kind: "key".into(),
@@ -133,6 +136,7 @@ pub fn apply_catalog_row(engine: &Engine, catalog: &mut CatalogState, r: &Catalo
                         created_at: k.created_at,
                         expires_at: k.expires_at,
                         revoked_at: k.revoked_at,
+                        cache_ttl_secs: k.cache_ttl_secs,
                     });
                     true
                 }
@@ -484,6 +488,9 @@ pub struct KeyView {
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The response cache's TTL for this key's calls, when the key has its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_ttl_secs: Option<u32>,
 }
 
 impl From<&ApiKey> for KeyView {
@@ -500,6 +507,7 @@ impl From<&ApiKey> for KeyView {
             created_at: k.created_at,
             expires_at: k.expires_at,
             revoked_at: k.revoked_at,
+            cache_ttl_secs: k.cache_ttl_secs,
         }
     }
 }
@@ -522,6 +530,9 @@ pub struct KeyBody {
     pub user: Option<String>,
     pub role: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The response cache for this key's calls (seconds, 1 to 30 days), even where its
+    /// tenant has none.
+    pub cache_ttl_secs: Option<u32>,
 }
 
 /// Keys of a tenant.
@@ -597,6 +608,17 @@ pub async fn create_key(
             "expires_at is in the past",
         ));
     }
+    if b.cache_ttl_secs
+        .is_some_and(|t| t == 0 || u64::from(t) > bursar_core::config::MAX_CACHE_TTL_SECS)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!(
+                "cache_ttl_secs must be 1 to {}",
+                bursar_core::config::MAX_CACHE_TTL_SECS
+            ),
+        ));
+    }
     let secret = format!(
         "{KEY_SECRET_PREFIX}{}",
         Alphanumeric.sample_string(&mut rand::rng(), KEY_SECRET_CHARS)
@@ -614,6 +636,7 @@ pub async fn create_key(
         created_at: now,
         expires_at: b.expires_at,
         revoked_at: None,
+        cache_ttl_secs: b.cache_ttl_secs,
     };
     commit(&s, vec![key_row(&key)]).await?;
     let view = KeyView::from(&key);

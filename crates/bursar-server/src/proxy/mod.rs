@@ -1117,13 +1117,16 @@ async fn start(
             tags.task = Some("embed".into());
         }
     }
+    // The key's own cache, or its tenant's.
     let cache_ttl = (!req.stream)
         .then(|| {
-            s.engine
-                .directory()
-                .tenants
-                .get(&tenant)
-                .and_then(|t| t.cache_ttl_secs)
+            caller.key.cache_ttl_secs.map(u64::from).or_else(|| {
+                s.engine
+                    .directory()
+                    .tenants
+                    .get(&tenant)
+                    .and_then(|t| t.cache_ttl_secs)
+            })
         })
         .flatten();
     let cache = match cache_ttl {

@@ -85,6 +85,17 @@ tenant = "p"
 user = "l"
 kind = "member"
 secret = "bsr_test_proxy_limited_0000000000"
+[[keys]]
+name = "p cached"
+tenant = "p"
+kind = "member"
+secret = "bsr_test_proxy_p_cached_000000000"
+cache_ttl_secs = 60
+[[keys]]
+name = "p admin"
+tenant = "p"
+kind = "tenant_admin"
+secret = "bsr_test_proxy_p_admin_0000000000"
 
 [[providers]]
 name = "flaky"
@@ -1118,6 +1129,66 @@ async fn the_response_cache_answers_at_zero_and_records_the_cost_saved() {
     settle_row(&app, auth_id(&again.headers)).await;
     let v = app.verify().await;
     assert!(v.ok(), "{:?}", v.problems);
+}
+
+/// The cache is opt-in per key too: a key with its own TTL caches in a tenant without
+/// one; the tenant's other keys neither read nor fill it.
+#[tokio::test]
+async fn a_key_can_opt_in_to_the_response_cache_on_its_own() {
+    let (app, _) = spawn_proxy().await;
+    let cached = "bsr_test_proxy_p_cached_000000000";
+    let first = app
+        .post("/v1/chat/completions", cached, chat("fast", 100))
+        .await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.headers["x-bursar-cache"], "miss");
+    let hit = app
+        .post("/v1/chat/completions", cached, chat("fast", 100))
+        .await;
+    assert_eq!(hit.headers["x-bursar-cache"], "hit");
+    assert_eq!(hit.body, first.body);
+    // Tenant p has no cache: its other keys call the provider.
+    let other = app
+        .post("/v1/chat/completions", MEMBER, chat("fast", 100))
+        .await;
+    assert_eq!(other.status, 200);
+    assert!(other.headers.get("x-bursar-cache").is_none());
+
+    // A key made through the admin API opts in the same way; a TTL out of range is
+    // refused.
+    let admin = "bsr_test_proxy_p_admin_0000000000";
+    let bad = app
+        .post(
+            "/v1/admin/tenants/p/keys",
+            admin,
+            json!({"name": "bad", "cache_ttl_secs": 0}),
+        )
+        .await;
+    assert_eq!((bad.status, bad.code()), (422, "invalid_request"));
+    let made = app
+        .post(
+            "/v1/admin/tenants/p/keys",
+            admin,
+            json!({"name": "made", "cache_ttl_secs": 30}),
+        )
+        .await;
+    assert_eq!(made.status, 201, "{:?}", made.body);
+    assert_eq!(made.body["key"]["cache_ttl_secs"], 30);
+    let secret = made.body["secret"].as_str().unwrap().to_string();
+    let r = app
+        .post("/v1/chat/completions", &secret, chat("fast", 42))
+        .await;
+    assert_eq!(r.headers["x-bursar-cache"], "miss");
+    let r = app
+        .post("/v1/chat/completions", &secret, chat("fast", 42))
+        .await;
+    assert_eq!(r.headers["x-bursar-cache"], "hit");
+    // After the key's own TTL (30 s), not the tenant's: a miss again.
+    app.clock.advance(Duration::from_secs(31));
+    let r = app
+        .post("/v1/chat/completions", &secret, chat("fast", 42))
+        .await;
+    assert_eq!(r.headers["x-bursar-cache"], "miss");
 }
 
 /// With Redis, instances share the response cache: an answer one instance got is a hit
