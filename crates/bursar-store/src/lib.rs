@@ -1568,6 +1568,46 @@ mod tests {
         assert!(v.ok(), "{:?}", v.problems);
     }
 
+    /// Reading the ledger while it is written sees one snapshot: every entry verifies,
+    /// also those whose texts (a new tenant) were interned in the same commit.
+    #[test]
+    fn the_ledger_read_while_it_is_written_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sqlite::ledger_path(dir.path());
+        let opened = sqlite::open(
+            &path,
+            Durability::Process,
+            Recovery {
+                on_entry: |_: Entry| {},
+                on_catalog: |_| {},
+                on_counters: |_| {},
+            },
+        )
+        .unwrap();
+        let handle = opened.handle.clone();
+        let writer = thread::spawn(move || {
+            for n in 1..=1_500u64 {
+                let mut e = entry(n, 0);
+                e.tenant = format!("tenant-{n}");
+                handle.append(vec![e], Vec::new()).wait_blocking().unwrap();
+            }
+        });
+        let mut reads = 0;
+        while !writer.is_finished() {
+            let report = sqlite::read_entries(&path).unwrap();
+            assert!(
+                report.chain_problems.is_empty(),
+                "read {reads}: {:?}",
+                report.chain_problems
+            );
+            reads += 1;
+        }
+        writer.join().unwrap();
+        assert!(reads > 1, "the reads overlapped the writes");
+        drop(opened.handle);
+        opened.writer.join().unwrap();
+    }
+
     /// What a process killed during an outage leaves is landed by the next start, after
     /// what its mark says had landed, and only once.
     #[test]

@@ -545,7 +545,8 @@ fn stored_row(
 
 /// Reads the ledger in order from entry `from` (whose previous entry's hash is
 /// `anchor`), checking the chain, and hands each entry to `visit` (and to `marks`).
-/// Returns the number of entries, the last hash and the chain's problems.
+/// Returns the number of entries, the last hash and the chain's problems. Call it inside
+/// a read transaction: the texts and the rows must come from one snapshot.
 fn read_ledger(
     conn: &Connection,
     from: i64,
@@ -622,8 +623,12 @@ pub fn verify(path: &Path) -> Result<Verification, StoreError> {
 pub fn read_entries(path: &Path) -> Result<LedgerReport, StoreError> {
     let conn = open_read_only(path)?;
     let mut entries = Vec::new();
+    // One read transaction: the texts and the rows from one snapshot (a row written
+    // between two would name texts the first did not have, and not verify).
+    conn.execute_batch("BEGIN")?;
     let (_, last_hash, chain_problems) =
         read_ledger(&conn, 1, GENESIS_HASH, &mut |e| entries.push(e), None)?;
+    conn.execute_batch("COMMIT")?;
     Ok(LedgerReport {
         entries,
         last_hash,
