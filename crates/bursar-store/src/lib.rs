@@ -1421,6 +1421,25 @@ mod tests {
         }
     }
 
+    /// Opens the embedded store at `path`, as a start does; the quantities of the entries
+    /// it recovers go to `seen`.
+    fn start_sqlite(
+        path: &std::path::Path,
+        seen: &mut Vec<u64>,
+    ) -> (LedgerHandle, thread::JoinHandle<()>) {
+        let opened = sqlite::open(
+            path,
+            Durability::Process,
+            Recovery {
+                on_entry: |e: Entry| seen.push(e.quantity),
+                on_catalog: |_| {},
+                on_counters: |_| {},
+            },
+        )
+        .unwrap();
+        (opened.handle, opened.writer)
+    }
+
     fn spool_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         std::fs::read_dir(dir)
             .unwrap()
@@ -1510,18 +1529,9 @@ mod tests {
         let path = sqlite::ledger_path(dir.path());
         let start = || {
             let mut seen = Vec::new();
-            let opened = sqlite::open(
-                &path,
-                Durability::Process,
-                Recovery {
-                    on_entry: |e: Entry| seen.push(e.quantity),
-                    on_catalog: |_| {},
-                    on_counters: |_| {},
-                },
-            )
-            .unwrap();
-            drop(opened.handle);
-            opened.writer.join().unwrap();
+            let (handle, writer) = start_sqlite(&path, &mut seen);
+            drop(handle);
+            writer.join().unwrap();
             seen
         };
         assert!(start().is_empty());
@@ -1574,17 +1584,8 @@ mod tests {
     fn the_ledger_read_while_it_is_written_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let path = sqlite::ledger_path(dir.path());
-        let opened = sqlite::open(
-            &path,
-            Durability::Process,
-            Recovery {
-                on_entry: |_: Entry| {},
-                on_catalog: |_| {},
-                on_counters: |_| {},
-            },
-        )
-        .unwrap();
-        let handle = opened.handle.clone();
+        let (ledger, store_writer) = start_sqlite(&path, &mut Vec::new());
+        let handle = ledger.clone();
         let writer = thread::spawn(move || {
             for n in 1..=1_500u64 {
                 let mut e = entry(n, 0);
@@ -1604,8 +1605,8 @@ mod tests {
         }
         writer.join().unwrap();
         assert!(reads > 1, "the reads overlapped the writes");
-        drop(opened.handle);
-        opened.writer.join().unwrap();
+        drop(ledger);
+        store_writer.join().unwrap();
     }
 
     /// What a process killed during an outage leaves is landed by the next start, after
@@ -1614,19 +1615,7 @@ mod tests {
     fn a_spool_left_by_a_killed_process_lands_at_the_next_start_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = sqlite::ledger_path(dir.path());
-        let start = |seen: &mut Vec<u64>| {
-            let opened = sqlite::open(
-                &path,
-                Durability::Process,
-                Recovery {
-                    on_entry: |e: Entry| seen.push(e.quantity),
-                    on_catalog: |_| {},
-                    on_counters: |_| {},
-                },
-            )
-            .unwrap();
-            (opened.handle, opened.writer)
-        };
+        let start = |seen: &mut Vec<u64>| start_sqlite(&path, seen);
         let mut seen = Vec::new();
         let (handle, writer) = start(&mut seen);
         handle
