@@ -575,7 +575,7 @@ fn ride_out(
         }
         status.spooled.store(spool.waiting(), Ordering::SeqCst);
         metrics::gauge!("bursar_spool_batches").set(spool.waiting() as f64);
-        let landed = spool.land(backend, LAND_AT_ONCE, None).and_then(|all| {
+        let landed = spool.land(backend, LAND_AT_ONCE).and_then(|all| {
             if !all {
                 return Ok(false);
             }

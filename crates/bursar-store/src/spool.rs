@@ -343,13 +343,11 @@ impl Spool {
     }
 
     /// Lands batches in order, one transaction each with its mark, at most `most` of
-    /// them; `Ok(true)` once every batch written has landed. The entries landed are added
-    /// to `landed` when given.
+    /// them; `Ok(true)` once every batch written has landed.
     pub(crate) fn land(
         &mut self,
         backend: &mut impl Backend,
         most: usize,
-        mut landed: Option<&mut Vec<Entry>>,
     ) -> Result<bool, StoreError> {
         for _ in 0..most {
             let mut batch = match self.unlanded.take() {
@@ -372,16 +370,7 @@ impl Spool {
             let written = backend.write(&batch.commands);
             batch.commands.pop();
             match written {
-                Ok(()) => {
-                    self.landed = batch.n;
-                    if let Some(out) = landed.as_deref_mut() {
-                        for c in batch.commands {
-                            if let Command::Append { entries, .. } = c {
-                                out.extend(entries);
-                            }
-                        }
-                    }
-                }
+                Ok(()) => self.landed = batch.n,
                 Err(e) => {
                     self.unlanded = Some(batch);
                     return Err(e);
@@ -412,8 +401,16 @@ impl Spool {
 /// The spool files in `dir`: entries kept while the store was away, not in the ledger
 /// until a start (or the process that holds one) lands them.
 pub fn waiting(dir: &Path) -> Vec<PathBuf> {
-    let Ok(listing) = std::fs::read_dir(dir) else {
-        return Vec::new();
+    spool_files(dir).unwrap_or_default()
+}
+
+/// The spool files in `dir`, oldest first (spool ids are time-ordered UUID v7); none when
+/// there is no such directory yet.
+fn spool_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let listing = match std::fs::read_dir(dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
     };
     let mut found: Vec<PathBuf> = listing
         .filter_map(Result::ok)
@@ -425,47 +422,35 @@ pub fn waiting(dir: &Path) -> Vec<PathBuf> {
         })
         .collect();
     found.sort();
-    found
+    Ok(found)
 }
 
 /// Lands every spool file an earlier run left in the data directory (oldest first),
-/// before a start takes any call; returns the entries landed, in order.
+/// before a start replays anything.
 pub(crate) fn land_left_spools(
     config: &SpoolConfig,
     backend: &mut impl Backend,
-) -> Result<Vec<Entry>, StoreError> {
-    let mut entries = Vec::new();
-    let listing = match std::fs::read_dir(&config.dir) {
-        Ok(l) => l,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(entries),
-        Err(e) => return Err(io(e)),
-    };
-    let mut paths = Vec::new();
-    for path in listing.filter_map(Result::ok).map(|d| d.path()) {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if name.starts_with("spool-") && name.ends_with(".jsonl") {
-            paths.push(path);
-        } else if name.starts_with(".spool-") && name.ends_with(".new") {
-            // A spool a process died making: a header at most, nothing acknowledged.
-            let unheld = File::open(&path).is_ok_and(|f| f.try_lock().is_ok());
-            if unheld {
+) -> Result<(), StoreError> {
+    // A spool a process died making holds a header at most, nothing acknowledged.
+    if let Ok(listing) = std::fs::read_dir(&config.dir) {
+        for path in listing.filter_map(Result::ok).map(|d| d.path()) {
+            let making = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".spool-") && n.ends_with(".new"));
+            if making && File::open(&path).is_ok_and(|f| f.try_lock().is_ok()) {
                 let _ = std::fs::remove_file(&path);
             }
         }
     }
-    // Spool ids are time-ordered (UUID v7): the oldest spool lands first.
-    paths.sort();
-    for path in paths {
+    for path in spool_files(&config.dir).map_err(io)? {
         let Some(mut spool) = Spool::open_left(&path, config)? else {
             continue;
         };
         spool.landed = backend.spool_landed(spool.id)?;
-        let before = entries.len();
-        while !spool.land(backend, usize::MAX, Some(&mut entries))? {}
-        tracing::info!(spool = %path.display(), batches = spool.landed, entries = entries.len() - before, "a spool left by an earlier run has landed");
+        spool.land(backend, usize::MAX)?;
+        tracing::info!(spool = %path.display(), batches = spool.landed, "a spool left by an earlier run has landed");
         spool.remove();
     }
-    Ok(entries)
+    Ok(())
 }

@@ -184,16 +184,7 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
         ChainCheck::verified()
     };
     tracing::debug!(from_seq = from, "ledger tail replayed");
-    let mut writer = Writer {
-        conn,
-        dict: HashMap::new(),
-        last_hash,
-        saved_hash: last_hash,
-        marks: Some(marks),
-        marked_at: Instant::now(),
-        wal_flusher: None,
-    };
-    writer.load_dict()?;
+    let mut writer = Writer::new(conn, last_hash, Some(marks))?;
     if durability == Durability::Process {
         writer.wal_flusher = Some(WalFlusher::start(path)?);
     }
@@ -226,17 +217,8 @@ fn land_left_spools(conn: Connection, spool: &SpoolConfig) -> Result<Connection,
             .map_err(|_| StoreError::Corrupt("the last entry's hash is not 32 bytes".into()))?,
         None => GENESIS_HASH,
     };
-    let mut writer = Writer {
-        conn,
-        dict: HashMap::new(),
-        last_hash,
-        saved_hash: last_hash,
-        // The stored replay start stays where it is, before what lands.
-        marks: None,
-        marked_at: Instant::now(),
-        wal_flusher: None,
-    };
-    writer.load_dict()?;
+    // No replay marks: the stored replay start stays where it is, before what lands.
+    let mut writer = Writer::new(conn, last_hash, None)?;
     crate::spool::land_left_spools(spool, &mut writer)?;
     Ok(writer.conn)
 }
@@ -386,6 +368,25 @@ fn spool_key(spool: Uuid) -> String {
 }
 
 impl Writer {
+    /// A writer on `conn`, whose chain ends at `last_hash`, with the texts interned so far.
+    fn new(
+        conn: Connection,
+        last_hash: [u8; 32],
+        marks: Option<ReplayMarks>,
+    ) -> Result<Writer, StoreError> {
+        let mut writer = Writer {
+            conn,
+            dict: HashMap::new(),
+            last_hash,
+            saved_hash: last_hash,
+            marks,
+            marked_at: Instant::now(),
+            wal_flusher: None,
+        };
+        writer.load_dict()?;
+        Ok(writer)
+    }
+
     fn load_dict(&mut self) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare("SELECT id, text FROM dict")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
