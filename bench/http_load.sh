@@ -8,7 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
-cargo build --release -p bursar >/dev/null
+# BURSAR_BIN runs another build (say, the one before a change) instead of this tree's.
+if [ -z "${BURSAR_BIN:-}" ]; then cargo build --release -p bursar >/dev/null; fi
+bin=${BURSAR_BIN:-./target/release/bursar}
 data=$(mktemp -d)
 store=(--data-dir "$data")
 if [ -n "${BURSAR_BENCH_DATABASE_URL:-}" ]; then
@@ -20,7 +22,7 @@ if [ -n "${BURSAR_BENCH_REDIS_URL:-}" ]; then
   store+=(--redis-url "$BURSAR_BENCH_REDIS_URL")
 fi
 trap 'kill $pid 2>/dev/null || true; rm -rf "$data"; [ -n "${db:-}" ] && sleep 1 && psql -q "$BURSAR_BENCH_DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"' EXIT
-BURSAR_LOG=warn ./target/release/bursar serve --config bench/bench.toml "${store[@]}" --migrate --listen 127.0.0.1:18181 &
+BURSAR_LOG=warn "$bin" serve --config bench/bench.toml "${store[@]}" --migrate --listen 127.0.0.1:18181 &
 pid=$!
 for _ in $(seq 50); do curl -fs http://127.0.0.1:18181/readyz >/dev/null && break; sleep 0.2; done
 for c in "${@:-16 64}"; do
@@ -31,4 +33,4 @@ for c in "${@:-16 64}"; do
     echo "bursar RSS $(awk '/VmRSS/{print $2" "$3}' /proc/$pid/status), CPU $(echo "scale=1; $ticks/$(getconf CLK_TCK)" | bc) s so far"
   done
 done
-./target/release/bursar ledger verify --config bench/bench.toml "${store[@]}" | tail -n 1
+"$bin" ledger verify --config bench/bench.toml "${store[@]}" | tail -n 1

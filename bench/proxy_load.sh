@@ -11,13 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 secs=${1:-10}
-cargo build --release -p bursar >/dev/null
+# BURSAR_BIN runs another build (say, the one before a change) instead of this tree's.
+if [ -z "${BURSAR_BIN:-}" ]; then cargo build --release -p bursar >/dev/null; fi
+bin=${BURSAR_BIN:-./target/release/bursar}
 data=$(mktemp -d)
 sim_pid=""; pid=""
 trap 'kill $sim_pid $pid 2>/dev/null || true; rm -rf "$data"' EXIT
 SIM=127.0.0.1:18190; GW=127.0.0.1:18191
 { cat bench/bench.toml; printf '\n[[providers]]\nname = "upstream"\nkind = "openai"\nbase_url = "http://%s"\nserves = ["*"]\n' "$SIM"; } > "$data/proxy.toml"
-BURSAR_LOG=warn ./target/release/bursar serve --config "$data/proxy.toml" --data-dir "$data/store" --listen "$GW" &
+BURSAR_LOG=warn "$bin" serve --config "$data/proxy.toml" --data-dir "$data/store" --listen "$GW" &
 pid=$!
 for _ in $(seq 50); do curl -fs "http://$GW/readyz" >/dev/null && break; sleep 0.2; done
 
@@ -35,7 +37,7 @@ quantile() { # $1 before-file $2 after-file $3 q [$4 metric]
 printf '%-8s %-5s | %-28s | %-28s | %-10s | %-22s | %-22s | %s\n' latency conns "direct: rps p50 p99 (us)" "through bursar: rps p50 p99" "added p99" "bursar overhead p50/p99" "of which hold durable" "bursar CPU s, RSS"
 for lat in 0 50; do
   if [ -n "$sim_pid" ]; then kill "$sim_pid"; wait "$sim_pid" 2>/dev/null || true; fi
-  BURSAR_LOG=warn ./target/release/bursar simulate --listen "$SIM" --latency-ms "$lat" --completion-tokens 64 &
+  BURSAR_LOG=warn "$bin" simulate --listen "$SIM" --latency-ms "$lat" --completion-tokens 64 &
   sim_pid=$!
   for _ in $(seq 50); do curl -fs "http://$SIM/healthz" >/dev/null && break; sleep 0.2; done
   # Warm up both (the first call loads the tokenizers) so no run measures a cold start.
@@ -61,4 +63,4 @@ for lat in 0 50; do
     [ "$(get "$via" non200)" = 0 ] || echo "   !! $(get "$via" non200) non-200 answers through Bursar"
   done
 done
-./target/release/bursar ledger verify --config "$data/proxy.toml" --data-dir "$data/store" | tail -n 1
+"$bin" ledger verify --config "$data/proxy.toml" --data-dir "$data/store" | tail -n 1

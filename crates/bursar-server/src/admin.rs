@@ -865,6 +865,7 @@ pub async fn list_alerts(
         let catalog = s.catalog.lock().await;
         require_admin(&caller.key, &tenant, &catalog)?;
     }
+    s.caught_up().await;
     Ok(Json(
         s.reader
             .alerts(Some(&tenant), q.limit.unwrap_or(100).min(MAX_ALERTS_LISTED))
@@ -899,6 +900,7 @@ pub async fn tenant_usage(
         require_admin(&caller.key, &tenant, &catalog)?;
     }
     let since_ms = q.since_ms.unwrap_or(0);
+    s.caught_up().await;
     let by_model = s.reader.usage_by_model(&tenant, since_ms).await?;
     let cost: Money = by_model.iter().map(|r| r.cost).sum();
     let charge: Money = by_model.iter().map(|r| r.charge).sum();

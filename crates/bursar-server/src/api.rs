@@ -295,6 +295,7 @@ fn reconcile_claim(id: Uuid) -> String {
 /// reconciled yet, so that a late settle records its true cost once. With instances
 /// sharing the database, the one that claims the reconciliation does it.
 async fn adopt_expired(s: &Services, tenant: &str, id: Uuid) -> Result<bool, ApiError> {
+    s.caught_up().await;
     let entries = s.reader.authorization_entries(id, tenant).await?;
     let (Some(hold), Some(last)) = (entries.first(), entries.last()) else {
         return Ok(false);
@@ -329,6 +330,7 @@ async fn finished_in_store(
     id: Uuid,
     settle_usage: Option<&Usage>,
 ) -> Result<Json<Settlement>, ApiError> {
+    s.caught_up().await;
     if !s.reader.exists(id, tenant).await? {
         return Err(FinishError {
             code: FinishCode::AuthorizationNotFound,
@@ -537,6 +539,7 @@ pub async fn get_authorization(
 ) -> Result<Json<AuthorizationView>, ApiError> {
     let id = parse_id(&id)?;
     let tenant = tenant_of(&caller)?;
+    s.caught_up().await;
     if !s.reader.exists(id, &tenant).await? {
         return Err(FinishError {
             code: FinishCode::AuthorizationNotFound,

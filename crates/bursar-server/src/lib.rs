@@ -357,6 +357,15 @@ async fn follow_other_instances(
 }
 
 impl Services {
+    /// Waits until what was acknowledged so far has landed in the store, so that a read
+    /// of the store sees it: an acknowledged entry may be only in the journal for a
+    /// moment. Skipped while the store fails (the read then shows what landed).
+    pub(crate) async fn caught_up(&self) {
+        if self.ledger.is_healthy() {
+            let _ = self.ledger.barrier().wait().await;
+        }
+    }
+
     /// Rebuilds the catalog from the file's part and the stored rows, and puts it in
     /// force.
     async fn reload_catalog(&self, file_catalog: &CatalogState, rows: &[CatalogRow]) {

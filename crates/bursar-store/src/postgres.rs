@@ -231,7 +231,7 @@ pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<Bucke
             return Err(e);
         }
     };
-    let (handle, join) = spawn_writer(writer, spool)?;
+    let (handle, join) = spawn_writer(writer, spool, None)?;
     Ok(Opened {
         handle,
         shared: Some({
@@ -904,6 +904,13 @@ async fn write_batch(
                 }
             },
             Command::SpoolMark { spool, through } => mark_spool(conn, *spool, *through).await?,
+            Command::ForgetMark { spool } => {
+                sqlx::query("DELETE FROM spool_marks WHERE spool = $1")
+                    .bind(spool)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Command::Barrier { .. } | Command::Retire { .. } => {}
         }
     }
     if !entries.is_empty() {

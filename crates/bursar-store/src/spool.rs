@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::journal::JournalPos;
 use crate::{Backend, CatalogRow, Command, Durability, StoreError};
 
 /// Where a writer spools, and for which store.
@@ -68,12 +69,16 @@ struct Line {
     commands: Vec<Spooled>,
 }
 
+/// One command as written to a spool (or, an append, to a journal record).
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum Spooled {
+pub(crate) enum Spooled {
     Append {
         entries: Vec<SpooledEntry>,
         alerts: Vec<AlertEvent>,
+        /// Its journal record, if it has one: landing it moves the journal's mark too.
+        #[serde(default)]
+        journal: Option<JournalPos>,
     },
     Catalog {
         kind: String,
@@ -83,11 +88,20 @@ enum Spooled {
 }
 
 #[derive(Deserialize)]
-struct SpooledEntry {
+pub(crate) struct SpooledEntry {
     entry: Entry,
     /// The hold an entry acts on (not part of an entry's own serialized form): its
     /// buckets are what a landed settle changes.
     hold: Option<Arc<HoldDetail>>,
+}
+
+impl SpooledEntry {
+    pub(crate) fn into_entry(self) -> Entry {
+        Entry {
+            hold: self.hold,
+            ..self.entry
+        }
+    }
 }
 
 // The same shapes, borrowed, for writing a batch without copying it.
@@ -105,6 +119,8 @@ enum SpooledRef<'a> {
     Append {
         entries: Vec<SpooledEntryRef<'a>>,
         alerts: &'a [AlertEvent],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        journal: Option<JournalPos>,
     },
     Catalog {
         kind: &'a str,
@@ -117,6 +133,28 @@ enum SpooledRef<'a> {
 struct SpooledEntryRef<'a> {
     entry: &'a Entry,
     hold: Option<&'a HoldDetail>,
+}
+
+fn entry_refs(entries: &[Entry]) -> Vec<SpooledEntryRef<'_>> {
+    entries
+        .iter()
+        .map(|e| SpooledEntryRef {
+            entry: e,
+            hold: e.hold.as_deref(),
+        })
+        .collect()
+}
+
+/// An append as one JSON object, the form a journal record carries.
+pub(crate) fn append_json(
+    entries: &[Entry],
+    alerts: &[AlertEvent],
+) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&SpooledRef::Append {
+        entries: entry_refs(entries),
+        alerts,
+        journal: None,
+    })
 }
 
 fn io(e: std::io::Error) -> StoreError {
@@ -257,23 +295,24 @@ impl Spool {
             .iter()
             .filter_map(|c| match c {
                 Command::Append {
-                    entries, alerts, ..
-                } => Some(SpooledRef::Append {
-                    entries: entries
-                        .iter()
-                        .map(|e| SpooledEntryRef {
-                            entry: e,
-                            hold: e.hold.as_deref(),
-                        })
-                        .collect(),
+                    entries,
                     alerts,
+                    journal,
+                    ..
+                } => Some(SpooledRef::Append {
+                    entries: entry_refs(entries),
+                    alerts,
+                    journal: *journal,
                 }),
                 Command::Catalog { row, .. } => Some(SpooledRef::Catalog {
                     kind: &row.kind,
                     id: &row.id,
                     body: row.body.as_deref(),
                 }),
-                Command::SpoolMark { .. } => None,
+                Command::SpoolMark { .. }
+                | Command::ForgetMark { .. }
+                | Command::Barrier { .. }
+                | Command::Retire { .. } => None,
             })
             .collect();
         let mut line = serde_json::to_vec(&LineRef {
@@ -317,17 +356,16 @@ impl Spool {
             .commands
             .into_iter()
             .map(|c| match c {
-                Spooled::Append { entries, alerts } => Command::Append {
-                    entries: entries
-                        .into_iter()
-                        .map(|s| Entry {
-                            hold: s.hold,
-                            ..s.entry
-                        })
-                        .collect(),
+                Spooled::Append {
+                    entries,
+                    alerts,
+                    journal,
+                } => Command::Append {
+                    entries: entries.into_iter().map(SpooledEntry::into_entry).collect(),
                     alerts,
                     // Nobody waits on a batch read back.
                     done: oneshot::channel().0,
+                    journal,
                 },
                 Spooled::Catalog { kind, id, body } => Command::Catalog {
                     row: CatalogRow { kind, id, body },
@@ -367,7 +405,7 @@ impl Spool {
                 spool: self.id,
                 through: batch.n,
             });
-            let written = backend.write(&batch.commands);
+            let written = crate::write_marked(backend, &mut batch.commands);
             batch.commands.pop();
             match written {
                 Ok(()) => self.landed = batch.n,

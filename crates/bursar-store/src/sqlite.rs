@@ -191,7 +191,14 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
     // SQLite's automatic checkpoint (every 1,000 WAL pages) keeps the WAL small. It runs
     // inside a commit; copying it to a second connection was measured and gained
     // nothing on this machine while letting the WAL grow without bound (BENCHMARKS.md).
-    let (handle, join) = spawn_writer(writer, Some(spool))?;
+    // With `process` durability an append is durable once in the page cache: its journal
+    // record gives that without waiting for the writer. With `power`, only the writer's
+    // synced commit does.
+    let journal = match durability {
+        Durability::Process => Some(crate::journal::Journal::start(&spool.dir, &spool.store)?),
+        Durability::Power => None,
+    };
+    let (handle, join) = spawn_writer(writer, Some(spool), journal)?;
     Ok(Opened {
         handle,
         shared: None,
@@ -202,8 +209,8 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
     })
 }
 
-/// Lands what an earlier run left in its spool, before anything is read: the replay and
-/// the stored counters then include it like any other entries.
+/// Lands what an earlier run left in its spools and journal, before anything is read:
+/// the replay and the stored counters then include it like any other entries.
 fn land_left_spools(conn: Connection, spool: &SpoolConfig) -> Result<Connection, StoreError> {
     let head: Option<Vec<u8>> = conn
         .query_row(
@@ -220,6 +227,8 @@ fn land_left_spools(conn: Connection, spool: &SpoolConfig) -> Result<Connection,
     // No replay marks: the stored replay start stays where it is, before what lands.
     let mut writer = Writer::new(conn, last_hash, None)?;
     crate::spool::land_left_spools(spool, &mut writer)?;
+    // After the spools: a spooled command that was journaled moved its journal's mark.
+    crate::journal::land_left(&spool.dir, &spool.store, &mut writer)?;
     Ok(writer.conn)
 }
 
@@ -494,6 +503,10 @@ impl Writer {
                             params![spool_key(*spool), through.to_string()],
                         )?;
                     }
+                    Command::ForgetMark { spool } => {
+                        tx.execute("DELETE FROM meta WHERE k = ?1", params![spool_key(*spool)])?;
+                    }
+                    Command::Barrier { .. } | Command::Retire { .. } => {}
                 }
             }
             let mut upsert = tx.prepare_cached(

@@ -454,6 +454,12 @@ async fn verify(config: ConfigArgs) -> Result<bool> {
                 spool.display()
             );
         }
+        for journal in bursar_store::journal::waiting(Path::new(dir)) {
+            eprintln!(
+                "note: {} is the journal of a running bursar, or of one that was killed: what it holds lands when bursar starts on this data directory",
+                journal.display()
+            );
+        }
     }
     if v.ok() {
         println!(

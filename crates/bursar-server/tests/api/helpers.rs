@@ -382,7 +382,14 @@ impl TestApp {
     }
 
     /// Every ledger entry, in order.
+    /// Waits until what was acknowledged has landed in the store (an acknowledged entry
+    /// may be only in the journal for a moment), as the server's own readers do.
+    pub async fn caught_up(&self) {
+        self.services.ledger.barrier().wait().await.unwrap();
+    }
+
     pub async fn entries(&self) -> Vec<bursar_core::ledger::Entry> {
+        self.caught_up().await;
         let report = bursar_store::read_entries(&self.place.location)
             .await
             .unwrap();
@@ -396,6 +403,7 @@ impl TestApp {
 
     /// `bursar ledger verify` on this app's store.
     pub async fn verify(&self) -> bursar_store::Verification {
+        self.caught_up().await;
         bursar_store::verify(&self.place.location).await.unwrap()
     }
 }

@@ -1,0 +1,405 @@
+//! The intent journal: how an append to the embedded ledger is made durable on the
+//! caller's own thread, without waiting for the writer's transaction.
+//!
+//! With `process` durability (the embedded store's default), a commit in SQLite's WAL is
+//! durable once its frames are in the operating system's page cache: a killed process
+//! loses nothing, a power cut may. One `write` of the entry to a file of its own gives
+//! the same guarantee, in a few microseconds, without handing the entry to the writer
+//! thread and waiting for its transaction (the hand-off alone, two thread switches, cost
+//! more than the rest of a decision). So with a journal:
+//!
+//! - the handle serializes the entries, then, under the journal's lock, gives them the
+//!   next sequence number and sends the command to the writer: the channel's order is
+//!   the sequence's order;
+//! - the caller's ticket writes the record, `\n<seq> <json>\n`, with one `write` on the
+//!   segment file (opened for appending) and resolves when it returns. A record cut by
+//!   a crash was never acknowledged; the newline before each record keeps the records
+//!   after it whole;
+//! - the writer commits the commands in batches as before, and writes in the same
+//!   transaction the segment's mark: every record up to this sequence number has
+//!   landed ([`Command::SpoolMark`], the spool's mark);
+//! - a start lands what a killed process left after the mark, in sequence order, before
+//!   it replays anything (after the spools: a spooled command carries its journal
+//!   position, so landing it moves the journal's mark too).
+//!
+//! An empty append (a replayed answer, which must wait for the original's entries) and
+//! appends while the store fails are not journaled: their tickets wait for the writer.
+//! If a record cannot be written whole, the journal is switched off for good (the
+//! ticket, and every later one, waits for the writer instead).
+//!
+//! A segment holds up to [`SEGMENT_BYTES`]; the next starts a new file, and the writer
+//! deletes the old one once every command before the switch has landed, then forgets
+//! its mark. A clean exit deletes the last one.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bursar_core::ledger::{AlertEvent, Entry};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::spool::{self, Spooled};
+use crate::{write_marked, Backend, Command, StoreError};
+
+/// A segment's size before the next one is started.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// Commands landed in one transaction at start.
+const LAND_BATCH: usize = 1_024;
+const FORMAT: u32 = 1;
+
+/// Where a command's record is: its segment and sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalPos {
+    pub segment: Uuid,
+    pub seq: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    journal: Uuid,
+    store: String,
+    format: u32,
+}
+
+fn io(e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("journal: {e}"))
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("journal {}: {e}", path.display()))
+}
+
+/// One segment file, locked by this process while it lives.
+pub struct Segment {
+    pub(crate) id: Uuid,
+    path: PathBuf,
+    file: File,
+    broken: Arc<AtomicBool>,
+}
+
+impl Segment {
+    fn create(dir: &Path, store: &str, broken: Arc<AtomicBool>) -> Result<Segment, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let id = Uuid::now_v7();
+        let path = dir.join(format!("journal-{id}.log"));
+        // Named a journal only once locked with its header written (as a spool is).
+        let making = dir.join(format!(".journal-{id}.new"));
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&making)
+            .map_err(io)?;
+        if let Err(std::fs::TryLockError::Error(e)) = file.try_lock() {
+            return Err(io(e));
+        }
+        let mut header = serde_json::to_vec(&Header {
+            journal: id,
+            store: store.to_string(),
+            format: FORMAT,
+        })
+        .map_err(|e| corrupt(&path, e))?;
+        header.push(b'\n');
+        file.write_all(&header).map_err(io)?;
+        std::fs::rename(&making, &path).map_err(io)?;
+        Ok(Segment {
+            id,
+            path,
+            file,
+            broken,
+        })
+    }
+
+    /// Writes one record with one `write`; whether all of it was written.
+    fn write(&self, record: &[u8]) -> bool {
+        match (&self.file).write(record) {
+            Ok(n) if n == record.len() => true,
+            done => {
+                if !self.broken.swap(true, Ordering::SeqCst) {
+                    tracing::error!(journal = %self.path.display(), result = ?done.map_err(|e| e.to_string()), "a journal record could not be written whole: appends wait for the ledger's commit from now on");
+                }
+                false
+            }
+        }
+    }
+
+    /// Deletes the file: every record in it has landed.
+    pub(crate) fn remove(&self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::error!(journal = %self.path.display(), error = %e, "a landed journal segment could not be removed; the next start skips what it landed");
+        }
+    }
+}
+
+/// A record waiting to be written by the ticket of its command.
+pub(crate) struct Record {
+    segment: Arc<Segment>,
+    bytes: Vec<u8>,
+}
+
+impl Record {
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Writes it; whether the command may be acknowledged now.
+    pub(crate) fn write(self) -> bool {
+        let ok = self.segment.write(&self.bytes);
+        if ok {
+            metrics::counter!("bursar_journal_records_total").increment(1);
+        }
+        ok
+    }
+}
+
+struct Current {
+    segment: Arc<Segment>,
+    next: u64,
+    len: u64,
+}
+
+/// This process's journal (one per writer).
+pub struct Journal {
+    dir: PathBuf,
+    store: String,
+    segment_bytes: u64,
+    current: parking_lot::Mutex<Current>,
+    broken: Arc<AtomicBool>,
+    records: AtomicU64,
+}
+
+impl Journal {
+    /// Starts a journal in `dir` for the store `store`.
+    pub(crate) fn start(dir: &Path, store: &str) -> Result<Journal, StoreError> {
+        Self::start_with(dir, store, SEGMENT_BYTES)
+    }
+
+    /// [`Journal::start`], with segments of `segment_bytes`.
+    pub(crate) fn start_with(
+        dir: &Path,
+        store: &str,
+        segment_bytes: u64,
+    ) -> Result<Journal, StoreError> {
+        let broken = Arc::new(AtomicBool::new(false));
+        let segment = Arc::new(Segment::create(dir, store, broken.clone())?);
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            store: store.to_string(),
+            segment_bytes,
+            current: parking_lot::Mutex::new(Current {
+                segment,
+                next: 1,
+                len: 0,
+            }),
+            broken,
+            records: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether records are written (no record has failed).
+    pub(crate) fn works(&self) -> bool {
+        !self.broken.load(Ordering::Relaxed)
+    }
+
+    /// The segment written now.
+    pub(crate) fn segment(&self) -> Arc<Segment> {
+        self.current.lock().segment.clone()
+    }
+
+    /// Records given out so far.
+    pub fn records(&self) -> u64 {
+        self.records.load(Ordering::Relaxed)
+    }
+
+    /// Gives the entries the next sequence number and hands their command to `send`
+    /// under the journal's lock (so the writer sees them in sequence order); returns the
+    /// record for the caller's ticket to write. `None` if the entries cannot be
+    /// serialized (the command is then sent unjournaled).
+    pub(crate) fn assign(
+        &self,
+        entries: Vec<Entry>,
+        alerts: Vec<AlertEvent>,
+        done: oneshot::Sender<Result<crate::Kept, StoreError>>,
+        mut send: impl FnMut(Command),
+    ) -> Option<Record> {
+        let body = match spool::append_json(&entries, &alerts) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "an append could not be journaled; it waits for the ledger's commit");
+                send(Command::Append {
+                    entries,
+                    alerts,
+                    done,
+                    journal: None,
+                });
+                return None;
+            }
+        };
+        let mut c = self.current.lock();
+        if c.len >= self.segment_bytes {
+            match Segment::create(&self.dir, &self.store, self.broken.clone()) {
+                Ok(s) => {
+                    let old = std::mem::replace(&mut c.segment, Arc::new(s));
+                    // Every command of the old segment is before this in the channel.
+                    send(Command::Retire { segment: old });
+                    c.next = 1;
+                    c.len = 0;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a new journal segment could not be started; the current one grows");
+                }
+            }
+        }
+        let seq = c.next;
+        c.next += 1;
+        let mut bytes = Vec::with_capacity(body.len() + 24);
+        bytes.push(b'\n');
+        bytes.extend_from_slice(seq.to_string().as_bytes());
+        bytes.push(b' ');
+        bytes.extend_from_slice(&body);
+        bytes.push(b'\n');
+        c.len += bytes.len() as u64;
+        let segment = c.segment.clone();
+        send(Command::Append {
+            entries,
+            alerts,
+            done,
+            journal: Some(JournalPos {
+                segment: segment.id,
+                seq,
+            }),
+        });
+        drop(c);
+        self.records.fetch_add(1, Ordering::Relaxed);
+        Some(Record { segment, bytes })
+    }
+}
+
+/// The journal segment files in `dir`, oldest first (ids are time-ordered UUID v7).
+pub fn waiting(dir: &Path) -> Vec<PathBuf> {
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = listing
+        .filter_map(Result::ok)
+        .map(|d| d.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("journal-") && n.ends_with(".log"))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Lands what earlier runs left in their journals, after their marks and in sequence
+/// order, then deletes the files and forgets their marks. Segments a live process holds,
+/// and segments of another store, are left alone.
+pub(crate) fn land_left(
+    dir: &Path,
+    store: &str,
+    backend: &mut impl Backend,
+) -> Result<(), StoreError> {
+    if let Ok(listing) = std::fs::read_dir(dir) {
+        for path in listing.filter_map(Result::ok).map(|d| d.path()) {
+            let making = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".journal-") && n.ends_with(".new"));
+            if making && File::open(&path).is_ok_and(|f| f.try_lock().is_ok()) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    for path in waiting(dir) {
+        let file = File::open(&path).map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!(journal = %path.display(), "a journal held by a live process is left to it");
+                continue;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let text = std::fs::read(&path).map_err(io)?;
+        let mut lines = text.split(|b| *b == b'\n');
+        let first = lines.next().unwrap_or_default();
+        let Ok(header) = serde_json::from_slice::<Header>(first) else {
+            // Cut while its header was written: nothing in it was acknowledged.
+            tracing::warn!(journal = %path.display(), "a journal without a whole header is removed");
+            std::fs::remove_file(&path).map_err(io)?;
+            continue;
+        };
+        if header.format != FORMAT {
+            return Err(corrupt(
+                &path,
+                format!("format {} is not known to this version", header.format),
+            ));
+        }
+        if header.store != store {
+            tracing::error!(journal = %path.display(), "this journal was written for another store; it is left as it is");
+            continue;
+        }
+        let mark = backend.spool_landed(header.journal)?;
+        let mut records: Vec<(u64, Command)> = Vec::new();
+        let mut cut = 0usize;
+        for line in lines.filter(|l| !l.is_empty()) {
+            match parse_record(line) {
+                Some((seq, _)) if seq <= mark => {}
+                Some((
+                    seq,
+                    Spooled::Append {
+                        entries, alerts, ..
+                    },
+                )) => records.push((
+                    seq,
+                    Command::Append {
+                        entries: entries
+                            .into_iter()
+                            .map(spool::SpooledEntry::into_entry)
+                            .collect(),
+                        alerts,
+                        done: oneshot::channel().0,
+                        journal: Some(JournalPos {
+                            segment: header.journal,
+                            seq,
+                        }),
+                    },
+                )),
+                Some((_, Spooled::Catalog { .. })) | None => cut += 1,
+            }
+        }
+        if cut > 0 {
+            tracing::warn!(journal = %path.display(), records = cut, "records cut by a crash are left out: nobody was told they were kept");
+        }
+        records.sort_by_key(|(seq, _)| *seq);
+        let landing = records.len();
+        let mut records = records.into_iter().map(|(_, c)| c).peekable();
+        while records.peek().is_some() {
+            let mut batch: Vec<Command> = records.by_ref().take(LAND_BATCH).collect();
+            write_marked(backend, &mut batch)?;
+        }
+        std::fs::remove_file(&path).map_err(io)?;
+        write_marked(
+            backend,
+            &mut vec![Command::ForgetMark {
+                spool: header.journal,
+            }],
+        )?;
+        tracing::info!(journal = %path.display(), records = landing, "a journal left by an earlier run has landed");
+    }
+    Ok(())
+}
+
+/// `<seq> <json>`; `None` for a record cut by a crash.
+fn parse_record(line: &[u8]) -> Option<(u64, Spooled)> {
+    let space = line.iter().position(|b| *b == b' ')?;
+    let seq = std::str::from_utf8(&line[..space]).ok()?.parse().ok()?;
+    let command = serde_json::from_slice(&line[space + 1..]).ok()?;
+    Some((seq, command))
+}
