@@ -45,9 +45,11 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../../config/default.toml");
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
-    /// A killed or crashed Bursar process loses nothing it acknowledged (SQLite WAL with
-    /// `synchronous = NORMAL`: a commit is in the operating system before the answer).
-    /// The default: it is the specification's crash-safety, at a fraction of the cost.
+    /// A killed or crashed Bursar process loses nothing it acknowledged: an entry is in
+    /// the operating system before the answer (the embedded store: its record in the
+    /// local journal, written by the request itself, and SQLite's WAL with
+    /// `synchronous = NORMAL` behind it). The default: it is the specification's
+    /// crash-safety, at a fraction of the cost.
     #[default]
     Process,
     /// A lost machine (power cut, kernel crash) loses nothing acknowledged either: every
