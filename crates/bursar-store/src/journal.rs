@@ -31,7 +31,7 @@
 //! deletes the old one once every command before the switch has landed, then forgets
 //! its mark. A clean exit deletes the last one.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,17 +85,8 @@ impl Segment {
     fn create(dir: &Path, store: &str, broken: Arc<AtomicBool>) -> Result<Segment, StoreError> {
         std::fs::create_dir_all(dir).map_err(io)?;
         let id = Uuid::now_v7();
-        let path = dir.join(format!("journal-{id}.log"));
-        // Named a journal only once locked with its header written (as a spool is).
-        let making = dir.join(format!(".journal-{id}.new"));
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&making)
-            .map_err(io)?;
-        if let Err(std::fs::TryLockError::Error(e)) = file.try_lock() {
-            return Err(io(e));
-        }
+        let name = format!("journal-{id}.log");
+        let path = dir.join(&name);
         let mut header = serde_json::to_vec(&Header {
             journal: id,
             store: store.to_string(),
@@ -103,8 +94,7 @@ impl Segment {
         })
         .map_err(|e| corrupt(&path, e))?;
         header.push(b'\n');
-        file.write_all(&header).map_err(io)?;
-        std::fs::rename(&making, &path).map_err(io)?;
+        let file = spool::create_locked(dir, &name, &header).map_err(io)?;
         Ok(Segment {
             id,
             path,
@@ -305,17 +295,7 @@ pub(crate) fn land_left(
     store: &str,
     backend: &mut impl Backend,
 ) -> Result<(), StoreError> {
-    if let Ok(listing) = std::fs::read_dir(dir) {
-        for path in listing.filter_map(Result::ok).map(|d| d.path()) {
-            let making = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(".journal-") && n.ends_with(".new"));
-            if making && File::open(&path).is_ok_and(|f| f.try_lock().is_ok()) {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-    }
+    spool::remove_unfinished(dir, "journal-");
     for path in waiting(dir) {
         let file = File::open(&path).map_err(io)?;
         match file.try_lock() {

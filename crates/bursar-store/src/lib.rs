@@ -1825,13 +1825,7 @@ mod tests {
         }
         drop(left);
         let file = spool_files(dir.path()).pop().unwrap();
-        let id = file
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .trim_start_matches("spool-")
-            .trim_end_matches(".jsonl")
-            .to_string();
+        let id = id_in_name(&file);
         rusqlite::Connection::open(&path)
             .unwrap()
             .execute(
@@ -1864,6 +1858,13 @@ mod tests {
         );
     }
 
+    /// The id in a spool's or journal segment's file name.
+    fn id_in_name(file: &std::path::Path) -> String {
+        let name = file.file_name().unwrap().to_string_lossy();
+        let stem = name.split_once('-').unwrap().1;
+        stem.rsplit_once('.').unwrap().0.to_string()
+    }
+
     fn meta_marks(path: &std::path::Path) -> Vec<(String, String)> {
         let conn = rusqlite::Connection::open(path).unwrap();
         let mut q = conn
@@ -1893,13 +1894,7 @@ mod tests {
         handle.barrier().wait_blocking().unwrap();
         let segment = journal::waiting(dir.path());
         assert_eq!(segment.len(), 1, "one live segment");
-        let id = segment[0]
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .trim_start_matches("journal-")
-            .trim_end_matches(".log")
-            .to_string();
+        let id = id_in_name(&segment[0]);
         assert_eq!(
             meta_marks(&path),
             vec![(format!("spool:{id}"), "1".to_string())],
@@ -1952,13 +1947,7 @@ mod tests {
         assert!(r6.write());
         // The process dies: its file (and lock) with it.
         drop((r5, killed));
-        let id = segment
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .trim_start_matches("journal-")
-            .trim_end_matches(".log")
-            .to_string();
+        let id = id_in_name(&segment);
         rusqlite::Connection::open(&path)
             .unwrap()
             .execute(
@@ -2077,6 +2066,8 @@ mod tests {
             .append(vec![entry(11, 1_000)], Vec::new())
             .wait_blocking()
             .unwrap();
+        handle.barrier().wait_blocking().unwrap();
+        // The marks of segments deleted by a batch are forgotten by the next one.
         handle.barrier().wait_blocking().unwrap();
         let live = journal::waiting(dir.path());
         assert_eq!(live.len(), 1, "the retired segments are deleted");

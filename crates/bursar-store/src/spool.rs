@@ -194,18 +194,6 @@ impl Spool {
         std::fs::create_dir_all(&config.dir).map_err(io)?;
         let id = Uuid::now_v7();
         let path = config.dir.join(format!("spool-{id}.jsonl"));
-        // Made under another name, and named a spool only once locked with its header
-        // written: a start of another instance on this directory never takes it for
-        // one left behind.
-        let making = config.dir.join(format!(".spool-{id}.new"));
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&making)
-            .map_err(io)?;
-        if let Err(std::fs::TryLockError::Error(e)) = file.try_lock() {
-            return Err(io(e));
-        }
         let mut header = serde_json::to_vec(&Header {
             spool: id,
             store: config.store.clone(),
@@ -213,8 +201,7 @@ impl Spool {
         })
         .map_err(|e| corrupt(&path, e))?;
         header.push(b'\n');
-        file.write_all(&header).map_err(io)?;
-        std::fs::rename(&making, &path).map_err(io)?;
+        let file = create_locked(&config.dir, &format!("spool-{id}.jsonl"), &header).map_err(io)?;
         if config.durability == Durability::Power {
             file.sync_all().map_err(io)?;
             // The file's name must outlive a power cut too.
@@ -463,24 +450,47 @@ fn spool_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// Creates the file `name` in `dir`, locked by this process, with `header` in it. It is
+/// made under another name and named only once locked with its header written: a start
+/// of another instance on this directory never takes it for one left behind.
+pub(crate) fn create_locked(dir: &Path, name: &str, header: &[u8]) -> std::io::Result<File> {
+    let making = dir.join(format!(".{name}.new"));
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&making)?;
+    if let Err(std::fs::TryLockError::Error(e)) = file.try_lock() {
+        return Err(e);
+    }
+    file.write_all(header)?;
+    std::fs::rename(&making, dir.join(name))?;
+    Ok(file)
+}
+
+/// Deletes the files a process died making ([`create_locked`]) whose names start with
+/// `prefix`: they hold a header at most, nothing acknowledged.
+pub(crate) fn remove_unfinished(dir: &Path, prefix: &str) {
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for path in listing.filter_map(Result::ok).map(|d| d.path()) {
+        let making = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!(".{prefix}")) && n.ends_with(".new"));
+        if making && File::open(&path).is_ok_and(|f| f.try_lock().is_ok()) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Lands every spool file an earlier run left in the data directory (oldest first),
 /// before a start replays anything.
 pub(crate) fn land_left_spools(
     config: &SpoolConfig,
     backend: &mut impl Backend,
 ) -> Result<(), StoreError> {
-    // A spool a process died making holds a header at most, nothing acknowledged.
-    if let Ok(listing) = std::fs::read_dir(&config.dir) {
-        for path in listing.filter_map(Result::ok).map(|d| d.path()) {
-            let making = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(".spool-") && n.ends_with(".new"));
-            if making && File::open(&path).is_ok_and(|f| f.try_lock().is_ok()) {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-    }
+    remove_unfinished(&config.dir, "spool-");
     for path in spool_files(&config.dir).map_err(io)? {
         let Some(mut spool) = Spool::open_left(&path, config)? else {
             continue;
