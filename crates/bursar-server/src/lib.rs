@@ -660,6 +660,9 @@ impl Services {
     /// is forgotten) and dead instances closed. (Spare leases go back when another
     /// instance asks for them.)
     pub async fn sweep(&self) -> Result<usize, StoreError> {
+        // What the engine forgets below (keys, outcomes past their time) is then in the
+        // store, where it is looked up: not only in the journal.
+        self.caught_up().await;
         let now = self.clock.now();
         let (n, ticket) = match &self.shared {
             None => self.engine.expire_due(now, &self.ledger),
@@ -886,10 +889,14 @@ pub async fn serve(
     services: Arc<Services>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(services);
+    let app = router(services.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await?;
+    // What was acknowledged is in the store before the process ends (not only in the
+    // journal, which the next start would land).
+    services.caught_up().await;
+    Ok(())
 }
 
 /// Serves any router (the simulated provider's, say) until `shutdown` resolves.

@@ -34,7 +34,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bursar_core::ledger::{AlertEvent, Entry};
@@ -138,11 +138,7 @@ impl Record {
 
     /// Writes it; whether the command may be acknowledged now.
     pub(crate) fn write(self) -> bool {
-        let ok = self.segment.write(&self.bytes);
-        if ok {
-            metrics::counter!("bursar_journal_records_total").increment(1);
-        }
-        ok
+        self.segment.write(&self.bytes)
     }
 }
 
@@ -159,7 +155,6 @@ pub struct Journal {
     segment_bytes: u64,
     current: parking_lot::Mutex<Current>,
     broken: Arc<AtomicBool>,
-    records: AtomicU64,
 }
 
 impl Journal {
@@ -186,7 +181,6 @@ impl Journal {
                 len: 0,
             }),
             broken,
-            records: AtomicU64::new(0),
         })
     }
 
@@ -198,11 +192,6 @@ impl Journal {
     /// The segment written now.
     pub(crate) fn segment(&self) -> Arc<Segment> {
         self.current.lock().segment.clone()
-    }
-
-    /// Records given out so far.
-    pub fn records(&self) -> u64 {
-        self.records.load(Ordering::Relaxed)
     }
 
     /// Gives the entries the next sequence number and hands their command to `send`
@@ -264,27 +253,17 @@ impl Journal {
             }),
         });
         drop(c);
-        self.records.fetch_add(1, Ordering::Relaxed);
         Some(Record { segment, bytes })
     }
 }
 
-/// The journal segment files in `dir`, oldest first (ids are time-ordered UUID v7).
+/// The journal segment files in `dir`, oldest first.
 pub fn waiting(dir: &Path) -> Vec<PathBuf> {
-    let Ok(listing) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = listing
-        .filter_map(Result::ok)
-        .map(|d| d.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("journal-") && n.ends_with(".log"))
-        })
-        .collect();
-    found.sort();
-    found
+    segment_files(dir).unwrap_or_default()
+}
+
+fn segment_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    spool::files_named(dir, "journal-", ".log")
 }
 
 /// Lands what earlier runs left in their journals, after their marks and in sequence
@@ -296,16 +275,11 @@ pub(crate) fn land_left(
     backend: &mut impl Backend,
 ) -> Result<(), StoreError> {
     spool::remove_unfinished(dir, "journal-");
-    for path in waiting(dir) {
-        let file = File::open(&path).map_err(io)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                tracing::info!(journal = %path.display(), "a journal held by a live process is left to it");
-                continue;
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
+    for path in segment_files(dir).map_err(io)? {
+        // Held (locked) while the text is read and the file deleted.
+        let Some(_held) = spool::lock_left(&path).map_err(io)? else {
+            continue;
+        };
         let text = std::fs::read(&path).map_err(io)?;
         let mut lines = text.split(|b| *b == b'\n');
         let first = lines.next().unwrap_or_default();

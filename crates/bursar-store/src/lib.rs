@@ -16,6 +16,11 @@
 //! - [`Reader`], the read-only queries of the HTTP edge, and [`Store`], which opens,
 //!   verifies and reads whichever backend a [`Location`] names.
 //!
+//! With a journal ([`journal`]: the embedded store under `process` durability), an
+//! append's ticket resolves once its record is written to the journal, before the commit;
+//! the commit carries the journal's mark, and a start lands what a killed process left.
+//! A reader of the store waits on [`LedgerHandle::barrier`] to see what was acknowledged.
+//!
 //! Failure behaviour: if a commit fails (and, on PostgreSQL, a retry on a new
 //! connection fails too), the store turns unhealthy and the writer writes the same batch
 //! again, with a growing pause, until it lands; what comes after waits behind it, in
@@ -1711,10 +1716,7 @@ mod tests {
             seen
         };
         assert!(start().is_empty());
-        let store: String = rusqlite::Connection::open(&path)
-            .unwrap()
-            .query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))
-            .unwrap();
+        let store = store_id(&path);
         let spool_of = |store: &str, entries: std::ops::RangeInclusive<u64>| {
             let config = spool::SpoolConfig {
                 dir: dir.path().to_path_buf(),
@@ -1804,10 +1806,7 @@ mod tests {
 
         // The spool of three batches a killed process left (its lock went with it). The
         // first had landed: its mark says so.
-        let store: String = rusqlite::Connection::open(&path)
-            .unwrap()
-            .query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))
-            .unwrap();
+        let store = store_id(&path);
         let config = spool::SpoolConfig {
             dir: dir.path().to_path_buf(),
             store,
@@ -1826,13 +1825,7 @@ mod tests {
         drop(left);
         let file = spool_files(dir.path()).pop().unwrap();
         let id = id_in_name(&file);
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute(
-                "INSERT INTO meta (k, v) VALUES (?1, '1')",
-                [format!("spool:{id}")],
-            )
-            .unwrap();
+        mark_landed(&path, &id, 1);
 
         let mut seen = Vec::new();
         let (handle, writer) = start(&mut seen);
@@ -1856,6 +1849,26 @@ mod tests {
             1_000 + 3_000 + 4_000,
             "the landed holds are counted"
         );
+    }
+
+    /// The embedded store's identity, which spools and journals name.
+    fn store_id(path: &std::path::Path) -> String {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Marks the first `n` batches (or records) of spool (or journal segment) `id`
+    /// landed, as the writer's commit does.
+    fn mark_landed(path: &std::path::Path, id: &str, n: u64) {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute(
+                "INSERT INTO meta (k, v) VALUES (?1, ?2)",
+                [format!("spool:{id}"), n.to_string()],
+            )
+            .unwrap();
     }
 
     /// The id in a spool's or journal segment's file name.
@@ -1912,10 +1925,7 @@ mod tests {
         // to a writer that never wrote them; the records written in another order than
         // their numbers (threads race to write), entry 5's cut by the crash, the first
         // marked landed.
-        let store: String = rusqlite::Connection::open(&path)
-            .unwrap()
-            .query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))
-            .unwrap();
+        let store = store_id(&path);
         let killed = journal::Journal::start(dir.path(), &store).unwrap();
         let mut records: Vec<journal::Record> = (2..=6)
             .map(|n| {
@@ -1948,13 +1958,7 @@ mod tests {
         // The process dies: its file (and lock) with it.
         drop((r5, killed));
         let id = id_in_name(&segment);
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute(
-                "INSERT INTO meta (k, v) VALUES (?1, '1')",
-                [format!("spool:{id}")],
-            )
-            .unwrap();
+        mark_landed(&path, &id, 1);
 
         let mut seen = Vec::new();
         let (handle, writer) = start(&mut seen);

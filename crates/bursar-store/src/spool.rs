@@ -230,15 +230,9 @@ impl Spool {
     /// A spool file left by an earlier run, unless a live process holds it or it was
     /// written for another store.
     fn open_left(path: &Path, config: &SpoolConfig) -> Result<Option<Spool>, StoreError> {
-        let file = OpenOptions::new().append(true).open(path).map_err(io)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                tracing::info!(spool = %path.display(), "a spool held by a live process is left to it");
-                return Ok(None);
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
+        let Some(file) = lock_left(path).map_err(io)? else {
+            return Ok(None);
+        };
         let mut reader = BufReader::new(File::open(path).map_err(io)?);
         let mut first = String::new();
         reader.read_line(&mut first).map_err(io)?;
@@ -429,9 +423,14 @@ pub fn waiting(dir: &Path) -> Vec<PathBuf> {
     spool_files(dir).unwrap_or_default()
 }
 
-/// The spool files in `dir`, oldest first (spool ids are time-ordered UUID v7); none when
-/// there is no such directory yet.
+/// The spool files in `dir`, oldest first; none when there is no such directory yet.
 fn spool_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    files_named(dir, "spool-", ".jsonl")
+}
+
+/// The files in `dir` named `<prefix>…<suffix>`, oldest first (spool and journal ids are
+/// time-ordered UUID v7); none when there is no such directory yet.
+pub(crate) fn files_named(dir: &Path, prefix: &str, suffix: &str) -> std::io::Result<Vec<PathBuf>> {
     let listing = match std::fs::read_dir(dir) {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -443,11 +442,25 @@ fn spool_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("spool-") && n.ends_with(".jsonl"))
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix))
         })
         .collect();
     found.sort();
     Ok(found)
+}
+
+/// Opens and locks a file an earlier run left (a spool or a journal segment); `None` if a
+/// live process holds it.
+pub(crate) fn lock_left(path: &Path) -> std::io::Result<Option<File>> {
+    let file = OpenOptions::new().append(true).open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            tracing::info!(file = %path.display(), "a file held by a live process is left to it");
+            Ok(None)
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// Creates the file `name` in `dir`, locked by this process, with `header` in it. It is

@@ -453,7 +453,12 @@ fn ledger_verify_names_the_edited_entry() {
                 .unwrap();
         }
     });
-    server.child.kill().unwrap();
+    // A graceful stop: what was acknowledged is in the store when it ends.
+    let term = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
     server.child.wait().unwrap();
     let verify = || {
         Command::new(BIN)

@@ -599,6 +599,7 @@ async fn a_threshold_alerts_once_per_period_across_restarts(place: Place) {
         .await;
     assert_eq!(r.status, 201, "{:?}", r.body);
     async fn warn_alerts(app: &TestApp) -> usize {
+        app.caught_up().await;
         let rows = app.services.reader.alerts(Some("a"), 100).await.unwrap();
         rows.iter()
             .filter(|a| a.bucket.starts_with("a.tight|") && a.level == "warn")
