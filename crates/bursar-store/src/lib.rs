@@ -206,10 +206,7 @@ pub(crate) fn write_marked(
     backend: &mut impl Backend,
     batch: &mut Vec<Command>,
 ) -> Result<(), StoreError> {
-    if batch
-        .iter()
-        .all(|c| matches!(c, Command::Barrier { .. } | Command::Retire { .. }))
-    {
+    if writes_nothing(batch) {
         return Ok(());
     }
     let len = batch.len();
@@ -549,22 +546,15 @@ fn run_writer(
 ) {
     let mut last_batch = 0usize;
     let mut retiring = Retiring::default();
+    // When the store was last written or checked: batches that write nothing (barriers)
+    // do not count, so they cannot keep the idle check from running.
+    let mut touched = Instant::now();
     loop {
-        let first = match rx.recv_timeout(Duration::from_secs(1)) {
+        let first = match rx.recv_timeout(IDLE_CHECK_EVERY) {
             Ok(c) => c,
             Err(RecvTimeoutError::Timeout) => {
-                if !status.fenced.load(Ordering::SeqCst) {
-                    let answered = backend.idle();
-                    if let Err(e) = &answered {
-                        if !status.failing.load(Ordering::SeqCst) {
-                            tracing::error!(error = %e, "the store does not answer; failing closed until it does");
-                        }
-                        backend.forget();
-                    } else if status.failing.load(Ordering::SeqCst) {
-                        tracing::info!("the store answers again");
-                    }
-                    status.failing.store(answered.is_err(), Ordering::SeqCst);
-                }
+                check_idle(&mut backend, status);
+                touched = Instant::now();
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => {
@@ -597,10 +587,17 @@ fn run_writer(
         }
         retiring.forget_with(&mut batch);
         retiring.note(&batch);
+        let writes = !writes_nothing(&batch);
         match write_marked(&mut backend, &mut batch) {
             Ok(()) => {
-                if status.failing.swap(false, Ordering::SeqCst) {
-                    tracing::info!("the store is back");
+                if writes {
+                    touched = Instant::now();
+                    if status.failing.swap(false, Ordering::SeqCst) {
+                        tracing::info!("the store is back");
+                    }
+                } else if touched.elapsed() >= IDLE_CHECK_EVERY {
+                    check_idle(&mut backend, status);
+                    touched = Instant::now();
                 }
                 retiring.landed();
                 resolve(batch, &Ok(Kept::Landed));
@@ -651,6 +648,33 @@ fn run_writer(
             }
         }
     }
+}
+
+/// How often the writer checks the store while no batch writes to it.
+const IDLE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Checks that the store answers ([`Backend::idle`]) and tells the handles.
+fn check_idle(backend: &mut impl Backend, status: &WriterStatus) {
+    if status.fenced.load(Ordering::SeqCst) {
+        return;
+    }
+    let answered = backend.idle();
+    if let Err(e) = &answered {
+        if !status.failing.load(Ordering::SeqCst) {
+            tracing::error!(error = %e, "the store does not answer; failing closed until it does");
+        }
+        backend.forget();
+    } else if status.failing.load(Ordering::SeqCst) {
+        tracing::info!("the store answers again");
+    }
+    status.failing.store(answered.is_err(), Ordering::SeqCst);
+}
+
+/// Whether a batch has nothing for the store (barriers and retired segments only).
+fn writes_nothing(batch: &[Command]) -> bool {
+    batch
+        .iter()
+        .all(|c| matches!(c, Command::Barrier { .. } | Command::Retire { .. }))
 }
 
 /// `first` and whatever else is waiting (up to [`MAX_BATCH_COMMANDS`]), waiting up to
@@ -2102,6 +2126,53 @@ mod tests {
             journal::waiting(dir.path()).is_empty(),
             "a clean exit deletes the last"
         );
+    }
+
+    /// A backend whose store answers the idle check only while the test says it is up.
+    struct Checked {
+        up: Arc<AtomicBool>,
+    }
+
+    impl Backend for Checked {
+        fn write(&mut self, _: &[Command]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn forget(&mut self) {}
+        fn idle(&mut self) -> Result<(), StoreError> {
+            if self.up.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(StoreError::Unavailable("down".into()))
+            }
+        }
+        fn identity(&mut self) -> Result<String, StoreError> {
+            Ok("checked".into())
+        }
+        fn spool_landed(&mut self, _: Uuid) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+    }
+
+    /// Barriers (readers, the sweeper) come more often than the idle check's second; they
+    /// write nothing, so they must not keep the writer from checking the store.
+    #[test]
+    fn barriers_do_not_hide_a_store_that_went_away() {
+        let up = Arc::new(AtomicBool::new(true));
+        let (handle, _join) = spawn_writer(Checked { up: up.clone() }, None, None).unwrap();
+        up.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while handle.is_healthy() {
+            assert!(Instant::now() < deadline, "the outage never showed");
+            handle.barrier().wait_blocking().unwrap();
+            thread::sleep(Duration::from_millis(200));
+        }
+        up.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !handle.is_healthy() {
+            assert!(Instant::now() < deadline, "the return never showed");
+            handle.barrier().wait_blocking().unwrap();
+            thread::sleep(Duration::from_millis(200));
+        }
     }
 
     #[test]
