@@ -80,25 +80,47 @@ fn parse_scaled(input: &str, decimals: u32) -> Result<i128, AmountError> {
     Ok(if negative { -value } else { value })
 }
 
-/// Formats an integer scaled by 10^`decimals` as a plain decimal with trailing zeros trimmed
-/// (at least one fractional digit is never forced: `1` prints as `"1"`).
-fn format_scaled(value: i128, decimals: u32, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-    let scale = 10i128.pow(decimals);
-    let sign = if value < 0 { "-" } else { "" };
+/// Room for the longest amount [`format_scaled`] writes: a sign, 19 digits and a point.
+const SCALED_BYTES: usize = 24;
+
+/// Writes an integer scaled by 10^`decimals` into `buf` as a plain decimal with trailing
+/// zeros trimmed (at least one fractional digit is never forced: `1` prints as `"1"`).
+/// Digit by digit, in 64-bit integers: amounts are formatted on every answer, and
+/// `core::fmt` with 128-bit division cost more than the rest of a decision.
+fn format_scaled(value: i64, decimals: u32, buf: &mut [u8; SCALED_BYTES]) -> &str {
+    let scale = 10u64.pow(decimals);
     let abs = value.unsigned_abs();
-    let int = abs / scale as u128;
-    let frac = abs % scale as u128;
-    if frac == 0 {
-        return write!(f, "{sign}{int}");
-    }
-    // Trailing zeros dropped arithmetically: no allocation on the response path.
-    let mut frac = frac;
-    let mut width = decimals as usize;
-    while frac.is_multiple_of(10) {
+    let mut int = abs / scale;
+    let mut frac = abs % scale;
+    let mut width = if frac == 0 { 0 } else { decimals };
+    while frac != 0 && frac.is_multiple_of(10) {
         frac /= 10;
         width -= 1;
     }
-    write!(f, "{sign}{int}.{frac:0width$}")
+    let mut at = buf.len();
+    for _ in 0..width {
+        at -= 1;
+        buf[at] = b'0' + (frac % 10) as u8;
+        frac /= 10;
+    }
+    if width > 0 {
+        at -= 1;
+        buf[at] = b'.';
+    }
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (int % 10) as u8;
+        int /= 10;
+        if int == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    // Only ASCII digits, a point and a sign were written.
+    std::str::from_utf8(&buf[at..]).unwrap_or_default()
 }
 
 /// An exact amount of US dollars, in whole nano-dollars.
@@ -183,7 +205,7 @@ impl Money {
 
 impl fmt::Display for Money {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        format_scaled(i128::from(self.0), MONEY_DECIMALS, f)
+        f.write_str(format_scaled(self.0, MONEY_DECIMALS, &mut [0; SCALED_BYTES]))
     }
 }
 
@@ -229,7 +251,7 @@ impl std::iter::Sum for Money {
 /// Money travels as a decimal string (`"0.00015"`) so no JSON reader turns it into a float.
 impl Serialize for Money {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(format_scaled(self.0, MONEY_DECIMALS, &mut [0; SCALED_BYTES]))
     }
 }
 
@@ -293,13 +315,21 @@ impl PicoPerToken {
 impl fmt::Display for PicoPerToken {
     /// Displays as USD per million tokens, the unit price books use.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        format_scaled(i128::from(self.0), PRICE_PER_MTOK_DECIMALS, f)
+        f.write_str(format_scaled(
+            self.0,
+            PRICE_PER_MTOK_DECIMALS,
+            &mut [0; SCALED_BYTES],
+        ))
     }
 }
 
 impl Serialize for PicoPerToken {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(format_scaled(
+            self.0,
+            PRICE_PER_MTOK_DECIMALS,
+            &mut [0; SCALED_BYTES],
+        ))
     }
 }
 
@@ -376,6 +406,30 @@ mod tests {
         fn display_parse_round_trips(n in any::<i64>()) {
             let m = Money::from_nanos(n);
             prop_assert_eq!(Money::parse(&m.to_string()), Ok(m));
+        }
+
+        #[test]
+        fn formats_as_the_exact_decimal(n in any::<i64>()) {
+            // The plain decimal, computed another way: the digits of |n| with the point
+            // put in, then trailing zeros (and a bare point) trimmed.
+            let digits = format!("{:010}", n.unsigned_abs());
+            let (int, frac) = digits.split_at(digits.len() - 9);
+            let frac = frac.trim_end_matches('0');
+            let sign = if n < 0 { "-" } else { "" };
+            let expect = if frac.is_empty() {
+                format!("{sign}{int}")
+            } else {
+                format!("{sign}{int}.{frac}")
+            };
+            let m = Money::from_nanos(n);
+            prop_assert_eq!(m.to_string(), expect.clone());
+            prop_assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{expect}\""));
+            let p = PicoPerToken(n);
+            let digits = format!("{:07}", n.unsigned_abs());
+            let (int, frac) = digits.split_at(digits.len() - 6);
+            let frac = frac.trim_end_matches('0');
+            let expect = if frac.is_empty() { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") };
+            prop_assert_eq!(p.to_string(), expect);
         }
 
         #[test]
