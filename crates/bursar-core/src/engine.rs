@@ -2018,11 +2018,11 @@ impl Engine {
         }
         let now_ms = ms(now);
         let mut state = self.state.lock();
-        let Some(hold) = state.holds.get(&id).filter(|h| h.tenant == tenant).cloned() else {
+        let Some(hold) = state.holds.get(&id).filter(|h| h.tenant == tenant) else {
             return self.finish_finished(&mut state, tenant, id, usage, outcome, now, sink);
         };
         let (cost, price_version, model_used, drift) =
-            self.price_usage(&hold, usage.as_ref(), now)?;
+            self.price_usage(hold, usage.as_ref(), now)?;
         let tokens = usage.as_ref().map(|u| u.tokens).unwrap_or_default();
         let quantity = usage.as_ref().map_or(0, |u| u.quantity);
         let charge = self.charge_for(
@@ -2067,10 +2067,13 @@ impl Engine {
             detail: None,
             hold: Some(hold.detail.clone()),
         };
+        // Taken out (not copied) once nothing can refuse the call any more.
+        let Some(hold) = state.holds.remove(&id) else {
+            return self.finish_finished(&mut state, tenant, id, usage, outcome, now, sink);
+        };
         let alerts = self.apply_to_buckets(
             &mut state, &hold, -hold.held, cost, now, now_ms, overage, drift,
         );
-        state.holds.remove(&id);
         // Kept in canonical form, so a retry names the model in any spelling.
         let usage = usage.map(|mut u| {
             u.model_used = model_used.clone();
