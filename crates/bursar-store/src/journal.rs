@@ -34,7 +34,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bursar_core::ledger::{AlertEvent, Entry};
@@ -78,6 +78,9 @@ pub struct Segment {
     pub(crate) id: Uuid,
     path: PathBuf,
     file: File,
+    /// Bytes of records written so far: past [`Journal`]'s segment size, the next
+    /// record starts a new segment.
+    written: AtomicU64,
     broken: Arc<AtomicBool>,
 }
 
@@ -99,6 +102,7 @@ impl Segment {
             id,
             path,
             file,
+            written: AtomicU64::new(0),
             broken,
         })
     }
@@ -106,14 +110,20 @@ impl Segment {
     /// Writes one record with one `write`; whether all of it was written.
     fn write(&self, record: &[u8]) -> bool {
         match (&self.file).write(record) {
-            Ok(n) if n == record.len() => true,
-            done => {
-                if !self.broken.swap(true, Ordering::SeqCst) {
-                    tracing::error!(journal = %self.path.display(), result = ?done.map_err(|e| e.to_string()), "a journal record could not be written whole: appends wait for the ledger's commit from now on");
-                }
-                false
+            Ok(n) if n == record.len() => {
+                self.written.fetch_add(n as u64, Ordering::Relaxed);
+                true
             }
+            done => self.fail(&done.map_err(|e| e.to_string())),
         }
+    }
+
+    /// A record could not be written whole: the journal is off from now on.
+    fn fail(&self, why: &dyn std::fmt::Debug) -> bool {
+        if !self.broken.swap(true, Ordering::SeqCst) {
+            tracing::error!(journal = %self.path.display(), result = ?why, "a journal record could not be written whole: appends wait for the ledger's commit from now on");
+        }
+        false
     }
 
     /// Deletes the file: every record in it has landed.
@@ -124,28 +134,39 @@ impl Segment {
     }
 }
 
-/// A record waiting to be written by the ticket of its command.
+/// A record waiting to be written by the ticket of its command: its entries are shared
+/// with the command, and serialized by whoever waits, outside every lock.
 pub(crate) struct Record {
     segment: Arc<Segment>,
-    bytes: Vec<u8>,
+    seq: u64,
+    entries: Arc<[Entry]>,
+    alerts: Arc<[AlertEvent]>,
 }
 
 impl Record {
-    #[cfg(test)]
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &self.bytes
+    /// `\n<seq> <json>\n`.
+    pub(crate) fn bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut bytes = Vec::with_capacity(1024);
+        bytes.push(b'\n');
+        bytes.extend_from_slice(itoa::Buffer::new().format(self.seq).as_bytes());
+        bytes.push(b' ');
+        spool::append_json(&mut bytes, &self.entries, &self.alerts)?;
+        bytes.push(b'\n');
+        Ok(bytes)
     }
 
     /// Writes it; whether the command may be acknowledged now.
     pub(crate) fn write(self) -> bool {
-        self.segment.write(&self.bytes)
+        match self.bytes() {
+            Ok(bytes) => self.segment.write(&bytes),
+            Err(e) => self.segment.fail(&e),
+        }
     }
 }
 
 struct Current {
     segment: Arc<Segment>,
     next: u64,
-    len: u64,
 }
 
 /// This process's journal (one per writer).
@@ -175,11 +196,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             store: store.to_string(),
             segment_bytes,
-            current: parking_lot::Mutex::new(Current {
-                segment,
-                next: 1,
-                len: 0,
-            }),
+            current: parking_lot::Mutex::new(Current { segment, next: 1 }),
             broken,
         })
     }
@@ -196,37 +213,24 @@ impl Journal {
 
     /// Gives the entries the next sequence number and hands their command to `send`
     /// under the journal's lock (so the writer sees them in sequence order); returns the
-    /// record for the caller's ticket to write. `None` if the entries cannot be
-    /// serialized (the command is then sent unjournaled).
+    /// record for the caller's ticket to write.
     pub(crate) fn assign(
         &self,
         entries: Vec<Entry>,
         alerts: Vec<AlertEvent>,
         done: oneshot::Sender<Result<crate::Kept, StoreError>>,
         mut send: impl FnMut(Command),
-    ) -> Option<Record> {
-        let body = match spool::append_json(&entries, &alerts) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "an append could not be journaled; it waits for the ledger's commit");
-                send(Command::Append {
-                    entries,
-                    alerts,
-                    done,
-                    journal: None,
-                });
-                return None;
-            }
-        };
+    ) -> Record {
+        let entries: Arc<[Entry]> = entries.into();
+        let alerts: Arc<[AlertEvent]> = alerts.into();
         let mut c = self.current.lock();
-        if c.len >= self.segment_bytes {
+        if c.segment.written.load(Ordering::Relaxed) >= self.segment_bytes {
             match Segment::create(&self.dir, &self.store, self.broken.clone()) {
                 Ok(s) => {
                     let old = std::mem::replace(&mut c.segment, Arc::new(s));
                     // Every command of the old segment is before this in the channel.
                     send(Command::Retire { segment: old });
                     c.next = 1;
-                    c.len = 0;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "a new journal segment could not be started; the current one grows");
@@ -235,17 +239,10 @@ impl Journal {
         }
         let seq = c.next;
         c.next += 1;
-        let mut bytes = Vec::with_capacity(body.len() + 24);
-        bytes.push(b'\n');
-        bytes.extend_from_slice(seq.to_string().as_bytes());
-        bytes.push(b' ');
-        bytes.extend_from_slice(&body);
-        bytes.push(b'\n');
-        c.len += bytes.len() as u64;
         let segment = c.segment.clone();
         send(Command::Append {
-            entries,
-            alerts,
+            entries: entries.clone(),
+            alerts: alerts.clone(),
             done,
             journal: Some(JournalPos {
                 segment: segment.id,
@@ -253,7 +250,12 @@ impl Journal {
             }),
         });
         drop(c);
-        Some(Record { segment, bytes })
+        Record {
+            segment,
+            seq,
+            entries,
+            alerts,
+        }
     }
 }
 
@@ -317,7 +319,7 @@ pub(crate) fn land_left(
                             .into_iter()
                             .map(spool::SpooledEntry::into_entry)
                             .collect(),
-                        alerts,
+                        alerts: alerts.into(),
                         done: oneshot::channel().0,
                         journal: Some(JournalPos {
                             segment: header.journal,

@@ -826,7 +826,7 @@ async fn write_batch(
                 alerts,
                 ..
             } => {
-                for e in es {
+                for e in es.iter() {
                     cols.at_ms.push(e.at_ms);
                     cols.kind
                         .push(i16::try_from(e.kind.code()).unwrap_or(i16::MAX));
@@ -868,7 +868,7 @@ async fn write_batch(
                     }
                     entries.push(e);
                 }
-                for a in alerts {
+                for a in alerts.iter() {
                     sqlx::query(
                         "INSERT INTO alerts (at_ms, tenant, bucket, level, reason, limit_nanos, used_nanos) VALUES ($1, $2, $3, $4, $5, $6, $7)
                          ON CONFLICT (bucket, level) WHERE reason = 'threshold' DO NOTHING",

@@ -145,16 +145,20 @@ fn entry_refs(entries: &[Entry]) -> Vec<SpooledEntryRef<'_>> {
         .collect()
 }
 
-/// An append as one JSON object, the form a journal record carries.
+/// Adds an append to `out` as one JSON object, the form a journal record carries.
 pub(crate) fn append_json(
+    out: &mut Vec<u8>,
     entries: &[Entry],
     alerts: &[AlertEvent],
-) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(&SpooledRef::Append {
-        entries: entry_refs(entries),
-        alerts,
-        journal: None,
-    })
+) -> Result<(), serde_json::Error> {
+    serde_json::to_writer(
+        out,
+        &SpooledRef::Append {
+            entries: entry_refs(entries),
+            alerts,
+            journal: None,
+        },
+    )
 }
 
 fn io(e: std::io::Error) -> StoreError {
@@ -343,7 +347,7 @@ impl Spool {
                     journal,
                 } => Command::Append {
                     entries: entries.into_iter().map(SpooledEntry::into_entry).collect(),
-                    alerts,
+                    alerts: alerts.into(),
                     // Nobody waits on a batch read back.
                     done: oneshot::channel().0,
                     journal,

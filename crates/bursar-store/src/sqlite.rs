@@ -435,7 +435,7 @@ impl Writer {
                     Command::Append {
                         entries, alerts, ..
                     } => {
-                        for e in entries {
+                        for e in entries.iter() {
                             let detail = detail_json(e)?;
                             let hash = e.chain_hash_with_detail(&self.last_hash, detail.as_deref());
                             let tenant = Self::intern(&mut self.dict, &tx, Some(&e.tenant))?;
@@ -471,7 +471,7 @@ impl Writer {
                                 m.note(tx.last_insert_rowid(), e.at_ms, e.kind, e.authorization);
                             }
                         }
-                        for a in alerts {
+                        for a in alerts.iter() {
                             alert.execute(params![
                                 a.at_ms,
                                 a.tenant,
