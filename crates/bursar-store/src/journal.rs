@@ -8,13 +8,14 @@
 //! thread and waiting for its transaction (the hand-off alone, two thread switches, cost
 //! more than the rest of a decision). So with a journal:
 //!
-//! - the handle serializes the entries, then, under the journal's lock, gives them the
-//!   next sequence number and sends the command to the writer: the channel's order is
-//!   the sequence's order;
-//! - the caller's ticket writes the record, `\n<seq> <json>\n`, with one `write` on the
-//!   segment file (opened for appending) and resolves when it returns. A record cut by
-//!   a crash was never acknowledged; the newline before each record keeps the records
-//!   after it whole;
+//! - the handle, under the journal's lock, gives the entries the next sequence number
+//!   and sends their command to the writer: the channel's order is the sequence's
+//!   order. The entries are shared between the command and the caller's record;
+//! - the caller's ticket serializes the record, `\n<seq> <json>\n`, writes it with one
+//!   `write` on the segment file (opened for appending) and resolves when it returns. A
+//!   record cut by a crash was never acknowledged; the newline before each record keeps
+//!   the records after it whole. An entry that acts on a hold (a settle, say) names it
+//!   by id only: landing finds it earlier in the journal or in the store;
 //! - the writer commits the commands in batches as before, and writes in the same
 //!   transaction the segment's mark: every record up to this sequence number has
 //!   landed ([`Command::SpoolMark`], the spool's mark);
@@ -31,13 +32,14 @@
 //! deletes the old one once every command before the switch has landed, then forgets
 //! its mark. A clean exit deletes the last one.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bursar_core::ledger::{AlertEvent, Entry};
+use bursar_core::ledger::{AlertEvent, Entry, HoldDetail};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -49,7 +51,9 @@ use crate::{write_marked, Backend, Command, StoreError};
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Commands landed in one transaction at start.
 const LAND_BATCH: usize = 1_024;
-const FORMAT: u32 = 1;
+/// The record format written: 2 names the hold an entry acts on by id only; 1 (still
+/// read) carried its whole detail.
+const FORMAT: u32 = 2;
 
 /// Where a command's record is: its segment and sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -291,7 +295,7 @@ pub(crate) fn land_left(
             std::fs::remove_file(&path).map_err(io)?;
             continue;
         };
-        if header.format != FORMAT {
+        if !(1..=FORMAT).contains(&header.format) {
             return Err(corrupt(
                 &path,
                 format!("format {} is not known to this version", header.format),
@@ -302,7 +306,7 @@ pub(crate) fn land_left(
             continue;
         }
         let mark = backend.spool_landed(header.journal)?;
-        let mut records: Vec<(u64, Command)> = Vec::new();
+        let mut records = Vec::new();
         let mut cut = 0usize;
         for line in lines.filter(|l| !l.is_empty()) {
             match parse_record(line) {
@@ -312,30 +316,59 @@ pub(crate) fn land_left(
                     Spooled::Append {
                         entries, alerts, ..
                     },
-                )) => records.push((
-                    seq,
-                    Command::Append {
-                        entries: entries
-                            .into_iter()
-                            .map(spool::SpooledEntry::into_entry)
-                            .collect(),
-                        alerts: alerts.into(),
-                        done: oneshot::channel().0,
-                        journal: Some(JournalPos {
-                            segment: header.journal,
-                            seq,
-                        }),
-                    },
-                )),
+                )) => records.push((seq, entries, alerts)),
                 Some((_, Spooled::Catalog { .. })) | None => cut += 1,
             }
         }
         if cut > 0 {
             tracing::warn!(journal = %path.display(), records = cut, "records cut by a crash are left out: nobody was told they were kept");
         }
-        records.sort_by_key(|(seq, _)| *seq);
+        records.sort_by_key(|(seq, ..)| *seq);
         let landing = records.len();
-        let mut records = records.into_iter().map(|(_, c)| c).peekable();
+        // The holds that entries act on: earlier in this journal, or in the store (an
+        // older segment, or a spool, landed before this one).
+        let mut holds: HashMap<Uuid, Arc<HoldDetail>> = HashMap::new();
+        let mut commands = Vec::with_capacity(records.len());
+        for (seq, spooled, alerts) in records {
+            let mut entries = Vec::with_capacity(spooled.len());
+            for s in spooled {
+                let needs_hold = s.needs_hold();
+                let mut e = s.into_entry();
+                if let Some(d) = &e.detail {
+                    holds.insert(e.authorization, d.clone());
+                } else if needs_hold {
+                    let hold = match holds.get(&e.authorization) {
+                        Some(d) => d.clone(),
+                        None => {
+                            let d = backend.hold_detail(e.authorization)?.ok_or_else(|| {
+                                corrupt(
+                                    &path,
+                                    format!(
+                                        "record {seq} acts on hold `{}`, which is neither in the store nor earlier in the journal",
+                                        e.authorization
+                                    ),
+                                )
+                            })?;
+                            let d = Arc::new(d);
+                            holds.insert(e.authorization, d.clone());
+                            d
+                        }
+                    };
+                    e.hold = Some(hold);
+                }
+                entries.push(e);
+            }
+            commands.push(Command::Append {
+                entries: entries.into(),
+                alerts: alerts.into(),
+                done: oneshot::channel().0,
+                journal: Some(JournalPos {
+                    segment: header.journal,
+                    seq,
+                }),
+            });
+        }
+        let mut records = commands.into_iter().peekable();
         while records.peek().is_some() {
             let mut batch: Vec<Command> = records.by_ref().take(LAND_BATCH).collect();
             write_marked(backend, &mut batch)?;

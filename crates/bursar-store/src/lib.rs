@@ -457,6 +457,13 @@ pub trait Backend: Send + 'static {
     fn identity(&mut self) -> Result<String, StoreError>;
     /// How many batches of spool `spool` have landed ([`Command::SpoolMark`]).
     fn spool_landed(&mut self, spool: Uuid) -> Result<u64, StoreError>;
+    /// The detail of hold `auth` as stored (`None` if the store has no such hold): a
+    /// journal record of a settle, void or expiry names its hold by id only.
+    fn hold_detail(&mut self, auth: Uuid) -> Result<Option<HoldDetail>, StoreError> {
+        Err(StoreError::Corrupt(format!(
+            "hold `{auth}` cannot be looked up in this store"
+        )))
+    }
     /// After a failed write: the chain position it may have taken anyway, if the store
     /// cannot tell a failed commit from one whose answer was lost.
     fn in_doubt(&self) -> Option<spool::InDoubt> {
@@ -899,6 +906,12 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 
 pub(crate) fn from_i64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// A hold detail as stored.
+pub(crate) fn parse_detail(text: &str) -> Result<HoldDetail, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("unreadable hold detail: {e}")))
 }
 
 /// An entry's hold detail as stored (compact JSON), if it has one.
@@ -2040,6 +2053,107 @@ mod tests {
             .query_row("SELECT held FROM counters", [], |r| r.get(0))
             .unwrap();
         assert_eq!(stored, 1_000 + 3_000 + 4_000 + 6_000);
+    }
+
+    /// The settle of hold entry `hold` at `cost`, numbered `n`.
+    fn settle_of(hold: &Entry, cost: i64, n: u64) -> Entry {
+        Entry {
+            kind: EntryKind::Settle,
+            at_ms: hold.at_ms + 1,
+            held_delta: -hold.held_delta,
+            cost_delta: Money::from_nanos(cost),
+            quantity: n,
+            detail: None,
+            hold: hold.detail.clone(),
+            ..hold.clone()
+        }
+    }
+
+    /// A journal record of an entry that acts on a hold names the hold by id only. When
+    /// a killed process's journal lands, each such entry finds its hold (earlier in the
+    /// journal, or in the store) and changes the hold's buckets; a record whose hold is
+    /// nowhere stops the start, naming it, and the journal is kept.
+    #[test]
+    fn a_journaled_settle_lands_on_the_buckets_of_its_hold_found_in_the_journal_or_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sqlite::ledger_path(dir.path());
+        let mut seen = Vec::new();
+        let (handle, writer) = start_sqlite(&path, &mut seen);
+        let landed_hold = entry(1, 1_000);
+        handle
+            .append(vec![landed_hold.clone()], Vec::new())
+            .wait_blocking()
+            .unwrap();
+        drop(handle);
+        writer.join().unwrap();
+
+        let killed = journal::Journal::start(dir.path(), &store_id(&path)).unwrap();
+        let journaled_hold = entry(3, 3_000);
+        let appends = vec![
+            settle_of(&landed_hold, 700, 2),
+            journaled_hold.clone(),
+            settle_of(&journaled_hold, 2_500, 4),
+        ];
+        for e in appends {
+            let settles = e.kind == EntryKind::Settle;
+            let record = killed.assign(vec![e], Vec::new(), oneshot::channel().0, |_| {});
+            let text = String::from_utf8(record.bytes().unwrap()).unwrap();
+            assert_eq!(
+                text.contains("buckets"),
+                !settles,
+                "only a hold's own record carries its detail: {text}"
+            );
+            assert!(record.write());
+        }
+        drop(killed);
+
+        let mut seen = Vec::new();
+        let (handle, writer) = start_sqlite(&path, &mut seen);
+        assert_eq!(seen, vec![1, 2, 3, 4]);
+        drop(handle);
+        writer.join().unwrap();
+        let v = sqlite::verify(&path).unwrap();
+        assert!(v.ok(), "{:?}", v.problems);
+        let (held, spent): (i64, i64) = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT held, spent FROM counters", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(
+            (held, spent),
+            (0, 700 + 2_500),
+            "both settles released their holds and spent on the same bucket"
+        );
+
+        // A settle of a hold that is nowhere.
+        let killed = journal::Journal::start(dir.path(), &store_id(&path)).unwrap();
+        let nowhere = entry(5, 5_000);
+        let record = killed.assign(
+            vec![settle_of(&nowhere, 1, 6)],
+            Vec::new(),
+            oneshot::channel().0,
+            |_| {},
+        );
+        assert!(record.write());
+        drop(killed);
+        let refused = sqlite::open(
+            &path,
+            Durability::Process,
+            Recovery {
+                on_entry: |_| {},
+                on_catalog: |_| {},
+                on_counters: |_| {},
+            },
+        );
+        let Err(e) = refused else {
+            panic!("a start with a settle of an unknown hold goes on")
+        };
+        assert!(
+            e.to_string().contains(&nowhere.authorization.to_string()),
+            "{e}"
+        );
+        assert_eq!(journal::waiting(dir.path()).len(), 1, "the journal is kept");
     }
 
     /// A backend whose writes wait until the test lets them through, then logs them.

@@ -42,7 +42,8 @@ use uuid::Uuid;
 
 use crate::spool::{InDoubt, SpoolConfig};
 use crate::{
-    counter_deltas, detail_json, from_i64, parse_counters, spawn_writer, to_i64, AlertRow, Backend,
+    counter_deltas, detail_json, from_i64, parse_counters, parse_detail, spawn_writer, to_i64,
+    AlertRow, Backend,
     CatalogRow, ChainReader, Command, LedgerReport, OpenOptions, Opened, SettleRow, StoreError,
     StoredHold, StoredRow, UsageRow, Verification, Verifier, MAX_BATCH_COMMANDS,
     MAX_QUEUED_COMMANDS,
@@ -676,6 +677,17 @@ impl Backend for Writer {
                 .await
         })?;
         Ok(landed.map_or(0, from_i64))
+    }
+
+    fn hold_detail(&mut self, auth: Uuid) -> Result<Option<HoldDetail>, StoreError> {
+        let detail: Option<Option<String>> = self.on_connection(async |c| {
+            sqlx::query_scalar("SELECT detail FROM ledger WHERE auth = $1 AND kind = $2")
+                .bind(auth)
+                .bind(i16::try_from(EntryKind::Hold.code()).unwrap_or(i16::MAX))
+                .fetch_optional(c)
+                .await
+        })?;
+        detail.flatten().map(|d| parse_detail(&d)).transpose()
     }
 
     fn in_doubt(&self) -> Option<InDoubt> {
@@ -1550,8 +1562,7 @@ impl Reader {
         .await?;
         let Some(r) = row else { return Ok(None) };
         let detail: String = r.try_get(4)?;
-        let detail: HoldDetail = serde_json::from_str(&detail)
-            .map_err(|e| StoreError::Corrupt(format!("unreadable hold detail: {e}")))?;
+        let detail = parse_detail(&detail)?;
         Ok(Some(StoredHold {
             authorization: r.try_get(0)?,
             held: Money::from_nanos(r.try_get(1)?),

@@ -91,11 +91,21 @@ pub(crate) enum Spooled {
 pub(crate) struct SpooledEntry {
     entry: Entry,
     /// The hold an entry acts on (not part of an entry's own serialized form): its
-    /// buckets are what a landed settle changes.
+    /// buckets are what a landed settle changes. Absent from a journal record.
+    #[serde(default)]
     hold: Option<Arc<HoldDetail>>,
+    /// In a journal record: the entry acts on the hold of its authorization, to be
+    /// looked up when it lands.
+    #[serde(default)]
+    on_hold: bool,
 }
 
 impl SpooledEntry {
+    /// Whether it acts on a hold it does not carry (a journal record's).
+    pub(crate) fn needs_hold(&self) -> bool {
+        self.on_hold && self.hold.is_none()
+    }
+
     pub(crate) fn into_entry(self) -> Entry {
         Entry {
             hold: self.hold,
@@ -132,7 +142,10 @@ enum SpooledRef<'a> {
 #[derive(Serialize)]
 struct SpooledEntryRef<'a> {
     entry: &'a Entry,
+    #[serde(skip_serializing_if = "Option::is_none")]
     hold: Option<&'a HoldDetail>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    on_hold: bool,
 }
 
 fn entry_refs(entries: &[Entry]) -> Vec<SpooledEntryRef<'_>> {
@@ -141,11 +154,15 @@ fn entry_refs(entries: &[Entry]) -> Vec<SpooledEntryRef<'_>> {
         .map(|e| SpooledEntryRef {
             entry: e,
             hold: e.hold.as_deref(),
+            on_hold: false,
         })
         .collect()
 }
 
-/// Adds an append to `out` as one JSON object, the form a journal record carries.
+/// Adds an append to `out` as one JSON object, the form a journal record carries. Unlike
+/// a spooled one, an entry acting on a hold names it by id only: the hold is in the
+/// store or earlier in the journal when the record lands ([`crate::journal`]), and a
+/// record half the size costs half the serializing and writing on the request's path.
 pub(crate) fn append_json(
     out: &mut Vec<u8>,
     entries: &[Entry],
@@ -154,7 +171,14 @@ pub(crate) fn append_json(
     serde_json::to_writer(
         out,
         &SpooledRef::Append {
-            entries: entry_refs(entries),
+            entries: entries
+                .iter()
+                .map(|e| SpooledEntryRef {
+                    entry: e,
+                    hold: None,
+                    on_hold: e.hold.is_some(),
+                })
+                .collect(),
             alerts,
             journal: None,
         },

@@ -26,11 +26,12 @@ use uuid::Uuid;
 
 use crate::spool::SpoolConfig;
 use crate::{
-    counter_deltas, detail_json, from_i64, parse_counters, spawn_writer, to_i64, AlertRow, Backend,
+    counter_deltas, detail_json, from_i64, parse_counters, parse_detail, spawn_writer, to_i64,
+    AlertRow, Backend,
     CatalogRow, ChainCheck, ChainReader, Command, LedgerReport, Opened, ReplayMarks, SettleRow,
     StoreError, StoredHold, StoredRow, UsageRow, Verification, Verifier,
 };
-use bursar_core::ledger::HoldDetail;
+use bursar_core::ledger::{EntryKind, HoldDetail};
 use bursar_core::ledger::GENESIS_HASH;
 use bursar_core::pricebook::TokenUsage;
 
@@ -368,6 +369,18 @@ impl Backend for Writer {
             v.parse()
                 .map_err(|_| StoreError::Corrupt(format!("spool mark `{v}` is not a number")))
         })
+    }
+
+    fn hold_detail(&mut self, auth: Uuid) -> Result<Option<HoldDetail>, StoreError> {
+        let detail: Option<Option<String>> = self
+            .conn
+            .query_row(
+                "SELECT detail FROM ledger WHERE auth = ?1 AND kind = ?2",
+                params![auth.as_bytes().as_slice(), EntryKind::Hold.code()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        detail.flatten().map(|d| parse_detail(&d)).transpose()
     }
 }
 
@@ -714,8 +727,7 @@ impl Reader {
         };
         let auth: Vec<u8> = r.get(0)?;
         let detail: String = r.get(4)?;
-        let detail: HoldDetail = serde_json::from_str(&detail)
-            .map_err(|e| StoreError::Corrupt(format!("unreadable hold detail: {e}")))?;
+        let detail = parse_detail(&detail)?;
         Ok(Some(StoredHold {
             authorization: Uuid::from_slice(&auth)
                 .map_err(|e| StoreError::Corrupt(format!("bad authorization id: {e}")))?,
