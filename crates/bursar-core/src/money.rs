@@ -205,7 +205,11 @@ impl Money {
 
 impl fmt::Display for Money {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(format_scaled(self.0, MONEY_DECIMALS, &mut [0; SCALED_BYTES]))
+        f.write_str(format_scaled(
+            self.0,
+            MONEY_DECIMALS,
+            &mut [0; SCALED_BYTES],
+        ))
     }
 }
 
@@ -251,7 +255,11 @@ impl std::iter::Sum for Money {
 /// Money travels as a decimal string (`"0.00015"`) so no JSON reader turns it into a float.
 impl Serialize for Money {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(format_scaled(self.0, MONEY_DECIMALS, &mut [0; SCALED_BYTES]))
+        s.serialize_str(format_scaled(
+            self.0,
+            MONEY_DECIMALS,
+            &mut [0; SCALED_BYTES],
+        ))
     }
 }
 

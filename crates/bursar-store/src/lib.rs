@@ -1992,13 +1992,12 @@ mod tests {
         let killed = journal::Journal::start(dir.path(), &store).unwrap();
         let mut records: Vec<journal::Record> = (2..=6)
             .map(|n| {
-                killed
-                    .assign(
-                        vec![entry(n, 1_000 * n as i64)],
-                        Vec::new(),
-                        oneshot::channel().0,
-                        |_| {},
-                    )
+                killed.assign(
+                    vec![entry(n, 1_000 * n as i64)],
+                    Vec::new(),
+                    oneshot::channel().0,
+                    |_| {},
+                )
             })
             .collect();
         let segment = journal::waiting(dir.path()).pop().unwrap();

@@ -43,10 +43,9 @@ use uuid::Uuid;
 use crate::spool::{InDoubt, SpoolConfig};
 use crate::{
     counter_deltas, detail_json, from_i64, parse_counters, parse_detail, spawn_writer, to_i64,
-    AlertRow, Backend,
-    CatalogRow, ChainReader, Command, LedgerReport, OpenOptions, Opened, SettleRow, StoreError,
-    StoredHold, StoredRow, UsageRow, Verification, Verifier, MAX_BATCH_COMMANDS,
-    MAX_QUEUED_COMMANDS,
+    AlertRow, Backend, CatalogRow, ChainReader, Command, LedgerReport, OpenOptions, Opened,
+    SettleRow, StoreError, StoredHold, StoredRow, UsageRow, Verification, Verifier,
+    MAX_BATCH_COMMANDS, MAX_QUEUED_COMMANDS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

@@ -27,12 +27,11 @@ use uuid::Uuid;
 use crate::spool::SpoolConfig;
 use crate::{
     counter_deltas, detail_json, from_i64, parse_counters, parse_detail, spawn_writer, to_i64,
-    AlertRow, Backend,
-    CatalogRow, ChainCheck, ChainReader, Command, LedgerReport, Opened, ReplayMarks, SettleRow,
-    StoreError, StoredHold, StoredRow, UsageRow, Verification, Verifier,
+    AlertRow, Backend, CatalogRow, ChainCheck, ChainReader, Command, LedgerReport, Opened,
+    ReplayMarks, SettleRow, StoreError, StoredHold, StoredRow, UsageRow, Verification, Verifier,
 };
-use bursar_core::ledger::{EntryKind, HoldDetail};
 use bursar_core::ledger::GENESIS_HASH;
+use bursar_core::ledger::{EntryKind, HoldDetail};
 use bursar_core::pricebook::TokenUsage;
 
 const SCHEMA: &str = r#"
