@@ -21,7 +21,7 @@ fi
 if [ -n "${BURSAR_BENCH_REDIS_URL:-}" ]; then
   store+=(--redis-url "$BURSAR_BENCH_REDIS_URL")
 fi
-trap 'kill $pid 2>/dev/null || true; rm -rf "$data"; [ -n "${db:-}" ] && sleep 1 && psql -q "$BURSAR_BENCH_DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"' EXIT
+trap 'kill $pid 2>/dev/null && wait $pid 2>/dev/null; rm -rf "$data"; [ -n "${db:-}" ] && sleep 1 && psql -q "$BURSAR_BENCH_DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"' EXIT
 BURSAR_LOG=warn "$bin" serve --config bench/bench.toml "${store[@]}" --migrate --listen 127.0.0.1:18181 &
 pid=$!
 for _ in $(seq 50); do curl -fs http://127.0.0.1:18181/readyz >/dev/null && break; sleep 0.2; done

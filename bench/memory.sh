@@ -11,7 +11,7 @@ mode=${1:-}
 bin=./target/release/bursar
 tmp=$(mktemp -d)
 pid=
-trap 'kill $pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
+trap 'kill $pid 2>/dev/null && wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT
 if [ "$mode" = --heaptrack ]; then
   command -v heaptrack >/dev/null || { echo "heaptrack is needed: apt-get install heaptrack" >&2; exit 1; }
   cargo build --release -p bursar --features system-allocator >/dev/null

@@ -16,7 +16,7 @@ if [ -z "${BURSAR_BIN:-}" ]; then cargo build --release -p bursar >/dev/null; fi
 bin=${BURSAR_BIN:-./target/release/bursar}
 data=$(mktemp -d)
 sim_pid=""; pid=""
-trap 'kill $sim_pid $pid 2>/dev/null || true; rm -rf "$data"' EXIT
+trap 'kill $sim_pid $pid 2>/dev/null && wait $sim_pid $pid 2>/dev/null; rm -rf "$data"' EXIT
 SIM=127.0.0.1:18190; GW=127.0.0.1:18191
 { cat bench/bench.toml; printf '\n[[providers]]\nname = "upstream"\nkind = "openai"\nbase_url = "http://%s"\nserves = ["*"]\n' "$SIM"; } > "$data/proxy.toml"
 BURSAR_LOG=warn "$bin" serve --config "$data/proxy.toml" --data-dir "$data/store" --listen "$GW" &
