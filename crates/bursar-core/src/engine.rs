@@ -393,55 +393,80 @@ struct Hold {
     fail_open: bool,
 }
 
-/// Finished outcomes by authorization, with the order they came in, so the oldest are
-/// forgotten first at O(1) each, under the engine's lock: every settle drops what is
-/// past [`MAX_FINISHED_IN_MEMORY`], the sweeper what is past [`FINISHED_RETENTION`].
-/// (Scanning the whole map instead, tens of thousands of boxed values, held the lock
-/// for milliseconds every few thousand settles and every sweep: the calls' p99.)
-#[derive(Debug, Default)]
-struct FinishedOutcomes {
-    by_id: Map<Uuid, Box<Finished>>,
-    /// `(finished_at_ms, id)` in arrival order. An outcome replaced under the same id
-    /// leaves its older pair behind, which names it with another time: skipped.
-    order: VecDeque<(i64, Uuid)>,
+/// A value that knows when it came (ms since the epoch).
+trait Aged {
+    fn at_ms(&self) -> i64;
 }
 
-impl FinishedOutcomes {
-    fn get(&self, id: &Uuid) -> Option<&Finished> {
-        self.by_id.get(id).map(Box::as_ref)
+/// A map whose values are forgotten oldest first, at O(1) each, from a queue of keys in
+/// the order they came: under the engine's lock, every settle drops finished outcomes
+/// past [`MAX_FINISHED_IN_MEMORY`] and every sweep what is past its retention.
+/// (Scanning a whole map instead, tens of thousands of values, held the lock for
+/// milliseconds every few thousand settles and at every sweep: the calls' p99.)
+#[derive(Debug)]
+struct Aging<K, V> {
+    by_key: Map<K, V>,
+    /// `(at_ms, key)` in arrival order. A value replaced under the same key leaves its
+    /// older pair behind, which names it with another time: skipped.
+    order: VecDeque<(i64, K)>,
+}
+
+impl<K, V> Default for Aging<K, V> {
+    fn default() -> Self {
+        Aging {
+            by_key: Map::default(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Clone, V: Aged> Aging<K, V> {
+    fn get(&self, k: &K) -> Option<&V> {
+        self.by_key.get(k)
     }
 
-    fn get_mut(&mut self, id: &Uuid) -> Option<&mut Finished> {
-        self.by_id.get_mut(id).map(Box::as_mut)
+    fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        self.by_key.get_mut(k)
     }
 
-    fn contains_key(&self, id: &Uuid) -> bool {
-        self.by_id.contains_key(id)
+    fn contains_key(&self, k: &K) -> bool {
+        self.by_key.contains_key(k)
     }
 
     fn len(&self) -> usize {
-        self.by_id.len()
+        self.by_key.len()
     }
 
-    fn insert(&mut self, id: Uuid, f: Box<Finished>) {
-        self.order.push_back((f.finished_at_ms, id));
-        self.by_id.insert(id, f);
+    fn insert(&mut self, k: K, v: V) {
+        self.order.push_back((v.at_ms(), k.clone()));
+        self.by_key.insert(k, v);
     }
 
-    /// Forgets, oldest first, until at most `max` remain and the oldest finished after
-    /// `after_ms`. (Outcomes come in nearly in time order; one adopted late waits its
-    /// turn.)
+    /// Forgets, oldest first, until at most `max` remain and the oldest came after
+    /// `after_ms`. (Values come nearly in time order; one adopted late waits its turn.)
     fn trim(&mut self, max: usize, after_ms: i64) {
-        while let Some(&(at, id)) = self.order.front() {
-            let keep = self.by_id.len() <= max && at > after_ms && self.order.len() <= 2 * max;
+        while let Some((at, k)) = self.order.front() {
+            let keep = self.by_key.len() <= max && *at > after_ms && self.order.len() <= 2 * max;
             if keep {
                 break;
             }
-            self.order.pop_front();
-            if self.by_id.get(&id).is_some_and(|f| f.finished_at_ms == at) {
-                self.by_id.remove(&id);
+            if self.by_key.get(k).is_some_and(|v| v.at_ms() == *at) {
+                self.by_key.remove(k);
             }
+            self.order.pop_front();
         }
+    }
+}
+
+impl Aged for Box<Finished> {
+    fn at_ms(&self) -> i64 {
+        self.finished_at_ms
+    }
+}
+
+impl Aged for IdempotencyRecord {
+    fn at_ms(&self) -> i64 {
+        self.at_ms
     }
 }
 
@@ -519,8 +544,8 @@ struct State {
     holds: Map<Uuid, Hold>,
     /// Boxed: most of a finished outcome's life is spent in the map, which is sized for
     /// `FINISHED_CAP_AT`; its buckets stay small.
-    finished: FinishedOutcomes,
-    idempotency: Map<(String, String), IdempotencyRecord>,
+    finished: Aging<Uuid, Box<Finished>>,
+    idempotency: Aging<(String, String), IdempotencyRecord>,
     limiters: Map<RateCell, Gcra>,
     levels: Map<BucketKey, Level>,
     /// When several instances share the budgets: per bucket, the use this instance may
@@ -2450,10 +2475,7 @@ impl Engine {
         let keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
         state.finished.trim(MAX_FINISHED_IN_MEMORY, keep_finished);
         let keep_idem = now_ms - i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(0);
-        state.idempotency.retain(|_, r| r.at_ms > keep_idem);
-        cap_by_age(&mut state.idempotency, MAX_IDEMPOTENCY_IN_MEMORY, |r| {
-            r.at_ms
-        });
+        state.idempotency.trim(MAX_IDEMPOTENCY_IN_MEMORY, keep_idem);
         let n = entries.len();
         let ticket = (n > 0).then(|| sink.append(entries, alerts));
         (n, ticket)
@@ -2702,11 +2724,7 @@ impl Engine {
     pub fn recover_one(&self, e: &Entry) {
         let mut state = self.state.lock();
         state.finished.trim(MAX_FINISHED_IN_MEMORY, i64::MIN);
-        if state.idempotency.len() >= 2 * MAX_IDEMPOTENCY_IN_MEMORY {
-            cap_by_age(&mut state.idempotency, MAX_IDEMPOTENCY_IN_MEMORY, |r| {
-                r.at_ms
-            });
-        }
+        state.idempotency.trim(MAX_IDEMPOTENCY_IN_MEMORY, i64::MIN);
         {
             match e.kind {
                 EntryKind::Hold => {
@@ -2759,17 +2777,6 @@ impl Engine {
             }
         }
     }
-}
-
-/// Keeps the `max` newest values of a map (by the time `at` gives); older ones go first.
-fn cap_by_age<K: Eq + std::hash::Hash, V>(map: &mut Map<K, V>, max: usize, at: impl Fn(&V) -> i64) {
-    if map.len() <= max {
-        return;
-    }
-    let mut times: Vec<i64> = map.values().map(&at).collect();
-    let cut = times.len() - max;
-    let oldest_kept = *times.select_nth_unstable(cut).1;
-    map.retain(|_, v| at(v) >= oldest_kept);
 }
 
 /// A call priced against the book, before shaping.
@@ -2841,21 +2848,6 @@ pub fn sorted(counters: &HashMap<BucketKey, Counter>) -> BTreeMap<BucketKey, Cou
 mod tests {
     use super::*;
 
-    #[test]
-    fn cap_by_age_keeps_the_newest() {
-        let mut m: Map<u32, i64> = Map::default();
-        for i in 0..100u32 {
-            // Inserted out of order, so the cap cannot rely on insertion order.
-            m.insert(i, i64::from((i * 37) % 100));
-        }
-        cap_by_age(&mut m, 10, |v| *v);
-        let mut kept: Vec<i64> = m.values().copied().collect();
-        kept.sort_unstable();
-        assert_eq!(kept, (90..100).collect::<Vec<i64>>());
-        cap_by_age(&mut m, 50, |v| *v);
-        assert_eq!(m.len(), 10, "under the cap nothing goes");
-    }
-
     fn finished_at(at: i64) -> Box<Finished> {
         Box::new(Finished {
             tenant: "t".into(),
@@ -2880,7 +2872,7 @@ mod tests {
 
     #[test]
     fn finished_outcomes_forget_the_oldest_first_by_count_and_by_time() {
-        let mut f = FinishedOutcomes::default();
+        let mut f: Aging<Uuid, Box<Finished>> = Aging::default();
         let ids: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
         for (at, id) in ids.iter().enumerate() {
             f.insert(*id, finished_at(at as i64 * 10));
@@ -2911,7 +2903,7 @@ mod tests {
         for at in 0..100 {
             f.insert(Uuid::now_v7(), finished_at(1_000 + at));
         }
-        f.by_id.clear();
+        f.by_key.clear();
         f.insert(Uuid::now_v7(), finished_at(2_000));
         f.trim(10, i64::MIN);
         assert!(f.order.len() <= 20, "{}", f.order.len());

@@ -317,9 +317,9 @@ fn finished_outcomes_in_memory_stay_bounded_between_sweeps() {
             .unwrap();
         first.get_or_insert(p.authorization_id);
         last = Some(p.authorization_id);
-        assert!(engine.finished_in_memory() <= MAX_FINISHED_IN_MEMORY * 5 / 4);
+        assert!(engine.finished_in_memory() <= MAX_FINISHED_IN_MEMORY);
     }
-    assert!(engine.finished_in_memory() >= MAX_FINISHED_IN_MEMORY);
+    assert_eq!(engine.finished_in_memory(), MAX_FINISHED_IN_MEMORY);
     let at = now() + chrono::Duration::milliseconds(i64::try_from(calls).unwrap());
     // The newest is answered from memory; the oldest is left to the ledger.
     let (again, ()) = engine
