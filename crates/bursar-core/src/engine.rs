@@ -1203,10 +1203,17 @@ impl Engine {
     /// Does the engine still remember this idempotency key of this tenant? When it does
     /// not, a retry is looked up in the ledger before it is decided anew.
     pub fn knows_idempotency_key(&self, tenant: &str, key: &str) -> bool {
-        self.state
-            .lock()
+        let state = self.state.lock();
+        // Known only if a retry can be answered from memory: the record and its first
+        // answer (the hold's, or its finished outcome's, which may have gone before it).
+        state
             .idempotency
-            .contains_key(&(tenant.to_string(), key.to_string()))
+            .get(&(tenant.to_string(), key.to_string()))
+            .is_some_and(|rec| {
+                let id = rec.authorization;
+                state.holds.get(&id).is_some_and(|h| h.permit.is_some())
+                    || state.finished.get(&id).is_some_and(|f| f.permit.is_some())
+            })
     }
 
     /// Restores the highest level already alerted per bucket (from the stored alerts), so

@@ -526,6 +526,65 @@ async fn metered_apis_are_held_and_settled_per_call(place: Place) {
     assert_eq!(s.body["charge"], "0.0225");
 }
 
+/// Promise 2 once memory moved on: the outcome of an idempotent authorize leaves memory
+/// (after `FINISHED_RETENTION`) before its Idempotency-Key does (after a day); a retry
+/// then gets its first answer from the ledger, not a 409.
+store_test!(an_idempotent_retry_after_the_engine_forgot_its_outcome_is_answered_from_the_ledger);
+async fn an_idempotent_retry_after_the_engine_forgot_its_outcome_is_answered_from_the_ledger(
+    place: Place,
+) {
+    let app = spawn_app_at(CONFIG, place).await;
+    let authorize = |body: serde_json::Value| {
+        let app = &app;
+        async move {
+            app.send(
+                reqwest::Method::POST,
+                "/v1/authorizations",
+                A_MEMBER,
+                Some(&body),
+                Some("k-forgotten"),
+            )
+            .await
+        }
+    };
+    let first = authorize(ask(300, 30)).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let id = first.body["authorization_id"].as_str().unwrap().to_string();
+    let s = app
+        .settle(
+            A_MEMBER,
+            &id,
+            json!({"usage": {"input_tokens": 300, "cached_input_tokens": 0, "output_tokens": 30}}),
+        )
+        .await;
+    assert_eq!(s.status, 200);
+    app.clock.advance(Duration::from_secs(3600));
+    app.services.sweep().await.unwrap();
+    assert!(
+        !app.services
+            .engine
+            .knows_idempotency_key("a", "k-forgotten"),
+        "the outcome is no longer in memory"
+    );
+    let again = authorize(ask(300, 30)).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body["authorization_id"], id.as_str());
+    assert_eq!(again.body["replayed"], true);
+    assert_eq!(again.body["held"], first.body["held"]);
+    let reused = authorize(ask(301, 30)).await;
+    assert_eq!(
+        (reused.status, reused.code()),
+        (409, "idempotency_key_reused")
+    );
+    let holds = app
+        .entries()
+        .await
+        .iter()
+        .filter(|e| e.kind == EntryKind::Hold)
+        .count();
+    assert_eq!(holds, 1, "one hold, however often the key is sent");
+}
+
 store_test!(a_settle_retried_after_the_engine_forgot_it_is_answered_from_the_ledger);
 async fn a_settle_retried_after_the_engine_forgot_it_is_answered_from_the_ledger(place: Place) {
     let app = spawn_app_at(CONFIG, place).await;
