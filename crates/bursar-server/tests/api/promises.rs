@@ -526,10 +526,10 @@ async fn metered_apis_are_held_and_settled_per_call(place: Place) {
     assert_eq!(s.body["charge"], "0.0225");
 }
 
+store_test!(an_idempotent_retry_after_the_engine_forgot_its_outcome_is_answered_from_the_ledger);
 /// Promise 2 once memory moved on: the outcome of an idempotent authorize leaves memory
 /// (after `FINISHED_RETENTION`) before its Idempotency-Key does (after a day); a retry
 /// then gets its first answer from the ledger, not a 409.
-store_test!(an_idempotent_retry_after_the_engine_forgot_its_outcome_is_answered_from_the_ledger);
 async fn an_idempotent_retry_after_the_engine_forgot_its_outcome_is_answered_from_the_ledger(
     place: Place,
 ) {
