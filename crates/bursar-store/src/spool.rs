@@ -148,13 +148,15 @@ struct SpooledEntryRef<'a> {
     on_hold: bool,
 }
 
-fn entry_refs(entries: &[Entry]) -> Vec<SpooledEntryRef<'_>> {
+/// The entries as written: each with the hold it acts on, or (`hold_by_id`, a journal
+/// record's form) only marked as acting on one.
+fn entry_refs(entries: &[Entry], hold_by_id: bool) -> Vec<SpooledEntryRef<'_>> {
     entries
         .iter()
         .map(|e| SpooledEntryRef {
             entry: e,
-            hold: e.hold.as_deref(),
-            on_hold: false,
+            hold: e.hold.as_deref().filter(|_| !hold_by_id),
+            on_hold: hold_by_id && e.hold.is_some(),
         })
         .collect()
 }
@@ -171,14 +173,7 @@ pub(crate) fn append_json(
     serde_json::to_writer(
         out,
         &SpooledRef::Append {
-            entries: entries
-                .iter()
-                .map(|e| SpooledEntryRef {
-                    entry: e,
-                    hold: None,
-                    on_hold: e.hold.is_some(),
-                })
-                .collect(),
+            entries: entry_refs(entries, true),
             alerts,
             journal: None,
         },
@@ -309,7 +304,7 @@ impl Spool {
                     journal,
                     ..
                 } => Some(SpooledRef::Append {
-                    entries: entry_refs(entries),
+                    entries: entry_refs(entries, false),
                     alerts,
                     journal: *journal,
                 }),
