@@ -3,6 +3,7 @@
 # with BURSAR_BENCH_DATABASE_URL=postgres://…/postgres, on a fresh PostgreSQL database;
 # with BURSAR_BENCH_REDIS_URL=redis://…, rate limits in Redis (bench.toml's limit is
 # checked on every call and never reached).
+# BURSAR_IDEMPOTENCY=1: every authorize carries a fresh Idempotency-Key.
 # Usage: bench/http_load.sh [connections...]   (default: 16 64)
 # Prints wrk's summary per run and Bursar's RSS and CPU seconds after each.
 set -euo pipefail

@@ -33,6 +33,7 @@
 //! [`StoreError::Corrupt`]) fails every ticket from then on, until a restart.
 
 pub mod journal;
+pub mod keys;
 pub mod postgres;
 pub mod spool;
 pub mod sqlite;
@@ -2361,5 +2362,104 @@ mod tests {
         assert_eq!(written.load(Ordering::SeqCst), total);
         assert!(handle.is_healthy());
         assert_eq!(handle.queued(), 0);
+    }
+
+    /// A second start on a data directory a running process holds is refused, naming
+    /// it; once that process's writer has ended, the directory opens again.
+    #[test]
+    fn one_process_at_a_time_holds_a_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sqlite::ledger_path(dir.path());
+        let (handle, writer) = start_sqlite(&path, &mut Vec::new());
+        let refused = sqlite::open(
+            &path,
+            Durability::Process,
+            Recovery {
+                on_entry: |_: Entry| {},
+                on_catalog: |_| {},
+                on_counters: |_| {},
+            },
+        );
+        let Err(StoreError::Unavailable(why)) = refused else {
+            panic!("a held directory was opened again");
+        };
+        assert!(why.contains("in use by another running bursar"), "{why}");
+        assert!(why.contains(&dir.path().display().to_string()), "{why}");
+        handle
+            .append(vec![entry(1, 0)], Vec::new())
+            .wait_blocking()
+            .unwrap();
+        drop(handle);
+        writer.join().unwrap();
+        let mut seen = Vec::new();
+        let (handle, writer) = start_sqlite(&path, &mut seen);
+        assert_eq!(seen, vec![1], "the first process's entry is there");
+        drop(handle);
+        writer.join().unwrap();
+    }
+
+    /// The embedded reader skips the query for an idempotency key no hold has, through a
+    /// filter of the stored keys: so the filter must know every stored key, those from
+    /// before a restart (loaded at start) and those written since (added by the writer).
+    #[test]
+    fn every_stored_idempotency_key_is_found_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sqlite::ledger_path(dir.path());
+        let keyed = |n: u64, key: &str| {
+            let mut e = entry(n, 1_000);
+            if let Some(d) = e.detail.as_mut() {
+                Arc::make_mut(d).idempotency_key = Some(key.to_string());
+            }
+            e
+        };
+        let held = |reader: &Reader, tenant: &str, key: &str| {
+            let Reader::Sqlite(r) = reader else {
+                panic!("the embedded store has the embedded reader")
+            };
+            r.hold_by_idempotency_key(tenant, key)
+                .unwrap()
+                .map(|h| h.detail.quantity)
+        };
+        let open = || {
+            sqlite::open(
+                &path,
+                Durability::Process,
+                Recovery {
+                    on_entry: |_: Entry| {},
+                    on_catalog: |_| {},
+                    on_counters: |_| {},
+                },
+            )
+            .unwrap()
+        };
+        let first = open();
+        first
+            .handle
+            .append(vec![keyed(1, "k-1"), keyed(2, "k-2")], Vec::new())
+            .wait_blocking()
+            .unwrap();
+        first.handle.barrier().wait_blocking().unwrap();
+        assert_eq!(held(&first.reader, "t", "k-1"), Some(1));
+        drop(first.handle);
+        first.writer.join().unwrap();
+
+        let again = open();
+        assert_eq!(held(&again.reader, "t", "k-1"), Some(1), "stored before");
+        assert_eq!(held(&again.reader, "t", "k-2"), Some(2), "stored before");
+        assert_eq!(held(&again.reader, "t", "k-3"), None);
+        assert_eq!(
+            held(&again.reader, "other", "k-1"),
+            None,
+            "keys are per tenant"
+        );
+        again
+            .handle
+            .append(vec![keyed(3, "k-3")], Vec::new())
+            .wait_blocking()
+            .unwrap();
+        again.handle.barrier().wait_blocking().unwrap();
+        assert_eq!(held(&again.reader, "t", "k-3"), Some(3), "written since");
+        drop(again.handle);
+        again.writer.join().unwrap();
     }
 }

@@ -11,6 +11,11 @@
 //! `meta.replay_from_seq` where the tail begins: at the first hold still open, or the
 //! first entry of the recent past ([`crate::RECENT_REPLAY_MS`]), whichever is earlier.
 //! The whole chain is then checked in the background ([`crate::ChainCheck`]).
+//!
+//! One process at a time holds a data directory: the store takes an exclusive lock on
+//! its `bursar.lock` file for as long as its writer runs, and a second `bursar serve` on
+//! the same directory is refused at start, naming it. (Two engines on one ledger would
+//! each enforce budgets on only their own calls.)
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +29,7 @@ use bursar_core::Money;
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
+use crate::keys::IdempotencyKeys;
 use crate::spool::SpoolConfig;
 use crate::{
     counter_deltas, detail_json, from_i64, parse_counters, parse_detail, spawn_writer, to_i64,
@@ -141,6 +147,7 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
     }
+    let lock = lock_data_dir(path)?;
     let conn = open_connection(path, durability)?;
     conn.execute_batch(SCHEMA)?;
     conn.execute(
@@ -178,6 +185,8 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
         )));
     }
     read_catalog(&conn, &mut recovery.on_catalog)?;
+    let keys = Arc::new(IdempotencyKeys::default());
+    load_idempotency_keys(&conn, &keys)?;
     let chain = if from > 1 {
         check_in_background(path)?
     } else {
@@ -185,6 +194,8 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
     };
     tracing::debug!(from_seq = from, "ledger tail replayed");
     let mut writer = Writer::new(conn, last_hash, Some(marks))?;
+    writer.keys = Some(keys.clone());
+    writer._lock = Some(lock);
     if durability == Durability::Process {
         writer.wal_flusher = Some(WalFlusher::start(path)?);
     }
@@ -202,7 +213,7 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
     Ok(Opened {
         handle,
         shared: None,
-        reader: crate::Reader::Sqlite(Reader::open(path)?),
+        reader: crate::Reader::Sqlite(Reader::open(path)?.with_keys(keys)),
         entries,
         chain,
         writer: join,
@@ -230,6 +241,62 @@ fn land_left_spools(conn: Connection, spool: &SpoolConfig) -> Result<Connection,
     // After the spools: a spooled command that was journaled moved its journal's mark.
     crate::journal::land_left(&spool.dir, &spool.store, &mut writer)?;
     Ok(writer.conn)
+}
+
+/// The name of the file whose lock says a process holds the data directory.
+pub const LOCK_FILE: &str = "bursar.lock";
+
+/// Takes the data directory's lock, held until the writer ends; refuses a directory
+/// another live process holds. (The OS drops the lock with its holder, however it ends.)
+fn lock_data_dir(db: &Path) -> Result<std::fs::File, StoreError> {
+    let dir = db.parent().unwrap_or(Path::new("."));
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "the data directory {} is in use by another running bursar (it holds {}); one process at a time serves an embedded store",
+            dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::Io(format!("{}: {e}", path.display())))
+        }
+    }
+}
+
+/// Feeds every idempotency key of a stored hold to `keys`, through the partial index
+/// that holds them.
+fn load_idempotency_keys(conn: &Connection, keys: &IdempotencyKeys) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let mut stmt = conn.prepare(
+        "SELECT t.text, json_extract(l.detail, '$.idempotency_key') FROM ledger l JOIN dict t ON t.id = l.tenant
+         WHERE l.kind = 1 AND json_extract(l.detail, '$.idempotency_key') IS NOT NULL",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut chunk: Vec<(String, String)> = Vec::with_capacity(4096);
+    let mut done = false;
+    while !done {
+        match rows.next()? {
+            Some(r) => chunk.push((r.get(0)?, r.get(1)?)),
+            None => done = true,
+        }
+        if done || chunk.len() == chunk.capacity() {
+            keys.add(chunk.iter().map(|(t, k)| (t.as_str(), k.as_str())));
+            chunk.clear();
+        }
+    }
+    tracing::debug!(
+        keys = keys.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "idempotency keys loaded"
+    );
+    Ok(())
 }
 
 fn store_identity(conn: &Connection) -> Result<String, StoreError> {
@@ -277,6 +344,10 @@ struct Writer {
     marked_at: Instant,
     /// Ends the WAL flusher when the writer ends.
     wal_flusher: Option<WalFlusher>,
+    /// The idempotency keys the store has, which each batch adds to before its commit.
+    keys: Option<Arc<IdempotencyKeys>>,
+    /// The data directory's lock, released when the writer ends.
+    _lock: Option<std::fs::File>,
 }
 
 /// How often the WAL's written pages are flushed to disk ahead of checkpoints.
@@ -383,6 +454,18 @@ impl Backend for Writer {
     }
 }
 
+/// The (tenant, idempotency key) of every hold a command appends.
+fn idempotency_keys(cmd: &Command) -> impl Iterator<Item = (&str, &str)> {
+    let entries: &[Entry] = match cmd {
+        Command::Append { entries, .. } => entries,
+        _ => &[],
+    };
+    entries.iter().filter_map(|e| {
+        let key = e.detail.as_ref()?.idempotency_key.as_deref()?;
+        (e.kind == EntryKind::Hold).then_some((e.tenant.as_str(), key))
+    })
+}
+
 /// The `meta` key of a spool's mark.
 fn spool_key(spool: Uuid) -> String {
     format!("spool:{spool}")
@@ -403,6 +486,8 @@ impl Writer {
             marks,
             marked_at: Instant::now(),
             wal_flusher: None,
+            keys: None,
+            _lock: None,
         };
         writer.load_dict()?;
         Ok(writer)
@@ -434,6 +519,10 @@ impl Writer {
     }
 
     fn write_batch(&mut self, batch: &[Command]) -> Result<(), StoreError> {
+        if let Some(keys) = &self.keys {
+            // Before the commit: a key is never in the store and not in the filter.
+            keys.add(batch.iter().flat_map(idempotency_keys));
+        }
         let tx = self.conn.transaction()?;
         {
             let mut insert = tx.prepare_cached(
@@ -672,6 +761,8 @@ pub fn stored_counters(conn: &Connection) -> Result<HashMap<BucketKey, Counter>,
 /// Read-only queries for reports (see [`crate::Reader`]).
 pub struct Reader {
     conn: parking_lot::Mutex<Connection>,
+    /// With the store's writer in this process: the keys its holds may carry.
+    keys: Option<Arc<IdempotencyKeys>>,
 }
 
 impl Reader {
@@ -683,7 +774,14 @@ impl Reader {
         conn.execute_batch("PRAGMA busy_timeout = 5000;")?;
         Ok(Reader {
             conn: parking_lot::Mutex::new(conn),
+            keys: None,
         })
+    }
+
+    /// Answers "no hold" without a query for a key `keys` certainly lacks.
+    fn with_keys(mut self, keys: Arc<IdempotencyKeys>) -> Self {
+        self.keys = Some(keys);
+        self
     }
 
     pub fn alerts(&self, tenant: Option<&str>, limit: u32) -> Result<Vec<AlertRow>, StoreError> {
@@ -712,6 +810,9 @@ impl Reader {
         tenant: &str,
         key: &str,
     ) -> Result<Option<StoredHold>, StoreError> {
+        if self.keys.as_ref().is_some_and(|k| !k.may_have(tenant, key)) {
+            return Ok(None);
+        }
         let conn = self.conn.lock();
         let mut stmt = conn.prepare_cached(
             "SELECT l.auth, l.held, mu.text, pv.text, l.detail FROM ledger l

@@ -1,4 +1,5 @@
-//! The real binary: crash safety under kill -9, refusal of bad configuration files,
+//! The real binary: crash safety under kill -9, refusal of bad configuration files and
+//! of a second server on a held data directory,
 //! `ledger verify` and `prices import`.
 
 // Test code: a failed unwrap is a failed test.
@@ -453,6 +454,18 @@ fn ledger_verify_names_the_edited_entry() {
                 .unwrap();
         }
     });
+    // A second server on the same data directory is refused while this one runs: two
+    // engines on one ledger would each enforce budgets on their own calls only.
+    let second = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use by another running bursar"), "{err}");
     // A graceful stop: what was acknowledged is in the store when it ends.
     let term = Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
