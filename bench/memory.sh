@@ -8,7 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
-bin=./target/release/bursar
+# BURSAR_BIN runs another build (say, the one before a change) instead of this tree's.
+# BURSAR_IDEMPOTENCY=1: every authorize of the load carries a fresh Idempotency-Key.
+bin=${BURSAR_BIN:-./target/release/bursar}
 tmp=$(mktemp -d)
 pid=
 trap 'kill $pid 2>/dev/null && wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT
@@ -19,7 +21,7 @@ if [ "$mode" = --heaptrack ]; then
   bin="$tmp/bursar-system-alloc"
   # Leave target/release/bursar as the other benches expect it.
   cargo build --release -p bursar >/dev/null
-else
+elif [ -z "${BURSAR_BIN:-}" ]; then
   cargo build --release -p bursar >/dev/null
 fi
 serve() {

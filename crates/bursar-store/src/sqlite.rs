@@ -599,10 +599,11 @@ impl Writer {
                         }
                     },
                     Command::SpoolMark { spool, through } => {
-                        tx.execute(
+                        // Every batch carries its journal's mark: prepared once.
+                        tx.prepare_cached(
                             "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
-                            params![spool_key(*spool), through.to_string()],
-                        )?;
+                        )?
+                        .execute(params![spool_key(*spool), through.to_string()])?;
                     }
                     Command::ForgetMark { spool } => {
                         tx.execute("DELETE FROM meta WHERE k = ?1", params![spool_key(*spool)])?;
