@@ -252,6 +252,64 @@ pub struct Budget {
     pub tenant: Option<String>,
     #[serde(flatten)]
     pub spec: BudgetSpec,
+    /// Its texts as callers see them, made once (`Budget::texts`).
+    #[serde(skip)]
+    pub texts: TextsCache,
+}
+
+impl Budget {
+    pub fn new(id: String, tenant: Option<String>, spec: BudgetSpec) -> Budget {
+        Budget {
+            id,
+            tenant,
+            spec,
+            texts: TextsCache::default(),
+        }
+    }
+
+    /// Its id, scope and window as text, shared by every view of it: a permit shows
+    /// every budget it touched, and keeping a permit (for an idempotent retry) keeps
+    /// these once, not once per view.
+    pub fn texts(&self) -> &BudgetTexts {
+        self.texts.0.get_or_init(|| BudgetTexts {
+            id: self.id.as_str().into(),
+            scope: self.spec.scope.to_string().into(),
+            window: self.spec.window.to_string().into(),
+        })
+    }
+}
+
+/// A budget's id, scope and window as text.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BudgetTexts {
+    pub id: std::sync::Arc<str>,
+    pub scope: std::sync::Arc<str>,
+    pub window: std::sync::Arc<str>,
+}
+
+/// A cache of [`Budget::texts`]: not part of the budget's value (equal whatever it
+/// holds), and a clone starts empty, since a clone may then be changed.
+#[derive(Default)]
+pub struct TextsCache(std::sync::OnceLock<BudgetTexts>);
+
+impl Clone for TextsCache {
+    fn clone(&self) -> Self {
+        TextsCache::default()
+    }
+}
+
+impl PartialEq for TextsCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for TextsCache {}
+
+impl fmt::Debug for TextsCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TextsCache")
+    }
 }
 
 /// One counter: a budget, a scope value and a period. Travels as its compact text form,
@@ -355,6 +413,41 @@ impl Level {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budgets_texts_are_made_once_and_never_outlive_a_change() {
+        let b = Budget::new(
+            "team-day".into(),
+            Some("acme".into()),
+            BudgetSpec {
+                scope: ScopeKind::Team,
+                selector: Selector::Each,
+                window: Window::Daily,
+                limit: Money::from_nanos(5_000_000_000),
+                thresholds: Thresholds::default(),
+                rollover: false,
+            },
+        );
+        let texts = b.texts();
+        assert_eq!(
+            (&*texts.id, &*texts.scope, &*texts.window),
+            ("team-day", "team", "daily")
+        );
+        assert!(
+            std::sync::Arc::ptr_eq(&texts.id, &b.texts().id),
+            "made once"
+        );
+        // A clone may be changed: it makes its own texts.
+        let mut changed = b.clone();
+        assert_eq!(changed, b, "the cache is not part of the value");
+        changed.id = "team-week".into();
+        changed.spec.window = Window::Weekly;
+        assert_eq!(
+            (&*changed.texts().id, &*changed.texts().window),
+            ("team-week", "weekly")
+        );
+        assert_eq!(&*b.texts().id, "team-day");
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

@@ -717,11 +717,7 @@ impl Config {
                     if b.tenant.is_some() && spec.scope == ScopeKind::Global {
                         p.push(format!("{owner}: a global budget has no tenant"));
                     }
-                    budgets.push(Budget {
-                        id,
-                        tenant: b.tenant.clone(),
-                        spec,
-                    });
+                    budgets.push(Budget::new(id, b.tenant.clone(), spec));
                 }
                 Err(e) => p.extend(e.into_iter().map(|e| format!("{owner}: {e}"))),
             }

@@ -58,8 +58,13 @@ pub const FINISHED_RETENTION: Duration = Duration::from_secs(300);
 pub const MAX_FINISHED_IN_MEMORY: usize = 20_000;
 /// How often counters of ended periods are pruned from memory (`Engine::prune_counters`).
 const COUNTER_PRUNE_EVERY_SECS: i64 = 60;
-/// Idempotency records kept in memory at most (oldest forgotten first).
-pub const MAX_IDEMPOTENCY_IN_MEMORY: usize = 100_000;
+/// Idempotency records kept in memory at most (oldest forgotten first, at each sweep).
+/// A retry is answered from memory only while its first answer is there (its hold open,
+/// or its outcome among the last [`MAX_FINISHED_IN_MEMORY`]): more records would only
+/// serve holds still open after that many newer keys, at ~450 bytes each. A forgotten
+/// key is looked up in the ledger, which answers the same hold (on the embedded store,
+/// only if its filter of stored keys may have the key).
+pub const MAX_IDEMPOTENCY_IN_MEMORY: usize = MAX_FINISHED_IN_MEMORY;
 /// A prompt longer than this many tokens is refused before counting further.
 pub const MAX_PROMPT_TOKENS: u64 = 10_000_000;
 /// At most this many units of a metered API in one authorization.
@@ -243,10 +248,13 @@ pub struct AuthorizeRequest {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BudgetView {
-    pub budget_id: String,
-    pub scope: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub budget_id: Arc<str>,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub scope: Arc<str>,
     pub value: String,
-    pub window: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub window: Arc<str>,
     pub period_start: i64,
     pub limit: Money,
     pub spent: Money,
@@ -1186,11 +1194,12 @@ impl Engine {
     }
 
     fn view(a: &Applicable, counter: Counter, limit: Money) -> BudgetView {
+        let texts = a.budget.texts();
         BudgetView {
-            budget_id: a.budget.id.clone(),
-            scope: a.budget.spec.scope.to_string(),
+            budget_id: texts.id.clone(),
+            scope: texts.scope.clone(),
             value: a.bucket.value.clone(),
-            window: a.budget.spec.window.to_string(),
+            window: texts.window.clone(),
             period_start: a.bucket.period_start,
             limit,
             spent: counter.spent,
@@ -2838,10 +2847,12 @@ pub fn plan_budgets(tenant: &Tenant, plan: &Plan) -> Vec<Budget> {
     plan.default_budgets
         .iter()
         .enumerate()
-        .map(|(i, spec)| Budget {
-            id: plan_budget_id(&tenant.id, i),
-            tenant: Some(tenant.id.clone()),
-            spec: spec.clone(),
+        .map(|(i, spec)| {
+            Budget::new(
+                plan_budget_id(&tenant.id, i),
+                Some(tenant.id.clone()),
+                spec.clone(),
+            )
         })
         .collect()
 }

@@ -367,7 +367,7 @@ fn counters_of_ended_periods_leave_memory_and_current_ones_stay() {
         engine
             .standing_for(&c, &Tags::default(), at)
             .into_iter()
-            .find(|v| v.budget_id == "acme-month")
+            .find(|v| &*v.budget_id == "acme-month")
             .unwrap()
     };
     let later = now() + day * 10;
@@ -892,7 +892,7 @@ fn unused_budget_rolls_over_to_the_next_period() {
     let view = p
         .budgets
         .iter()
-        .find(|b| b.budget_id == "daily-roll")
+        .find(|b| &*b.budget_id == "daily-roll")
         .unwrap();
     assert_eq!(view.limit, Money::parse("0.000444").unwrap());
     // Without rollover the same second call would not have fitted whole ($0.00021 hold).

@@ -777,11 +777,7 @@ pub async fn create_budget(
         ApiError::bad_request(code, problems.join("; "))
     })?;
     let id = format!("{tenant}.{}", b.id);
-    let budget = Budget {
-        id: id.clone(),
-        tenant: Some(tenant),
-        spec,
-    };
+    let budget = Budget::new(id.clone(), Some(tenant), spec);
     commit(&s, vec![row("budget", &id, &budget)]).await?;
     catalog.api_budgets.insert(id, budget.clone());
     s.engine.set_budgets(catalog.budget_set());
