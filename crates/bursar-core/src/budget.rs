@@ -271,10 +271,12 @@ impl Budget {
     /// every budget it touched, and keeping a permit (for an idempotent retry) keeps
     /// these once, not once per view.
     pub fn texts(&self) -> &BudgetTexts {
-        self.texts.0.get_or_init(|| BudgetTexts {
-            id: self.id.as_str().into(),
-            scope: self.spec.scope.to_string().into(),
-            window: self.spec.window.to_string().into(),
+        self.texts.0.get_or_init(|| {
+            std::sync::Arc::new(BudgetTexts {
+                id: self.id.as_str().into(),
+                scope: self.spec.scope.to_string().into(),
+                window: self.spec.window.to_string().into(),
+            })
         })
     }
 }
@@ -288,9 +290,10 @@ pub struct BudgetTexts {
 }
 
 /// A cache of [`Budget::texts`]: not part of the budget's value (equal whatever it
-/// holds), and a clone starts empty, since a clone may then be changed.
+/// holds), and a clone starts empty, since a clone may then be changed. Boxed: most
+/// budgets of a large catalog are never shown, and each costs one word until then.
 #[derive(Default)]
-pub struct TextsCache(std::sync::OnceLock<BudgetTexts>);
+pub struct TextsCache(std::sync::OnceLock<std::sync::Arc<BudgetTexts>>);
 
 impl Clone for TextsCache {
     fn clone(&self) -> Self {
