@@ -254,7 +254,7 @@ pub struct Budget {
     pub spec: BudgetSpec,
     /// Its texts as callers see them, made once (`Budget::texts`).
     #[serde(skip)]
-    pub texts: TextsCache,
+    pub(crate) texts: TextsCache,
 }
 
 impl Budget {
@@ -290,8 +290,8 @@ pub struct BudgetTexts {
 }
 
 /// A cache of [`Budget::texts`]: not part of the budget's value (equal whatever it
-/// holds), and a clone starts empty, since a clone may then be changed. Boxed: most
-/// budgets of a large catalog are never shown, and each costs one word until then.
+/// holds), and a clone starts empty, since a clone may then be changed. Behind an `Arc`:
+/// most budgets of a large catalog are never shown, and each costs two words until then.
 #[derive(Default)]
 pub struct TextsCache(std::sync::OnceLock<std::sync::Arc<BudgetTexts>>);
 

@@ -63,7 +63,8 @@ const COUNTER_PRUNE_EVERY_SECS: i64 = 60;
 /// or its outcome among the last [`MAX_FINISHED_IN_MEMORY`]): more records would only
 /// serve holds still open after that many newer keys, at ~450 bytes each. A forgotten
 /// key is looked up in the ledger, which answers the same hold (on the embedded store,
-/// only if its filter of stored keys may have the key).
+/// only if its filter of stored keys may have the key); so a record is forgotten only
+/// once its hold is known to be there ([`Engine::idempotency_landed`]), cap or not.
 pub const MAX_IDEMPOTENCY_IN_MEMORY: usize = MAX_FINISHED_IN_MEMORY;
 /// A prompt longer than this many tokens is refused before counting further.
 pub const MAX_PROMPT_TOKENS: u64 = 10_000_000;
@@ -417,6 +418,11 @@ struct Aging<K, V> {
     /// `(at_ms, key)` in arrival order. A value replaced under the same key leaves its
     /// older pair behind, which names it with another time: skipped.
     order: VecDeque<(i64, K)>,
+    /// Pairs taken off the front of `order` so far: the front is insertion number
+    /// `popped` (insertions are numbered from 0, in order).
+    popped: u64,
+    /// Insertions numbered below this may be forgotten by [`Aging::trim_landed`].
+    landed: u64,
 }
 
 impl<K, V> Default for Aging<K, V> {
@@ -424,6 +430,8 @@ impl<K, V> Default for Aging<K, V> {
         Aging {
             by_key: Map::default(),
             order: VecDeque::new(),
+            popped: 0,
+            landed: 0,
         }
     }
 }
@@ -450,18 +458,39 @@ impl<K: Eq + std::hash::Hash + Clone, V: Aged> Aging<K, V> {
         self.by_key.insert(k, v);
     }
 
+    /// How many values were inserted so far (the next insertion's number).
+    fn inserted(&self) -> u64 {
+        self.popped + self.order.len() as u64
+    }
+
+    /// Insertions numbered below `through` may be forgotten by [`Aging::trim_landed`].
+    fn mark_landed(&mut self, through: u64) {
+        self.landed = self.landed.max(through.min(self.inserted()));
+    }
+
     /// Forgets, oldest first, until at most `max` remain and the oldest came after
     /// `after_ms`. (Values come nearly in time order; one adopted late waits its turn.)
     fn trim(&mut self, max: usize, after_ms: i64) {
+        self.trim_below(max, after_ms, u64::MAX);
+    }
+
+    /// The same, but never forgets an insertion not yet marked landed: the oldest such
+    /// stays, and every value after it, however many.
+    fn trim_landed(&mut self, max: usize, after_ms: i64) {
+        self.trim_below(max, after_ms, self.landed);
+    }
+
+    fn trim_below(&mut self, max: usize, after_ms: i64, below: u64) {
         while let Some((at, k)) = self.order.front() {
             let keep = self.by_key.len() <= max && *at > after_ms && self.order.len() <= 2 * max;
-            if keep {
+            if keep || self.popped >= below {
                 break;
             }
             if self.by_key.get(k).is_some_and(|v| v.at_ms() == *at) {
                 self.by_key.remove(k);
             }
             self.order.pop_front();
+            self.popped += 1;
         }
     }
 }
@@ -1207,6 +1236,21 @@ impl Engine {
             remaining: limit.saturating_sub(counter.used()).max(Money::ZERO),
             level: Level::of(counter.used(), limit, &a.budget.spec.thresholds),
         }
+    }
+
+    /// A mark of the idempotency records made so far, for [`Engine::idempotency_landed`].
+    /// Each record is made under the engine's lock with the append of its hold, so every
+    /// record before the mark has had its hold appended to the sink.
+    pub fn idempotency_mark(&self) -> u64 {
+        self.state.lock().idempotency.inserted()
+    }
+
+    /// Says that the holds of every idempotency record before `mark` are in the store
+    /// (a barrier sent after the mark was read has resolved): only those records may be
+    /// forgotten, since a forgotten key is looked up in the store, where a hold not yet
+    /// landed would not be found and a second one would be made.
+    pub fn idempotency_landed(&self, mark: u64) {
+        self.state.lock().idempotency.mark_landed(mark);
     }
 
     /// Does the engine still remember this idempotency key of this tenant? When it does
@@ -2491,7 +2535,9 @@ impl Engine {
         let keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
         state.finished.trim(MAX_FINISHED_IN_MEMORY, keep_finished);
         let keep_idem = now_ms - i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(0);
-        state.idempotency.trim(MAX_IDEMPOTENCY_IN_MEMORY, keep_idem);
+        state
+            .idempotency
+            .trim_landed(MAX_IDEMPOTENCY_IN_MEMORY, keep_idem);
         let n = entries.len();
         let ticket = (n > 0).then(|| sink.append(entries, alerts));
         (n, ticket)
@@ -2740,7 +2786,12 @@ impl Engine {
     pub fn recover_one(&self, e: &Entry) {
         let mut state = self.state.lock();
         state.finished.trim(MAX_FINISHED_IN_MEMORY, i64::MIN);
-        state.idempotency.trim(MAX_IDEMPOTENCY_IN_MEMORY, i64::MIN);
+        // What recovery reads is in the store already.
+        let recovered = state.idempotency.inserted();
+        state.idempotency.mark_landed(recovered);
+        state
+            .idempotency
+            .trim_landed(MAX_IDEMPOTENCY_IN_MEMORY, i64::MIN);
         {
             match e.kind {
                 EntryKind::Hold => {
@@ -2926,5 +2977,29 @@ mod tests {
         f.trim(10, i64::MIN);
         assert!(f.order.len() <= 20, "{}", f.order.len());
         assert_eq!(f.len(), 1, "the newest outcome stays");
+    }
+
+    /// Idempotency records whose holds may not be in the store yet are never forgotten,
+    /// however many or old: a forgotten key is looked up in the store.
+    #[test]
+    fn only_records_marked_landed_are_forgotten() {
+        let mut m: Aging<Uuid, Box<Finished>> = Aging::default();
+        let ids: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+        for (at, id) in ids.iter().enumerate() {
+            m.insert(*id, finished_at(at as i64));
+        }
+        m.trim_landed(2, i64::MAX);
+        assert_eq!(m.len(), 10, "nothing is marked landed yet");
+        m.mark_landed(4);
+        m.trim_landed(2, i64::MAX);
+        assert_eq!(m.len(), 6, "the first four went, and only them");
+        assert!(ids[..4].iter().all(|id| !m.contains_key(id)));
+        assert!(ids[4..].iter().all(|id| m.contains_key(id)));
+        // A mark past what was inserted covers only what was.
+        m.mark_landed(1_000);
+        m.insert(Uuid::now_v7(), finished_at(100));
+        m.trim_landed(0, i64::MAX);
+        assert_eq!(m.len(), 1, "the one inserted after the mark stays");
+        assert_eq!(m.inserted(), 11);
     }
 }

@@ -359,11 +359,10 @@ async fn follow_other_instances(
 impl Services {
     /// Waits until what was acknowledged so far has landed in the store, so that a read
     /// of the store sees it: an acknowledged entry may be only in the journal for a
-    /// moment. Skipped while the store fails (the read then shows what landed).
-    pub(crate) async fn caught_up(&self) {
-        if self.ledger.is_healthy() {
-            let _ = self.ledger.barrier().wait().await;
-        }
+    /// moment. Skipped while the store fails (the read then shows what landed). True
+    /// when everything acknowledged before the call is known to have landed.
+    pub(crate) async fn caught_up(&self) -> bool {
+        self.ledger.is_healthy() && self.ledger.barrier().wait().await.is_ok()
     }
 
     /// Rebuilds the catalog from the file's part and the stored rows, and puts it in
@@ -661,8 +660,12 @@ impl Services {
     /// instance asks for them.)
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         // What the engine forgets below (keys, outcomes past their time) is then in the
-        // store, where it is looked up: not only in the journal.
-        self.caught_up().await;
+        // store, where it is looked up: not only in the journal. An idempotency key is
+        // forgotten only once its hold is known to be there (the barrier resolved).
+        let mark = self.engine.idempotency_mark();
+        if self.caught_up().await {
+            self.engine.idempotency_landed(mark);
+        }
         let now = self.clock.now();
         let (n, ticket) = match &self.shared {
             None => self.engine.expire_due(now, &self.ledger),

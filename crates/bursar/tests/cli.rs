@@ -456,15 +456,30 @@ fn ledger_verify_names_the_edited_entry() {
     });
     // A second server on the same data directory is refused while this one runs: two
     // engines on one ledger would each enforce budgets on their own calls only.
-    let second = Command::new(BIN)
+    let mut second = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
         .arg("--data-dir")
         .arg(&data)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!second.status.success());
-    let err = String::from_utf8_lossy(&second.stderr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second server runs on a data directory in use");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
     assert!(err.contains("in use by another running bursar"), "{err}");
     // A graceful stop: what was acknowledged is in the store when it ends.
     let term = Command::new("kill")

@@ -2,7 +2,7 @@
 //! shadow mode.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bursar_core::budget::BucketKey;
 use bursar_core::ledger::{flags, EntryKind, Replay};
@@ -908,4 +908,64 @@ async fn a_start_replays_the_ledgers_tail_and_checks_the_rest_in_the_background(
         "{:?}",
         r.body
     );
+}
+
+/// Promise 2 while the embedded store's writer is stuck: the record of an Idempotency-Key whose hold was
+/// acknowledged (journaled) but is not in the store yet is not forgotten by the sweep,
+/// however old. A forgotten key is looked up in the store, where that hold is not yet,
+/// and a retry would make a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_whose_hold_has_not_landed_is_not_forgotten() {
+    let app = spawn_app_at(CONFIG, Place::sqlite()).await;
+    let bursar_store::Location::Sqlite(db) = app.place.location.clone() else {
+        unreachable!()
+    };
+    let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 100, "max_tokens": 10});
+    let keyed = || {
+        app.send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            A_MEMBER,
+            Some(&ask),
+            Some("k-stuck"),
+        )
+    };
+    // Another connection holds the database's write lock: the writer cannot commit.
+    let blocker = rusqlite::Connection::open(&db).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let first = keyed().await;
+    assert_eq!(
+        first.status, 200,
+        "acknowledged from the journal: {:?}",
+        first.body
+    );
+    let id = first.body["authorization_id"].as_str().unwrap().to_string();
+    // A day later, the hold still not in the store: the sweep forgets old keys, not this.
+    app.clock.advance(Duration::from_secs(25 * 3600));
+    let _ = app.services.sweep().await;
+    assert!(
+        app.services.engine.knows_idempotency_key("a", "k-stuck"),
+        "forgotten before its hold reached the store"
+    );
+
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    // Landed: now the sweep forgets it, and the store answers a retry.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.services.engine.knows_idempotency_key("a", "k-stuck") {
+        assert!(Instant::now() < deadline, "never forgotten once landed");
+        let _ = app.services.sweep().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retry = keyed().await;
+    assert_eq!(retry.status, 200, "{:?}", retry.body);
+    assert_eq!(retry.body["authorization_id"], id.as_str());
+    assert_eq!(retry.body["replayed"], true);
+    let holds = app
+        .entries()
+        .await
+        .iter()
+        .filter(|e| e.kind == EntryKind::Hold)
+        .count();
+    assert_eq!(holds, 1, "one hold for the key");
 }
