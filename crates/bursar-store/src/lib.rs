@@ -1671,17 +1671,24 @@ mod tests {
         path: &std::path::Path,
         seen: &mut Vec<u64>,
     ) -> (LedgerHandle, thread::JoinHandle<()>) {
-        let opened = sqlite::open(
+        let opened = open_sqlite(path, |e| seen.push(e.quantity)).unwrap();
+        (opened.handle, opened.writer)
+    }
+
+    /// Opens the embedded store at `path`, handing each recovered entry to `on_entry`.
+    fn open_sqlite(
+        path: &std::path::Path,
+        on_entry: impl FnMut(Entry),
+    ) -> Result<Opened, StoreError> {
+        sqlite::open(
             path,
             Durability::Process,
             Recovery {
-                on_entry: |e: Entry| seen.push(e.quantity),
+                on_entry,
                 on_catalog: |_| {},
                 on_counters: |_| {},
             },
         )
-        .unwrap();
-        (opened.handle, opened.writer)
     }
 
     fn spool_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -2371,16 +2378,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = sqlite::ledger_path(dir.path());
         let (handle, writer) = start_sqlite(&path, &mut Vec::new());
-        let refused = sqlite::open(
-            &path,
-            Durability::Process,
-            Recovery {
-                on_entry: |_: Entry| {},
-                on_catalog: |_| {},
-                on_counters: |_| {},
-            },
-        );
-        let Err(StoreError::Unavailable(why)) = refused else {
+        let Err(StoreError::Unavailable(why)) = open_sqlite(&path, |_| {}) else {
             panic!("a held directory was opened again");
         };
         assert!(why.contains("in use by another running bursar"), "{why}");
@@ -2420,18 +2418,7 @@ mod tests {
                 .unwrap()
                 .map(|h| h.detail.quantity)
         };
-        let open = || {
-            sqlite::open(
-                &path,
-                Durability::Process,
-                Recovery {
-                    on_entry: |_: Entry| {},
-                    on_catalog: |_| {},
-                    on_counters: |_| {},
-                },
-            )
-            .unwrap()
-        };
+        let open = || open_sqlite(&path, |_| {}).unwrap();
         let first = open();
         first
             .handle

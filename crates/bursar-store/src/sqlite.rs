@@ -279,17 +279,9 @@ fn load_idempotency_keys(conn: &Connection, keys: &IdempotencyKeys) -> Result<()
          WHERE l.kind = 1 AND json_extract(l.detail, '$.idempotency_key') IS NOT NULL",
     )?;
     let mut rows = stmt.query([])?;
-    let mut chunk: Vec<(String, String)> = Vec::with_capacity(4096);
-    let mut done = false;
-    while !done {
-        match rows.next()? {
-            Some(r) => chunk.push((r.get(0)?, r.get(1)?)),
-            None => done = true,
-        }
-        if done || chunk.len() == chunk.capacity() {
-            keys.add(chunk.iter().map(|(t, k)| (t.as_str(), k.as_str())));
-            chunk.clear();
-        }
+    while let Some(r) = rows.next()? {
+        let (tenant, key): (String, String) = (r.get(0)?, r.get(1)?);
+        keys.add([(tenant.as_str(), key.as_str())]);
     }
     tracing::debug!(
         keys = keys.len(),
