@@ -222,7 +222,14 @@ pub async fn authorize(
         if !s.engine.knows_idempotency_key(tenant, key) {
             let deadline = Instant::now() + bursar_store::COMMIT_WAIT;
             loop {
-                if let Some(h) = s.reader.hold_by_idempotency_key(tenant, key).await? {
+                let found = match s.reader.hold_by_idempotency_key(tenant, key).await {
+                    Ok(found) => found,
+                    // The store is away: a tenant that fails open is decided on this
+                    // instance's own memory of its keys (see `Services::outage_forgives`).
+                    Err(e) if s.outage_forgives(tenant, &e) => break,
+                    Err(e) => return Err(e.into()),
+                };
+                if let Some(h) = found {
                     if h.detail.fingerprint != req.fingerprint {
                         return Err(Denial {
                             code: DenyCode::IdempotencyKeyReused,
@@ -245,9 +252,14 @@ pub async fn authorize(
                 }
                 let Some(shared) = &s.shared else { break };
                 let now_ms = s.clock.now().timestamp_millis();
-                if shared.claim_idempotency_key(tenant, key, now_ms).await? {
-                    claimed = Some((shared, tenant.to_string(), key.clone()));
-                    break;
+                match shared.claim_idempotency_key(tenant, key, now_ms).await {
+                    Ok(true) => {
+                        claimed = Some((shared, tenant.to_string(), key.clone()));
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(e) if s.outage_forgives(tenant, &e) => break,
+                    Err(e) => return Err(e.into()),
                 }
                 if Instant::now() >= deadline {
                     return Err(Denial {

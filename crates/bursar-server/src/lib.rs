@@ -538,6 +538,23 @@ impl Services {
         Ok(permit)
     }
 
+    /// Whether a keyed authorize of `tenant` goes on without the store's answer to `e`
+    /// (the look-up of its Idempotency-Key in the ledger, or its claim): yes when the
+    /// store is away and the tenant fails open. The key is then known from this
+    /// instance's memory only: a retry during the outage gets its first permit from
+    /// there, but a key first used before what the engine remembers (20k keys, a day),
+    /// or on another instance, may be held a second time. That is the fail-open
+    /// trade-off (promise 6 over promise 2 while the store is away), counted in
+    /// `bursar_fail_open_total{part="idempotency"}`; both holds land in the ledger.
+    pub fn outage_forgives(&self, tenant: &str, e: &StoreError) -> bool {
+        let forgives = e.is_transient() && self.fails_open(tenant) && self.ledger.can_queue();
+        if forgives {
+            tracing::warn!(error = %e, tenant, "store unreachable: an Idempotency-Key is checked against this instance's memory only (fail open)");
+            metrics::counter!("bursar_fail_open_total", "part" => "idempotency").increment(1);
+        }
+        forgives
+    }
+
     /// Whether `tenant` takes calls on while the store or Redis is away.
     fn fails_open(&self, tenant: &str) -> bool {
         self.engine

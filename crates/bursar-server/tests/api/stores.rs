@@ -297,6 +297,34 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
         let id = p.body["authorization_id"].as_str().unwrap().to_string();
         opened.push(Uuid::parse_str(&id).unwrap());
     }
+    // With an Idempotency-Key the ledger cannot be asked: the fail-open tenant is
+    // decided on this instance's memory of its keys (a retry gets the first permit), the
+    // fail-closed one is refused.
+    let keyed = |member, key| {
+        app.send(
+            reqwest::Method::POST,
+            "/v1/authorizations",
+            member,
+            Some(&ask),
+            Some(key),
+        )
+    };
+    let first = keyed(B_MEMBER, "order-17").await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let retry = keyed(B_MEMBER, "order-17").await;
+    assert_eq!(retry.status, 200, "{:?}", retry.body);
+    assert_eq!(
+        retry.body["authorization_id"],
+        first.body["authorization_id"]
+    );
+    let keyed_id = Uuid::parse_str(first.body["authorization_id"].as_str().unwrap()).unwrap();
+    let r = keyed(A_MEMBER, "order-18").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "store_unavailable"),
+        "{:?}",
+        r.body
+    );
     let s = app
         .settle(B_MEMBER, &opened[0].to_string(), usage.clone())
         .await;
@@ -357,7 +385,7 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
             .filter(|e| e.authorization == id && e.kind == kind)
             .collect::<Vec<_>>()
     };
-    for id in &opened {
+    for id in opened.iter().chain([&keyed_id]) {
         let holds = of(*id, EntryKind::Hold);
         assert_eq!(holds.len(), 1);
         assert_ne!(holds[0].flags & bursar_core::ledger::flags::FAIL_OPEN, 0);
@@ -373,6 +401,14 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
         .filter(|e| e.kind == EntryKind::Hold && e.tenant == "a")
         .count();
     assert_eq!(a_holds, 1, "only the call after the outage");
+    let keyed_holds = entries
+        .iter()
+        .filter(|e| {
+            e.kind == EntryKind::Hold
+                && e.detail.as_ref().and_then(|d| d.idempotency_key.as_deref()) == Some("order-17")
+        })
+        .count();
+    assert_eq!(keyed_holds, 1, "the retry made no second hold");
     assert!(
         app.services.engine.budgets().get("in-the-outage").is_none(),
         "the refused change stayed out"
