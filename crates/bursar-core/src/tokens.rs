@@ -53,20 +53,34 @@ const CACHED_TEXT_MAX_BYTES: u64 = 8 << 20;
 /// conversation so far with every turn: most of a prompt's text has been counted
 /// before. The cache is keyed by the text itself (compared whole on a hit, so two texts
 /// never share a count), holds texts of [`CACHED_TEXT_MIN_BYTES`] or more, at most
-/// [`CACHED_TEXT_MAX_BYTES`] of them, and lets in and evicts by frequency (TinyLFU), so
-/// one-off texts do not push out a system prompt.
+/// [`CACHED_TEXT_MAX_BYTES`] of them, and evicts with S3-FIFO (`quick_cache`), so a run of
+/// one-off texts does not push out a system prompt seen again and again.
 struct Counted {
-    texts: moka::sync::Cache<Box<str>, u64, foldhash::fast::RandomState>,
+    texts: quick_cache::sync::Cache<Box<str>, u64, TextBytes, foldhash::fast::RandomState>,
     hits: AtomicU64,
+}
+
+/// A cached text weighs its length.
+#[derive(Clone)]
+struct TextBytes;
+
+impl quick_cache::Weighter<Box<str>, u64> for TextBytes {
+    fn weight(&self, text: &Box<str>, _: &u64) -> u64 {
+        text.len() as u64
+    }
 }
 
 impl Counted {
     fn new() -> Counted {
         Counted {
-            texts: moka::sync::Cache::<Box<str>, u64>::builder()
-                .max_capacity(CACHED_TEXT_MAX_BYTES)
-                .weigher(|text, _| u32::try_from(text.len()).unwrap_or(u32::MAX))
-                .build_with_hasher(foldhash::fast::RandomState::default()),
+            texts: quick_cache::sync::Cache::with(
+                // Texts of a few hundred bytes on average.
+                (CACHED_TEXT_MAX_BYTES / 512) as usize,
+                CACHED_TEXT_MAX_BYTES,
+                TextBytes,
+                foldhash::fast::RandomState::default(),
+                quick_cache::sync::DefaultLifecycle::default(),
+            ),
             hits: AtomicU64::new(0),
         }
     }
@@ -251,7 +265,7 @@ mod tests {
         assert_eq!(counted.count(bpe, "hello world"), 2);
         assert!("hello world".len() < CACHED_TEXT_MIN_BYTES);
         assert_eq!(counted.hits.load(Ordering::Relaxed), 1);
-        assert_eq!(counted.texts.iter().count(), 2);
+        assert_eq!(counted.texts.len(), 2);
     }
 
     proptest::proptest! {
