@@ -35,7 +35,7 @@ use bursar_core::pricebook::PriceBook;
 use bursar_core::Money;
 use bursar_store::{CatalogRow, LedgerHandle, Location, OpenOptions, Reader, StoreError};
 use chrono::{DateTime, Utc};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
@@ -132,9 +132,9 @@ pub struct Services {
     pub chain: Arc<bursar_store::ChainCheck>,
 }
 
-/// Buckets (seconds) of the histograms of Bursar's own time per call: 1 µs to 1 s, with
-/// steps of at most 1.5× from 5 µs to 1 ms.
-const FINE_BUCKETS: &[f64] = &[
+/// Buckets (seconds) of the histograms, all of Bursar's own time per call: 1 µs to 1 s,
+/// with steps of at most 1.5× from 5 µs to 1 ms, fine enough to read a p50 of a few µs.
+const BUCKETS: &[f64] = &[
     0.000_001,
     0.000_002_5,
     0.000_005,
@@ -173,42 +173,7 @@ pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.000_001,
-                    0.000_002_5,
-                    0.000_005,
-                    0.000_01,
-                    0.000_025,
-                    0.000_05,
-                    0.000_1,
-                    0.000_25,
-                    0.000_5,
-                    0.001,
-                    0.002_5,
-                    0.005,
-                    0.01,
-                    0.025,
-                    0.05,
-                    0.1,
-                    0.25,
-                    0.5,
-                    1.0,
-                ])
-                .and_then(|b| {
-                    // Bursar's own time per call, finely enough to read a p50 of a few µs.
-                    b.set_buckets_for_metric(
-                        Matcher::Full("bursar_proxy_overhead_seconds".into()),
-                        FINE_BUCKETS,
-                    )?
-                    .set_buckets_for_metric(
-                        Matcher::Full("bursar_authorize_seconds".into()),
-                        FINE_BUCKETS,
-                    )?
-                    .set_buckets_for_metric(
-                        Matcher::Full("bursar_hold_durable_seconds".into()),
-                        FINE_BUCKETS,
-                    )
-                })
+                .set_buckets(BUCKETS)
                 .map(|b| b.build_recorder())
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();

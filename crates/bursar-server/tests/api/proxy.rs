@@ -346,6 +346,56 @@ async fn a_non_streamed_chat_is_settled_at_the_providers_usage() {
     assert_eq!(app.services.engine.open_holds(), 0);
 }
 
+/// A system prompt sent again is counted from the cache of texts counted before, to the
+/// same count; `/metrics` shows the cache's hits and the overhead on fine buckets.
+#[tokio::test]
+async fn a_system_prompt_sent_again_is_held_the_same_and_counted_from_the_cache() {
+    let (app, _) = spawn_proxy().await;
+    let system = format!(
+        "You answer for the finance team of shop {}; quote every amount exactly. ",
+        Uuid::now_v7()
+    )
+    .repeat(3);
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 10, "messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Say something about budgets."}]});
+    let before = tokens::counted_from_cache();
+    let first = app.post("/v1/chat/completions", MEMBER, body.clone()).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let second = app.post("/v1/chat/completions", MEMBER, body).await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert!(tokens::counted_from_cache() > before);
+    let held = |r: &crate::helpers::Resp| r.headers["x-bursar-held"].to_str().unwrap().to_string();
+    assert_eq!(held(&first), held(&second));
+    // The hold is the prompt as counted afresh (the tokenizer's own count, with OpenAI's
+    // framing) and 10 tokens of output.
+    let book = PriceBook::builtin().unwrap();
+    let m = book.resolve("gpt-4o-mini").unwrap();
+    let fresh = tokens::count_text(TokenizerKind::O200kBase, &system)
+        + tokens::count_text(TokenizerKind::O200kBase, "system")
+        + tokens::count_text(TokenizerKind::O200kBase, "user")
+        + tokens::count_text(TokenizerKind::O200kBase, "Say something about budgets.")
+        + 2 * 3
+        + 3;
+    let expected = m.price_at(start_time()).unwrap().cost(&TokenUsage {
+        input_tokens: fresh,
+        cached_input_tokens: 0,
+        output_tokens: 10,
+    });
+    assert_eq!(held(&first), expected.to_string());
+    let metrics = app.get("/metrics", "").await;
+    let text = metrics.body.as_str().unwrap();
+    assert!(
+        text.contains("bursar_token_counts_from_cache_total"),
+        "{text}"
+    );
+    let buckets = text
+        .lines()
+        .filter(|l| l.starts_with("bursar_proxy_overhead_seconds_bucket"))
+        .count();
+    assert!(buckets > 30, "{buckets} buckets");
+}
+
 #[tokio::test]
 async fn a_stream_is_passed_through_and_settled_without_leaking_the_usage_chunk() {
     let (app, _) = spawn_proxy().await;
