@@ -5,7 +5,7 @@
 //!
 //! Criterion measures the mean of a whole call, through Bursar and (for comparison) to
 //! the simulator's router alone, for the short request of `bench/chat.lua` and for a
-//! 5 KB conversation. A second pass sends calls one after another (200,000 short, 50,000
+//! 4 KB conversation. A second pass sends calls one after another (200,000 short, 50,000
 //! long) and collects every value Bursar records in `bursar_proxy_overhead_seconds`
 //! (request time minus provider time: the figure the SPEC's target is stated in) through
 //! a recorder installed for the bench, then prints its p50/p99/p99.9.
@@ -43,7 +43,7 @@ serves = ["*"]
 const BODY: &str = r#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Write one line about budgets."}]}"#;
 
 /// A request of the size applications send: a 2 KB system prompt, six turns, and a new
-/// question of 300 bytes (about 5 KB of text). Call `i` asks its own question, as the
+/// question of 250 bytes (about 4 KB of text). Call `i` asks its own question, as the
 /// next turn of a conversation does: the rest was seen by the calls before it.
 fn long_body(i: u64) -> String {
     let system =
@@ -205,7 +205,7 @@ fn bench(c: &mut Criterion, s: &Setup) {
     );
     let mut i = 0;
     c.bench_function(
-        "long chat (5 KB prompt) to the simulated provider alone",
+        "long chat (4 KB prompt) to the simulated provider alone",
         |b| {
             b.iter(|| {
                 i += 1;
@@ -213,7 +213,7 @@ fn bench(c: &mut Criterion, s: &Setup) {
             })
         },
     );
-    c.bench_function("long chat (5 KB prompt) through Bursar", |b| {
+    c.bench_function("long chat (4 KB prompt) through Bursar", |b| {
         b.iter(|| {
             i += 1;
             send(s, &s.app, long_body(i))
@@ -265,7 +265,7 @@ fn main() {
     percentiles(
         &s,
         &values,
-        "long chat (5 KB prompt)",
+        "long chat (4 KB prompt)",
         |i| long_body(1 << 32 | i),
         50_000,
     );
