@@ -257,6 +257,28 @@ fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>)
     }
 }
 
+/// A JSON object written as `body` with the fields of `set` in place of its own.
+struct WithFields<'a> {
+    body: &'a Map<String, Value>,
+    set: &'a [(&'static str, Value)],
+}
+
+impl serde::Serialize for WithFields<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in self.body {
+            if !self.set.iter().any(|(field, _)| field == k) {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        for (k, v) in self.set {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
 /// One proxied call, as the task that runs it sees it.
 struct Call {
     s: Arc<Services>,
@@ -382,18 +404,13 @@ impl Call {
         up: Dialect,
     ) -> Result<Bytes, ApiError> {
         let client = self.dialect();
-        let mut body = if up == client || self.ep == Endpoint::Embeddings {
-            self.body.clone()
-        } else {
-            translate::request(client, up, &self.body)?
-        };
         let routed = permit.model.clone().unwrap_or_default();
         let model = if hop == 0 && permit.downgraded_from.is_none() {
             self.client_model.clone()
         } else {
             routed
         };
-        body.insert("model".into(), Value::String(model));
+        let mut set: Vec<(&'static str, Value)> = vec![("model", Value::String(model))];
         if self.ep != Endpoint::Embeddings {
             if let Some(mt) = permit.max_tokens {
                 let field = if up == Dialect::Anthropic {
@@ -405,19 +422,40 @@ impl Call {
                 } else {
                     "max_tokens"
                 };
-                body.insert(field.into(), json!(mt));
+                set.push((field, json!(mt)));
             }
             if self.req.stream && up == Dialect::OpenAi {
-                let mut opts = body
+                let mut opts = self
+                    .body
                     .get("stream_options")
                     .and_then(Value::as_object)
                     .cloned()
                     .unwrap_or_default();
                 opts.insert("include_usage".into(), Value::Bool(true));
-                body.insert("stream_options".into(), Value::Object(opts));
+                set.push(("stream_options", Value::Object(opts)));
             }
         }
-        Ok(Bytes::from(Value::Object(body).to_string()))
+        let bytes = if up == client || self.ep == Endpoint::Embeddings {
+            // The client's own body, written out with the fields Bursar sets: not copied
+            // first (a conversation's messages can be most of the call's bytes).
+            serde_json::to_vec(&WithFields {
+                body: &self.body,
+                set: &set,
+            })
+        } else {
+            let mut body = translate::request(client, up, &self.body)?;
+            for (k, v) in set {
+                body.insert(k.into(), v);
+            }
+            serde_json::to_vec(&Value::Object(body))
+        };
+        bytes.map(Bytes::from).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the upstream body could not be written: {e}"),
+            )
+        })
     }
 
     /// Sends one hop, retrying what may succeed on a second try.
