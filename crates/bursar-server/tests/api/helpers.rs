@@ -401,6 +401,15 @@ impl TestApp {
         report.entries
     }
 
+    /// How many entries of `kind` the ledger holds.
+    pub async fn count_entries(&self, kind: bursar_core::ledger::EntryKind) -> usize {
+        self.entries()
+            .await
+            .iter()
+            .filter(|e| e.kind == kind)
+            .count()
+    }
+
     /// `bursar ledger verify` on this app's store.
     pub async fn verify(&self) -> bursar_store::Verification {
         self.caught_up().await;

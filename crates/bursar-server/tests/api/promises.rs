@@ -576,12 +576,7 @@ async fn an_idempotent_retry_after_the_engine_forgot_its_outcome_is_answered_fro
         (reused.status, reused.code()),
         (409, "idempotency_key_reused")
     );
-    let holds = app
-        .entries()
-        .await
-        .iter()
-        .filter(|e| e.kind == EntryKind::Hold)
-        .count();
+    let holds = app.count_entries(EntryKind::Hold).await;
     assert_eq!(holds, 1, "one hold, however often the key is sent");
 }
 
@@ -961,11 +956,6 @@ async fn a_key_whose_hold_has_not_landed_is_not_forgotten() {
     assert_eq!(retry.status, 200, "{:?}", retry.body);
     assert_eq!(retry.body["authorization_id"], id.as_str());
     assert_eq!(retry.body["replayed"], true);
-    let holds = app
-        .entries()
-        .await
-        .iter()
-        .filter(|e| e.kind == EntryKind::Hold)
-        .count();
+    let holds = app.count_entries(EntryKind::Hold).await;
     assert_eq!(holds, 1, "one hold for the key");
 }
