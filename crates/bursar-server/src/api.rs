@@ -252,7 +252,7 @@ pub async fn authorize(
                 }
                 let Some(shared) = &s.shared else { break };
                 let now_ms = s.clock.now().timestamp_millis();
-                match shared.claim_idempotency_key(tenant, key, now_ms).await {
+                match Box::pin(shared.claim_idempotency_key(tenant, key, now_ms)).await {
                     Ok(true) => {
                         claimed = Some((shared, tenant.to_string(), key.clone()));
                         break;
@@ -288,7 +288,8 @@ pub async fn authorize(
             // Denied, or failed: a retry is decided anew, on whichever instance (a hold
             // that was made and voided is in the ledger, which a retry asks first).
             if let Some((shared, tenant, key)) = claimed {
-                if let Err(release) = shared.release_idempotency_key(&tenant, &key).await {
+                if let Err(release) = Box::pin(shared.release_idempotency_key(&tenant, &key)).await
+                {
                     tracing::warn!(error = %release, "could not release an idempotency claim; it lapses in a minute");
                 }
             }

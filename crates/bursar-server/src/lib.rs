@@ -5,6 +5,13 @@
 //! fields refused); the decisions are the engine's. Handlers get narrow handles through
 //! [`Services`]: the engine, the ledger handle, a read-only store reader and the clock.
 //! A request is acknowledged only after the ledger entry it caused is durable.
+//!
+//! Futures that wait on PostgreSQL or Redis are boxed where they are awaited
+//! (`Box::pin(shared.grant(…))`). An async function's future is as large as the largest
+//! future it awaits, and every caller's future includes it: unboxed, the network
+//! clients' futures made a proxied call's task 23 KB, copied whole at each spawn and
+//! each state change, on every call, even on the embedded store that never awaits them.
+//! One allocation is nothing beside a network round trip.
 
 pub mod admin;
 pub mod api;
@@ -425,7 +432,7 @@ impl Services {
             return self.hold(&prepared, Rates::Local, fail_open).await;
         };
         let strict = prepared.enforces();
-        let taken = match limiter.take(prepared.rate_checks(), strict).await {
+        let taken = match Box::pin(limiter.take(prepared.rate_checks(), strict)).await {
             Ok(t) => t,
             Err(e) if prepared.fail_open() => {
                 // This tenant goes on under this instance's own rate-limit cells.
@@ -440,7 +447,7 @@ impl Services {
             .await;
         // A call that is refused, or a retry answered with its first permit, takes nothing.
         if r.as_ref().map_or(true, |p| p.replayed) {
-            limiter.give_back(&taken, strict).await;
+            Box::pin(limiter.give_back(&taken, strict)).await;
         }
         r
     }
@@ -557,7 +564,7 @@ impl Services {
                     Err(d) if d.code == DenyCode::LeaseNeeded => d,
                     other => return Ok(other?),
                 };
-                let granted = shared.grant(&d.leases).await?;
+                let granted = Box::pin(shared.grant(&d.leases)).await?;
                 let mut short = Vec::new();
                 let mut final_answer = false;
                 for g in &granted {
@@ -585,7 +592,7 @@ impl Services {
             }
             if round + 1 < LEASE_ROUNDS {
                 // Room may sit unused on other instances: ask for it, give it a moment.
-                shared.ask_for_spare(&short).await?;
+                Box::pin(shared.ask_for_spare(&short)).await?;
                 tokio::time::sleep((LEASE_WAIT_FIRST * 2u32.pow(round)).min(LEASE_WAIT_LONGEST))
                     .await;
             }
@@ -618,7 +625,7 @@ impl Services {
             Some(shared) => {
                 let run = || self.finish_here(tenant, id, usage.clone(), settle);
                 self.finishing.lock().insert(id);
-                let r = self.claim_and_finish(shared, tenant, id, run).await;
+                let r = Box::pin(self.claim_and_finish(shared, tenant, id, run)).await;
                 self.finishing.lock().remove(&id);
                 r
             }

@@ -1221,6 +1221,9 @@ pub struct UsageRow {
 }
 
 /// Read-only queries for the HTTP edge and reports, on whichever backend is in use.
+///
+/// PostgreSQL's queries are boxed where awaited, so a query on SQLite (answered on the
+/// caller's thread) does not carry the size of a network query's future.
 pub enum Reader {
     Sqlite(sqlite::Reader),
     Postgres(postgres::Reader),
@@ -1234,7 +1237,7 @@ impl Reader {
     ) -> Result<Vec<AlertRow>, StoreError> {
         match self {
             Reader::Sqlite(r) => r.alerts(tenant, limit),
-            Reader::Postgres(r) => r.alerts(tenant, limit).await,
+            Reader::Postgres(r) => Box::pin(r.alerts(tenant, limit)).await,
         }
     }
 
@@ -1246,7 +1249,7 @@ impl Reader {
     ) -> Result<Option<StoredHold>, StoreError> {
         match self {
             Reader::Sqlite(r) => r.hold_by_idempotency_key(tenant, key),
-            Reader::Postgres(r) => r.hold_by_idempotency_key(tenant, key).await,
+            Reader::Postgres(r) => Box::pin(r.hold_by_idempotency_key(tenant, key)).await,
         }
     }
 
@@ -1255,7 +1258,7 @@ impl Reader {
     pub async fn alerted_levels(&self) -> Result<Vec<(String, String)>, StoreError> {
         match self {
             Reader::Sqlite(r) => r.alerted_levels(),
-            Reader::Postgres(r) => r.alerted_levels().await,
+            Reader::Postgres(r) => Box::pin(r.alerted_levels()).await,
         }
     }
 
@@ -1268,7 +1271,7 @@ impl Reader {
     ) -> Result<Vec<Entry>, StoreError> {
         let rows = match self {
             Reader::Sqlite(r) => r.authorization_rows(auth, tenant)?,
-            Reader::Postgres(r) => r.authorization_rows(auth, tenant).await?,
+            Reader::Postgres(r) => Box::pin(r.authorization_rows(auth, tenant)).await?,
         };
         rows.into_iter()
             .map(|r| {
@@ -1287,7 +1290,7 @@ impl Reader {
     ) -> Result<Vec<UsageRow>, StoreError> {
         match self {
             Reader::Sqlite(r) => r.usage_by_model(tenant, since_ms),
-            Reader::Postgres(r) => r.usage_by_model(tenant, since_ms).await,
+            Reader::Postgres(r) => Box::pin(r.usage_by_model(tenant, since_ms)).await,
         }
     }
 
@@ -1298,7 +1301,7 @@ impl Reader {
     ) -> Result<Vec<(i64, EntryKind, Money, Money)>, StoreError> {
         let rows = match self {
             Reader::Sqlite(r) => r.entries_of(auth)?,
-            Reader::Postgres(r) => r.entries_of(auth).await?,
+            Reader::Postgres(r) => Box::pin(r.entries_of(auth)).await?,
         };
         Ok(rows
             .into_iter()
@@ -1318,7 +1321,7 @@ impl Reader {
     pub async fn settle_entry_of(&self, auth: Uuid) -> Result<Option<SettleRow>, StoreError> {
         match self {
             Reader::Sqlite(r) => r.settle_entry_of(auth),
-            Reader::Postgres(r) => r.settle_entry_of(auth).await,
+            Reader::Postgres(r) => Box::pin(r.settle_entry_of(auth)).await,
         }
     }
 
@@ -1326,7 +1329,7 @@ impl Reader {
     pub async fn exists(&self, auth: Uuid, tenant: &str) -> Result<bool, StoreError> {
         match self {
             Reader::Sqlite(r) => r.exists(auth, tenant),
-            Reader::Postgres(r) => r.exists(auth, tenant).await,
+            Reader::Postgres(r) => Box::pin(r.exists(auth, tenant)).await,
         }
     }
 }

@@ -610,8 +610,15 @@ impl Call {
                             .await;
                         }
                         UpBody::Stream(stream) => {
-                            self.pump(permit, routed_model, provider, stream, provider_time, reply)
-                                .await;
+                            Box::pin(self.pump(
+                                permit,
+                                routed_model,
+                                provider,
+                                stream,
+                                provider_time,
+                                reply,
+                            ))
+                            .await;
                         }
                     }
                     return;
@@ -774,7 +781,8 @@ impl Call {
                         let ttl = (expires_at - self.s.clock.now())
                             .to_std()
                             .unwrap_or_default();
-                        if let Err(e) = redis.cache_put(&key, &answer.encode(), ttl).await {
+                        if let Err(e) = Box::pin(redis.cache_put(&key, &answer.encode(), ttl)).await
+                        {
                             tracing::warn!(error = %e, "an answer was not kept in Redis; this instance keeps it");
                         }
                     }
@@ -1009,7 +1017,7 @@ async fn cached(s: &Services, key: &[u8; 32]) -> Option<Arc<Cached>> {
         return Some(hit);
     }
     let redis = s.limiter.as_ref()?;
-    match redis.cache_get(key).await {
+    match Box::pin(redis.cache_get(key)).await {
         Ok(Some(bytes)) => {
             let hit = Arc::new(Cached::decode(&bytes)?);
             s.proxy.cache.insert(*key, hit.clone());
@@ -1174,7 +1182,7 @@ async fn start(
             let now = s.clock.now();
             if let Some(hit) = cached(&s, &key).await {
                 if hit.expires_at > now {
-                    return answer_from_cache(&s, &caller, &hit).await;
+                    return Box::pin(answer_from_cache(&s, &caller, &hit)).await;
                 }
                 s.proxy.cache.invalidate(&key);
             }
