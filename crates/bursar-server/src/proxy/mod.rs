@@ -697,27 +697,35 @@ impl Call {
         permit: &Permit,
         model: &Model,
         up: Dialect,
-        bytes: Bytes,
+        mut bytes: Bytes,
         provider_time: Duration,
         reply: oneshot::Sender<Result<Response, ApiError>>,
     ) {
-        let mut seen = Seen::default();
-        let parsed = serde_json::from_slice::<Value>(&bytes).ok();
-        if let Some(v) = &parsed {
-            wire::read_answer(up, v, &mut seen);
-        }
-        // The usage was read in the provider's dialect; the client gets its own.
-        let bytes = match &parsed {
-            Some(v) if up != self.dialect() => {
-                Bytes::from(translate::answer(up, self.dialect(), v).to_string())
+        // An answer in the client's own dialect goes back as it came: only its usage and
+        // model are read. One that lacks a usage, or is translated, is read whole.
+        let head = (up == self.dialect())
+            .then(|| wire::read_answer_head(up, &bytes))
+            .flatten();
+        let (seen, valid) = match head {
+            Some(seen) => (seen, true),
+            None => {
+                let mut seen = Seen::default();
+                let parsed = serde_json::from_slice::<Value>(&bytes).ok();
+                if let Some(v) = &parsed {
+                    wire::read_answer(up, v, &mut seen);
+                }
+                // The usage was read in the provider's dialect; the client gets its own.
+                if let Some(v) = parsed.as_ref().filter(|_| up != self.dialect()) {
+                    bytes = Bytes::from(translate::answer(up, self.dialect(), v).to_string());
+                }
+                (seen, parsed.is_some())
             }
-            _ => bytes,
         };
-        let (usage, estimated) = match (seen.usage, &parsed) {
+        let (usage, estimated) = match (seen.usage, valid) {
             (Some(u), _) => (u, false),
-            (None, Some(_)) => (self.counted_usage(permit, model, &seen, 0), true),
+            (None, true) => (self.counted_usage(permit, model, &seen, 0), true),
             // A malformed answer is settled on its whole text counted as output.
-            (None, None) => {
+            (None, false) => {
                 let text = String::from_utf8_lossy(&bytes);
                 let mut u = self.counted_usage(permit, model, &seen, 0);
                 u.output_tokens = tokens::count_text(model.tokenizer, &text)
@@ -745,7 +753,7 @@ impl Call {
                 }
             }
         }
-        let result = if parsed.is_none() {
+        let result = if !valid {
             Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "provider_malformed_answer",

@@ -305,6 +305,50 @@ fn anthropic_input(u: &Value) -> Option<(u64, u64)> {
     Some((plain + read + write, read))
 }
 
+fn anthropic_usage(u: &Value) -> Option<TokenUsage> {
+    let (input, cached) = anthropic_input(u)?;
+    Some(TokenUsage {
+        input_tokens: input,
+        cached_input_tokens: cached,
+        output_tokens: u64_at(u, &["output_tokens"]).unwrap_or(0),
+    })
+}
+
+/// Reads a whole answer's usage and model without building the rest of it (its text is
+/// needed only when the usage is missing, its shape only when it is translated): a JSON
+/// object with a readable usage gives the same `Seen` as [`read_answer`], less the text.
+/// `None` for anything else, which [`read_answer`] then reads whole.
+pub fn read_answer_head(dialect: Dialect, raw: &[u8]) -> Option<Seen> {
+    /// The two fields read; serde checks every other one is well-formed JSON, and skips it.
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        model: Option<Value>,
+        #[serde(default)]
+        usage: Option<Value>,
+    }
+    // A struct also reads from a JSON array; an answer must be an object.
+    if raw.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let head: Head = serde_json::from_slice(raw).ok()?;
+    let usage = head.usage.as_ref()?;
+    let usage = match dialect {
+        Dialect::OpenAi => openai_usage(usage)?,
+        Dialect::Anthropic => anthropic_usage(usage)?,
+    };
+    Some(Seen {
+        usage: Some(usage),
+        model: head
+            .model
+            .as_ref()
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        text: String::new(),
+        finished: true,
+    })
+}
+
 /// Reads a whole (non-streamed) answer.
 pub fn read_answer(dialect: Dialect, v: &Value, seen: &mut Seen) {
     seen.model = v.get("model").and_then(Value::as_str).map(str::to_string);
@@ -341,14 +385,7 @@ pub fn read_answer(dialect: Dialect, v: &Value, seen: &mut Seen) {
                     seen.text.push_str(&i.to_string());
                 }
             }
-            seen.usage = v.get("usage").and_then(|u| {
-                let (input, cached) = anthropic_input(u)?;
-                Some(TokenUsage {
-                    input_tokens: input,
-                    cached_input_tokens: cached,
-                    output_tokens: u64_at(u, &["output_tokens"]).unwrap_or(0),
-                })
-            });
+            seen.usage = v.get("usage").and_then(anthropic_usage);
         }
     }
 }
@@ -629,5 +666,55 @@ mod tests {
         );
         assert!(seen.finished);
         assert_eq!(seen.text, "yo");
+    }
+
+    #[test]
+    fn an_answers_head_reads_what_the_whole_answer_says_or_nothing() {
+        let answers = [
+            (
+                Dialect::OpenAi,
+                r#"{"id":"c1","model":"gpt-4o-mini-2024-07-18","choices":[{"message":{"content":"hi \"there\""}}],
+                   "usage":{"prompt_tokens":10,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":4}}}"#,
+            ),
+            (
+                Dialect::Anthropic,
+                r#" {"model":"claude-3-5-haiku-20241022","content":[{"type":"text","text":"yo"}],
+                   "usage":{"input_tokens":7,"cache_read_input_tokens":3,"cache_creation_input_tokens":2,"output_tokens":5}}"#,
+            ),
+            (
+                Dialect::OpenAi,
+                r#"{"model":null,"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+            ),
+        ];
+        for (dialect, raw) in answers {
+            let mut whole = Seen::default();
+            read_answer(dialect, &serde_json::from_str(raw).unwrap(), &mut whole);
+            let head = read_answer_head(dialect, raw.as_bytes()).unwrap();
+            assert!(whole.usage.is_some());
+            assert_eq!(head.usage, whole.usage, "{raw}");
+            assert_eq!(head.model, whole.model, "{raw}");
+            assert!(head.finished);
+        }
+        // Read whole instead: no usage, a usage not in this dialect, not an object, not
+        // JSON, cut short, a field twice.
+        for (dialect, raw) in [
+            (Dialect::OpenAi, r#"{"model":"gpt-4o","choices":[]}"#),
+            (Dialect::Anthropic, r#"{"usage":{"prompt_tokens":1}}"#),
+            (
+                Dialect::OpenAi,
+                r#"[{"prompt_tokens":1},{"prompt_tokens":1}]"#,
+            ),
+            (Dialect::OpenAi, "<html>502 Bad Gateway</html>"),
+            (
+                Dialect::OpenAi,
+                r#"{"usage":{"prompt_tokens":1},"choices":[{"#,
+            ),
+            (
+                Dialect::OpenAi,
+                r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            ),
+        ] {
+            assert!(read_answer_head(dialect, raw.as_bytes()).is_none(), "{raw}");
+        }
     }
 }
