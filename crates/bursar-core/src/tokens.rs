@@ -42,42 +42,50 @@ pub struct ChatMessage {
     pub name: Option<String>,
 }
 
-/// Texts shorter than this are counted every time: counting them costs about what a
-/// cache lookup does (a few hundred nanoseconds).
-const CACHED_TEXT_MIN_BYTES: usize = 32;
 /// Bytes of text the count cache of each encoding keeps at most.
 const CACHED_TEXT_MAX_BYTES: u64 = 8 << 20;
+/// What an entry of the count cache costs beside its text (the text's pointer and
+/// length, the count, the cache's own bookkeeping), so that many short texts are held
+/// to the same bound as a few long ones.
+const CACHED_ENTRY_BYTES: u64 = 64;
 
 /// Recently counted texts and their counts, per encoding.
 ///
 /// A chat application sends the same system prompt with every call, and the whole
 /// conversation so far with every turn: most of a prompt's text has been counted
 /// before. The cache is keyed by the text itself (compared whole on a hit, so two texts
-/// never share a count), holds texts of [`CACHED_TEXT_MIN_BYTES`] or more, at most
-/// [`CACHED_TEXT_MAX_BYTES`] of them, and evicts with S3-FIFO (`quick_cache`), so a run of
-/// one-off texts does not push out a system prompt seen again and again.
+/// never share a count), holds at most [`CACHED_TEXT_MAX_BYTES`] of texts and their
+/// entries, and evicts with S3-FIFO (`quick_cache`), so a run of one-off texts does not
+/// push out a system prompt seen again and again. Short texts are kept too: a role's name
+/// or a one-line prompt costs a few hundred nanoseconds to count (the pre-split and the
+/// encoder's buffers) and tens to look up.
 struct Counted {
     texts: quick_cache::sync::Cache<Box<str>, u64, TextBytes, foldhash::fast::RandomState>,
     hits: AtomicU64,
 }
 
-/// A cached text weighs its length.
+/// A cached text weighs its length and its entry.
 #[derive(Clone)]
 struct TextBytes;
 
 impl quick_cache::Weighter<Box<str>, u64> for TextBytes {
     fn weight(&self, text: &Box<str>, _: &u64) -> u64 {
-        text.len() as u64
+        text.len() as u64 + CACHED_ENTRY_BYTES
     }
 }
 
 impl Counted {
     fn new() -> Counted {
+        Counted::holding(CACHED_TEXT_MAX_BYTES)
+    }
+
+    /// A cache of at most `bytes` of texts and entries.
+    fn holding(bytes: u64) -> Counted {
         Counted {
             texts: quick_cache::sync::Cache::with(
                 // Texts of a few hundred bytes on average.
-                (CACHED_TEXT_MAX_BYTES / 512) as usize,
-                CACHED_TEXT_MAX_BYTES,
+                (bytes / 512) as usize,
+                bytes,
                 TextBytes,
                 foldhash::fast::RandomState::default(),
                 quick_cache::sync::DefaultLifecycle::default(),
@@ -87,9 +95,6 @@ impl Counted {
     }
 
     fn count(&self, bpe: &bpe_openai::Tokenizer, text: &str) -> u64 {
-        if text.len() < CACHED_TEXT_MIN_BYTES {
-            return bpe.count(text) as u64;
-        }
         if let Some(n) = self.texts.get(text) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return n;
@@ -259,12 +264,33 @@ mod tests {
             reference(TokenizerKind::O200kBase, &other)
         );
         assert_eq!(counted.hits.load(Ordering::Relaxed), 1);
-        // Short texts are counted every time.
+        // Short texts too.
         assert_eq!(counted.count(bpe, "hello world"), 2);
         assert_eq!(counted.count(bpe, "hello world"), 2);
-        assert!("hello world".len() < CACHED_TEXT_MIN_BYTES);
-        assert_eq!(counted.hits.load(Ordering::Relaxed), 1);
-        assert_eq!(counted.texts.len(), 2);
+        assert_eq!(counted.hits.load(Ordering::Relaxed), 2);
+        assert_eq!(counted.texts.len(), 3);
+    }
+
+    #[test]
+    fn many_short_texts_are_held_to_the_caches_bound_with_their_entries() {
+        let bound = 64 << 10;
+        let counted = Counted::holding(bound);
+        let bpe = bpe_openai::o200k_base();
+        for i in 0..5_000 {
+            let text = format!("q{i}");
+            assert_eq!(
+                counted.count(bpe, &text),
+                reference(TokenizerKind::O200kBase, &text)
+            );
+        }
+        // Texts of 2 to 5 bytes: by their length alone, all 5,000 would fit.
+        assert!(counted.texts.weight() <= bound);
+        assert!(
+            counted.texts.len() as u64 <= bound / CACHED_ENTRY_BYTES,
+            "{} entries",
+            counted.texts.len()
+        );
+        assert!(counted.texts.len() > 100, "the cache still keeps texts");
     }
 
     proptest::proptest! {
