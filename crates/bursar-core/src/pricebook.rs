@@ -351,6 +351,11 @@ impl PriceBook {
 
     /// Maps any spelling of a model id to its canonical model.
     pub fn resolve(&self, requested: &str) -> Result<&Model, LookupError> {
+        // Every key is its own normal form, so a request spelled as one (a canonical id
+        // without dots, as a proxied call routes it several times) needs no normalizing.
+        if let Some(&i) = self.model_index.get(requested) {
+            return Ok(&self.models[i]);
+        }
         let mut key = normalize_key(requested);
         loop {
             if let Some(&i) = self.model_index.get(&key) {
@@ -529,6 +534,17 @@ source = "test"
         check_resolve("gpt-4o", None);
         check_resolve("gpt-4o-mini-turbo", None);
         check_resolve("", None);
+    }
+
+    #[test]
+    fn every_index_key_is_its_own_normal_form() {
+        // What lets `resolve` look a request up as given before normalizing it.
+        for b in [book(), PriceBook::builtin().unwrap()] {
+            assert!(!b.model_index.is_empty());
+            for key in b.model_index.keys() {
+                assert_eq!(&normalize_key(key), key);
+            }
+        }
     }
 
     #[test]
