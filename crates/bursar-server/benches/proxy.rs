@@ -257,16 +257,31 @@ fn main() {
         values: values.clone(),
     })
     .expect("the bench's recorder is the first");
+    // `BURSAR_BENCH_CALLS=SHORT,LONG` sends that many calls of each instead (under
+    // callgrind, say, where 200,000 would take hours).
+    let calls: Vec<usize> = std::env::var("BURSAR_BENCH_CALLS")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let (short, long) = match calls[..] {
+        [short, long] => (short, long),
+        _ => (200_000, 50_000),
+    };
     let s = setup();
     let mut c = Criterion::default().configure_from_args();
     bench(&mut c, &s);
     c.final_summary();
-    percentiles(&s, &values, "short chat", |_| BODY.to_string(), 200_000);
-    percentiles(
-        &s,
-        &values,
-        "long chat (4 KB prompt)",
-        |i| long_body(1 << 32 | i),
-        50_000,
-    );
+    if short > 0 {
+        percentiles(&s, &values, "short chat", |_| BODY.to_string(), short);
+    }
+    if long > 0 {
+        percentiles(
+            &s,
+            &values,
+            "long chat (4 KB prompt)",
+            |i| long_body(1 << 32 | i),
+            long,
+        );
+    }
 }
