@@ -21,7 +21,8 @@ use crate::catalog::{
     RoleLimits, SharedLimit, TaskPolicy, Team, Tenant, User, KEY_SECRET_PREFIX,
 };
 use crate::engine::{
-    EngineConfig, ExpiryPolicy, DEFAULT_HOLD_TTL, DEFAULT_MIN_OUTPUT_TOKENS, MAX_HOLD_TTL,
+    EngineConfig, ExpiryPolicy, DEFAULT_HOLD_TTL, DEFAULT_IDEMPOTENCY_WINDOW,
+    DEFAULT_MIN_OUTPUT_TOKENS, MAX_HOLD_TTL, MAX_IDEMPOTENCY_WINDOW, MIN_IDEMPOTENCY_WINDOW,
 };
 use crate::money::Money;
 use crate::pricebook::PriceBook;
@@ -84,6 +85,7 @@ struct EngineSection {
     hold_ttl_secs: Option<u64>,
     expiry_policy: Option<ExpiryPolicy>,
     min_output_tokens: Option<u32>,
+    idempotency_window_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -342,11 +344,22 @@ impl Config {
                 .engine
                 .min_output_tokens
                 .unwrap_or(DEFAULT_MIN_OUTPUT_TOKENS),
+            idempotency_window: raw
+                .engine
+                .idempotency_window_secs
+                .map_or(DEFAULT_IDEMPOTENCY_WINDOW, Duration::from_secs),
         };
         if engine.hold_ttl.is_zero() || engine.hold_ttl > MAX_HOLD_TTL {
             p.push(format!(
                 "engine.hold_ttl_secs must be between 1 and {}",
                 MAX_HOLD_TTL.as_secs()
+            ));
+        }
+        if !(MIN_IDEMPOTENCY_WINDOW..=MAX_IDEMPOTENCY_WINDOW).contains(&engine.idempotency_window) {
+            p.push(format!(
+                "engine.idempotency_window_secs must be between {} (an hour) and {} (ten years)",
+                MIN_IDEMPOTENCY_WINDOW.as_secs(),
+                MAX_IDEMPOTENCY_WINDOW.as_secs()
             ));
         }
         if raw.server.max_body_bytes == Some(0) {
@@ -771,6 +784,9 @@ mod tests {
 [server]
 redis_prefix = "my prefix"
 
+[engine]
+idempotency_window_secs = 60
+
 [[plans]]
 id = "free"
 default_task = "chat"
@@ -815,9 +831,10 @@ cache_ttl_secs = 0
             "thresholds",
             "server.redis_prefix `my prefix`",
             "key `forever`: cache_ttl_secs must be 1",
+            "engine.idempotency_window_secs must be between 3600",
         ] {
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }
-        assert!(err.0.len() >= 11, "{all}");
+        assert!(err.0.len() >= 12, "{all}");
     }
 }

@@ -47,8 +47,19 @@ pub const DEFAULT_HOLD_TTL: Duration = Duration::from_secs(15 * 60);
 pub const MAX_HOLD_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A permit shaped by the budget below 16 output tokens would be useless; deny instead.
 pub const DEFAULT_MIN_OUTPUT_TOKENS: u32 = 16;
-/// Idempotency keys are remembered for a day, as payment APIs do.
+/// An idempotency record stays in the engine's memory at most a day (or the window, if
+/// shorter); past that, a retry within the window is answered from the ledger.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long an Idempotency-Key is honoured after its hold by default: a retry within it
+/// gets the first answer (promise 2); past it, the key may be used for a new call.
+/// Payment APIs honour keys for a day; a week covers a batch job retried after a
+/// weekend. What the embedded store keeps in memory for it grows with the keys used
+/// within the window, not with the ledger.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The shortest window: an hour outlasts any client's retries.
+pub const MIN_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(3600);
+/// The longest window, ten years: for deployments that want keys honoured for good.
+pub const MAX_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(3650 * 24 * 3600);
 /// Finished authorizations stay in memory this long to answer retried settles at once;
 /// older ones are answered from the ledger. It only has to outlast a commit (ms).
 pub const FINISHED_RETENTION: Duration = Duration::from_secs(300);
@@ -88,6 +99,9 @@ pub struct EngineConfig {
     pub hold_ttl: Duration,
     pub expiry_policy: ExpiryPolicy,
     pub min_output_tokens: u32,
+    /// How long an Idempotency-Key is honoured after its hold
+    /// ([`DEFAULT_IDEMPOTENCY_WINDOW`]).
+    pub idempotency_window: Duration,
 }
 
 impl Default for EngineConfig {
@@ -96,6 +110,7 @@ impl Default for EngineConfig {
             hold_ttl: DEFAULT_HOLD_TTL,
             expiry_policy: ExpiryPolicy::default(),
             min_output_tokens: DEFAULT_MIN_OUTPUT_TOKENS,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
         }
     }
 }
@@ -2534,7 +2549,8 @@ impl Engine {
         self.prune_locked(&mut state, now.timestamp());
         let keep_finished = now_ms - i64::try_from(FINISHED_RETENTION.as_millis()).unwrap_or(0);
         state.finished.trim(MAX_FINISHED_IN_MEMORY, keep_finished);
-        let keep_idem = now_ms - i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(0);
+        let remembered = IDEMPOTENCY_TTL.min(self.config.idempotency_window);
+        let keep_idem = now_ms - i64::try_from(remembered.as_millis()).unwrap_or(0);
         state
             .idempotency
             .trim_landed(MAX_IDEMPOTENCY_IN_MEMORY, keep_idem);

@@ -214,15 +214,28 @@ pub async fn authorize(
         ttl,
     };
     // A key the engine has forgotten (past its memory's time or size) may still belong to
-    // a hold in the ledger: a retry gets that hold, never a second one. Instances sharing
+    // a hold in the ledger made within the idempotency window: a retry gets that hold,
+    // never a second one. Instances sharing
     // the database claim a key's first use, so two of them receiving it at once do not
     // both decide: the other waits for the claimer's hold (`COMMIT_WAIT` at most).
     let mut claimed: Option<(&bursar_store::postgres::Shared, String, String)> = None;
     if let (Some(key), Some(tenant)) = (&req.idempotency_key, &caller.key.tenant) {
         if !s.engine.knows_idempotency_key(tenant, key) {
             let deadline = Instant::now() + bursar_store::COMMIT_WAIT;
+            // A key is honoured for the idempotency window after its hold; an older
+            // hold with it is another call's.
+            let window = s.engine.config().idempotency_window;
+            let since_ms = s
+                .clock
+                .now()
+                .timestamp_millis()
+                .saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX));
             loop {
-                let found = match s.reader.hold_by_idempotency_key(tenant, key).await {
+                let found = match s
+                    .reader
+                    .hold_by_idempotency_key(tenant, key, since_ms)
+                    .await
+                {
                     Ok(found) => found,
                     // The store is away: a tenant that fails open is decided on this
                     // instance's own memory of its keys (see `Services::outage_forgives`).

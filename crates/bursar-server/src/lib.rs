@@ -232,6 +232,7 @@ pub async fn build(
             .data_dir
             .as_ref()
             .map(std::path::PathBuf::from),
+        idempotency_window: Some(config.engine.idempotency_window),
     };
     let mut catalog = CatalogState {
         directory: config.directory.clone(),

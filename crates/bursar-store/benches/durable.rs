@@ -46,6 +46,7 @@ fn run(durability: sqlite::Durability, callers: usize, per_caller: usize) {
     let opened = sqlite::open(
         &path,
         durability,
+        bursar_core::engine::DEFAULT_IDEMPOTENCY_WINDOW,
         bursar_store::Recovery {
             on_entry: |_| {},
             on_catalog: |_| {},

@@ -1241,15 +1241,17 @@ impl Reader {
         }
     }
 
-    /// The hold a tenant made with an idempotency key, if any (however old).
+    /// The first hold a tenant made with an idempotency key at or after `since_ms` (the
+    /// start of the idempotency window), if any.
     pub async fn hold_by_idempotency_key(
         &self,
         tenant: &str,
         key: &str,
+        since_ms: i64,
     ) -> Result<Option<StoredHold>, StoreError> {
         match self {
-            Reader::Sqlite(r) => r.hold_by_idempotency_key(tenant, key),
-            Reader::Postgres(r) => Box::pin(r.hold_by_idempotency_key(tenant, key)).await,
+            Reader::Sqlite(r) => r.hold_by_idempotency_key(tenant, key, since_ms),
+            Reader::Postgres(r) => Box::pin(r.hold_by_idempotency_key(tenant, key, since_ms)).await,
         }
     }
 
@@ -1500,6 +1502,10 @@ pub struct OpenOptions {
     /// ([`spool`]); without one, what it cannot write waits in memory only. The
     /// embedded store spools in its own directory.
     pub spool_dir: Option<PathBuf>,
+    /// How long an Idempotency-Key is honoured (the engine's `idempotency_window`;
+    /// `None`: [`bursar_core::engine::DEFAULT_IDEMPOTENCY_WINDOW`]). The embedded store
+    /// keeps the keys of the window in memory.
+    pub idempotency_window: Option<Duration>,
 }
 
 /// What recovery is handed, row by row: nothing of it is kept in a list first (a
@@ -1522,7 +1528,14 @@ pub async fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<Bucke
     recovery: Recovery<E, C, K>,
 ) -> Result<Opened, StoreError> {
     match location {
-        Location::Sqlite(path) => sqlite::open(path, options.durability, recovery),
+        Location::Sqlite(path) => sqlite::open(
+            path,
+            options.durability,
+            options
+                .idempotency_window
+                .unwrap_or(bursar_core::engine::DEFAULT_IDEMPOTENCY_WINDOW),
+            recovery,
+        ),
         Location::Postgres(url) => postgres::open(url, options, recovery).await,
     }
 }
@@ -1686,6 +1699,7 @@ mod tests {
         sqlite::open(
             path,
             Durability::Process,
+            bursar_core::engine::DEFAULT_IDEMPOTENCY_WINDOW,
             Recovery {
                 on_entry,
                 on_catalog: |_| {},
@@ -2150,6 +2164,7 @@ mod tests {
         let refused = sqlite::open(
             &path,
             Durability::Process,
+            bursar_core::engine::DEFAULT_IDEMPOTENCY_WINDOW,
             Recovery {
                 on_entry: |_| {},
                 on_catalog: |_| {},
@@ -2400,24 +2415,31 @@ mod tests {
     }
 
     /// The embedded reader skips the query for an idempotency key no hold has, through a
-    /// filter of the stored keys: so the filter must know every stored key, those from
-    /// before a restart (loaded at start) and those written since (added by the writer).
+    /// filter of the stored keys: so the filter must know every stored key of the
+    /// idempotency window, those from before a restart (loaded at start) and those
+    /// written since (added by the writer). A key older than the window is not found.
     #[test]
-    fn every_stored_idempotency_key_is_found_across_a_restart() {
+    fn every_stored_idempotency_key_of_the_window_is_found_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = sqlite::ledger_path(dir.path());
-        let keyed = |n: u64, key: &str| {
+        let day_ms = 24 * 3_600_000;
+        let window_ms = 7 * day_ms;
+        let keyed = |n: u64, key: &str, days_ago: i64| {
             let mut e = entry(n, 1_000);
+            e.at_ms -= days_ago * day_ms;
             if let Some(d) = e.detail.as_mut() {
                 Arc::make_mut(d).idempotency_key = Some(key.to_string());
             }
             e
         };
-        let held = |reader: &Reader, tenant: &str, key: &str| {
+        // What the server asks: holds since the window's start (the entries' "now" is
+        // `entry`'s time base).
+        let since = entry(0, 0).at_ms - window_ms;
+        let held = |reader: &Reader, tenant: &str, key: &str, since: i64| {
             let Reader::Sqlite(r) = reader else {
                 panic!("the embedded store has the embedded reader")
             };
-            r.hold_by_idempotency_key(tenant, key)
+            r.hold_by_idempotency_key(tenant, key, since)
                 .unwrap()
                 .map(|h| h.detail.quantity)
         };
@@ -2425,31 +2447,92 @@ mod tests {
         let first = open();
         first
             .handle
-            .append(vec![keyed(1, "k-1"), keyed(2, "k-2")], Vec::new())
+            .append(
+                vec![
+                    keyed(1, "k-old", 30),
+                    keyed(2, "k-1", 6),
+                    keyed(3, "k-2", 0),
+                ],
+                Vec::new(),
+            )
             .wait_blocking()
             .unwrap();
         first.handle.barrier().wait_blocking().unwrap();
-        assert_eq!(held(&first.reader, "t", "k-1"), Some(1));
+        assert_eq!(held(&first.reader, "t", "k-1", since), Some(2));
+        assert_eq!(
+            held(&first.reader, "t", "k-old", since),
+            None,
+            "past the window"
+        );
         drop(first.handle);
         first.writer.join().unwrap();
 
         let again = open();
-        assert_eq!(held(&again.reader, "t", "k-1"), Some(1), "stored before");
-        assert_eq!(held(&again.reader, "t", "k-2"), Some(2), "stored before");
-        assert_eq!(held(&again.reader, "t", "k-3"), None);
         assert_eq!(
-            held(&again.reader, "other", "k-1"),
+            held(&again.reader, "t", "k-1", since),
+            Some(2),
+            "stored before"
+        );
+        assert_eq!(
+            held(&again.reader, "t", "k-2", since),
+            Some(3),
+            "stored before"
+        );
+        assert_eq!(held(&again.reader, "t", "k-3", since), None);
+        assert_eq!(
+            held(&again.reader, "other", "k-1", since),
             None,
             "keys are per tenant"
         );
+        assert_eq!(
+            held(&again.reader, "t", "k-old", since),
+            None,
+            "past the window"
+        );
+        assert_eq!(
+            held(&again.reader, "t", "k-old", 0),
+            Some(1),
+            "the ledger keeps it: a look-up from before the window is asked of the ledger"
+        );
         again
             .handle
-            .append(vec![keyed(3, "k-3")], Vec::new())
+            .append(vec![keyed(4, "k-3", 0)], Vec::new())
             .wait_blocking()
             .unwrap();
         again.handle.barrier().wait_blocking().unwrap();
-        assert_eq!(held(&again.reader, "t", "k-3"), Some(3), "written since");
+        assert_eq!(
+            held(&again.reader, "t", "k-3", since),
+            Some(4),
+            "written since"
+        );
         drop(again.handle);
         again.writer.join().unwrap();
+    }
+
+    /// A start reads the keys of the window through the index of keyed holds by time,
+    /// not by a scan of every keyed hold the ledger ever had.
+    #[test]
+    fn a_start_reads_the_windows_keys_through_their_time_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sqlite::ledger_path(dir.path());
+        let opened = open_sqlite(&path, |_| {}).unwrap();
+        drop(opened.handle);
+        opened.writer.join().unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN {}",
+                sqlite::KEYS_OF_THE_WINDOW
+            ))
+            .unwrap()
+            .query_map([0i64], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join("; ");
+        assert!(
+            plan.contains("USING INDEX ledger_idempotency_time"),
+            "the plan: {plan}"
+        );
     }
 }

@@ -1544,19 +1544,23 @@ impl Reader {
             .map_err(StoreError::from)
     }
 
+    /// The first hold a tenant made with an idempotency key at or after `since_ms`.
     pub async fn hold_by_idempotency_key(
         &self,
         tenant: &str,
         key: &str,
+        since_ms: i64,
     ) -> Result<Option<StoredHold>, StoreError> {
         let row = sqlx::query(
             "SELECT l.auth, l.held, mu.text, pv.text, l.detail FROM ledger l
              LEFT JOIN dict mu ON mu.id = l.model_used LEFT JOIN dict pv ON pv.id = l.price_version
              WHERE l.idem = $2 AND l.tenant = (SELECT id FROM dict WHERE text = $1)
+               AND l.at_ms >= $3
              ORDER BY l.seq LIMIT 1",
         )
         .bind(tenant)
         .bind(key)
+        .bind(since_ms)
         .fetch_optional(&self.pool)
         .await?;
         let Some(r) = row else { return Ok(None) };

@@ -69,6 +69,9 @@ CREATE INDEX IF NOT EXISTS ledger_auth ON ledger(auth);
 -- Holds made with an Idempotency-Key, found by it once the engine has forgotten them.
 CREATE INDEX IF NOT EXISTS ledger_idempotency ON ledger(tenant, json_extract(detail, '$.idempotency_key'))
     WHERE kind = 1 AND json_extract(detail, '$.idempotency_key') IS NOT NULL;
+-- The same holds by time: a start loads the keys of the idempotency window only.
+CREATE INDEX IF NOT EXISTS ledger_idempotency_time ON ledger(at_ms)
+    WHERE kind = 1 AND json_extract(detail, '$.idempotency_key') IS NOT NULL;
 CREATE TABLE IF NOT EXISTS counters (
     bucket TEXT PRIMARY KEY,
     held INTEGER NOT NULL,
@@ -142,6 +145,7 @@ fn replay_start(conn: &Connection) -> Result<(i64, [u8; 32]), StoreError> {
 pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, Counter>)>(
     path: &Path,
     durability: Durability,
+    idempotency_window: Duration,
     mut recovery: crate::Recovery<E, C, K>,
 ) -> Result<Opened, StoreError> {
     if let Some(dir) = path.parent() {
@@ -185,8 +189,7 @@ pub fn open<E: FnMut(Entry), C: FnMut(CatalogRow), K: FnOnce(HashMap<BucketKey, 
         )));
     }
     read_catalog(&conn, &mut recovery.on_catalog)?;
-    let keys = Arc::new(IdempotencyKeys::default());
-    load_idempotency_keys(&conn, &keys)?;
+    let keys = Arc::new(load_idempotency_keys(&conn, idempotency_window)?);
     let chain = if from > 1 {
         check_in_background(path)?
     } else {
@@ -270,26 +273,49 @@ fn lock_data_dir(db: &Path) -> Result<std::fs::File, StoreError> {
     }
 }
 
-/// Feeds every idempotency key of a stored hold to `keys`, through the partial index
-/// that holds them.
-fn load_idempotency_keys(conn: &Connection, keys: &IdempotencyKeys) -> Result<(), StoreError> {
+/// The idempotency keys of the stored holds of the window, through the partial index
+/// of keyed holds by time. The window ends at the ledger's last entry, or now if that is
+/// later than now (a clock set back): it then reaches further back, never less far. An
+/// empty ledger's filter is complete from any time.
+fn load_idempotency_keys(
+    conn: &Connection,
+    window: Duration,
+) -> Result<IdempotencyKeys, StoreError> {
     let started = Instant::now();
-    let mut stmt = conn.prepare(
-        "SELECT t.text, json_extract(l.detail, '$.idempotency_key') FROM ledger l JOIN dict t ON t.id = l.tenant
-         WHERE l.kind = 1 AND json_extract(l.detail, '$.idempotency_key') IS NOT NULL",
-    )?;
-    let mut rows = stmt.query([])?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let last_ms: Option<i64> = conn
+        .query_row(
+            "SELECT at_ms FROM ledger ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    // An empty ledger has no key of any time.
+    let from_ms = last_ms.map_or(i64::MIN, |last| {
+        last.min(now_ms)
+            .saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
+    });
+    let keys = IdempotencyKeys::new(window, from_ms);
+    let mut stmt = conn.prepare(KEYS_OF_THE_WINDOW)?;
+    let mut rows = stmt.query(params![from_ms])?;
     while let Some(r) = rows.next()? {
-        let (tenant, key): (String, String) = (r.get(0)?, r.get(1)?);
-        keys.add([(tenant.as_str(), key.as_str())]);
+        let (at_ms, tenant, key): (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        keys.add([(at_ms, tenant.as_str(), key.as_str())]);
     }
     tracing::debug!(
         keys = keys.len(),
+        from_ms,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "idempotency keys loaded"
     );
-    Ok(())
+    Ok(keys)
 }
+
+/// The keyed holds made at or after `?1`: the condition is the partial index's, so the
+/// index (by time) answers it.
+pub(crate) const KEYS_OF_THE_WINDOW: &str = "SELECT l.at_ms, t.text, json_extract(l.detail, '$.idempotency_key')
+     FROM ledger l JOIN dict t ON t.id = l.tenant
+     WHERE l.kind = 1 AND json_extract(l.detail, '$.idempotency_key') IS NOT NULL AND l.at_ms >= ?1";
 
 fn store_identity(conn: &Connection) -> Result<String, StoreError> {
     Ok(conn.query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))?)
@@ -446,15 +472,15 @@ impl Backend for Writer {
     }
 }
 
-/// The (tenant, idempotency key) of every hold a command appends.
-fn idempotency_keys(cmd: &Command) -> impl Iterator<Item = (&str, &str)> {
+/// The (time, tenant, idempotency key) of every hold a command appends.
+fn idempotency_keys(cmd: &Command) -> impl Iterator<Item = (i64, &str, &str)> {
     let entries: &[Entry] = match cmd {
         Command::Append { entries, .. } => entries,
         _ => &[],
     };
     entries.iter().filter_map(|e| {
         let key = e.detail.as_ref()?.idempotency_key.as_deref()?;
-        (e.kind == EntryKind::Hold).then_some((e.tenant.as_str(), key))
+        (e.kind == EntryKind::Hold).then_some((e.at_ms, e.tenant.as_str(), key))
     })
 }
 
@@ -797,13 +823,19 @@ impl Reader {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// The hold a tenant made with an idempotency key, if any (however old).
+    /// The first hold a tenant made with an idempotency key at or after `since_ms` (the
+    /// start of the idempotency window), if any.
     pub fn hold_by_idempotency_key(
         &self,
         tenant: &str,
         key: &str,
+        since_ms: i64,
     ) -> Result<Option<StoredHold>, StoreError> {
-        if self.keys.as_ref().is_some_and(|k| !k.may_have(tenant, key)) {
+        if self
+            .keys
+            .as_ref()
+            .is_some_and(|k| !k.may_have(tenant, key, since_ms))
+        {
             return Ok(None);
         }
         let conn = self.conn.lock();
@@ -811,10 +843,10 @@ impl Reader {
             "SELECT l.auth, l.held, mu.text, pv.text, l.detail FROM ledger l
              LEFT JOIN dict mu ON mu.id = l.model_used LEFT JOIN dict pv ON pv.id = l.price_version
              WHERE l.kind = 1 AND l.tenant = (SELECT id FROM dict WHERE text = ?1)
-               AND json_extract(l.detail, '$.idempotency_key') = ?2
+               AND json_extract(l.detail, '$.idempotency_key') = ?2 AND l.at_ms >= ?3
              ORDER BY l.seq LIMIT 1",
         )?;
-        let mut rows = stmt.query(params![tenant, key])?;
+        let mut rows = stmt.query(params![tenant, key, since_ms])?;
         let Some(r) = rows.next()? else {
             return Ok(None);
         };

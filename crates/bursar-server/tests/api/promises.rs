@@ -730,6 +730,65 @@ async fn a_retry_after_the_engine_forgot_its_key_gets_the_hold_from_the_ledger(p
     );
 }
 
+store_test!(a_key_is_honoured_for_its_idempotency_window_and_is_free_after_it);
+async fn a_key_is_honoured_for_its_idempotency_window_and_is_free_after_it(place: Place) {
+    let config = CONFIG.replace(
+        "hold_ttl_secs = 60",
+        "hold_ttl_secs = 60\nidempotency_window_secs = 172800",
+    );
+    let app = spawn_app_at(&config, place).await;
+    let authorize = |key: &'static str| {
+        let app = &app;
+        async move {
+            app.send(
+                reqwest::Method::POST,
+                "/v1/authorizations",
+                A_MEMBER,
+                Some(&ask(300, 30)),
+                Some(key),
+            )
+            .await
+        }
+    };
+    let first = authorize("k-window").await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let id = first.body["authorization_id"].as_str().unwrap().to_string();
+    app.settle(
+        A_MEMBER,
+        &id,
+        json!({"usage": {"input_tokens": 300, "cached_input_tokens": 0, "output_tokens": 10}}),
+    )
+    .await;
+    // A day on, within the two-day window: the engine has forgotten the key, the ledger
+    // answers the first permit.
+    app.clock.advance(Duration::from_secs(25 * 3600));
+    app.services.sweep().await.unwrap();
+    assert!(!app.services.engine.knows_idempotency_key("a", "k-window"));
+    let within = authorize("k-window").await;
+    assert_eq!(within.status, 200, "{:?}", within.body);
+    assert_eq!(within.body["authorization_id"], id.as_str());
+    assert_eq!(within.body["replayed"], true);
+    // Past the window the key is free: the call is decided anew, with a hold of its own.
+    app.clock.advance(Duration::from_secs(24 * 3600));
+    app.services.sweep().await.unwrap();
+    let after = authorize("k-window").await;
+    assert_eq!(after.status, 200, "{:?}", after.body);
+    let second = after.body["authorization_id"].as_str().unwrap().to_string();
+    assert_ne!(second, id, "a new authorization");
+    assert_eq!(after.body["replayed"], false);
+    // And that new hold is the key's answer from then on.
+    let retry = authorize("k-window").await;
+    assert_eq!(retry.body["authorization_id"], second.as_str());
+    assert_eq!(retry.body["replayed"], true);
+    let holds = app
+        .entries()
+        .await
+        .iter()
+        .filter(|e| e.kind == EntryKind::Hold)
+        .count();
+    assert_eq!(holds, 2, "the first hold and the one past the window");
+}
+
 /// The replay start the embedded writer stored, if any (`None` on PostgreSQL, which
 /// finds it at start from `open_holds` and the entries' times).
 fn stored_replay_start(app: &TestApp) -> Option<i64> {
