@@ -11,11 +11,12 @@
 //! - the handle, under the journal's lock, gives the entries the next sequence number
 //!   and sends their command to the writer: the channel's order is the sequence's
 //!   order. The entries are shared between the command and the caller's record;
-//! - the caller's ticket serializes the record, `\n<seq> <json>\n`, writes it with one
-//!   `write` on the segment file (opened for appending) and resolves when it returns. A
-//!   record cut by a crash was never acknowledged; the newline before each record keeps
-//!   the records after it whole. An entry that acts on a hold (a settle, say) names it
-//!   by id only: landing finds it earlier in the journal or in the store;
+//! - the caller's ticket serializes the record (below), writes it with one `write` on
+//!   the segment file (opened for appending) and resolves when it returns. A record cut
+//!   by a crash was never acknowledged: its checksum fails, and reading goes on at the
+//!   next record's mark, so the records after it stay whole. An entry that acts on a
+//!   hold (a settle, say) names it by id only: landing finds it earlier in the journal
+//!   or in the store;
 //! - the writer commits the commands in batches as before, and writes in the same
 //!   transaction the segment's mark: every record up to this sequence number has
 //!   landed ([`Command::SpoolMark`], the spool's mark);
@@ -31,6 +32,14 @@
 //! A segment holds up to [`SEGMENT_BYTES`]; the next starts a new file, and the writer
 //! deletes the old one once every command before the switch has landed, then forgets
 //! its mark. A clean exit deletes the last one.
+//!
+//! A segment is a JSON header line (`{"journal":…,"store":…,"format":3}`), then records.
+//! A record of format 3 is [`MARK`], the payload's length (u32, little-endian), the
+//! CRC-32 of the sequence number and payload (u32), the sequence number (u64), then the
+//! payload: the append as MessagePack with named fields ([`spool::append_msgpack`]).
+//! Formats 1 and 2 (`\n<seq> <json>\n` records, written by earlier versions) are still
+//! read. A format-3 record whose checksum holds but whose payload cannot be read is not
+//! a crash's cut: the start stops, naming it, and the journal is kept.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -51,9 +60,15 @@ use crate::{write_marked, Backend, Command, StoreError};
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Commands landed in one transaction at start.
 const LAND_BATCH: usize = 1_024;
-/// The record format written: 2 names the hold an entry acts on by id only; 1 (still
-/// read) carried its whole detail.
-const FORMAT: u32 = 2;
+/// The record format written: 3 is binary (see the module's documentation). Still read:
+/// 2, `\n<seq> <json>\n` naming the hold an entry acts on by id only, and 1, the same
+/// with the hold's whole detail.
+const FORMAT: u32 = 3;
+/// What starts each record of format 3: after a record cut by a crash, reading goes on
+/// at the next one. (0xB5 starts no UTF-8 character, so JSON never holds it.)
+pub(crate) const MARK: [u8; 4] = [0xB5, b'B', b'J', b'3'];
+/// A format-3 record's bytes before its payload: mark, length, checksum, sequence.
+const RECORD_HEAD: usize = 4 + 4 + 4 + 8;
 
 /// Where a command's record is: its segment and sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,21 +157,40 @@ impl Segment {
 /// with the command, and serialized by whoever waits, outside every lock.
 pub(crate) struct Record {
     segment: Arc<Segment>,
-    seq: u64,
+    pub(crate) seq: u64,
     entries: Arc<[Entry]>,
     alerts: Arc<[AlertEvent]>,
 }
 
 impl Record {
-    /// `\n<seq> <json>\n`.
-    pub(crate) fn bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
-        let mut bytes = Vec::with_capacity(1024);
-        bytes.push(b'\n');
+    /// The record, format 3: mark, length, checksum, sequence number, payload.
+    pub(crate) fn bytes(&self) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+        let mut bytes = Vec::with_capacity(512);
+        bytes.extend_from_slice(&MARK);
+        // The length and checksum, once the payload is written.
+        bytes.extend_from_slice(&[0; 8]);
+        bytes.extend_from_slice(&self.seq.to_le_bytes());
+        spool::append_msgpack(&mut bytes, &self.entries, &self.alerts)?;
+        let len = u32::try_from(bytes.len() - RECORD_HEAD)
+            .map_err(|_| rmp_serde::encode::Error::Syntax("a journal record over 4 GiB".into()))?;
+        let crc = crc32fast::hash(&bytes[12..]);
+        bytes[4..8].copy_from_slice(&len.to_le_bytes());
+        bytes[8..12].copy_from_slice(&crc.to_le_bytes());
+        Ok(bytes)
+    }
+
+    /// The record as format 2 wrote it (`\n<seq> <json>\n`): what an older version's
+    /// journal holds.
+    #[cfg(test)]
+    pub(crate) fn format_2_bytes(&self) -> Vec<u8> {
+        let mut bytes = vec![b'\n'];
         bytes.extend_from_slice(itoa::Buffer::new().format(self.seq).as_bytes());
         bytes.push(b' ');
-        spool::append_json(&mut bytes, &self.entries, &self.alerts)?;
+        if let Err(e) = spool::append_json(&mut bytes, &self.entries, &self.alerts) {
+            panic!("a test's record serializes: {e}");
+        }
         bytes.push(b'\n');
-        Ok(bytes)
+        bytes
     }
 
     /// Writes it; whether the command may be acknowledged now.
@@ -287,8 +321,10 @@ pub(crate) fn land_left(
             continue;
         };
         let text = std::fs::read(&path).map_err(io)?;
-        let mut lines = text.split(|b| *b == b'\n');
-        let first = lines.next().unwrap_or_default();
+        let (first, body) = match text.iter().position(|b| *b == b'\n') {
+            Some(at) => (&text[..at], &text[at + 1..]),
+            None => (&text[..], &[][..]),
+        };
         let Ok(header) = serde_json::from_slice::<Header>(first) else {
             // Cut while its header was written: nothing in it was acknowledged.
             tracing::warn!(journal = %path.display(), "a journal without a whole header is removed");
@@ -305,11 +341,19 @@ pub(crate) fn land_left(
             tracing::error!(journal = %path.display(), "this journal was written for another store; it is left as it is");
             continue;
         }
+        let read = if header.format >= 3 {
+            binary_records(body).map_err(|e| corrupt(&path, e))?
+        } else {
+            body.split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(parse_line)
+                .collect()
+        };
         let mark = backend.spool_landed(header.journal)?;
         let mut records = Vec::new();
         let mut cut = 0usize;
-        for line in lines.filter(|l| !l.is_empty()) {
-            match parse_record(line) {
+        for record in read {
+            match record {
                 Some((seq, _)) if seq <= mark => {}
                 Some((
                     seq,
@@ -385,8 +429,59 @@ pub(crate) fn land_left(
     Ok(())
 }
 
-/// `<seq> <json>`; `None` for a record cut by a crash.
-fn parse_record(line: &[u8]) -> Option<(u64, Spooled)> {
+/// The records of a format-3 segment (after its header), in file order: `None` for
+/// bytes that are no whole record (one cut by a crash), after which reading goes on at
+/// the next mark. An error for a whole record (its checksum holds) that cannot be read.
+pub(crate) fn binary_records(body: &[u8]) -> Result<Vec<Option<(u64, Spooled)>>, String> {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        match binary_record(&body[at..])? {
+            Some((len, record)) => {
+                records.push(Some(record));
+                at += len;
+            }
+            None => {
+                records.push(None);
+                match body[at + 1..].windows(MARK.len()).position(|w| w == MARK) {
+                    Some(next) => at += 1 + next,
+                    None => break,
+                }
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// The record at the start of `b` and its length; `None` if it is not whole.
+fn binary_record(b: &[u8]) -> Result<Option<(usize, (u64, Spooled))>, String> {
+    let Some(head) = b.get(..RECORD_HEAD) else {
+        return Ok(None);
+    };
+    let word = |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    if head[..4] != MARK {
+        return Ok(None);
+    }
+    let Some(whole) = usize::try_from(word(4))
+        .ok()
+        .and_then(|len| len.checked_add(RECORD_HEAD))
+        .and_then(|end| b.get(..end))
+    else {
+        return Ok(None);
+    };
+    if crc32fast::hash(&whole[12..]) != word(8) {
+        return Ok(None);
+    }
+    let mut seq = [0; 8];
+    seq.copy_from_slice(&head[12..RECORD_HEAD]);
+    let seq = u64::from_le_bytes(seq);
+    let command = rmp_serde::from_slice(&whole[RECORD_HEAD..])
+        .map_err(|e| format!("record {seq} is whole but cannot be read: {e}"))?;
+    Ok(Some((whole.len(), (seq, command))))
+}
+
+/// `<seq> <json>` (formats 1 and 2); `None` for a record cut by a crash.
+fn parse_line(line: &[u8]) -> Option<(u64, Spooled)> {
     let space = line.iter().position(|b| *b == b' ')?;
     let seq = std::str::from_utf8(&line[..space]).ok()?.parse().ok()?;
     let command = serde_json::from_slice(&line[space + 1..]).ok()?;
