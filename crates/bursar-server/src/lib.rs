@@ -515,7 +515,7 @@ impl Services {
     /// (the look-up of its Idempotency-Key in the ledger, or its claim): yes when the
     /// store is away and the tenant fails open. The key is then known from this
     /// instance's memory only: a retry during the outage gets its first permit from
-    /// there, but a key first used before what the engine remembers (20k keys, a day),
+    /// there, but a key first used before what the engine remembers (10k keys, a day),
     /// or on another instance, may be held a second time. That is the fail-open
     /// trade-off (promise 6 over promise 2 while the store is away), counted in
     /// `bursar_fail_open_total{part="idempotency"}`; both holds land in the ledger.

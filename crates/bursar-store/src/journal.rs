@@ -65,7 +65,8 @@ const LAND_BATCH: usize = 1_024;
 /// with the hold's whole detail.
 const FORMAT: u32 = 3;
 /// What starts each record of format 3: after a record cut by a crash, reading goes on
-/// at the next one. (0xB5 starts no UTF-8 character, so JSON never holds it.)
+/// at the next one. A payload may hold the same four bytes; the checksum, not the mark,
+/// tells a record from them.
 pub(crate) const MARK: [u8; 4] = [0xB5, b'B', b'J', b'3'];
 /// A format-3 record's bytes before its payload: mark, length, checksum, sequence.
 const RECORD_HEAD: usize = 4 + 4 + 4 + 8;

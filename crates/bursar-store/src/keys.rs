@@ -77,7 +77,8 @@ impl IdempotencyKeys {
 
     /// Adds the keys of holds the store has, or is about to have, each with its hold's
     /// time (ms); then forgets the generations wholly older than the window before the
-    /// latest of those times.
+    /// latest of those times, or before now if that is earlier (a hold stamped ahead of
+    /// the clock does not make the current generations go).
     pub fn add<'a>(&self, keys: impl IntoIterator<Item = (i64, &'a str, &'a str)>) {
         let mut keys = keys.into_iter().peekable();
         if keys.peek().is_none() {
@@ -90,7 +91,8 @@ impl IdempotencyKeys {
             let period = at_ms.div_euclid(self.period_ms);
             state.generation(period).insert((tenant, key));
         }
-        let cutoff = latest.saturating_sub(self.window_ms);
+        let now = chrono::Utc::now().timestamp_millis();
+        let cutoff = latest.min(now).saturating_sub(self.window_ms);
         while let Some(&(period, _)) = state.by_period.front() {
             let end = self.end_of(period);
             if end > cutoff {

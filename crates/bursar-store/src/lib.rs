@@ -2159,6 +2159,90 @@ mod tests {
         );
     }
 
+    /// A format-3 record gives back every field it was given: every optional field
+    /// set, tags and metadata, ids (which MessagePack writes as bytes), the largest
+    /// numbers, an alert; and an entry acting on a hold, marked as such.
+    #[test]
+    fn a_binary_journal_record_gives_back_every_field() {
+        let mut hold = entry(7, i64::MAX);
+        hold.key_id = Some(Uuid::now_v7());
+        hold.cost_delta = Money::from_nanos(-123_456_789);
+        hold.charge_delta = Money::from_nanos(i64::MIN + 1);
+        hold.model_requested = Some("gpt-4o-mini".into());
+        hold.model_used = Some("gpt-4o-mini-2024-07-18".into());
+        hold.price_version = Some("2026-11-01".into());
+        hold.usage = TokenUsage {
+            input_tokens: u64::MAX,
+            cached_input_tokens: 1,
+            output_tokens: 0,
+        };
+        hold.latency_ms = Some(u32::MAX);
+        hold.flags = u32::MAX;
+        hold.at_ms = i64::MIN;
+        if let Some(d) = hold.detail.as_mut() {
+            let d = Arc::make_mut(d);
+            d.tags.workflow = Some("run-1".into());
+            d.tags.campaign = Some("spring".into());
+            d.tags.agent = Some("SEO".into());
+            d.tags.feature = Some("chat".into());
+            d.tags.task = Some("summary".into());
+            d.tags.end_user = Some("user \u{b5} \"q\"".into());
+            d.tags.custom.insert("env".into(), "prod".into());
+            d.tags
+                .metadata
+                .insert("trace".into(), "\u{0}\n\u{1f600}".into());
+            d.team = Some("core".into());
+            d.user = Some("ann".into());
+            d.idempotency_key = Some("k-1".into());
+            d.fingerprint = Some("ab".repeat(32));
+            d.max_tokens = Some(u32::MAX);
+            d.prompt_tokens = u64::MAX;
+            d.rate_tokens = 3;
+        }
+        let mut settle = settle_of(&hold, 5, 8);
+        settle.hold = hold.detail.clone();
+        let alert = AlertEvent {
+            at_ms: 1,
+            tenant: Some("t".into()),
+            bucket: BucketKey {
+                budget: "b".into(),
+                value: "t".into(),
+                period_start: -1,
+            },
+            level: bursar_core::budget::Level::Emergency,
+            limit: Money::from_nanos(10),
+            used: Money::from_nanos(9),
+            reason: "threshold".into(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let journal = journal::Journal::start(dir.path(), "s").unwrap();
+        let bytes = journal
+            .assign(
+                vec![hold.clone(), settle.clone()],
+                vec![alert.clone()],
+                oneshot::channel().0,
+                |_| {},
+            )
+            .bytes()
+            .unwrap();
+        let mut read = journal::binary_records(&bytes).unwrap();
+        let Some(Some((
+            1,
+            spool::Spooled::Append {
+                entries, alerts, ..
+            },
+        ))) = read.pop()
+        else {
+            panic!("one whole append, numbered 1")
+        };
+        let needs: Vec<bool> = entries.iter().map(|e| e.needs_hold()).collect();
+        assert_eq!(needs, vec![false, true], "the settle names its hold by id");
+        let entries: Vec<Entry> = entries.into_iter().map(|e| e.into_entry()).collect();
+        settle.hold = None;
+        assert_eq!(entries, vec![hold, settle]);
+        assert_eq!(alerts, vec![alert]);
+    }
+
     /// A journal an older version left (format 2: `\n<seq> <json>\n` records) lands as
     /// it did, its cut record left out.
     #[test]

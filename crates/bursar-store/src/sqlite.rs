@@ -274,9 +274,9 @@ fn lock_data_dir(db: &Path) -> Result<std::fs::File, StoreError> {
 }
 
 /// The idempotency keys of the stored holds of the window, through the partial index
-/// of keyed holds by time. The window ends at the ledger's last entry, or now if that is
-/// later than now (a clock set back): it then reaches further back, never less far. An
-/// empty ledger's filter is complete from any time.
+/// of keyed holds by time. The window ends at the ledger's last entry or now, whichever
+/// is earlier (an entry stamped ahead of a clock set back makes it reach further back,
+/// never less far). An empty ledger's filter is complete from any time.
 fn load_idempotency_keys(
     conn: &Connection,
     window: Duration,
