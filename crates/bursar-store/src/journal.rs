@@ -430,10 +430,13 @@ pub(crate) fn land_left(
     Ok(())
 }
 
+/// A record read back: its sequence number and its command.
+type Numbered = (u64, Spooled);
+
 /// The records of a format-3 segment (after its header), in file order: `None` for
 /// bytes that are no whole record (one cut by a crash), after which reading goes on at
 /// the next mark. An error for a whole record (its checksum holds) that cannot be read.
-pub(crate) fn binary_records(body: &[u8]) -> Result<Vec<Option<(u64, Spooled)>>, String> {
+pub(crate) fn binary_records(body: &[u8]) -> Result<Vec<Option<Numbered>>, String> {
     let mut records = Vec::new();
     let mut at = 0;
     while at < body.len() {
@@ -455,7 +458,7 @@ pub(crate) fn binary_records(body: &[u8]) -> Result<Vec<Option<(u64, Spooled)>>,
 }
 
 /// The record at the start of `b` and its length; `None` if it is not whole.
-fn binary_record(b: &[u8]) -> Result<Option<(usize, (u64, Spooled))>, String> {
+fn binary_record(b: &[u8]) -> Result<Option<(usize, Numbered)>, String> {
     let Some(head) = b.get(..RECORD_HEAD) else {
         return Ok(None);
     };
@@ -482,7 +485,7 @@ fn binary_record(b: &[u8]) -> Result<Option<(usize, (u64, Spooled))>, String> {
 }
 
 /// `<seq> <json>` (formats 1 and 2); `None` for a record cut by a crash.
-fn parse_line(line: &[u8]) -> Option<(u64, Spooled)> {
+fn parse_line(line: &[u8]) -> Option<Numbered> {
     let space = line.iter().position(|b| *b == b' ')?;
     let seq = std::str::from_utf8(&line[..space]).ok()?.parse().ok()?;
     let command = serde_json::from_slice(&line[space + 1..]).ok()?;
