@@ -179,7 +179,7 @@ fn record_decision(outcome: &'static str, code: &'static str, started: Instant) 
 /// Authorize a call: hold its worst-case cost on every budget it touches.
 #[utoipa::path(
     post, path = "/v1/authorizations", request_body = AuthorizeBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the first answer")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the first answer, for the idempotency window after the first (a week by default: `engine.idempotency_window_secs`)")),
     responses(
         (status = 200, description = "permitted", body = Permit),
         (status = 402, description = "budget exceeded", body = crate::error::ErrorBody),

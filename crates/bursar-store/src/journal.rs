@@ -158,7 +158,7 @@ impl Segment {
 /// with the command, and serialized by whoever waits, outside every lock.
 pub(crate) struct Record {
     segment: Arc<Segment>,
-    pub(crate) seq: u64,
+    seq: u64,
     entries: Arc<[Entry]>,
     alerts: Arc<[AlertEvent]>,
 }
