@@ -356,8 +356,19 @@ async fn finished_in_store(
     id: Uuid,
     settle_usage: Option<&Usage>,
 ) -> Result<Json<Settlement>, ApiError> {
-    s.caught_up().await;
+    // While the store lags behind what was acknowledged (its writer failing or stalled),
+    // an authorization it lacks, or whose finish it lacks, may be in flight to it: that
+    // is "retry", not "no such authorization".
+    let landed = s.caught_up().await;
+    let lagging = || {
+        ApiError::from(bursar_store::StoreError::Unavailable(
+            "the ledger has not caught up with what this instance acknowledged; retry".into(),
+        ))
+    };
     if !s.reader.exists(id, tenant).await? {
+        if !landed {
+            return Err(lagging());
+        }
         return Err(FinishError {
             code: FinishCode::AuthorizationNotFound,
             message: format!("no authorization `{id}`"),
@@ -401,6 +412,7 @@ async fn finished_in_store(
         Some(EntryKind::Settle) => FinishCode::AuthorizationAlreadySettled,
         Some(EntryKind::Void) => FinishCode::AuthorizationVoided,
         Some(EntryKind::Expire) => FinishCode::AuthorizationExpired,
+        _ if !landed => return Err(lagging()),
         _ => FinishCode::AuthorizationNotFound,
     };
     Err(FinishError {
@@ -506,6 +518,7 @@ async fn finish(
         (status = 404, description = "authorization_not_found", body = crate::error::ErrorBody),
         (status = 409, description = "authorization_already_settled, authorization_voided or authorization_expired", body = crate::error::ErrorBody),
         (status = 422, description = "invalid usage or unknown model", body = crate::error::ErrorBody),
+        (status = 503, description = "store_unavailable: the store is away, or has not caught up with what was acknowledged (retry)", body = crate::error::ErrorBody),
     )
 )]
 pub async fn settle(
@@ -533,6 +546,7 @@ pub async fn settle(
         (status = 200, description = "voided", body = Settlement),
         (status = 404, description = "authorization_not_found", body = crate::error::ErrorBody),
         (status = 409, description = "already finished", body = crate::error::ErrorBody),
+        (status = 503, description = "store_unavailable: the store is away, or has not caught up with what was acknowledged (retry)", body = crate::error::ErrorBody),
     )
 )]
 pub async fn void(

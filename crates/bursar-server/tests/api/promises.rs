@@ -737,6 +737,7 @@ async fn a_key_is_honoured_for_its_idempotency_window_and_is_free_after_it(place
         "hold_ttl_secs = 60\nidempotency_window_secs = 172800",
     );
     let app = spawn_app_at(&config, place).await;
+    // The same request as `settled` makes.
     let authorize = |key: &'static str| {
         let app = &app;
         async move {
@@ -744,21 +745,13 @@ async fn a_key_is_honoured_for_its_idempotency_window_and_is_free_after_it(place
                 reqwest::Method::POST,
                 "/v1/authorizations",
                 A_MEMBER,
-                Some(&ask(300, 30)),
+                Some(&ask(100, 10)),
                 Some(key),
             )
             .await
         }
     };
-    let first = authorize("k-window").await;
-    assert_eq!(first.status, 200, "{:?}", first.body);
-    let id = first.body["authorization_id"].as_str().unwrap().to_string();
-    app.settle(
-        A_MEMBER,
-        &id,
-        json!({"usage": {"input_tokens": 300, "cached_input_tokens": 0, "output_tokens": 10}}),
-    )
-    .await;
+    let id = settled(&app, Some("k-window")).await;
     // A day on, within the two-day window: the engine has forgotten the key, the ledger
     // answers the first permit.
     app.clock.advance(Duration::from_secs(25 * 3600));
@@ -1001,6 +994,21 @@ async fn a_key_whose_hold_has_not_landed_is_not_forgotten() {
         app.services.engine.knows_idempotency_key("a", "k-stuck"),
         "forgotten before its hold reached the store"
     );
+    // Nor is an authorization the store lacks "not found" while it lags: it may be on
+    // its way there.
+    let unknown = app
+        .settle(
+            A_MEMBER,
+            &uuid::Uuid::now_v7().to_string(),
+            json!({"usage": {"input_tokens": 1, "cached_input_tokens": 0, "output_tokens": 1}}),
+        )
+        .await;
+    assert_eq!(
+        (unknown.status, unknown.code()),
+        (503, "store_unavailable"),
+        "{:?}",
+        unknown.body
+    );
 
     blocker.execute_batch("ROLLBACK").unwrap();
     drop(blocker);
@@ -1017,4 +1025,17 @@ async fn a_key_whose_hold_has_not_landed_is_not_forgotten() {
     assert_eq!(retry.body["replayed"], true);
     let holds = app.count_entries(EntryKind::Hold).await;
     assert_eq!(holds, 1, "one hold for the key");
+    let unknown = app
+        .settle(
+            A_MEMBER,
+            &uuid::Uuid::now_v7().to_string(),
+            json!({"usage": {"input_tokens": 1, "cached_input_tokens": 0, "output_tokens": 1}}),
+        )
+        .await;
+    assert_eq!(
+        (unknown.status, unknown.code()),
+        (404, "authorization_not_found"),
+        "caught up, the store's answer stands: {:?}",
+        unknown.body
+    );
 }
