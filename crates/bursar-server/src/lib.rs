@@ -865,6 +865,9 @@ pub async fn metrics_text(State(s): State<Arc<Services>>) -> impl IntoResponse {
     metrics::gauge!("bursar_open_holds").set(s.engine.open_holds() as f64);
     metrics::gauge!("bursar_api_keys").set(s.engine.key_count() as f64);
     metrics::gauge!("bursar_counters_in_memory").set(s.engine.counters_in_memory() as f64);
+    if let Some(keys) = s.reader.idempotency_keys_remembered() {
+        metrics::gauge!("bursar_idempotency_keys_remembered").set(keys as f64);
+    }
     metrics::counter!("bursar_token_counts_from_cache_total")
         .absolute(bursar_core::tokens::counted_from_cache());
     s.metrics.render()

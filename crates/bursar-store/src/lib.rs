@@ -1241,6 +1241,15 @@ impl Reader {
         }
     }
 
+    /// How many idempotency keys of the window the embedded store keeps in memory (its
+    /// filter of stored keys); `None` on PostgreSQL, which keeps none.
+    pub fn idempotency_keys_remembered(&self) -> Option<usize> {
+        match self {
+            Reader::Sqlite(r) => r.idempotency_keys_remembered(),
+            Reader::Postgres(_) => None,
+        }
+    }
+
     /// The first hold a tenant made with an idempotency key at or after `since_ms` (the
     /// start of the idempotency window), if any.
     pub async fn hold_by_idempotency_key(

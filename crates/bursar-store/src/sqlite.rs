@@ -803,6 +803,12 @@ impl Reader {
         self
     }
 
+    /// How many idempotency keys of the window its filter keeps (with the store's
+    /// writer in this process).
+    pub fn idempotency_keys_remembered(&self) -> Option<usize> {
+        self.keys.as_ref().map(|k| k.len())
+    }
+
     pub fn alerts(&self, tenant: Option<&str>, limit: u32) -> Result<Vec<AlertRow>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn.prepare_cached(

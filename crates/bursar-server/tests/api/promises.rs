@@ -752,6 +752,14 @@ async fn a_key_is_honoured_for_its_idempotency_window_and_is_free_after_it(place
         }
     };
     let id = settled(&app, Some("k-window")).await;
+    // The embedded store keeps the window's keys in memory (once its writer has them),
+    // and says how many (`bursar_idempotency_keys_remembered` on /metrics).
+    app.entries().await;
+    let embedded = matches!(app.place.location, bursar_store::Location::Sqlite(_));
+    assert_eq!(
+        app.services.reader.idempotency_keys_remembered(),
+        embedded.then_some(1)
+    );
     // A day on, within the two-day window: the engine has forgotten the key, the ledger
     // answers the first permit.
     app.clock.advance(Duration::from_secs(25 * 3600));
