@@ -809,6 +809,16 @@ async fn ledger_state(app: &TestApp) -> String {
     r.body["ledger"].as_str().unwrap_or_default().to_string()
 }
 
+/// Settles an authorization id no one was given.
+async fn settle_unknown(app: &TestApp) -> Resp {
+    app.settle(
+        A_MEMBER,
+        &uuid::Uuid::now_v7().to_string(),
+        json!({"usage": {"input_tokens": 1, "cached_input_tokens": 0, "output_tokens": 1}}),
+    )
+    .await
+}
+
 /// Authorizes and settles one call (with an idempotency key, if given).
 async fn settled(app: &TestApp, key: Option<&str>) -> String {
     let p = app
@@ -1004,13 +1014,7 @@ async fn a_key_whose_hold_has_not_landed_is_not_forgotten() {
     );
     // Nor is an authorization the store lacks "not found" while it lags: it may be on
     // its way there.
-    let unknown = app
-        .settle(
-            A_MEMBER,
-            &uuid::Uuid::now_v7().to_string(),
-            json!({"usage": {"input_tokens": 1, "cached_input_tokens": 0, "output_tokens": 1}}),
-        )
-        .await;
+    let unknown = settle_unknown(&app).await;
     assert_eq!(
         (unknown.status, unknown.code()),
         (503, "store_unavailable"),
@@ -1033,13 +1037,7 @@ async fn a_key_whose_hold_has_not_landed_is_not_forgotten() {
     assert_eq!(retry.body["replayed"], true);
     let holds = app.count_entries(EntryKind::Hold).await;
     assert_eq!(holds, 1, "one hold for the key");
-    let unknown = app
-        .settle(
-            A_MEMBER,
-            &uuid::Uuid::now_v7().to_string(),
-            json!({"usage": {"input_tokens": 1, "cached_input_tokens": 0, "output_tokens": 1}}),
-        )
-        .await;
+    let unknown = settle_unknown(&app).await;
     assert_eq!(
         (unknown.status, unknown.code()),
         (404, "authorization_not_found"),
