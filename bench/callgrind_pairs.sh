@@ -7,7 +7,8 @@
 # Runs `bursar serve` (embedded store, bench/bench.toml) under valgrind twice, sends
 # SMALL then LARGE pairs over one keep-alive connection, and prints
 # (instructions of LARGE − instructions of SMALL) / (LARGE − SMALL): start-up and
-# shutdown cancel out. Needs valgrind and python3. BURSAR_BIN runs another build.
+# shutdown cancel out. Needs valgrind and python3. BURSAR_BIN runs another build;
+# CG_KEEP=DIR keeps the callgrind outputs (cg-SMALL.out, cg-LARGE.out) in DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 small=${1:-100}
@@ -15,8 +16,8 @@ large=${2:-600}
 if [ -z "${BURSAR_BIN:-}" ]; then cargo build --release -p bursar >/dev/null; fi
 bin=${BURSAR_BIN:-./target/release/bursar}
 port=18191
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+work=${CG_KEEP:-$(mktemp -d)}; mkdir -p "$work"
+[ -n "${CG_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
 
 count() {
   local n=$1 data="$work/data-$1" out="$work/cg-$1.out"

@@ -8,6 +8,7 @@ pub mod budget;
 pub mod catalog;
 pub mod config;
 pub mod engine;
+pub mod json;
 pub mod ledger;
 pub mod litellm;
 pub mod money;

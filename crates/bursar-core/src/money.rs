@@ -203,6 +203,15 @@ impl Money {
     }
 }
 
+impl Money {
+    /// Appends the amount as [`fmt::Display`] writes it (the text of its JSON string).
+    pub fn write_to(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(
+            format_scaled(self.0, MONEY_DECIMALS, &mut [0; SCALED_BYTES]).as_bytes(),
+        );
+    }
+}
+
 impl fmt::Display for Money {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(format_scaled(

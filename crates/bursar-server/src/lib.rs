@@ -13,6 +13,21 @@
 //! each state change, on every call, even on the embedded store that never awaits them.
 //! One allocation is nothing beside a network round trip.
 
+/// `metrics::counter!`/`histogram!` with a fixed name and labels, registered once: the
+/// plain macros look the key up in the recorder's registry (hashing its name and labels)
+/// at every call, a cost the per-call paths need not pay. The handle is taken at the
+/// first use, so the recorder must be installed before (`metrics_handle`, at build).
+macro_rules! fixed_metric {
+    (counter!($($args:tt)*)) => {{
+        static HANDLE: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+        HANDLE.get_or_init(|| metrics::counter!($($args)*))
+    }};
+    (histogram!($($args:tt)*)) => {{
+        static HANDLE: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
+        HANDLE.get_or_init(|| metrics::histogram!($($args)*))
+    }};
+}
+
 pub mod admin;
 pub mod api;
 pub mod error;
@@ -491,7 +506,8 @@ impl Services {
         } else {
             let t0 = std::time::Instant::now();
             let landed = ticket.wait().await;
-            metrics::histogram!("bursar_hold_durable_seconds").record(t0.elapsed().as_secs_f64());
+            fixed_metric!(histogram!("bursar_hold_durable_seconds"))
+                .record(t0.elapsed().as_secs_f64());
             landed
         };
         if let Err(e) = landed {
@@ -894,13 +910,28 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/embeddings", post(proxy::embeddings))
         .route("/v1/models", get(proxy::models))
         .route("/v1/admin/plans", get(admin::list_plans))
-        .route("/v1/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
-        .route("/v1/admin/tenants/{tenant}", get(admin::get_tenant).patch(admin::update_tenant))
+        .route(
+            "/v1/admin/tenants",
+            get(admin::list_tenants).post(admin::create_tenant),
+        )
+        .route(
+            "/v1/admin/tenants/{tenant}",
+            get(admin::get_tenant).patch(admin::update_tenant),
+        )
         .route("/v1/admin/tenants/{tenant}/teams", post(admin::create_team))
         .route("/v1/admin/tenants/{tenant}/users", post(admin::create_user))
-        .route("/v1/admin/tenants/{tenant}/keys", get(admin::list_keys).post(admin::create_key))
-        .route("/v1/admin/tenants/{tenant}/keys/{key}/revoke", post(admin::revoke_key))
-        .route("/v1/admin/tenants/{tenant}/budgets", get(admin::list_budgets).post(admin::create_budget))
+        .route(
+            "/v1/admin/tenants/{tenant}/keys",
+            get(admin::list_keys).post(admin::create_key),
+        )
+        .route(
+            "/v1/admin/tenants/{tenant}/keys/{key}/revoke",
+            post(admin::revoke_key),
+        )
+        .route(
+            "/v1/admin/tenants/{tenant}/budgets",
+            get(admin::list_budgets).post(admin::create_budget),
+        )
         .route(
             "/v1/admin/tenants/{tenant}/budgets/{budget}",
             get(admin::get_budget).delete(admin::delete_budget),
@@ -914,21 +945,35 @@ pub fn router(services: Arc<Services>) -> Router {
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(limit))
         .layer(
-            tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-                let id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-            }),
+            // The span's fields are read only when it is enabled (the log level lets
+            // INFO through): the request's id is not copied for a span nobody records.
+            tracing_http_span(),
         )
         .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
         .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
             tower_http::request_id::MakeRequestUuid,
         ))
         .with_state(services)
+}
+
+fn tracing_http_span() -> tower_http::trace::TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    impl Fn(&axum::http::Request<axum::body::Body>) -> tracing::Span + Clone,
+> {
+    tower_http::trace::TraceLayer::new_for_http().make_span_with(
+        |req: &axum::http::Request<axum::body::Body>| {
+            tracing::info_span!(
+                "request",
+                method = %req.method(),
+                path = %req.uri().path(),
+                request_id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+            )
+        },
+    )
 }
 
 /// Serves until `shutdown` resolves.

@@ -545,8 +545,10 @@ impl Call {
                     return;
                 }
             };
-            metrics::counter!("bursar_decisions_total", "outcome" => "permit", "code" => "ok")
-                .increment(1);
+            fixed_metric!(
+                counter!("bursar_decisions_total", "outcome" => "permit", "code" => "ok")
+            )
+            .increment(1);
             let routed = permit.model.clone().unwrap_or_default();
             let Ok(routed_model) = book.resolve(&routed) else {
                 self.void_unbilled(&permit, "routed model vanished").await;
@@ -678,7 +680,7 @@ impl Call {
     }
 
     fn overhead(&self, provider_time: Duration) {
-        metrics::histogram!("bursar_proxy_overhead_seconds").record(
+        fixed_metric!(histogram!("bursar_proxy_overhead_seconds")).record(
             self.started
                 .elapsed()
                 .saturating_sub(provider_time)
