@@ -548,6 +548,19 @@ struct IdempotencyRecord {
 /// flood one bucket.
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// Applies `f` to the counter of `b`, made (zero) if there is none. The key (two
+/// strings) is copied only then, not at every call as `entry` copies it.
+fn with_counter<R>(
+    counters: &mut Map<BucketKey, Counter>,
+    b: &BucketKey,
+    f: impl FnOnce(&mut Counter) -> R,
+) -> R {
+    if let Some(c) = counters.get_mut(b) {
+        return f(c);
+    }
+    f(counters.entry(b.clone()).or_default())
+}
+
 /// Who a rate-limit cell counts for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Subject {
@@ -1869,8 +1882,7 @@ impl Engine {
         let mut views = Vec::with_capacity(applicable.len());
         let mut alerts = Vec::new();
         for (a, (counter, limit)) in applicable.iter().zip(&standings) {
-            let c = state.counters.entry(a.bucket.clone()).or_default();
-            c.held += held;
+            with_counter(&mut state.counters, &a.bucket, |c| c.held += held);
             let after = Counter {
                 held: counter.held + held,
                 spent: counter.spent,
@@ -2276,10 +2288,11 @@ impl Engine {
             .map_or(Tz::UTC, |t| t.timezone);
         let mut alerts = Vec::new();
         for b in &hold.detail.buckets {
-            let c = state.counters.entry(b.clone()).or_default();
-            c.held += held_delta;
-            c.spent += cost_delta;
-            let used = c.used();
+            let used = with_counter(&mut state.counters, b, |c| {
+                c.held += held_delta;
+                c.spent += cost_delta;
+                c.used()
+            });
             if let Some(budget) = budgets.get(&b.budget) {
                 let a = Applicable {
                     budget: budget.clone(),

@@ -899,7 +899,7 @@ async fn fallback() -> ApiError {
 
 pub fn router(services: Arc<Services>) -> Router {
     let limit = services.max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .route("/v1/authorizations", post(api::authorize))
         .route("/v1/authorizations/{id}", get(api::get_authorization))
         .route("/v1/authorizations/{id}/settle", post(api::settle))
@@ -943,17 +943,21 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi_json))
         .fallback(fallback)
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(
-            // The span's fields are read only when it is enabled (the log level lets
-            // INFO through): the request's id is not copied for a span nobody records.
-            tracing_http_span(),
-        )
-        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .with_state(services);
+    // The layers wrap the whole router once. Added with `Router::layer` they would wrap
+    // every route, each in a box of its own that every request clones (an allocation a
+    // layer, a request).
+    let layered = tower::ServiceBuilder::new()
         .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
             tower_http::request_id::MakeRequestUuid,
         ))
-        .with_state(services)
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        // The span's fields are read only when it is enabled (the log level lets INFO
+        // through): the request's id is not copied for a span nobody records.
+        .layer(tracing_http_span())
+        .layer(DefaultBodyLimit::max(limit))
+        .service(routes);
+    Router::new().fallback_service(layered)
 }
 
 fn tracing_http_span() -> tower_http::trace::TraceLayer<
