@@ -88,6 +88,12 @@ const SCALED_BYTES: usize = 24;
 /// Digit by digit, in 64-bit integers: amounts are formatted on every answer, and
 /// `core::fmt` with 128-bit division cost more than the rest of a decision.
 fn format_scaled(value: i64, decimals: u32, buf: &mut [u8; SCALED_BYTES]) -> &str {
+    // Only ASCII digits, a point and a sign are written.
+    std::str::from_utf8(scaled_digits(value, decimals, buf)).unwrap_or_default()
+}
+
+/// [`format_scaled`]'s bytes, for a writer of bytes (no UTF-8 check to pay).
+fn scaled_digits(value: i64, decimals: u32, buf: &mut [u8; SCALED_BYTES]) -> &[u8] {
     let scale = 10u64.pow(decimals);
     let abs = value.unsigned_abs();
     let mut int = abs / scale;
@@ -119,8 +125,7 @@ fn format_scaled(value: i64, decimals: u32, buf: &mut [u8; SCALED_BYTES]) -> &st
         at -= 1;
         buf[at] = b'-';
     }
-    // Only ASCII digits, a point and a sign were written.
-    std::str::from_utf8(&buf[at..]).unwrap_or_default()
+    &buf[at..]
 }
 
 /// An exact amount of US dollars, in whole nano-dollars.
@@ -206,9 +211,11 @@ impl Money {
 impl Money {
     /// Appends the amount as [`fmt::Display`] writes it (the text of its JSON string).
     pub fn write_to(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(
-            format_scaled(self.0, MONEY_DECIMALS, &mut [0; SCALED_BYTES]).as_bytes(),
-        );
+        out.extend_from_slice(scaled_digits(
+            self.0,
+            MONEY_DECIMALS,
+            &mut [0; SCALED_BYTES],
+        ));
     }
 }
 
