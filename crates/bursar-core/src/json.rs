@@ -199,9 +199,13 @@ fn list<T>(out: &mut Vec<u8>, items: &[T], one: fn(&mut Vec<u8>, &T)) {
     out.push(b']');
 }
 
-impl Permit {
-    /// The permit's JSON, as `serde_json::to_vec` writes it.
-    pub fn to_json(&self) -> Vec<u8> {
+/// A value whose JSON is written here, as `serde_json::to_vec` writes it.
+pub trait ToJson {
+    fn to_json(&self) -> Vec<u8>;
+}
+
+impl ToJson for Permit {
+    fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(320 + 260 * self.budgets.len());
         out.extend_from_slice(b"{\"authorization_id\":");
         uuid(&mut out, &self.authorization_id);
@@ -241,9 +245,8 @@ impl Permit {
     }
 }
 
-impl Settlement {
-    /// The settlement's JSON, as `serde_json::to_vec` writes it.
-    pub fn to_json(&self) -> Vec<u8> {
+impl ToJson for Settlement {
+    fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(320);
         out.extend_from_slice(b"{\"authorization_id\":");
         uuid(&mut out, &self.authorization_id);

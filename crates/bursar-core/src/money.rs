@@ -140,6 +140,15 @@ impl Money {
         Money(nanos)
     }
 
+    /// Appends the amount as [`fmt::Display`] writes it (the text of its JSON string).
+    pub fn write_to(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(scaled_digits(
+            self.0,
+            MONEY_DECIMALS,
+            &mut [0; SCALED_BYTES],
+        ));
+    }
+
     pub const fn nanos(self) -> i64 {
         self.0
     }
@@ -205,17 +214,6 @@ impl Money {
         }
         let v = i128::from(self.0) * i128::from(numerator) / i128::from(denominator);
         Money(v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64)
-    }
-}
-
-impl Money {
-    /// Appends the amount as [`fmt::Display`] writes it (the text of its JSON string).
-    pub fn write_to(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(scaled_digits(
-            self.0,
-            MONEY_DECIMALS,
-            &mut [0; SCALED_BYTES],
-        ));
     }
 }
 

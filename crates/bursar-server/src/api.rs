@@ -11,6 +11,7 @@ use bursar_core::engine::{
     permit_of_hold, AuthorizeRequest, BudgetView, Caller, Denial, DenyCode, FinishCode,
     FinishError, Metered, Outcome, Permit, Prompt, Settlement, Usage,
 };
+use bursar_core::json::ToJson;
 use bursar_core::ledger::{fingerprint, EntryKind, Tags};
 use bursar_core::pricebook::TokenUsage;
 use bursar_core::tokens::ChatMessage;
@@ -27,26 +28,16 @@ use crate::Services;
 /// by hand (byte for byte `serde_json`'s, at a fraction of its cost on this hot path).
 pub struct Answer<T>(pub T);
 
-fn json_response(body: Vec<u8>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response()
-}
-
-impl IntoResponse for Answer<Permit> {
+impl<T: ToJson> IntoResponse for Answer<T> {
     fn into_response(self) -> Response {
-        json_response(self.0.to_json())
-    }
-}
-
-impl IntoResponse for Answer<Settlement> {
-    fn into_response(self) -> Response {
-        json_response(self.0.to_json())
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.0.to_json(),
+        )
+            .into_response()
     }
 }
 
