@@ -40,8 +40,11 @@ response = function(status, _, body)
     failures = failures + 1
     return
   end
-  local id = string.match(body, '"authorization_id":"([^"]+)","model"')
-  if id and not string.find(body, '"outcome"') then
+  -- A permit opens with its id and then its model; a settlement (or a finished
+  -- authorization answered again) has its outcome there. Anchored, so a settlement's
+  -- body is not searched through.
+  local id = string.match(body, '^{"authorization_id":"([^"]+)","model"')
+  if id then
     table.insert(queue, id)
   end
 end

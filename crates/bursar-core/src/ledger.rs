@@ -192,11 +192,14 @@ impl Entry {
         out
     }
 
-    /// The hold detail as the ledger stores it (and the hash covers it): compact JSON.
+    /// The hold detail as the ledger stores it (and the hash covers it): compact JSON,
+    /// as `serde_json` writes it, written by hand ([`crate::json`]).
     pub fn detail_text(&self) -> Option<String> {
+        use crate::json::ToJson;
+        // Always UTF-8: texts are copied whole from `&str`, everything else is ASCII.
         self.detail
             .as_ref()
-            .and_then(|d| serde_json::to_string(d.as_ref()).ok())
+            .and_then(|d| String::from_utf8(d.to_json()).ok())
     }
 
     /// The canonical encoding: the fields as text, joined by U+001F, then `v1`. Written

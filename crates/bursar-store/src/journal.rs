@@ -33,13 +33,15 @@
 //! deletes the old one once every command before the switch has landed, then forgets
 //! its mark. A clean exit deletes the last one.
 //!
-//! A segment is a JSON header line (`{"journal":…,"store":…,"format":3}`), then records.
-//! A record of format 3 is [`MARK`], the payload's length (u32, little-endian), the
+//! A segment is a JSON header line (`{"journal":…,"store":…,"format":4}`), then records.
+//! A record of format 4 is [`MARK`], the payload's length (u32, little-endian), the
 //! CRC-32 of the sequence number and payload (u32), the sequence number (u64), then the
-//! payload: the append as MessagePack with named fields ([`spool::append_msgpack`]).
-//! Formats 1 and 2 (`\n<seq> <json>\n` records, written by earlier versions) are still
-//! read. A format-3 record whose checksum holds but whose payload cannot be read is not
-//! a crash's cut: the start stops, naming it, and the journal is kept.
+//! payload: the append's fields in a fixed order, written by hand ([`crate::record`]).
+//! Format 3 (the same frame after the mark [`MARK_3`], the payload MessagePack with
+//! named fields) and formats 1 and 2 (`\n<seq> <json>\n` records), written by earlier
+//! versions, are still read. A binary record whose checksum holds but whose payload
+//! cannot be read is not a crash's cut: the start stops, naming it, and the journal is
+//! kept.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -60,15 +62,18 @@ use crate::{write_marked, Backend, Command, StoreError};
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Commands landed in one transaction at start.
 const LAND_BATCH: usize = 1_024;
-/// The record format written: 3 is binary (see the module's documentation). Still read:
-/// 2, `\n<seq> <json>\n` naming the hold an entry acts on by id only, and 1, the same
+/// The record format written: 4 is binary, its payload written by hand (see the module's
+/// documentation). Still read: 3, the same frame around MessagePack with named fields;
+/// 2, `\n<seq> <json>\n` naming the hold an entry acts on by id only; and 1, the same
 /// with the hold's whole detail.
-const FORMAT: u32 = 3;
-/// What starts each record of format 3: after a record cut by a crash, reading goes on
+const FORMAT: u32 = 4;
+/// What starts each record of format 4: after a record cut by a crash, reading goes on
 /// at the next one. A payload may hold the same four bytes; the checksum, not the mark,
 /// tells a record from them.
-pub(crate) const MARK: [u8; 4] = [0xB5, b'B', b'J', b'3'];
-/// A format-3 record's bytes before its payload: mark, length, checksum, sequence.
+pub(crate) const MARK: [u8; 4] = [0xB5, b'B', b'J', b'4'];
+/// What started each record of format 3.
+pub(crate) const MARK_3: [u8; 4] = [0xB5, b'B', b'J', b'3'];
+/// A binary record's bytes before its payload: mark, length, checksum, sequence.
 const RECORD_HEAD: usize = 4 + 4 + 4 + 8;
 
 /// Where a command's record is: its segment and sequence number.
@@ -164,14 +169,38 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    /// The record, format 3: mark, length, checksum, sequence number, payload.
+    /// The record, format 4: mark, length, checksum, sequence number, payload.
     pub(crate) fn bytes(&self) -> Result<Vec<u8>, rmp_serde::encode::Error> {
-        let mut bytes = Vec::with_capacity(512);
-        bytes.extend_from_slice(&MARK);
+        self.framed(MARK, |bytes| {
+            crate::record::encode(bytes, &self.entries, &self.alerts)
+        })
+    }
+
+    /// The record as format 3 wrote it: what an older version's journal holds.
+    #[cfg(test)]
+    pub(crate) fn format_3_bytes(&self) -> Vec<u8> {
+        let framed = self.framed(MARK_3, |bytes| {
+            spool::append_msgpack(bytes, &self.entries, &self.alerts)
+        });
+        match framed {
+            Ok(bytes) => bytes,
+            Err(e) => panic!("a test's record serializes: {e}"),
+        }
+    }
+
+    /// `mark`, then the length and checksum of the payload `payload` writes, the
+    /// sequence number, and the payload.
+    fn framed(
+        &self,
+        mark: [u8; 4],
+        payload: impl FnOnce(&mut Vec<u8>) -> Result<(), rmp_serde::encode::Error>,
+    ) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(&mark);
         // The length and checksum, once the payload is written.
         bytes.extend_from_slice(&[0; 8]);
         bytes.extend_from_slice(&self.seq.to_le_bytes());
-        spool::append_msgpack(&mut bytes, &self.entries, &self.alerts)?;
+        payload(&mut bytes)?;
         let len = u32::try_from(bytes.len() - RECORD_HEAD)
             .map_err(|_| rmp_serde::encode::Error::Syntax("a journal record over 4 GiB".into()))?;
         let crc = crc32fast::hash(&bytes[12..]);
@@ -343,7 +372,7 @@ pub(crate) fn land_left(
             continue;
         }
         let read = if header.format >= 3 {
-            binary_records(body).map_err(|e| corrupt(&path, e))?
+            binary_records(body, header.format).map_err(|e| corrupt(&path, e))?
         } else {
             body.split(|b| *b == b'\n')
                 .filter(|l| !l.is_empty())
@@ -433,21 +462,22 @@ pub(crate) fn land_left(
 /// A record read back: its sequence number and its command.
 type Numbered = (u64, Spooled);
 
-/// The records of a format-3 segment (after its header), in file order: `None` for
-/// bytes that are no whole record (one cut by a crash), after which reading goes on at
-/// the next mark. An error for a whole record (its checksum holds) that cannot be read.
-pub(crate) fn binary_records(body: &[u8]) -> Result<Vec<Option<Numbered>>, String> {
+/// The records of a segment of format 3 or 4 (after its header), in file order: `None`
+/// for bytes that are no whole record (one cut by a crash), after which reading goes on
+/// at the next mark. An error for a whole record (its checksum holds) that cannot be read.
+pub(crate) fn binary_records(body: &[u8], format: u32) -> Result<Vec<Option<Numbered>>, String> {
+    let mark = if format == 3 { MARK_3 } else { MARK };
     let mut records = Vec::new();
     let mut at = 0;
     while at < body.len() {
-        match binary_record(&body[at..])? {
+        match binary_record(&body[at..], mark)? {
             Some((len, record)) => {
                 records.push(Some(record));
                 at += len;
             }
             None => {
                 records.push(None);
-                match body[at + 1..].windows(MARK.len()).position(|w| w == MARK) {
+                match body[at + 1..].windows(mark.len()).position(|w| w == mark) {
                     Some(next) => at += 1 + next,
                     None => break,
                 }
@@ -458,12 +488,12 @@ pub(crate) fn binary_records(body: &[u8]) -> Result<Vec<Option<Numbered>>, Strin
 }
 
 /// The record at the start of `b` and its length; `None` if it is not whole.
-fn binary_record(b: &[u8]) -> Result<Option<(usize, Numbered)>, String> {
+fn binary_record(b: &[u8], mark: [u8; 4]) -> Result<Option<(usize, Numbered)>, String> {
     let Some(head) = b.get(..RECORD_HEAD) else {
         return Ok(None);
     };
     let word = |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
-    if head[..4] != MARK {
+    if head[..4] != mark {
         return Ok(None);
     }
     let Some(whole) = usize::try_from(word(4))
@@ -479,8 +509,13 @@ fn binary_record(b: &[u8]) -> Result<Option<(usize, Numbered)>, String> {
     let mut seq = [0; 8];
     seq.copy_from_slice(&head[12..RECORD_HEAD]);
     let seq = u64::from_le_bytes(seq);
-    let command = rmp_serde::from_slice(&whole[RECORD_HEAD..])
-        .map_err(|e| format!("record {seq} is whole but cannot be read: {e}"))?;
+    let payload = &whole[RECORD_HEAD..];
+    let command = if mark == MARK_3 {
+        rmp_serde::from_slice(payload).map_err(|e| e.to_string())
+    } else {
+        crate::record::decode(payload)
+    }
+    .map_err(|e| format!("record {seq} is whole but cannot be read: {e}"))?;
     Ok(Some((whole.len(), (seq, command))))
 }
 

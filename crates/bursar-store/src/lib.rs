@@ -35,6 +35,7 @@
 pub mod journal;
 pub mod keys;
 pub mod postgres;
+mod record;
 pub mod spool;
 pub mod sqlite;
 
@@ -913,14 +914,6 @@ pub(crate) fn from_i64(v: i64) -> u64 {
 pub(crate) fn parse_detail(text: &str) -> Result<HoldDetail, StoreError> {
     serde_json::from_str(text)
         .map_err(|e| StoreError::Corrupt(format!("unreadable hold detail: {e}")))
-}
-
-/// An entry's hold detail as stored (compact JSON), if it has one.
-pub(crate) fn detail_json(e: &Entry) -> Result<Option<String>, StoreError> {
-    e.detail
-        .as_ref()
-        .map(|d| serde_json::to_string(d.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string())))
-        .transpose()
 }
 
 /// One ledger row as a backend reads it, texts already looked up.
@@ -2088,29 +2081,42 @@ mod tests {
         assert_eq!(stored, 1_000 + 3_000 + 4_000 + 6_000);
     }
 
-    /// Format 3's reading: a record cut by a crash, or bytes that are no record, are
-    /// skipped up to the next mark, and every whole record after them is read; a whole
-    /// record (its checksum holds) that cannot be read stops the start instead of being
-    /// taken for a cut one. Cut at every byte, a journal reads a prefix of its records.
+    /// A record of `format` (3 or 4) as [`journal::Record`] writes it.
+    fn record_bytes(record: &journal::Record, format: u32) -> Vec<u8> {
+        match format {
+            3 => record.format_3_bytes(),
+            _ => record.bytes().unwrap(),
+        }
+    }
+
+    /// The binary formats' reading (3, which older versions wrote, and 4): a record cut
+    /// by a crash, or bytes that are no record, are skipped up to the next mark, and
+    /// every whole record after them is read; a whole record (its checksum holds) that
+    /// cannot be read stops the start instead of being taken for a cut one. Cut at every
+    /// byte, a journal reads a prefix of its records.
     #[test]
     fn a_binary_journal_reads_on_past_cut_records_and_stray_bytes() {
+        for format in [3, 4] {
+            a_binary_journal_of_format_reads_on_past_cut_records(format);
+        }
+    }
+
+    fn a_binary_journal_of_format_reads_on_past_cut_records(format: u32) {
         let dir = tempfile::tempdir().unwrap();
         let journal = journal::Journal::start(dir.path(), "s").unwrap();
         let records: Vec<Vec<u8>> = (1..=4)
             .map(|n| {
-                journal
-                    .assign(
-                        vec![entry(n, 1_000 * n as i64)],
-                        Vec::new(),
-                        oneshot::channel().0,
-                        |_| {},
-                    )
-                    .bytes()
-                    .unwrap()
+                let record = journal.assign(
+                    vec![entry(n, 1_000 * n as i64)],
+                    Vec::new(),
+                    oneshot::channel().0,
+                    |_| {},
+                );
+                record_bytes(&record, format)
             })
             .collect();
         let read = |body: &[u8]| -> Vec<Option<u64>> {
-            journal::binary_records(body)
+            journal::binary_records(body, format)
                 .unwrap()
                 .into_iter()
                 .map(|r| {
@@ -2126,7 +2132,11 @@ mod tests {
                 .collect()
         };
         let whole: Vec<u8> = records.concat();
-        assert_eq!(read(&whole), vec![Some(1), Some(2), Some(3), Some(4)]);
+        assert_eq!(
+            read(&whole),
+            vec![Some(1), Some(2), Some(3), Some(4)],
+            "format {format}"
+        );
         for cut in 0..whole.len() {
             let seqs: Vec<u64> = read(&whole[..cut]).into_iter().flatten().collect();
             let whole_before = records
@@ -2137,7 +2147,11 @@ mod tests {
                 })
                 .filter(|end| *end <= cut)
                 .count() as u64;
-            assert_eq!(seqs, (1..=whole_before).collect::<Vec<_>>(), "cut at {cut}");
+            assert_eq!(
+                seqs,
+                (1..=whole_before).collect::<Vec<_>>(),
+                "format {format}, cut at {cut}"
+            );
         }
         let mut mixed = records[0].clone();
         mixed.extend_from_slice(b"stray \xB5B bytes");
@@ -2152,14 +2166,14 @@ mod tests {
         );
         assert!(got.iter().filter(|r| r.is_none()).count() >= 2, "{got:?}");
         // A record whose checksum holds over a payload that is no append.
-        let mut unreadable = journal::MARK.to_vec();
+        let mut unreadable = records[0][..4].to_vec();
         let payload = [0xc1u8, 0x00];
         let mut summed = 9u64.to_le_bytes().to_vec();
         summed.extend_from_slice(&payload);
         unreadable.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         unreadable.extend_from_slice(&crc32fast::hash(&summed).to_le_bytes());
         unreadable.extend_from_slice(&summed);
-        let err = journal::binary_records(&[records[0].clone(), unreadable].concat())
+        let err = journal::binary_records(&[records[0].clone(), unreadable].concat(), format)
             .err()
             .unwrap();
         assert!(
@@ -2168,9 +2182,10 @@ mod tests {
         );
     }
 
-    /// A format-3 record gives back every field it was given: every optional field
-    /// set, tags and metadata, ids (which MessagePack writes as bytes), the largest
-    /// numbers, an alert; and an entry acting on a hold, marked as such.
+    /// A binary record (format 4, and 3 as older versions wrote it) gives back every
+    /// field it was given: every optional field set, tags and metadata, ids (which
+    /// MessagePack writes as bytes), the largest and smallest numbers, an alert; and an
+    /// entry acting on a hold, marked as such.
     #[test]
     fn a_binary_journal_record_gives_back_every_field() {
         let mut hold = entry(7, i64::MAX);
@@ -2223,39 +2238,61 @@ mod tests {
             used: Money::from_nanos(9),
             reason: "threshold".into(),
         };
+        let mut void = settle_of(&hold, 0, 9);
+        void.hold = None;
+        void.kind = EntryKind::Void;
+        void.key_id = None;
+        void.model_requested = None;
+        void.latency_ms = Some(0);
         let dir = tempfile::tempdir().unwrap();
         let journal = journal::Journal::start(dir.path(), "s").unwrap();
-        let bytes = journal
-            .assign(
-                vec![hold.clone(), settle.clone()],
+        for format in [3, 4] {
+            let record = journal.assign(
+                vec![hold.clone(), settle.clone(), void.clone()],
                 vec![alert.clone()],
                 oneshot::channel().0,
                 |_| {},
-            )
-            .bytes()
-            .unwrap();
-        let mut read = journal::binary_records(&bytes).unwrap();
-        let Some(Some((
-            1,
-            spool::Spooled::Append {
-                entries, alerts, ..
-            },
-        ))) = read.pop()
-        else {
-            panic!("one whole append, numbered 1")
-        };
-        let needs: Vec<bool> = entries.iter().map(|e| e.needs_hold()).collect();
-        assert_eq!(needs, vec![false, true], "the settle names its hold by id");
-        let entries: Vec<Entry> = entries.into_iter().map(|e| e.into_entry()).collect();
-        settle.hold = None;
-        assert_eq!(entries, vec![hold, settle]);
-        assert_eq!(alerts, vec![alert]);
+            );
+            let seq = format as u64 - 2;
+            let mut read = journal::binary_records(&record_bytes(&record, format), format).unwrap();
+            let Some(Some((
+                got_seq,
+                spool::Spooled::Append {
+                    entries, alerts, ..
+                },
+            ))) = read.pop()
+            else {
+                panic!("one whole append")
+            };
+            assert_eq!(got_seq, seq);
+            let needs: Vec<bool> = entries.iter().map(|e| e.needs_hold()).collect();
+            assert_eq!(
+                needs,
+                vec![false, true, false],
+                "format {format}: the settle names its hold by id"
+            );
+            let entries: Vec<Entry> = entries.into_iter().map(|e| e.into_entry()).collect();
+            let mut settle = settle.clone();
+            settle.hold = None;
+            assert_eq!(
+                entries,
+                vec![hold.clone(), settle, void.clone()],
+                "format {format}"
+            );
+            assert_eq!(alerts, vec![alert.clone()], "format {format}");
+        }
     }
 
-    /// A journal an older version left (format 2: `\n<seq> <json>\n` records) lands as
-    /// it did, its cut record left out.
+    /// A journal an older version left (format 2: `\n<seq> <json>\n` records; format 3:
+    /// MessagePack records) lands as it did, its cut record left out.
     #[test]
-    fn a_journal_of_format_2_left_by_an_older_version_lands() {
+    fn a_journal_of_formats_2_and_3_left_by_an_older_version_lands() {
+        for format in [2, 3] {
+            a_journal_of_format_left_by_an_older_version_lands(format);
+        }
+    }
+
+    fn a_journal_of_format_left_by_an_older_version_lands(format: u32) {
         let dir = tempfile::tempdir().unwrap();
         let path = sqlite::ledger_path(dir.path());
         let mut seen = Vec::new();
@@ -2272,7 +2309,7 @@ mod tests {
         let numbering = journal::Journal::start(elsewhere.path(), "elsewhere").unwrap();
         let id = Uuid::now_v7();
         let mut text = format!(
-            "{{\"journal\":\"{id}\",\"store\":\"{}\",\"format\":2}}\n",
+            "{{\"journal\":\"{id}\",\"store\":\"{}\",\"format\":{format}}}\n",
             store_id(&path)
         )
         .into_bytes();
@@ -2283,7 +2320,10 @@ mod tests {
                 oneshot::channel().0,
                 |_| {},
             );
-            let bytes = record.format_2_bytes();
+            let bytes = match format {
+                2 => record.format_2_bytes(),
+                _ => record.format_3_bytes(),
+            };
             if n == 3 {
                 text.extend_from_slice(&bytes[..bytes.len() / 2]);
             } else {
@@ -2294,7 +2334,11 @@ mod tests {
 
         let mut seen = Vec::new();
         let (handle, writer) = start_sqlite(&path, &mut seen);
-        assert_eq!(seen, vec![1, 2, 4], "landed, the cut record left out");
+        assert_eq!(
+            seen,
+            vec![1, 2, 4],
+            "format {format}: landed, the cut record left out"
+        );
         drop(handle);
         writer.join().unwrap();
         let v = sqlite::verify(&path).unwrap();
@@ -2344,10 +2388,17 @@ mod tests {
             let settles = e.kind == EntryKind::Settle;
             let record = killed.assign(vec![e], Vec::new(), oneshot::channel().0, |_| {});
             let bytes = record.bytes().unwrap();
+            let mut read = journal::binary_records(&bytes, 4).unwrap();
+            assert_eq!(read.len(), 1);
+            let Some(Some((_, spool::Spooled::Append { mut entries, .. }))) = read.pop() else {
+                panic!("one whole append")
+            };
+            assert_eq!(entries.len(), 1);
+            let e = entries.remove(0);
             assert_eq!(
-                bytes.windows(7).any(|w| w == b"buckets"),
-                !settles,
-                "only a hold's own record carries its detail: {bytes:?}"
+                (e.needs_hold(), e.into_entry().detail.is_some()),
+                (settles, !settles),
+                "only a hold's own record carries its detail; a settle names it"
             );
             assert!(record.write());
         }
@@ -2438,7 +2489,7 @@ mod tests {
         let open = Arc::new(AtomicBool::new(false));
         let log: Arc<parking_lot::Mutex<Vec<String>>> = Arc::default();
         // Segments of about two records each.
-        let journal = journal::Journal::start_with(dir.path(), "stalled", 600).unwrap();
+        let journal = journal::Journal::start_with(dir.path(), "stalled", 250).unwrap();
         let (handle, writer) = spawn_writer(
             Stalled {
                 open: open.clone(),

@@ -42,10 +42,10 @@ use uuid::Uuid;
 
 use crate::spool::{InDoubt, SpoolConfig};
 use crate::{
-    counter_deltas, detail_json, from_i64, parse_counters, parse_detail, spawn_writer, to_i64,
-    AlertRow, Backend, CatalogRow, ChainReader, Command, LedgerReport, OpenOptions, Opened,
-    SettleRow, StoreError, StoredHold, StoredRow, UsageRow, Verification, Verifier,
-    MAX_BATCH_COMMANDS, MAX_QUEUED_COMMANDS,
+    counter_deltas, from_i64, parse_counters, parse_detail, spawn_writer, to_i64, AlertRow,
+    Backend, CatalogRow, ChainReader, Command, LedgerReport, OpenOptions, Opened, SettleRow,
+    StoreError, StoredHold, StoredRow, UsageRow, Verification, Verifier, MAX_BATCH_COMMANDS,
+    MAX_QUEUED_COMMANDS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -859,7 +859,7 @@ async fn write_batch(
                     cols.quantity.push(to_i64(e.quantity));
                     cols.latency_ms.push(e.latency_ms.map(i64::from));
                     cols.flags.push(e.flags as i32);
-                    cols.detail.push(detail_json(e)?);
+                    cols.detail.push(e.detail_text());
                     cols.idem
                         .push(e.detail.as_ref().and_then(|d| d.idempotency_key.clone()));
                     match e.kind {

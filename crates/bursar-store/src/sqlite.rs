@@ -32,9 +32,9 @@ use uuid::Uuid;
 use crate::keys::IdempotencyKeys;
 use crate::spool::SpoolConfig;
 use crate::{
-    counter_deltas, detail_json, from_i64, parse_counters, parse_detail, spawn_writer, to_i64,
-    AlertRow, Backend, CatalogRow, ChainCheck, ChainReader, Command, LedgerReport, Opened,
-    ReplayMarks, SettleRow, StoreError, StoredHold, StoredRow, UsageRow, Verification, Verifier,
+    counter_deltas, from_i64, parse_counters, parse_detail, spawn_writer, to_i64, AlertRow,
+    Backend, CatalogRow, ChainCheck, ChainReader, Command, LedgerReport, Opened, ReplayMarks,
+    SettleRow, StoreError, StoredHold, StoredRow, UsageRow, Verification, Verifier,
 };
 use bursar_core::ledger::GENESIS_HASH;
 use bursar_core::ledger::{EntryKind, HoldDetail};
@@ -555,7 +555,7 @@ impl Writer {
                         entries, alerts, ..
                     } => {
                         for e in entries.iter() {
-                            let detail = detail_json(e)?;
+                            let detail = e.detail_text();
                             let hash = e.chain_hash_with_detail(&self.last_hash, detail.as_deref());
                             let tenant = Self::intern(&mut self.dict, &tx, Some(&e.tenant))?;
                             let model_req =
