@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bursar_core::engine::{
@@ -183,8 +183,89 @@ fn tags_from(headers: &HeaderMap, end_user: Option<String>) -> Result<Tags, ApiE
     Ok(tags)
 }
 
-fn header_value(v: impl ToString) -> HeaderValue {
-    HeaderValue::from_str(&v.to_string()).unwrap_or(HeaderValue::from_static("-"))
+/// The names of Bursar's headers, made once (`from_static` checks a name each time it
+/// runs).
+mod names {
+    use axum::http::HeaderName;
+
+    pub(super) static AUTHORIZATION_ID: HeaderName =
+        HeaderName::from_static("x-bursar-authorization-id");
+    pub(super) static MODEL: HeaderName = HeaderName::from_static("x-bursar-model");
+    pub(super) static HELD: HeaderName = HeaderName::from_static("x-bursar-held");
+    pub(super) static COST: HeaderName = HeaderName::from_static("x-bursar-cost");
+    pub(super) static CHARGE: HeaderName = HeaderName::from_static("x-bursar-charge");
+    pub(super) static REMAINING: HeaderName = HeaderName::from_static("x-bursar-remaining");
+    pub(super) static CACHE: HeaderName = HeaderName::from_static("x-bursar-cache");
+    pub(super) static COST_SAVED: HeaderName = HeaderName::from_static("x-bursar-cost-saved");
+    pub(super) static LIMIT_REQUESTS: HeaderName =
+        HeaderName::from_static("x-ratelimit-limit-requests");
+    pub(super) static REMAINING_REQUESTS: HeaderName =
+        HeaderName::from_static("x-ratelimit-remaining-requests");
+    pub(super) static RESET_REQUESTS: HeaderName =
+        HeaderName::from_static("x-ratelimit-reset-requests");
+    pub(super) static LIMIT_TOKENS: HeaderName =
+        HeaderName::from_static("x-ratelimit-limit-tokens");
+    pub(super) static REMAINING_TOKENS: HeaderName =
+        HeaderName::from_static("x-ratelimit-remaining-tokens");
+    pub(super) static RESET_TOKENS: HeaderName =
+        HeaderName::from_static("x-ratelimit-reset-tokens");
+}
+
+fn header_value(v: impl HeaderText) -> HeaderValue {
+    v.header()
+}
+
+/// A value Bursar writes into a header of its own: written once into the header's
+/// bytes, without `core::fmt` and a `String` between (an answer carries up to ten).
+/// Text that is no valid header value (a model name, say) becomes `-`.
+trait HeaderText {
+    fn header(self) -> HeaderValue;
+}
+
+fn header_bytes(b: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(b).unwrap_or(HeaderValue::from_static("-"))
+}
+
+impl HeaderText for &str {
+    fn header(self) -> HeaderValue {
+        header_bytes(self.as_bytes())
+    }
+}
+
+impl HeaderText for &String {
+    fn header(self) -> HeaderValue {
+        header_bytes(self.as_bytes())
+    }
+}
+
+impl HeaderText for Money {
+    fn header(self) -> HeaderValue {
+        let mut b = Vec::with_capacity(24);
+        self.write_to(&mut b);
+        header_bytes(&b)
+    }
+}
+
+impl HeaderText for uuid::Uuid {
+    fn header(self) -> HeaderValue {
+        header_bytes(
+            self.hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer())
+                .as_bytes(),
+        )
+    }
+}
+
+impl HeaderText for u64 {
+    fn header(self) -> HeaderValue {
+        HeaderValue::from(self)
+    }
+}
+
+impl HeaderText for u32 {
+    fn header(self) -> HeaderValue {
+        HeaderValue::from(self)
+    }
 }
 
 /// Bursar's headers on a proxied answer: the authorization, the model routed, what was
@@ -192,33 +273,21 @@ fn header_value(v: impl ToString) -> HeaderValue {
 /// limits in OpenAI's `x-ratelimit-*` form.
 fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>) {
     h.insert(
-        HeaderName::from_static("x-bursar-authorization-id"),
+        names::AUTHORIZATION_ID.clone(),
         header_value(permit.authorization_id),
     );
     if let Some(m) = &permit.model {
-        h.insert(HeaderName::from_static("x-bursar-model"), header_value(m));
+        h.insert(names::MODEL.clone(), header_value(m));
     }
-    h.insert(
-        HeaderName::from_static("x-bursar-held"),
-        header_value(permit.held),
-    );
+    h.insert(names::HELD.clone(), header_value(permit.held));
     let released_extra = settled.map_or(Money::ZERO, |st| permit.held.saturating_sub(st.cost));
     if let Some(st) = settled {
-        h.insert(
-            HeaderName::from_static("x-bursar-cost"),
-            header_value(st.cost),
-        );
-        h.insert(
-            HeaderName::from_static("x-bursar-charge"),
-            header_value(st.charge),
-        );
+        h.insert(names::COST.clone(), header_value(st.cost));
+        h.insert(names::CHARGE.clone(), header_value(st.charge));
     }
     if let Some(remaining) = permit.budgets.iter().map(|b| b.remaining).min() {
         let now = remaining.saturating_add(released_extra).max(Money::ZERO);
-        h.insert(
-            HeaderName::from_static("x-bursar-remaining"),
-            header_value(now),
-        );
+        h.insert(names::REMAINING.clone(), header_value(now));
     }
     // The most restrictive limit of each dimension is the one a client must respect.
     let mut tightest: Vec<&bursar_core::engine::RateStanding> = Vec::new();
@@ -232,27 +301,21 @@ fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>)
     for r in tightest {
         let (limit, remaining, reset) = match r.dimension.as_ref() {
             "requests" => (
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
+                &names::LIMIT_REQUESTS,
+                &names::REMAINING_REQUESTS,
+                &names::RESET_REQUESTS,
             ),
             _ => (
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
+                &names::LIMIT_TOKENS,
+                &names::REMAINING_TOKENS,
+                &names::RESET_TOKENS,
             ),
         };
+        h.insert(limit.clone(), header_value(r.limit_per_minute));
+        h.insert(remaining.clone(), header_value(r.remaining));
         h.insert(
-            HeaderName::from_static(limit),
-            header_value(r.limit_per_minute),
-        );
-        h.insert(
-            HeaderName::from_static(remaining),
-            header_value(r.remaining),
-        );
-        h.insert(
-            HeaderName::from_static(reset),
-            header_value(format!("{}ms", r.reset_ms)),
+            reset.clone(),
+            header_bytes(&[itoa::Buffer::new().format(r.reset_ms).as_bytes(), b"ms"].concat()),
         );
     }
 }
@@ -798,10 +861,8 @@ impl Call {
                     }
                     self.s.proxy.cache.insert(key, Arc::new(answer));
                 }
-                resp.headers_mut().insert(
-                    HeaderName::from_static("x-bursar-cache"),
-                    HeaderValue::from_static("miss"),
-                );
+                resp.headers_mut()
+                    .insert(names::CACHE.clone(), HeaderValue::from_static("miss"));
             }
             Ok(resp)
         };
@@ -1106,30 +1167,12 @@ async fn answer_from_cache(
     )
         .into_response();
     let h = resp.headers_mut();
-    h.insert(
-        HeaderName::from_static("x-bursar-cache"),
-        HeaderValue::from_static("hit"),
-    );
-    h.insert(
-        HeaderName::from_static("x-bursar-authorization-id"),
-        header_value(id),
-    );
-    h.insert(
-        HeaderName::from_static("x-bursar-model"),
-        header_value(&hit.model),
-    );
-    h.insert(
-        HeaderName::from_static("x-bursar-cost"),
-        header_value(Money::ZERO),
-    );
-    h.insert(
-        HeaderName::from_static("x-bursar-charge"),
-        header_value(Money::ZERO),
-    );
-    h.insert(
-        HeaderName::from_static("x-bursar-cost-saved"),
-        header_value(saved),
-    );
+    h.insert(names::CACHE.clone(), HeaderValue::from_static("hit"));
+    h.insert(names::AUTHORIZATION_ID.clone(), header_value(id));
+    h.insert(names::MODEL.clone(), header_value(&hit.model));
+    h.insert(names::COST.clone(), header_value(Money::ZERO));
+    h.insert(names::CHARGE.clone(), header_value(Money::ZERO));
+    h.insert(names::COST_SAVED.clone(), header_value(saved));
     Ok(resp)
 }
 

@@ -338,6 +338,11 @@ async fn a_non_streamed_chat_is_settled_at_the_providers_usage() {
     assert_eq!(h("x-bursar-cost"), expected.to_string());
     assert_eq!(h("x-bursar-held"), hold_of(100).to_string());
     assert_eq!(h("x-bursar-model"), "gpt-4o-mini");
+    assert!(Money::parse(&h("x-bursar-charge")).unwrap() >= expected);
+    assert!(
+        r.headers.get("x-bursar-remaining").is_none(),
+        "no budget applies to this key"
+    );
     let id = auth_id(&r.headers);
     let row = settle_row(&app, id).await;
     assert_eq!(row.cost, expected);
@@ -766,6 +771,10 @@ async fn rate_limits_answer_429_with_retry_after_and_ratelimit_headers() {
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["x-ratelimit-limit-requests"], "2");
     assert_eq!(r.headers["x-ratelimit-remaining-requests"], "1");
+    // The next request is allowed again in 30 s (two a minute), as OpenAI writes it.
+    let reset = r.headers["x-ratelimit-reset-requests"].to_str().unwrap();
+    let ms: u64 = reset.strip_suffix("ms").unwrap().parse().unwrap();
+    assert!((1..=30_000).contains(&ms), "{reset}");
     app.post("/v1/chat/completions", key, chat("fast", 10))
         .await;
     let r = app
