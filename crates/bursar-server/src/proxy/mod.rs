@@ -232,12 +232,6 @@ impl HeaderText for &str {
     }
 }
 
-impl HeaderText for &String {
-    fn header(self) -> HeaderValue {
-        header_bytes(self.as_bytes())
-    }
-}
-
 impl HeaderText for Money {
     fn header(self) -> HeaderValue {
         let mut b = Vec::with_capacity(24);
@@ -277,7 +271,7 @@ fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>)
         header_value(permit.authorization_id),
     );
     if let Some(m) = &permit.model {
-        h.insert(names::MODEL.clone(), header_value(m));
+        h.insert(names::MODEL.clone(), header_value(m.as_str()));
     }
     h.insert(names::HELD.clone(), header_value(permit.held));
     let released_extra = settled.map_or(Money::ZERO, |st| permit.held.saturating_sub(st.cost));
@@ -1169,7 +1163,7 @@ async fn answer_from_cache(
     let h = resp.headers_mut();
     h.insert(names::CACHE.clone(), HeaderValue::from_static("hit"));
     h.insert(names::AUTHORIZATION_ID.clone(), header_value(id));
-    h.insert(names::MODEL.clone(), header_value(&hit.model));
+    h.insert(names::MODEL.clone(), header_value(hit.model.as_str()));
     h.insert(names::COST.clone(), header_value(Money::ZERO));
     h.insert(names::CHARGE.clone(), header_value(Money::ZERO));
     h.insert(names::COST_SAVED.clone(), header_value(saved));
