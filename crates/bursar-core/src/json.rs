@@ -428,7 +428,7 @@ mod tests {
     use crate::engine::DenyCode;
 
     /// Any text, control characters, quotes, backslashes and non-ASCII made likely.
-    fn text() -> impl Strategy<Value = String> {
+    fn text() -> impl Strategy<Value = String> + Clone {
         prop_oneof![
             "[a-z0-9_./@-]{0,24}",
             proptest::collection::vec(
@@ -639,80 +639,11 @@ mod tests {
             )
     }
 
-    fn opt_text() -> impl Strategy<Value = Option<String>> {
-        proptest::option::of(text())
-    }
-
-    fn text_map() -> impl Strategy<Value = std::collections::BTreeMap<String, String>> {
-        proptest::collection::btree_map(text(), text(), 0..3)
-    }
-
-    fn hold_detail() -> impl Strategy<Value = HoldDetail> {
-        let buckets = proptest::collection::vec(
-            (text(), text(), any::<i64>()).prop_map(|(budget, value, period_start)| BucketKey {
-                budget,
-                value,
-                period_start,
-            }),
-            0..5,
-        );
-        let tags = (
-            [
-                opt_text(),
-                opt_text(),
-                opt_text(),
-                opt_text(),
-                opt_text(),
-                opt_text(),
-            ],
-            text_map(),
-            text_map(),
-        )
-            .prop_map(
-                |([workflow, campaign, agent, feature, task, end_user], custom, metadata)| Tags {
-                    workflow,
-                    campaign,
-                    agent,
-                    feature,
-                    task,
-                    end_user,
-                    custom,
-                    metadata,
-                },
-            );
-        (
-            buckets,
-            tags,
-            (opt_text(), opt_text(), opt_text(), opt_text()),
-            any::<(i64, Option<u32>, u64, u64, u64)>(),
-        )
-            .prop_map(
-                |(
-                    buckets,
-                    tags,
-                    (team, user, idempotency_key, fingerprint),
-                    (expires_at_ms, max_tokens, prompt_tokens, quantity, rate_tokens),
-                )| HoldDetail {
-                    buckets,
-                    tags,
-                    team,
-                    user,
-                    expires_at_ms,
-                    idempotency_key,
-                    fingerprint,
-                    max_tokens,
-                    prompt_tokens,
-                    quantity,
-                    rate_tokens,
-                },
-            )
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
         #[test]
-        fn json_matches_serde(p in permit(), s in settlement(), d in hold_detail()) {
+        fn json_matches_serde(p in permit(), s in settlement(), d in crate::testing::hold_detail(text())) {
             let ours = String::from_utf8(p.to_json()).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let serde = serde_json::to_string(&p).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(ours, serde);

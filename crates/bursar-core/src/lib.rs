@@ -15,6 +15,8 @@ pub mod money;
 pub mod pricebook;
 pub mod providers;
 pub mod ratelimit;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tokens;
 
 pub use money::Money;

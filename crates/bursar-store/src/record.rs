@@ -421,73 +421,6 @@ mod tests {
         proptest::option::of(".{0,12}")
     }
 
-    fn texts() -> impl Strategy<Value = BTreeMap<String, String>> {
-        proptest::collection::btree_map(".{0,6}", ".{0,6}", 0..3)
-    }
-
-    fn detail() -> impl Strategy<Value = HoldDetail> {
-        let buckets = proptest::collection::vec(
-            (".{0,10}", ".{0,10}", any::<i64>()).prop_map(|(budget, value, period_start)| {
-                BucketKey {
-                    budget,
-                    value,
-                    period_start,
-                }
-            }),
-            0..5,
-        );
-        let tags = (
-            [
-                opt_text(),
-                opt_text(),
-                opt_text(),
-                opt_text(),
-                opt_text(),
-                opt_text(),
-            ],
-            texts(),
-            texts(),
-        )
-            .prop_map(
-                |([workflow, campaign, agent, feature, task, end_user], custom, metadata)| Tags {
-                    workflow,
-                    campaign,
-                    agent,
-                    feature,
-                    task,
-                    end_user,
-                    custom,
-                    metadata,
-                },
-            );
-        (
-            buckets,
-            tags,
-            (opt_text(), opt_text(), opt_text(), opt_text()),
-            any::<(i64, Option<u32>, u64, u64, u64)>(),
-        )
-            .prop_map(
-                |(
-                    buckets,
-                    tags,
-                    (team, user, idempotency_key, fingerprint),
-                    (expires_at_ms, max_tokens, prompt_tokens, quantity, rate_tokens),
-                )| HoldDetail {
-                    buckets,
-                    tags,
-                    team,
-                    user,
-                    expires_at_ms,
-                    idempotency_key,
-                    fingerprint,
-                    max_tokens,
-                    prompt_tokens,
-                    quantity,
-                    rate_tokens,
-                },
-            )
-    }
-
     fn an_entry() -> impl Strategy<Value = (Entry, bool)> {
         (
             (
@@ -500,7 +433,10 @@ mod tests {
             any::<(i64, i64, i64)>(),
             (opt_text(), opt_text(), opt_text()),
             any::<(u64, u64, u64, u64, Option<u32>, u32)>(),
-            (proptest::option::of(detail()), any::<bool>()),
+            (
+                proptest::option::of(bursar_core::testing::hold_detail(".{0,12}")),
+                any::<bool>(),
+            ),
         )
             .prop_map(
                 |(
