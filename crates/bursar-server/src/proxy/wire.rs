@@ -288,65 +288,318 @@ fn u64_at(v: &Value, path: &[&str]) -> Option<u64> {
     cur.as_u64()
 }
 
-fn openai_usage(u: &Value) -> Option<TokenUsage> {
-    let input = u64_at(u, &["prompt_tokens"])?;
-    Some(TokenUsage {
-        input_tokens: input,
-        cached_input_tokens: u64_at(u, &["prompt_tokens_details", "cached_tokens"]).unwrap_or(0),
-        output_tokens: u64_at(u, &["completion_tokens"]).unwrap_or(0),
-    })
+/// The usage fields of either dialect that Bursar reads, each as [`Value::as_u64`] reads
+/// it: a number that is not a whole number from 0 to `u64::MAX`, or any other value, is
+/// absent. Read from a parsed answer ([`UsageFields::of`]) or straight from its bytes
+/// ([`read_answer_head`]); both give the same usage through [`UsageFields::usage`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    /// `prompt_tokens_details.cached_tokens`.
+    cached_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
 }
 
-/// Anthropic reports cache reads and writes apart from `input_tokens`; all are prompt.
+impl UsageFields {
+    fn of(u: &Value) -> Self {
+        Self {
+            prompt_tokens: u64_at(u, &["prompt_tokens"]),
+            completion_tokens: u64_at(u, &["completion_tokens"]),
+            cached_tokens: u64_at(u, &["prompt_tokens_details", "cached_tokens"]),
+            input_tokens: u64_at(u, &["input_tokens"]),
+            output_tokens: u64_at(u, &["output_tokens"]),
+            cache_read_input_tokens: u64_at(u, &["cache_read_input_tokens"]),
+            cache_creation_input_tokens: u64_at(u, &["cache_creation_input_tokens"]),
+        }
+    }
+
+    fn usage(&self, dialect: Dialect) -> Option<TokenUsage> {
+        match dialect {
+            Dialect::OpenAi => Some(TokenUsage {
+                input_tokens: self.prompt_tokens?,
+                cached_input_tokens: self.cached_tokens.unwrap_or(0),
+                output_tokens: self.completion_tokens.unwrap_or(0),
+            }),
+            Dialect::Anthropic => {
+                let (input, cached) = self.anthropic_input()?;
+                Some(TokenUsage {
+                    input_tokens: input,
+                    cached_input_tokens: cached,
+                    output_tokens: self.output_tokens.unwrap_or(0),
+                })
+            }
+        }
+    }
+
+    /// Anthropic reports cache reads and writes apart from `input_tokens`; all are prompt.
+    fn anthropic_input(&self) -> Option<(u64, u64)> {
+        let plain = self.input_tokens?;
+        let read = self.cache_read_input_tokens.unwrap_or(0);
+        let write = self.cache_creation_input_tokens.unwrap_or(0);
+        Some((plain.saturating_add(read).saturating_add(write), read))
+    }
+}
+
+fn openai_usage(u: &Value) -> Option<TokenUsage> {
+    UsageFields::of(u).usage(Dialect::OpenAi)
+}
+
 fn anthropic_input(u: &Value) -> Option<(u64, u64)> {
-    let plain = u64_at(u, &["input_tokens"])?;
-    let read = u64_at(u, &["cache_read_input_tokens"]).unwrap_or(0);
-    let write = u64_at(u, &["cache_creation_input_tokens"]).unwrap_or(0);
-    Some((plain + read + write, read))
+    UsageFields::of(u).anthropic_input()
 }
 
 fn anthropic_usage(u: &Value) -> Option<TokenUsage> {
-    let (input, cached) = anthropic_input(u)?;
-    Some(TokenUsage {
-        input_tokens: input,
-        cached_input_tokens: cached,
-        output_tokens: u64_at(u, &["output_tokens"]).unwrap_or(0),
-    })
+    UsageFields::of(u).usage(Dialect::Anthropic)
 }
 
 /// Reads a whole answer's usage and model without building the rest of it (its text is
 /// needed only when the usage is missing, its shape only when it is translated): a JSON
 /// object with a readable usage gives the same `Seen` as [`read_answer`], less the text.
-/// `None` for anything else, which [`read_answer`] then reads whole.
+/// `None` for anything else (a field given twice included), which [`read_answer`] then
+/// reads whole.
 pub fn read_answer_head(dialect: Dialect, raw: &[u8]) -> Option<Seen> {
-    /// The two fields read; serde checks every other one is well-formed JSON, and skips it.
-    #[derive(serde::Deserialize)]
-    struct Head {
-        #[serde(default)]
-        model: Option<Value>,
-        #[serde(default)]
-        usage: Option<Value>,
-    }
-    // A struct also reads from a JSON array; an answer must be an object.
+    // An answer must be an object.
     if raw.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return None;
     }
-    let head: Head = serde_json::from_slice(raw).ok()?;
-    let usage = head.usage.as_ref()?;
-    let usage = match dialect {
-        Dialect::OpenAi => openai_usage(usage)?,
-        Dialect::Anthropic => anthropic_usage(usage)?,
-    };
+    let head: head::Head = serde_json::from_slice::<head::Object<head::Head>>(raw)
+        .ok()?
+        .0?;
+    let usage = head.usage?.usage(dialect)?;
     Some(Seen {
         usage: Some(usage),
-        model: head
-            .model
-            .as_ref()
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        model: head.model,
         text: String::new(),
         finished: true,
     })
+}
+
+/// The reader of [`read_answer_head`]: `model` and `usage` read, every other value
+/// checked as JSON and skipped, nothing built but the model's name.
+mod head {
+    use std::fmt;
+
+    use serde::de::{
+        DeserializeSeed, Deserializer, Error, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    };
+    use serde::Deserialize;
+
+    use super::UsageFields;
+
+    /// The fields of an object read by name (the others skipped).
+    pub(super) trait Fields: Default {
+        const NAMES: &'static [&'static str];
+        /// Reads the value of the field `NAMES[i]`.
+        fn read<'de, A: MapAccess<'de>>(&mut self, i: usize, a: &mut A) -> Result<(), A::Error>;
+    }
+
+    /// An object's fields, or `None` when the value is not an object (as `Value::get`
+    /// finds nothing in one). A key given twice is refused: a parsed `Value` keeps the
+    /// last, and the whole answer is read then.
+    pub(super) struct Object<T>(pub Option<T>);
+
+    impl<'de, T: Fields> Deserialize<'de> for Object<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(ObjectVisitor(std::marker::PhantomData))
+        }
+    }
+
+    struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Fields> Visitor<'de> for ObjectVisitor<T> {
+        type Value = Object<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Object<T>, A::Error> {
+            let mut out = T::default();
+            let mut given = 0u64;
+            while let Some(k) = a.next_key_seed(Key(T::NAMES))? {
+                match k {
+                    Some(i) => {
+                        if given & (1 << i) != 0 {
+                            return Err(A::Error::custom(format_args!(
+                                "`{}` given twice",
+                                T::NAMES[i]
+                            )));
+                        }
+                        given |= 1 << i;
+                        out.read(i, &mut a)?;
+                    }
+                    None => {
+                        a.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Object(Some(out)))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Object<T>, A::Error> {
+            while a.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Object(None))
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Object<T>, E> {
+            Ok(Object(None))
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Object<T>, E> {
+            Ok(Object(None))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Object<T>, E> {
+            Ok(Object(None))
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Object<T>, E> {
+            Ok(Object(None))
+        }
+        fn visit_unit<E>(self) -> Result<Object<T>, E> {
+            Ok(Object(None))
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Object<T>, E> {
+            Ok(Object(None))
+        }
+    }
+
+    /// A map key: the index of the name it matches, if any.
+    struct Key(&'static [&'static str]);
+
+    impl<'de> DeserializeSeed<'de> for Key {
+        type Value = Option<usize>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl Visitor<'_> for Key {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a field name")
+        }
+        fn visit_str<E>(self, s: &str) -> Result<Option<usize>, E> {
+            Ok(self.0.iter().position(|n| *n == s))
+        }
+    }
+
+    /// A value as `Value::as_u64` or `Value::as_str` reads it; containers are skipped.
+    enum Leaf {
+        Count(u64),
+        Text(String),
+        Other,
+    }
+
+    impl Leaf {
+        fn count(self) -> Option<u64> {
+            match self {
+                Leaf::Count(n) => Some(n),
+                _ => None,
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Leaf {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(LeafVisitor)
+        }
+    }
+
+    struct LeafVisitor;
+
+    impl<'de> Visitor<'de> for LeafVisitor {
+        type Value = Leaf;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_u64<E>(self, n: u64) -> Result<Leaf, E> {
+            Ok(Leaf::Count(n))
+        }
+        // `-0` is a count of 0, as in a `Value`.
+        fn visit_i64<E>(self, n: i64) -> Result<Leaf, E> {
+            Ok(u64::try_from(n).map_or(Leaf::Other, Leaf::Count))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Leaf, E> {
+            Ok(Leaf::Other)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Leaf, E> {
+            Ok(Leaf::Other)
+        }
+        fn visit_unit<E>(self) -> Result<Leaf, E> {
+            Ok(Leaf::Other)
+        }
+        fn visit_str<E>(self, s: &str) -> Result<Leaf, E> {
+            Ok(Leaf::Text(s.to_owned()))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Leaf, A::Error> {
+            while a.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Leaf::Other)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Leaf, A::Error> {
+            while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Leaf::Other)
+        }
+    }
+
+    /// The top of an answer: `model` as `Value::as_str` reads it, and `usage`.
+    #[derive(Default)]
+    pub(super) struct Head {
+        pub model: Option<String>,
+        pub usage: Option<UsageFields>,
+    }
+
+    impl Fields for Head {
+        const NAMES: &'static [&'static str] = &["model", "usage"];
+        fn read<'de, A: MapAccess<'de>>(&mut self, i: usize, a: &mut A) -> Result<(), A::Error> {
+            if i == 0 {
+                self.model = match a.next_value::<Leaf>()? {
+                    Leaf::Text(t) => Some(t),
+                    _ => None,
+                };
+            } else {
+                self.usage = a.next_value::<Object<UsageFields>>()?.0;
+            }
+            Ok(())
+        }
+    }
+
+    impl Fields for UsageFields {
+        const NAMES: &'static [&'static str] = &[
+            "prompt_tokens",
+            "completion_tokens",
+            "prompt_tokens_details",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+        ];
+        fn read<'de, A: MapAccess<'de>>(&mut self, i: usize, a: &mut A) -> Result<(), A::Error> {
+            if i == 2 {
+                self.cached_tokens = a.next_value::<Object<Details>>()?.0.and_then(|d| d.0);
+                return Ok(());
+            }
+            let n = a.next_value::<Leaf>()?.count();
+            match i {
+                0 => self.prompt_tokens = n,
+                1 => self.completion_tokens = n,
+                3 => self.input_tokens = n,
+                4 => self.output_tokens = n,
+                5 => self.cache_read_input_tokens = n,
+                _ => self.cache_creation_input_tokens = n,
+            }
+            Ok(())
+        }
+    }
+
+    /// `prompt_tokens_details`: its `cached_tokens`.
+    #[derive(Default)]
+    struct Details(Option<u64>);
+
+    impl Fields for Details {
+        const NAMES: &'static [&'static str] = &["cached_tokens"];
+        fn read<'de, A: MapAccess<'de>>(&mut self, _: usize, a: &mut A) -> Result<(), A::Error> {
+            self.0 = a.next_value::<Leaf>()?.count();
+            Ok(())
+        }
+    }
 }
 
 /// Reads a whole (non-streamed) answer.
@@ -539,6 +792,7 @@ pub fn event_data(event: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     #[test]
@@ -715,6 +969,158 @@ mod tests {
             ),
         ] {
             assert!(read_answer_head(dialect, raw.as_bytes()).is_none(), "{raw}");
+        }
+    }
+
+    /// A JSON object's text from `(raw key, name, raw value)` fields, and whether a name
+    /// is given twice.
+    fn object(fields: &[(String, &'static str, String)]) -> (String, bool) {
+        let body: Vec<String> = fields.iter().map(|(k, _, v)| format!("{k}:{v}")).collect();
+        let mut names: Vec<&str> = fields.iter().map(|f| f.1).collect();
+        names.sort_unstable();
+        let twice = names.windows(2).any(|w| w[0] == w[1]);
+        (format!("{{{}}}", body.join(",")), twice)
+    }
+
+    /// A key for `name`, written plain or with one character escaped.
+    fn key(name: &'static str) -> impl Strategy<Value = String> {
+        (any::<bool>(), any::<proptest::sample::Index>()).prop_map(move |(escape, i)| {
+            if !escape {
+                return format!("\"{name}\"");
+            }
+            let k = i.index(name.len());
+            format!(
+                "\"{}\\u{:04x}{}\"",
+                &name[..k],
+                name.as_bytes()[k],
+                &name[k + 1..]
+            )
+        })
+    }
+
+    /// Values of every kind, numbers at the edges of `u64` and beyond.
+    fn any_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("0".to_string()),
+            Just("-0".to_string()),
+            Just("18446744073709551615".to_string()),
+            Just("18446744073709551616".to_string()),
+            Just("-3".to_string()),
+            Just("1.5".to_string()),
+            Just("2e3".to_string()),
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("\"12\"".to_string()),
+            Just("[1,{\"a\":2}]".to_string()),
+            Just("{\"prompt_tokens\":1}".to_string()),
+            (0u64..100_000).prop_map(|n| n.to_string()),
+            (0u64..100_000).prop_map(|n| n.to_string()),
+        ]
+    }
+
+    fn field(
+        name: &'static str,
+        value: impl Strategy<Value = String>,
+    ) -> impl Strategy<Value = (String, &'static str, String)> {
+        (key(name), value).prop_map(move |(k, v)| (k, name, v))
+    }
+
+    /// `prompt_tokens_details`: an object (its name twice or not) or another value.
+    fn details() -> impl Strategy<Value = (String, bool)> {
+        prop_oneof![
+            proptest::collection::vec(
+                prop_oneof![
+                    field("cached_tokens", any_value()),
+                    field("audio_tokens", any_value()),
+                ],
+                0..3
+            )
+            .prop_map(|f| object(&f)),
+            any_value().prop_map(|v| (v, false)),
+        ]
+    }
+
+    /// A usage of either dialect, mixed: every field the reader knows and one it does
+    /// not, any value in each; or a value that is not an object.
+    fn usage() -> impl Strategy<Value = (String, bool)> {
+        let named = prop_oneof![
+            field("prompt_tokens", any_value()),
+            field("completion_tokens", any_value()),
+            field("total_tokens", any_value()),
+            field("input_tokens", any_value()),
+            field("output_tokens", any_value()),
+            field("cache_read_input_tokens", any_value()),
+            field("cache_creation_input_tokens", any_value()),
+        ]
+        .prop_map(|f| (f, false));
+        let details = (key("prompt_tokens_details"), details())
+            .prop_map(|(k, (v, twice))| ((k, "prompt_tokens_details", v), twice));
+        prop_oneof![
+            proptest::collection::vec(prop_oneof![3 => named, 1 => details], 0..7).prop_map(
+                |fields| {
+                    let inner = fields.iter().any(|(_, twice)| *twice);
+                    let fields: Vec<_> = fields.into_iter().map(|(f, _)| f).collect();
+                    let (text, twice) = object(&fields);
+                    (text, twice || inner)
+                }
+            ),
+            any_value().prop_map(|v| (v, false)),
+        ]
+    }
+
+    /// An answer: the fields of either dialect's answer in any order and number, a name
+    /// given twice at times, any value for `model`.
+    fn answer() -> impl Strategy<Value = (String, bool)> {
+        let model = prop_oneof![
+            Just("\"gpt-4o-mini-2024-07-18\"".to_string()),
+            Just("\"claude-\\\"3\\u0035\"".to_string()),
+            any_value(),
+        ];
+        let plain = prop_oneof![
+            field("id", Just("\"chatcmpl-1\"".to_string())),
+            field("model", model),
+            field(
+                "choices",
+                Just(r#"[{"message":{"content":"hi","usage":{"prompt_tokens":9}}}]"#.to_string())
+            ),
+            field(
+                "content",
+                Just(r#"[{"type":"text","text":"yo"}]"#.to_string())
+            ),
+        ]
+        .prop_map(|f| (f, false));
+        let usage = (key("usage"), usage()).prop_map(|(k, (v, twice))| ((k, "usage", v), twice));
+        proptest::collection::vec(prop_oneof![plain, usage], 0..6).prop_map(|fields| {
+            let inner = fields.iter().any(|(_, twice)| *twice);
+            let fields: Vec<_> = fields.into_iter().map(|(f, _)| f).collect();
+            let (text, twice) = object(&fields);
+            (text, twice || inner)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// The head reader gives what the whole answer says, or nothing; and it gives
+        /// nothing only for an answer without a usage or with a name given twice.
+        #[test]
+        fn an_answers_head_agrees_with_the_whole_answer((raw, twice) in answer()) {
+            let parsed: Option<Value> = serde_json::from_str(&raw).ok();
+            prop_assert!(parsed.is_some(), "{}", raw);
+            for dialect in [Dialect::OpenAi, Dialect::Anthropic] {
+                let mut whole = Seen::default();
+                if let Some(v) = &parsed {
+                    read_answer(dialect, v, &mut whole);
+                }
+                match read_answer_head(dialect, raw.as_bytes()) {
+                    Some(head) => {
+                        prop_assert!(whole.usage.is_some(), "{}", raw);
+                        prop_assert_eq!(head.usage, whole.usage, "{}", raw);
+                        prop_assert_eq!(&head.model, &whole.model, "{}", raw);
+                    }
+                    None => prop_assert!(whole.usage.is_none() || twice, "{}", raw),
+                }
+            }
         }
     }
 }
