@@ -513,10 +513,10 @@ mod head {
         fn visit_u64<E>(self, n: u64) -> Result<Leaf, E> {
             Ok(Leaf::Count(n))
         }
-        // `-0` is a count of 0, as in a `Value`.
         fn visit_i64<E>(self, n: i64) -> Result<Leaf, E> {
             Ok(u64::try_from(n).map_or(Leaf::Other, Leaf::Count))
         }
+        // serde_json reads `-0` as a float, so it is no count, as in a `Value`.
         fn visit_f64<E>(self, _: f64) -> Result<Leaf, E> {
             Ok(Leaf::Other)
         }
