@@ -21,6 +21,7 @@ pub mod translate;
 pub mod upstream;
 pub mod wire;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,7 +49,7 @@ use crate::error::ApiError;
 use crate::Services;
 use translate::{Data, StreamTranslator};
 use upstream::{provider_dialect, speaks, Endpoint, UpBody, UpError, UpResponse};
-use wire::{Dialect, Seen};
+use wire::{Dialect, Fields, Seen};
 
 /// Events buffered between the provider and a slow client before the provider is made
 /// to wait: a stream is passed through, never held whole.
@@ -132,18 +133,6 @@ async fn read_body(s: &Services, body: Body) -> Result<Bytes, ApiError> {
                 ),
             )
         })
-}
-
-fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    match serde_json::from_slice::<Value>(raw) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(invalid("the body must be a JSON object")),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("malformed JSON: {e}"),
-        )),
-    }
 }
 
 /// Tags from `x-bursar-*` headers: workflow, campaign, agent, feature, task, end-user,
@@ -314,35 +303,13 @@ fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>)
     }
 }
 
-/// A JSON object written as `body` with the fields of `set` in place of its own.
-struct WithFields<'a> {
-    body: &'a Map<String, Value>,
-    set: &'a [(&'static str, Value)],
-}
-
-impl serde::Serialize for WithFields<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = s.serialize_map(None)?;
-        for (k, v) in self.body {
-            if !self.set.iter().any(|(field, _)| field == k) {
-                map.serialize_entry(k, v)?;
-            }
-        }
-        for (k, v) in self.set {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
-    }
-}
-
 /// One proxied call, as the task that runs it sees it.
 struct Call {
     s: Arc<Services>,
     caller: Caller,
     tenant: String,
     ep: Endpoint,
-    body: Map<String, Value>,
+    body: wire::RequestBody,
     /// The model the client asked for (after aliases), sent upstream on the first hop.
     client_model: String,
     chain: Vec<String>,
@@ -482,12 +449,10 @@ impl Call {
                 set.push((field, json!(mt)));
             }
             if self.req.stream && up == Dialect::OpenAi {
-                let mut opts = self
-                    .body
-                    .get("stream_options")
-                    .and_then(Value::as_object)
-                    .cloned()
-                    .unwrap_or_default();
+                let mut opts = match self.body.field("stream_options").map(Cow::into_owned) {
+                    Some(Value::Object(o)) => o,
+                    _ => Map::new(),
+                };
                 opts.insert("include_usage".into(), Value::Bool(true));
                 set.push(("stream_options", Value::Object(opts)));
             }
@@ -495,12 +460,9 @@ impl Call {
         let bytes = if up == client || self.ep == Endpoint::Embeddings {
             // The client's own body, written out with the fields Bursar sets: not copied
             // first (a conversation's messages can be most of the call's bytes).
-            serde_json::to_vec(&WithFields {
-                body: &self.body,
-                set: &set,
-            })
+            self.body.with_fields(&set)
         } else {
-            let mut body = translate::request(client, up, &self.body)?;
+            let mut body = translate::request(client, up, &self.body.to_map())?;
             for (k, v) in set {
                 body.insert(k.into(), v);
             }
@@ -1192,7 +1154,7 @@ async fn start(
                 leases: Vec::new(),
             })
         })?;
-    let body = parse_object(&raw)?;
+    let body = wire::RequestBody::parse(raw)?;
     let req = match ep {
         Endpoint::Embeddings => wire::parse_embeddings(&body)?,
         _ => wire::parse_chat(ep.dialect(), &body)?,
@@ -1225,7 +1187,7 @@ async fn start(
     let cache = match cache_ttl {
         None => None,
         Some(ttl) => {
-            let key = cache_key(&tenant, ep, &headers, &raw);
+            let key = cache_key(&tenant, ep, &headers, body.bytes());
             let now = s.clock.now();
             if let Some(hit) = cached(&s, &key).await {
                 if hit.expires_at > now {
@@ -1268,7 +1230,7 @@ async fn start(
             Dialect::OpenAi => Dialect::Anthropic,
             Dialect::Anthropic => Dialect::OpenAi,
         };
-        translate::request(ep.dialect(), other, &body)?;
+        translate::request(ep.dialect(), other, &body.to_map())?;
     }
     let call = Call {
         s: s.clone(),

@@ -2,10 +2,15 @@
 //! messages, and server-sent events. Requests are checked here before any money is
 //! held; answers are read here for the usage and the model the provider reports.
 
+use std::borrow::Cow;
+use std::ops::Range;
+
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use bursar_core::pricebook::TokenUsage;
 use bursar_core::tokens::ChatMessage;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -48,8 +53,20 @@ pub struct ChatRequest {
     pub end_user: Option<String>,
 }
 
-fn positive_u32(body: &Map<String, Value>, field: &str) -> Result<Option<u32>, ApiError> {
-    match body.get(field) {
+/// Where a request's top-level fields are read from: a parsed object, or a
+/// [`RequestBody`] whose fields are parsed as they are asked for.
+pub trait Fields {
+    fn field(&self, name: &str) -> Option<Cow<'_, Value>>;
+}
+
+impl Fields for Map<String, Value> {
+    fn field(&self, name: &str) -> Option<Cow<'_, Value>> {
+        self.get(name).map(Cow::Borrowed)
+    }
+}
+
+fn positive_u32(body: &(impl Fields + ?Sized), field: &str) -> Result<Option<u32>, ApiError> {
+    match body.field(field).as_deref() {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
             Some(n) if n >= 1 => Ok(Some(u32::try_from(n).unwrap_or(u32::MAX))),
@@ -98,13 +115,22 @@ fn content_text(v: &Value, out: &mut String, images: &mut u64) -> Result<(), Api
     }
 }
 
+/// A string value, owned.
+fn text_of(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str).map(str::to_string)
+}
+
 /// Checks a chat request in the client's dialect.
-pub fn parse_chat(dialect: Dialect, body: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
-    let model = match body.get("model") {
+pub fn parse_chat(
+    dialect: Dialect,
+    body: &(impl Fields + ?Sized),
+) -> Result<ChatRequest, ApiError> {
+    let model = match body.field("model").as_deref() {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         _ => return Err(invalid("`model` is required")),
     };
-    let Some(Value::Array(raw)) = body.get("messages") else {
+    let messages = body.field("messages");
+    let Some(Value::Array(raw)) = messages.as_deref() else {
         return Err(invalid("`messages` must be an array"));
     };
     if raw.is_empty() {
@@ -130,7 +156,7 @@ pub fn parse_chat(dialect: Dialect, body: &Map<String, Value>) -> Result<ChatReq
     let mut messages = Vec::with_capacity(raw.len() + 2);
     let mut images = 0;
     if dialect == Dialect::Anthropic {
-        if let Some(system) = body.get("system") {
+        if let Some(system) = body.field("system").as_deref() {
             let mut text = String::new();
             content_text(system, &mut text, &mut images)?;
             messages.push(ChatMessage {
@@ -169,7 +195,7 @@ pub fn parse_chat(dialect: Dialect, body: &Map<String, Value>) -> Result<ChatReq
             name: obj.get("name").and_then(Value::as_str).map(str::to_string),
         });
     }
-    if let Some(tools) = body.get("tools").or_else(|| body.get("functions")) {
+    if let Some(tools) = body.field("tools").or_else(|| body.field("functions")) {
         messages.push(ChatMessage {
             role: "system".into(),
             content: tools.to_string(),
@@ -178,7 +204,7 @@ pub fn parse_chat(dialect: Dialect, body: &Map<String, Value>) -> Result<ChatReq
     }
     let (max_tokens, max_tokens_field) = match dialect {
         Dialect::OpenAi => {
-            if let Some(n) = body.get("n") {
+            if let Some(n) = body.field("n") {
                 if n.as_u64() != Some(1) && !n.is_null() {
                     return Err(invalid(
                         "`n` other than 1 is not supported: ask for each choice in its own call",
@@ -195,24 +221,23 @@ pub fn parse_chat(dialect: Dialect, body: &Map<String, Value>) -> Result<ChatReq
             None => return Err(invalid("`max_tokens` is required")),
         },
     };
-    let stream = match body.get("stream") {
+    let stream = match body.field("stream").as_deref() {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(invalid("`stream` must be a boolean")),
     };
     let client_wants_usage = body
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
+        .field("stream_options")
+        .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
         .unwrap_or(false);
     let end_user = match dialect {
-        Dialect::OpenAi => body.get("user").and_then(Value::as_str),
-        Dialect::Anthropic => body
-            .get("metadata")
-            .and_then(|m| m.get("user_id"))
-            .and_then(Value::as_str),
-    }
-    .map(str::to_string);
+        Dialect::OpenAi => text_of(body.field("user").as_deref()),
+        Dialect::Anthropic => text_of(
+            body.field("metadata")
+                .as_deref()
+                .and_then(|m| m.get("user_id")),
+        ),
+    };
     Ok(ChatRequest {
         model,
         messages,
@@ -227,14 +252,14 @@ pub fn parse_chat(dialect: Dialect, body: &Map<String, Value>) -> Result<ChatReq
 }
 
 /// The inputs of an embeddings request, as texts (token arrays are counted as given).
-fn embedding_inputs(body: &Map<String, Value>) -> Result<(String, Vec<String>, u64), ApiError> {
-    let model = match body.get("model") {
+fn embedding_inputs(body: &(impl Fields + ?Sized)) -> Result<(String, Vec<String>, u64), ApiError> {
+    let model = match body.field("model").as_deref() {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         _ => return Err(invalid("`model` is required")),
     };
     let mut texts = Vec::new();
     let mut given_tokens = 0u64;
-    match body.get("input") {
+    match body.field("input").as_deref() {
         Some(Value::String(s)) => texts.push(s.clone()),
         Some(Value::Array(items)) if !items.is_empty() => {
             for item in items {
@@ -253,7 +278,7 @@ fn embedding_inputs(body: &Map<String, Value>) -> Result<(String, Vec<String>, u
 
 /// Checks an embeddings request; token arrays count as given, texts are counted later
 /// with the routed model's tokenizer.
-pub fn parse_embeddings(body: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
+pub fn parse_embeddings(body: &(impl Fields + ?Sized)) -> Result<ChatRequest, ApiError> {
     let (model, texts, given_tokens) = embedding_inputs(body)?;
     Ok(ChatRequest {
         model,
@@ -264,8 +289,146 @@ pub fn parse_embeddings(body: &Map<String, Value>) -> Result<ChatRequest, ApiErr
         max_tokens_field: "max_tokens",
         stream: false,
         client_wants_usage: false,
-        end_user: body.get("user").and_then(Value::as_str).map(str::to_string),
+        end_user: text_of(body.field("user").as_deref()),
     })
+}
+
+/// A request body as the client sent it: its bytes, and where each top-level field's
+/// JSON text lies in them. Bursar reads the few fields it needs; every other field goes
+/// upstream as the client wrote it, neither parsed into a `Value` nor written again.
+///
+/// A field named twice is refused: JSON leaves its meaning open, and a provider that
+/// reads the other copy than Bursar would be held and billed for another request.
+#[derive(Debug)]
+pub struct RequestBody {
+    raw: Bytes,
+    fields: Vec<(String, Range<usize>)>,
+}
+
+impl RequestBody {
+    /// Reads the top level of `raw` (the whole text is checked to be JSON).
+    pub fn parse(raw: Bytes) -> Result<RequestBody, ApiError> {
+        let top = match serde_json::from_slice::<TopLevel<'_>>(&raw) {
+            Ok(top) => top,
+            // Well-formed JSON, but no object.
+            Err(_) if serde_json::from_slice::<IgnoredAny>(&raw).is_ok() => {
+                return Err(invalid("the body must be a JSON object"));
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    format!("malformed JSON: {e}"),
+                ))
+            }
+        };
+        let base = raw.as_ptr() as usize;
+        let mut fields: Vec<(String, Range<usize>)> = Vec::with_capacity(top.0.len());
+        for (name, value) in top.0 {
+            if fields.iter().any(|(n, _)| *n == name) {
+                return Err(invalid(format!("field `{name}` is given twice")));
+            }
+            let text = value.get();
+            let range = (text.as_ptr() as usize)
+                .checked_sub(base)
+                .map(|start| start..start + text.len())
+                .filter(|r| raw.get(r.clone()) == Some(text.as_bytes()))
+                .ok_or_else(|| invalid(format!("field `{name}` could not be read")))?;
+            fields.push((name, range));
+        }
+        Ok(RequestBody { raw, fields })
+    }
+
+    /// The body's bytes, as received.
+    pub fn bytes(&self) -> &Bytes {
+        &self.raw
+    }
+
+    /// The JSON text of a top-level field.
+    fn text(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, r)| self.raw.get(r.clone()))
+    }
+
+    /// The whole body as an object (for translating it to the other dialect).
+    pub fn to_map(&self) -> Map<String, Value> {
+        self.fields
+            .iter()
+            .filter_map(|(n, r)| {
+                let v = serde_json::from_slice(self.raw.get(r.clone())?).ok()?;
+                Some((n.clone(), v))
+            })
+            .collect()
+    }
+
+    /// The body with the fields of `set` in place of its own (added when it has none):
+    /// every other field is copied as the client wrote it, in the client's order.
+    pub fn with_fields(&self, set: &[(&str, Value)]) -> Result<Vec<u8>, serde_json::Error> {
+        let mut out = Vec::with_capacity(self.raw.len() + 64);
+        out.push(b'{');
+        let mut first = true;
+        let mut comma = |out: &mut Vec<u8>| {
+            if !std::mem::take(&mut first) {
+                out.push(b',');
+            }
+        };
+        for (name, range) in &self.fields {
+            if set.iter().any(|(k, _)| k == name) {
+                continue;
+            }
+            let Some(text) = self.raw.get(range.clone()) else {
+                continue;
+            };
+            comma(&mut out);
+            serde_json::to_writer(&mut out, name)?;
+            out.push(b':');
+            out.extend_from_slice(text);
+        }
+        for (k, v) in set {
+            comma(&mut out);
+            serde_json::to_writer(&mut out, k)?;
+            out.push(b':');
+            serde_json::to_writer(&mut out, v)?;
+        }
+        out.push(b'}');
+        Ok(out)
+    }
+}
+
+impl Fields for RequestBody {
+    /// The field parsed from its text (each time it is asked for).
+    fn field(&self, name: &str) -> Option<Cow<'_, Value>> {
+        let text = self.text(name)?;
+        serde_json::from_slice(text).ok().map(Cow::Owned)
+    }
+}
+
+/// A JSON object's fields, their values left as text.
+struct TopLevel<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = TopLevel<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<TopLevel<'de>, A::Error> {
+                let mut fields = Vec::with_capacity(a.size_hint().unwrap_or(8));
+                while let Some((k, v)) = a.next_entry::<String, &'de RawValue>()? {
+                    fields.push((k, v));
+                }
+                Ok(TopLevel(fields))
+            }
+        }
+        d.deserialize_map(Fields)
+    }
 }
 
 /// What an answer (or the stream so far) says.
@@ -1096,6 +1259,106 @@ mod tests {
             let (text, twice) = object(&fields);
             (text, twice || inner)
         })
+    }
+
+    #[test]
+    fn a_request_body_that_is_not_one_object_is_refused() {
+        for (raw, code, says) in [
+            ("[1]", "invalid_request", "must be a JSON object"),
+            ("\"model\"", "invalid_request", "must be a JSON object"),
+            ("{not json", "invalid_json", "malformed JSON"),
+            ("", "invalid_json", "malformed JSON"),
+            ("{\"a\":1} {}", "invalid_json", "malformed JSON"),
+            ("{\"a\":1,}", "invalid_json", "malformed JSON"),
+            (
+                r#"{"model":"a","messages":[],"model":"b"}"#,
+                "invalid_request",
+                "field `model` is given twice",
+            ),
+            (
+                r#"{"model":"a","mod\u0065l":"b"}"#,
+                "invalid_request",
+                "field `model` is given twice",
+            ),
+        ] {
+            let e = RequestBody::parse(Bytes::from(raw)).unwrap_err();
+            assert_eq!(e.code, code, "{raw}");
+            assert!(e.message.contains(says), "{raw}: {}", e.message);
+        }
+    }
+
+    /// A request's top level with spaces and new lines between its parts.
+    fn spaced(fields: &[(String, &'static str, String)], pad: &str) -> String {
+        let body: Vec<String> = fields
+            .iter()
+            .map(|(k, _, v)| format!("{k}{pad}:{pad}{v}"))
+            .collect();
+        format!("{{{pad}{}{pad}}}", body.join(&format!(",{pad}")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// What goes upstream is the client's body with Bursar's fields in place of (or
+        /// beside) its own, every other field's text as the client wrote it; a field is
+        /// read as a parsed object reads it; a name given twice is refused.
+        #[test]
+        fn a_request_body_goes_upstream_as_written_but_for_the_fields_set(
+            fields in proptest::collection::vec(
+                prop_oneof![
+                    field("model", any_value()),
+                    field("max_tokens", any_value()),
+                    field("temperature", any_value()),
+                    field("messages", any_value()),
+                    field("metadata", any_value()),
+                ],
+                0..6,
+            ),
+            pad in prop_oneof![Just(""), Just(" "), Just("\n  ")],
+            set_model in any::<bool>(),
+            set_cap in any::<bool>(),
+        ) {
+            let raw = spaced(&fields, pad);
+            let (_, twice) = object(&fields);
+            let body = match RequestBody::parse(Bytes::from(raw.clone())) {
+                Ok(body) => body,
+                Err(e) => {
+                    prop_assert!(twice, "{}: {:?}", raw, e);
+                    prop_assert_eq!(e.code, "invalid_request");
+                    return Ok(());
+                }
+            };
+            prop_assert!(!twice, "{}", raw);
+            let map: Map<String, Value> = serde_json::from_str(&raw).unwrap();
+            for (_, name, _) in &fields {
+                let read = body.field(name);
+                prop_assert_eq!(read.as_deref(), map.get(*name), "{}", raw);
+            }
+            prop_assert!(body.field("absent").is_none());
+            let mut set: Vec<(&str, Value)> = Vec::new();
+            if set_model {
+                set.push(("model", json!("routed-\"model\"")));
+            }
+            if set_cap {
+                set.push(("max_tokens", json!(7)));
+            }
+            let out = body.with_fields(&set).unwrap();
+            let mut expected = map;
+            for (k, v) in &set {
+                expected.insert((*k).to_string(), v.clone());
+            }
+            // No name twice in what is sent, either.
+            prop_assert!(RequestBody::parse(Bytes::from(out.clone())).is_ok(), "{}", raw);
+            let sent: Map<String, Value> = serde_json::from_slice(&out).unwrap();
+            prop_assert_eq!(&sent, &expected, "{}", raw);
+            let text = String::from_utf8(out).unwrap();
+            for (_, name, v) in &fields {
+                if !set.iter().any(|(k, _)| k == name) {
+                    let kept = format!(":{v}");
+                    prop_assert!(text.contains(&kept), "{} lost {}: {}", raw, v, text);
+                }
+            }
+        }
     }
 
     proptest! {

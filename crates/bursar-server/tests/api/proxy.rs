@@ -529,6 +529,21 @@ async fn bad_requests_are_refused_before_any_money_is_held() {
         .raw_post("/v1/chat/completions", MEMBER, b"{not json".to_vec())
         .await;
     assert_eq!((r.status, r.code()), (400, "invalid_json"));
+    // A field given twice: which one a provider reads is open, so neither is sent.
+    let r = app
+        .raw_post(
+            "/v1/chat/completions",
+            MEMBER,
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"messages":[]}"#
+                .to_vec(),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "invalid_request"),
+        "{:?}",
+        r.body
+    );
     let big = vec![b' '; 2 << 20];
     let r = app.raw_post("/v1/chat/completions", MEMBER, big).await;
     assert_eq!((r.status, r.code()), (413, "body_too_large"));
