@@ -35,7 +35,7 @@ fn invalid(message: impl Into<String>) -> ApiError {
 /// What Bursar needs of a proxied request (chat or embeddings); the body itself is
 /// forwarded as the client sent it, with `model`, the output cap and the stream options
 /// rewritten.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
     pub model: String,
     /// The text of the prompt, for counting (chat).
@@ -57,6 +57,15 @@ pub struct ChatRequest {
 /// [`RequestBody`] whose fields are parsed as they are asked for.
 pub trait Fields {
     fn field(&self, name: &str) -> Option<Cow<'_, Value>>;
+
+    /// The messages, when each is a plain text message of one of `roles` (`role`, a
+    /// string `content`, perhaps `name`, nothing else) and there are 1 to
+    /// [`crate::api::MAX_MESSAGES`] of them: what [`parse_chat`] would read of them,
+    /// without a `Value` of each. `None` sends it to the general reading, which also
+    /// words every error.
+    fn plain_messages(&self, _roles: &[&str]) -> Option<Vec<ChatMessage>> {
+        None
+    }
 }
 
 impl Fields for Map<String, Value> {
@@ -129,19 +138,6 @@ pub fn parse_chat(
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         _ => return Err(invalid("`model` is required")),
     };
-    let messages = body.field("messages");
-    let Some(Value::Array(raw)) = messages.as_deref() else {
-        return Err(invalid("`messages` must be an array"));
-    };
-    if raw.is_empty() {
-        return Err(invalid("`messages` must not be empty"));
-    }
-    if raw.len() > crate::api::MAX_MESSAGES {
-        return Err(invalid(format!(
-            "at most {} messages",
-            crate::api::MAX_MESSAGES
-        )));
-    }
     let roles: &[&str] = match dialect {
         Dialect::OpenAi => &[
             "system",
@@ -153,7 +149,23 @@ pub fn parse_chat(
         ],
         Dialect::Anthropic => &["user", "assistant"],
     };
-    let mut messages = Vec::with_capacity(raw.len() + 2);
+    let plain = body.plain_messages(roles);
+    let listed = plain.is_none().then(|| body.field("messages")).flatten();
+    let raw: &[Value] = match (&plain, listed.as_deref()) {
+        (Some(_), _) => &[],
+        (None, Some(Value::Array(raw))) => raw,
+        (None, _) => return Err(invalid("`messages` must be an array")),
+    };
+    if plain.is_none() && raw.is_empty() {
+        return Err(invalid("`messages` must not be empty"));
+    }
+    if raw.len() > crate::api::MAX_MESSAGES {
+        return Err(invalid(format!(
+            "at most {} messages",
+            crate::api::MAX_MESSAGES
+        )));
+    }
+    let mut messages = Vec::with_capacity(plain.as_ref().map_or(raw.len(), Vec::len) + 2);
     let mut images = 0;
     if dialect == Dialect::Anthropic {
         if let Some(system) = body.field("system").as_deref() {
@@ -166,6 +178,7 @@ pub fn parse_chat(
             });
         }
     }
+    messages.extend(plain.into_iter().flatten());
     for (i, m) in raw.iter().enumerate() {
         let Some(obj) = m.as_object() else {
             return Err(invalid(format!("messages[{i}] must be an object")));
@@ -403,6 +416,36 @@ impl Fields for RequestBody {
         let text = self.text(name)?;
         serde_json::from_slice(text).ok().map(Cow::Owned)
     }
+
+    fn plain_messages(&self, roles: &[&str]) -> Option<Vec<ChatMessage>> {
+        let plain: Vec<PlainMessage<'_>> = serde_json::from_slice(self.text("messages")?).ok()?;
+        if plain.is_empty() || plain.len() > crate::api::MAX_MESSAGES {
+            return None;
+        }
+        plain
+            .into_iter()
+            .map(|m| {
+                roles.contains(&m.role.as_ref()).then(|| ChatMessage {
+                    role: m.role.into_owned(),
+                    content: m.content.into_owned(),
+                    name: m.name.map(Cow::into_owned),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A chat message of text only, its strings borrowed from the body where they have no
+/// escapes. Anything else (parts, tool calls, a field twice) is no plain message.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainMessage<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(borrow)]
+    content: Cow<'a, str>,
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
 }
 
 /// A JSON object's fields, their values left as text.
@@ -1294,6 +1337,95 @@ mod tests {
             .map(|(k, _, v)| format!("{k}{pad}:{pad}{v}"))
             .collect();
         format!("{{{pad}{}{pad}}}", body.join(&format!(",{pad}")))
+    }
+
+    /// A chat message's text, and whether it is a plain one (for OpenAI's roles; for
+    /// Anthropic's too unless its role is `system`): any role, content of every kind,
+    /// a name or not, a field more or a field twice.
+    fn message() -> impl Strategy<Value = (String, bool, bool)> {
+        let role = prop_oneof![
+            Just(("\"user\"", true, true)),
+            Just(("\"assistant\"", true, true)),
+            Just(("\"system\"", true, false)),
+            Just(("\"bot\"", false, false)),
+            Just(("3", false, false)),
+        ];
+        let content = prop_oneof![
+            Just(("\"hi\"".to_string(), true)),
+            Just((
+                r#""line\nnext \"quoted\" \u00e9 \ud83d\ude00""#.to_string(),
+                true
+            )),
+            "[a-z ]{0,12}".prop_map(|t| (format!("\"{t}\""), true)),
+            Just(("null".to_string(), false)),
+            Just((r#"[{"type":"text","text":"part"}]"#.to_string(), false)),
+            Just(("7".to_string(), false)),
+        ];
+        let name = prop_oneof![
+            Just(("", true)),
+            Just((r#","name":"ann""#, true)),
+            Just((r#","name":null"#, true)),
+            Just((r#","name":5"#, false)),
+        ];
+        let more = prop_oneof![
+            3 => Just(("", true)),
+            1 => Just((r#","tool_calls":[{"id":"c1"}]"#, false)),
+            1 => Just((r#","role":"user""#, false)),
+            1 => Just((r#","content":"again""#, false)),
+        ];
+        (role, content, name, more, any::<bool>()).prop_map(
+            |((role, openai, anthropic), (content, c), (name, n), (more, m), content_first)| {
+                let text = if content_first {
+                    format!(r#"{{"content":{content},"role":{role}{name}{more}}}"#)
+                } else {
+                    format!(r#"{{"role":{role},"content":{content}{name}{more}}}"#)
+                };
+                let plain = c && n && m;
+                (text, plain && openai, plain && anthropic)
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Messages read straight from the body's text are what the general reading
+        /// gives, errors included; and plain ones are read so.
+        #[test]
+        fn plain_messages_read_as_the_general_reading_does(
+            listed in proptest::collection::vec(
+                prop_oneof![9 => message(), 1 => Just(("1".to_string(), false, false))],
+                0..5,
+            ),
+        ) {
+            let texts: Vec<&str> = listed.iter().map(|(t, _, _)| t.as_str()).collect();
+            let raw = format!(
+                r#"{{"model":"m","max_tokens":5,"messages":[{}]}}"#,
+                texts.join(",")
+            );
+            let body = RequestBody::parse(Bytes::from(raw.clone())).unwrap();
+            let map: Map<String, Value> = serde_json::from_str(&raw).unwrap();
+            for (dialect, plain) in [
+                (Dialect::OpenAi, listed.iter().all(|m| m.1)),
+                (Dialect::Anthropic, listed.iter().all(|m| m.2)),
+            ] {
+                let fast = parse_chat(dialect, &body);
+                let general = parse_chat(dialect, &map);
+                match (&fast, &general) {
+                    (Ok(a), Ok(b)) => prop_assert_eq!(a, b, "{}", raw),
+                    (Err(a), Err(b)) => {
+                        prop_assert_eq!((a.code, &a.message), (b.code, &b.message), "{}", raw)
+                    }
+                    _ => prop_assert!(false, "{}: {:?} against {:?}", raw, fast, general),
+                }
+                let roles: &[&str] = match dialect {
+                    Dialect::OpenAi => &["system", "user", "assistant"],
+                    Dialect::Anthropic => &["user", "assistant"],
+                };
+                let taken = body.plain_messages(roles).is_some();
+                prop_assert_eq!(taken, plain && !listed.is_empty(), "{}", raw);
+            }
+        }
     }
 
     proptest! {
