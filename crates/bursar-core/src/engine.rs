@@ -543,10 +543,8 @@ struct IdempotencyRecord {
     at_ms: i64,
 }
 
-/// The engine's maps: foldhash is several times faster than SipHash on these short
-/// keys and still seeded per process, so tag values chosen by callers cannot be used to
-/// flood one bucket.
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// The engine's maps (see [`crate::FastMap`]).
+type Map<K, V> = crate::FastMap<K, V>;
 
 /// Applies `f` to the counter of `b`, made (zero) if there is none. The key (two
 /// strings) is copied only then, not at every call as `entry` copies it.
@@ -633,7 +631,7 @@ struct State {
 #[derive(Debug, Clone, Default)]
 pub struct BudgetSet {
     pub global: Vec<Arc<Budget>>,
-    pub by_tenant: HashMap<String, Vec<Arc<Budget>>>,
+    pub by_tenant: Map<String, Vec<Arc<Budget>>>,
 }
 
 impl BudgetSet {

@@ -20,3 +20,8 @@ pub mod testing;
 pub mod tokens;
 
 pub use money::Money;
+
+/// The maps of the per-call path: foldhash is several times faster than SipHash on
+/// their short keys and still seeded per process, so keys chosen by callers (tag
+/// values, model names) cannot be made to collide.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

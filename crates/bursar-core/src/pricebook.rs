@@ -10,13 +10,14 @@
 //! names (`model@effective-date`) is recorded with every cost, so a later price change
 //! never changes a past number.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::money::{AmountError, Money, PicoPerToken};
+use crate::FastMap;
 
 /// How prompt tokens of a model are counted before the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,8 +164,8 @@ pub struct PriceBook {
     models: Vec<Model>,
     apis: Vec<MeteredApi>,
     /// Normalized id or alias → index into `models`.
-    model_index: HashMap<String, usize>,
-    api_index: HashMap<String, usize>,
+    model_index: FastMap<String, usize>,
+    api_index: FastMap<String, usize>,
 }
 
 /// Lowercases, drops any path of provider prefixes (`openai/gpt-4o`,
@@ -298,7 +299,7 @@ impl PriceBook {
                 prices,
             });
         }
-        let mut model_index: HashMap<String, usize> = HashMap::new();
+        let mut model_index: FastMap<String, usize> = FastMap::default();
         for (i, m) in models.iter().enumerate() {
             for name in std::iter::once(&m.id).chain(m.aliases.iter()) {
                 let key = normalize_key(name);
@@ -314,7 +315,7 @@ impl PriceBook {
                 }
             }
         }
-        let mut api_index = HashMap::new();
+        let mut api_index = FastMap::default();
         for (i, a) in apis.iter().enumerate() {
             if api_index.insert(normalize_key(&a.id), i).is_some() {
                 problems.push(format!("api `{}` is listed twice", a.id));

@@ -52,7 +52,7 @@ pub use bursar_core::config::Durability;
 use bursar_core::engine::LedgerSink;
 use bursar_core::ledger::{AlertEvent, Entry, EntryKind, HoldDetail, Replay, GENESIS_HASH};
 use bursar_core::pricebook::TokenUsage;
-use bursar_core::Money;
+use bursar_core::{FastMap, Money};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -886,8 +886,8 @@ fn write_until_landed(
 }
 
 /// The counter deltas of a batch, per bucket: what the backend adds to its counters.
-pub fn counter_deltas(batch: &[Command]) -> HashMap<&BucketKey, Counter> {
-    let mut deltas: HashMap<&BucketKey, Counter> = HashMap::new();
+pub fn counter_deltas(batch: &[Command]) -> FastMap<&BucketKey, Counter> {
+    let mut deltas: FastMap<&BucketKey, Counter> = FastMap::default();
     for cmd in batch {
         if let Command::Append { entries, .. } = cmd {
             for e in entries.iter() {

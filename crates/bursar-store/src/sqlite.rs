@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bursar_core::budget::{BucketKey, Counter};
 pub use bursar_core::config::Durability;
 use bursar_core::ledger::Entry;
-use bursar_core::Money;
+use bursar_core::{FastMap, Money};
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
@@ -352,7 +352,7 @@ fn store_replay_start(
 
 struct Writer {
     conn: Connection,
-    dict: HashMap<String, i64>,
+    dict: FastMap<String, i64>,
     last_hash: [u8; 32],
     /// The chain head before the batch being written, restored when it fails.
     saved_hash: [u8; 32],
@@ -498,7 +498,7 @@ impl Writer {
     ) -> Result<Writer, StoreError> {
         let mut writer = Writer {
             conn,
-            dict: HashMap::new(),
+            dict: FastMap::default(),
             last_hash,
             saved_hash: last_hash,
             marks,
@@ -522,7 +522,7 @@ impl Writer {
     }
 
     fn intern(
-        dict: &mut HashMap<String, i64>,
+        dict: &mut FastMap<String, i64>,
         tx: &rusqlite::Transaction<'_>,
         text: Option<&str>,
     ) -> Result<Option<i64>, StoreError> {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use bursar_core::providers::{CircuitBreaker, Provider, ProviderKind, Routing};
+use bursar_core::FastMap;
 use futures_util::{Stream, StreamExt};
 use parking_lot::Mutex;
 
@@ -94,20 +95,20 @@ pub enum UpError {
 pub struct Upstreams {
     http: reqwest::Client,
     /// Each HTTP provider's URL per endpoint, parsed once.
-    urls: HashMap<String, HashMap<Endpoint, reqwest::Url>>,
-    sims: HashMap<String, Arc<Simulator>>,
-    breakers: HashMap<String, Mutex<CircuitBreaker>>,
-    keys: HashMap<String, String>,
+    urls: FastMap<String, HashMap<Endpoint, reqwest::Url>>,
+    sims: FastMap<String, Arc<Simulator>>,
+    breakers: FastMap<String, Mutex<CircuitBreaker>>,
+    keys: FastMap<String, String>,
     epoch: Instant,
 }
 
 impl Upstreams {
     /// Reads each provider's key from its environment variable, once.
     pub fn new(routing: &Routing) -> Self {
-        let mut sims = HashMap::new();
-        let mut breakers = HashMap::new();
-        let mut keys = HashMap::new();
-        let mut urls = HashMap::new();
+        let mut sims = FastMap::default();
+        let mut breakers = FastMap::default();
+        let mut keys = FastMap::default();
+        let mut urls = FastMap::default();
         for p in &routing.providers {
             let parsed = [Endpoint::Chat, Endpoint::Messages, Endpoint::Embeddings]
                 .into_iter()
