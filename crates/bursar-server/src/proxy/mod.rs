@@ -449,7 +449,7 @@ impl Call {
                 set.push((field, json!(mt)));
             }
             if self.req.stream && up == Dialect::OpenAi {
-                let mut opts = match self.body.field("stream_options").map(Cow::into_owned) {
+                let mut opts = match self.body.field("stream_options")?.map(Cow::into_owned) {
                     Some(Value::Object(o)) => o,
                     _ => Map::new(),
                 };
@@ -458,11 +458,18 @@ impl Call {
             }
         }
         let bytes = if up == client || self.ep == Endpoint::Embeddings {
-            // The client's own body, written out with the fields Bursar sets: not copied
-            // first (a conversation's messages can be most of the call's bytes).
-            self.body.with_fields(&set)
+            // The client's own body: each field as the client wrote it, but those Bursar
+            // sets and those it counted from a parsed value (sent as parsed).
+            let fields: Vec<(&str, &Value)> = self
+                .req
+                .counted
+                .iter()
+                .chain(&set)
+                .map(|(k, v)| (*k, v))
+                .collect();
+            self.body.with_fields(&fields)
         } else {
-            let mut body = translate::request(client, up, &self.body.to_map())?;
+            let mut body = translate::request(client, up, &self.body.to_map()?)?;
             for (k, v) in set {
                 body.insert(k.into(), v);
             }
@@ -1230,7 +1237,7 @@ async fn start(
             Dialect::OpenAi => Dialect::Anthropic,
             Dialect::Anthropic => Dialect::OpenAi,
         };
-        translate::request(ep.dialect(), other, &body.to_map())?;
+        translate::request(ep.dialect(), other, &body.to_map()?)?;
     }
     let call = Call {
         s: s.clone(),

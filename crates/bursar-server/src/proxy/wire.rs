@@ -51,12 +51,19 @@ pub struct ChatRequest {
     /// OpenAI: the client asked for the usage chunk itself.
     pub client_wants_usage: bool,
     pub end_user: Option<String>,
+    /// Fields counted from values parsed out of the body's text (messages other than
+    /// plain ones, Anthropic's `system`, the tools), sent upstream as parsed.
+    pub counted: Vec<(&'static str, Value)>,
 }
 
 /// Where a request's top-level fields are read from: a parsed object, or a
 /// [`RequestBody`] whose fields are parsed as they are asked for.
 pub trait Fields {
-    fn field(&self, name: &str) -> Option<Cow<'_, Value>>;
+    /// The field, if present. A field whose text serde_json cannot read as a value (a
+    /// number past `f64`, a lone surrogate escape: JSON's grammar allows both) is an
+    /// error, never absent: a cap or a prompt Bursar could not read must not go
+    /// upstream unheld.
+    fn field(&self, name: &str) -> Result<Option<Cow<'_, Value>>, ApiError>;
 
     /// The messages, when each is a plain text message of one of `roles` (`role`, a
     /// string `content`, perhaps `name`, nothing else) and there are 1 to
@@ -69,13 +76,13 @@ pub trait Fields {
 }
 
 impl Fields for Map<String, Value> {
-    fn field(&self, name: &str) -> Option<Cow<'_, Value>> {
-        self.get(name).map(Cow::Borrowed)
+    fn field(&self, name: &str) -> Result<Option<Cow<'_, Value>>, ApiError> {
+        Ok(self.get(name).map(Cow::Borrowed))
     }
 }
 
 fn positive_u32(body: &(impl Fields + ?Sized), field: &str) -> Result<Option<u32>, ApiError> {
-    match body.field(field).as_deref() {
+    match body.field(field)?.as_deref() {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
             Some(n) if n >= 1 => Ok(Some(u32::try_from(n).unwrap_or(u32::MAX))),
@@ -124,6 +131,15 @@ fn content_text(v: &Value, out: &mut String, images: &mut u64) -> Result<(), Api
     }
 }
 
+/// Keeps a field that was counted as it was parsed from the body's text, to go upstream
+/// so: what the provider reads is then what was counted, even where the client's text
+/// gives a name twice inside it (one reader takes the first, another the last).
+fn keep_parsed(counted: &mut Vec<(&'static str, Value)>, name: &'static str, v: Cow<'_, Value>) {
+    if let Cow::Owned(v) = v {
+        counted.push((name, v));
+    }
+}
+
 /// A string value, owned.
 fn text_of(v: Option<&Value>) -> Option<String> {
     v.and_then(Value::as_str).map(str::to_string)
@@ -134,7 +150,7 @@ pub fn parse_chat(
     dialect: Dialect,
     body: &(impl Fields + ?Sized),
 ) -> Result<ChatRequest, ApiError> {
-    let model = match body.field("model").as_deref() {
+    let model = match body.field("model")?.as_deref() {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         _ => return Err(invalid("`model` is required")),
     };
@@ -150,7 +166,10 @@ pub fn parse_chat(
         Dialect::Anthropic => &["user", "assistant"],
     };
     let plain = body.plain_messages(roles);
-    let listed = plain.is_none().then(|| body.field("messages")).flatten();
+    let listed = match plain {
+        Some(_) => None,
+        None => body.field("messages")?,
+    };
     let raw: &[Value] = match (&plain, listed.as_deref()) {
         (Some(_), _) => &[],
         (None, Some(Value::Array(raw))) => raw,
@@ -167,15 +186,17 @@ pub fn parse_chat(
     }
     let mut messages = Vec::with_capacity(plain.as_ref().map_or(raw.len(), Vec::len) + 2);
     let mut images = 0;
+    let mut counted = Vec::new();
     if dialect == Dialect::Anthropic {
-        if let Some(system) = body.field("system").as_deref() {
+        if let Some(system) = body.field("system")? {
             let mut text = String::new();
-            content_text(system, &mut text, &mut images)?;
+            content_text(&system, &mut text, &mut images)?;
             messages.push(ChatMessage {
                 role: "system".into(),
                 content: text,
                 name: None,
             });
+            keep_parsed(&mut counted, "system", system);
         }
     }
     messages.extend(plain.into_iter().flatten());
@@ -208,16 +229,24 @@ pub fn parse_chat(
             name: obj.get("name").and_then(Value::as_str).map(str::to_string),
         });
     }
-    if let Some(tools) = body.field("tools").or_else(|| body.field("functions")) {
+    let tools = match body.field("tools")? {
+        Some(t) => Some(("tools", t)),
+        None => body.field("functions")?.map(|f| ("functions", f)),
+    };
+    if let Some((name, tools)) = tools {
         messages.push(ChatMessage {
             role: "system".into(),
             content: tools.to_string(),
             name: None,
         });
+        keep_parsed(&mut counted, name, tools);
+    }
+    if let Some(listed) = listed {
+        keep_parsed(&mut counted, "messages", listed);
     }
     let (max_tokens, max_tokens_field) = match dialect {
         Dialect::OpenAi => {
-            if let Some(n) = body.field("n") {
+            if let Some(n) = body.field("n")? {
                 if n.as_u64() != Some(1) && !n.is_null() {
                     return Err(invalid(
                         "`n` other than 1 is not supported: ask for each choice in its own call",
@@ -234,19 +263,19 @@ pub fn parse_chat(
             None => return Err(invalid("`max_tokens` is required")),
         },
     };
-    let stream = match body.field("stream").as_deref() {
+    let stream = match body.field("stream")?.as_deref() {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(invalid("`stream` must be a boolean")),
     };
     let client_wants_usage = body
-        .field("stream_options")
+        .field("stream_options")?
         .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
         .unwrap_or(false);
     let end_user = match dialect {
-        Dialect::OpenAi => text_of(body.field("user").as_deref()),
+        Dialect::OpenAi => text_of(body.field("user")?.as_deref()),
         Dialect::Anthropic => text_of(
-            body.field("metadata")
+            body.field("metadata")?
                 .as_deref()
                 .and_then(|m| m.get("user_id")),
         ),
@@ -261,18 +290,19 @@ pub fn parse_chat(
         stream,
         client_wants_usage,
         end_user,
+        counted,
     })
 }
 
 /// The inputs of an embeddings request, as texts (token arrays are counted as given).
 fn embedding_inputs(body: &(impl Fields + ?Sized)) -> Result<(String, Vec<String>, u64), ApiError> {
-    let model = match body.field("model").as_deref() {
+    let model = match body.field("model")?.as_deref() {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         _ => return Err(invalid("`model` is required")),
     };
     let mut texts = Vec::new();
     let mut given_tokens = 0u64;
-    match body.field("input").as_deref() {
+    match body.field("input")?.as_deref() {
         Some(Value::String(s)) => texts.push(s.clone()),
         Some(Value::Array(items)) if !items.is_empty() => {
             for item in items {
@@ -302,7 +332,8 @@ pub fn parse_embeddings(body: &(impl Fields + ?Sized)) -> Result<ChatRequest, Ap
         max_tokens_field: "max_tokens",
         stream: false,
         client_wants_usage: false,
-        end_user: text_of(body.field("user").as_deref()),
+        end_user: text_of(body.field("user")?.as_deref()),
+        counted: Vec::new(),
     })
 }
 
@@ -366,19 +397,30 @@ impl RequestBody {
     }
 
     /// The whole body as an object (for translating it to the other dialect).
-    pub fn to_map(&self) -> Map<String, Value> {
+    pub fn to_map(&self) -> Result<Map<String, Value>, ApiError> {
         self.fields
             .iter()
-            .filter_map(|(n, r)| {
-                let v = serde_json::from_slice(self.raw.get(r.clone())?).ok()?;
-                Some((n.clone(), v))
-            })
+            .map(|(n, _)| Ok((n.clone(), self.value(n)?.unwrap_or(Value::Null))))
             .collect()
+    }
+
+    /// A top-level field parsed from its text.
+    fn value(&self, name: &str) -> Result<Option<Value>, ApiError> {
+        let Some(text) = self.text(name) else {
+            return Ok(None);
+        };
+        serde_json::from_slice(text).map(Some).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("field `{name}` cannot be read: {e}"),
+            )
+        })
     }
 
     /// The body with the fields of `set` in place of its own (added when it has none):
     /// every other field is copied as the client wrote it, in the client's order.
-    pub fn with_fields(&self, set: &[(&str, Value)]) -> Result<Vec<u8>, serde_json::Error> {
+    pub fn with_fields(&self, set: &[(&str, &Value)]) -> Result<Vec<u8>, serde_json::Error> {
         let mut out = Vec::with_capacity(self.raw.len() + 64);
         out.push(b'{');
         let mut first = true;
@@ -412,9 +454,8 @@ impl RequestBody {
 
 impl Fields for RequestBody {
     /// The field parsed from its text (each time it is asked for).
-    fn field(&self, name: &str) -> Option<Cow<'_, Value>> {
-        let text = self.text(name)?;
-        serde_json::from_slice(text).ok().map(Cow::Owned)
+    fn field(&self, name: &str) -> Result<Option<Cow<'_, Value>>, ApiError> {
+        Ok(self.value(name)?.map(Cow::Owned))
     }
 
     fn plain_messages(&self, roles: &[&str]) -> Option<Vec<ChatMessage>> {
@@ -1330,6 +1371,83 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_field_bursar_reads_but_serde_cannot_is_refused_never_absent() {
+        // JSON's grammar allows both; serde_json reads neither into a value.
+        for (dialect, raw, field) in [
+            (
+                Dialect::OpenAi,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":1e400}"#,
+                "max_tokens",
+            ),
+            (
+                Dialect::OpenAi,
+                r#"{"model":"\ud800","messages":[{"role":"user","content":"x"}]}"#,
+                "model",
+            ),
+            (
+                Dialect::OpenAi,
+                r#"{"model":"m","messages":[{"role":"user","content":"\udc00"}]}"#,
+                "messages",
+            ),
+            (
+                Dialect::OpenAi,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"n":-1e999}]}"#,
+                "tools",
+            ),
+            (
+                Dialect::Anthropic,
+                r#"{"model":"m","max_tokens":5,"system":"\ud800","messages":[{"role":"user","content":"x"}]}"#,
+                "system",
+            ),
+        ] {
+            let body = RequestBody::parse(Bytes::from(raw)).unwrap();
+            let e = parse_chat(dialect, &body).unwrap_err();
+            assert_eq!(e.code, "invalid_json", "{raw}");
+            assert!(
+                e.message.contains(&format!("`{field}`")),
+                "{raw}: {}",
+                e.message
+            );
+        }
+        // A field Bursar does not read goes as written; only translating reads it.
+        let raw = r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":1e400}"#;
+        let body = RequestBody::parse(Bytes::from(raw)).unwrap();
+        let req = parse_chat(Dialect::OpenAi, &body).unwrap();
+        assert!(req.counted.is_empty(), "plain messages go as written");
+        let out = body.with_fields(&[]).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), raw.replace(' ', ""));
+        assert_eq!(body.to_map().unwrap_err().code, "invalid_json");
+    }
+
+    #[test]
+    fn fields_counted_from_parsed_values_are_kept_as_parsed() {
+        let raw = r#"{"model":"m","max_tokens":5,"system":[{"type":"text","text":"a","text":"b"}],
+            "tools":[{"name":"f","name":"g"}],
+            "messages":[{"role":"user","content":[{"type":"text","text":"long","text":"x"}]}]}"#;
+        let body = RequestBody::parse(Bytes::from(raw)).unwrap();
+        let req = parse_chat(Dialect::Anthropic, &body).unwrap();
+        let names: Vec<&str> = req.counted.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["system", "tools", "messages"]);
+        let fields: Vec<(&str, &Value)> = req.counted.iter().map(|(k, v)| (*k, v)).collect();
+        let out = String::from_utf8(body.with_fields(&fields).unwrap()).unwrap();
+        // Each name once, the copy counted (serde's: the last).
+        assert!(RequestBody::parse(Bytes::from(out.clone())).is_ok());
+        assert!(
+            !out.contains("long") && !out.contains(r#""text":"a""#),
+            "{out}"
+        );
+        assert!(!out.contains(r#""name":"f""#), "{out}");
+        assert_eq!(req.messages[0].content, "b");
+        assert_eq!(req.messages[1].content, "x");
+        // Read from a parsed object nothing is kept: it is no text of the client's.
+        let map: Map<String, Value> = serde_json::from_str(raw).unwrap();
+        assert!(parse_chat(Dialect::Anthropic, &map)
+            .unwrap()
+            .counted
+            .is_empty());
+    }
+
     /// A request's top level with spaces and new lines between its parts.
     fn spaced(fields: &[(String, &'static str, String)], pad: &str) -> String {
         let body: Vec<String> = fields
@@ -1409,8 +1527,15 @@ mod tests {
                 (Dialect::OpenAi, listed.iter().all(|m| m.1)),
                 (Dialect::Anthropic, listed.iter().all(|m| m.2)),
             ] {
-                let fast = parse_chat(dialect, &body);
+                let mut fast = parse_chat(dialect, &body);
                 let general = parse_chat(dialect, &map);
+                if let Ok(a) = &mut fast {
+                    // What was counted from a parsed value is kept, as the object has it.
+                    for (name, v) in std::mem::take(&mut a.counted) {
+                        prop_assert_eq!(Some(&v), map.get(name), "{}", raw);
+                        prop_assert!(!plain, "{}", raw);
+                    }
+                }
                 match (&fast, &general) {
                     (Ok(a), Ok(b)) => prop_assert_eq!(a, b, "{}", raw),
                     (Err(a), Err(b)) => {
@@ -1463,10 +1588,10 @@ mod tests {
             prop_assert!(!twice, "{}", raw);
             let map: Map<String, Value> = serde_json::from_str(&raw).unwrap();
             for (_, name, _) in &fields {
-                let read = body.field(name);
+                let read = body.field(name).unwrap();
                 prop_assert_eq!(read.as_deref(), map.get(*name), "{}", raw);
             }
-            prop_assert!(body.field("absent").is_none());
+            prop_assert!(body.field("absent").unwrap().is_none());
             let mut set: Vec<(&str, Value)> = Vec::new();
             if set_model {
                 set.push(("model", json!("routed-\"model\"")));
@@ -1474,7 +1599,8 @@ mod tests {
             if set_cap {
                 set.push(("max_tokens", json!(7)));
             }
-            let out = body.with_fields(&set).unwrap();
+            let refs: Vec<(&str, &Value)> = set.iter().map(|(k, v)| (*k, v)).collect();
+            let out = body.with_fields(&refs).unwrap();
             let mut expected = map;
             for (k, v) in &set {
                 expected.insert((*k).to_string(), v.clone());

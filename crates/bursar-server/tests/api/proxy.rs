@@ -172,6 +172,8 @@ struct Upstream {
     sim: Simulator,
     /// The last request body it was sent.
     last: parking_lot::Mutex<Value>,
+    /// The same, as sent.
+    last_raw: parking_lot::Mutex<Bytes>,
 }
 
 const OK: u8 = 0;
@@ -182,6 +184,7 @@ const MALFORMED: u8 = 3;
 async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response {
     u.hits.fetch_add(1, Ordering::SeqCst);
     *u.last.lock() = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    *u.last_raw.lock() = body.clone();
     match u.mode.load(Ordering::SeqCst) {
         FAIL => (StatusCode::INTERNAL_SERVER_ERROR, "{\"error\":{\"message\":\"down\"}}").into_response(),
         REFUSE => (
@@ -219,6 +222,7 @@ async fn spawn_upstream() -> (Arc<Upstream>, String) {
             ..SimSettings::default()
         }),
         last: parking_lot::Mutex::new(Value::Null),
+        last_raw: parking_lot::Mutex::new(Bytes::new()),
     });
     let router = axum::Router::new()
         .route("/v1/chat/completions", axum::routing::post(upstream_chat))
@@ -544,6 +548,20 @@ async fn bad_requests_are_refused_before_any_money_is_held() {
         "{:?}",
         r.body
     );
+    // JSON's grammar allows a number past f64; a cap Bursar cannot read is no cap.
+    let r = app
+        .raw_post(
+            "/v1/chat/completions",
+            MEMBER,
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"max_tokens":1e400}"#
+                .to_vec(),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (400, "invalid_json"), "{:?}", r.body);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_tokens"));
     let big = vec![b' '; 2 << 20];
     let r = app.raw_post("/v1/chat/completions", MEMBER, big).await;
     assert_eq!((r.status, r.code()), (413, "body_too_large"));
@@ -1022,6 +1040,45 @@ async fn an_anthropic_provider_gets_its_key_from_the_environment_and_streams_thr
         8,
         "four calls held and settled; the refused ones held nothing"
     );
+}
+
+#[tokio::test]
+async fn the_body_goes_upstream_as_written_and_what_was_counted_as_counted() {
+    let (app, up) = spawn_proxy().await;
+    // Plain messages and the fields Bursar does not read go as the client wrote them:
+    // escapes, spacing inside values, numbers no f64 holds.
+    let raw = r#"{"model":"gpt-3.5-turbo", "temperature":0.50, "seed":18446744073709551616,
+        "logit_bias":{"50256": -100}, "messages":[{"role":"user","content":"caf\u00e9?"}]}"#;
+    let r = app
+        .raw_post("/v1/chat/completions", MEMBER, raw.as_bytes().to_vec())
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sent = String::from_utf8(up.last_raw.lock().to_vec()).unwrap();
+    for kept in [
+        r#""temperature":0.50"#,
+        r#""seed":18446744073709551616"#,
+        r#""logit_bias":{"50256": -100}"#,
+        r#""messages":[{"role":"user","content":"caf\u00e9?"}]"#,
+        r#""model":"gpt-3.5-turbo""#,
+    ] {
+        assert!(sent.contains(kept), "{kept} not in {sent}");
+    }
+    // Messages read as values (a tool call here) go as they were read and counted: a
+    // name given twice inside one reaches the provider once, the copy Bursar counted.
+    let raw = r#"{"model":"gpt-3.5-turbo","messages":[
+        {"role":"user","content":"hi"},
+        {"role":"assistant","content":"a long text the provider might read instead","content":"ok",
+         "tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+        {"role":"tool","tool_call_id":"c1","content":"done"}]}"#;
+    let r = app
+        .raw_post("/v1/chat/completions", MEMBER, raw.as_bytes().to_vec())
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sent = String::from_utf8(up.last_raw.lock().to_vec()).unwrap();
+    assert!(!sent.contains("a long text"), "{sent}");
+    let sent: Value = serde_json::from_str(&sent).unwrap();
+    assert_eq!(sent["messages"][1]["content"], "ok");
+    assert_eq!(sent["messages"][2]["tool_call_id"], "c1");
 }
 
 #[tokio::test]
