@@ -529,39 +529,30 @@ async fn bad_requests_are_refused_before_any_money_is_held() {
         assert_eq!(r.status, status, "{:?}", r.body);
         assert_eq!(r.code(), code);
     }
-    let r = app
-        .raw_post("/v1/chat/completions", MEMBER, b"{not json".to_vec())
-        .await;
-    assert_eq!((r.status, r.code()), (400, "invalid_json"));
-    // A field given twice: which one a provider reads is open, so neither is sent.
-    let r = app
-        .raw_post(
-            "/v1/chat/completions",
-            MEMBER,
-            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"messages":[]}"#
-                .to_vec(),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (400, "invalid_request"),
-        "{:?}",
-        r.body
-    );
-    // JSON's grammar allows a number past f64; a cap Bursar cannot read is no cap.
-    let r = app
-        .raw_post(
-            "/v1/chat/completions",
-            MEMBER,
-            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"max_tokens":1e400}"#
-                .to_vec(),
-        )
-        .await;
-    assert_eq!((r.status, r.code()), (400, "invalid_json"), "{:?}", r.body);
-    assert!(r.body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("max_tokens"));
+    // Text that is no JSON object; a field given twice (which copy a provider reads is
+    // open, so neither is sent); a number past f64, which JSON's grammar allows (a cap
+    // Bursar cannot read is no cap).
+    let raw_cases: [(&[u8], &str, &str); 3] = [
+        (b"{not json", "invalid_json", "malformed JSON"),
+        (
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"messages":[]}"#,
+            "invalid_request",
+            "`messages` is given twice",
+        ),
+        (
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"max_tokens":1e400}"#,
+            "invalid_json",
+            "`max_tokens`",
+        ),
+    ];
+    for (raw, code, says) in raw_cases {
+        let r = app
+            .raw_post("/v1/chat/completions", MEMBER, raw.to_vec())
+            .await;
+        assert_eq!((r.status, r.code()), (400, code), "{:?}", r.body);
+        let message = r.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{message}");
+    }
     let big = vec![b' '; 2 << 20];
     let r = app.raw_post("/v1/chat/completions", MEMBER, big).await;
     assert_eq!((r.status, r.code()), (413, "body_too_large"));
