@@ -5,7 +5,7 @@
 //! whole (copy-on-write) when an admin changes it, so a decision never sees half an
 //! update. API keys live in their own map because there can be 100k of them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::budget::BudgetSpec;
 use crate::money::Money;
+use crate::FastMap;
 
 /// How strictly a tenant's calls are governed; for gradual rollout.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -264,10 +265,10 @@ pub struct Plan {
 /// The catalog the engine decides against, swapped whole on change.
 #[derive(Debug, Clone, Default)]
 pub struct Directory {
-    pub tenants: HashMap<String, Tenant>,
-    pub teams: HashMap<(String, String), Team>,
-    pub users: HashMap<(String, String), User>,
-    pub plans: HashMap<String, Plan>,
+    pub tenants: FastMap<String, Tenant>,
+    pub teams: FastMap<(String, String), Team>,
+    pub users: FastMap<(String, String), User>,
+    pub plans: FastMap<String, Plan>,
 }
 
 /// API keys by hash, and by id for admin operations.

@@ -1333,7 +1333,7 @@ impl Engine {
             charge_delta: Money::ZERO,
             model_requested: Some(m.id.clone()),
             model_used: Some(m.id.clone()),
-            price_version: Some(m.version_of(price).to_string()),
+            price_version: Some(m.version_text(price)),
             usage,
             quantity: 0,
             latency_ms: None,
@@ -1816,13 +1816,13 @@ impl Engine {
                     mt = u32::try_from(affordable).unwrap_or(0).min(mt);
                 }
                 let hold = Money::from_pico_ceil(base + out * i128::from(mt));
-                (hold, model.version_of(price).to_string(), Some(mt), full)
+                (hold, model.version_text(price), Some(mt), full)
             }
             Priced::Api { api, quantity } => {
                 let a = self.book.resolve_api(api)?;
                 let price = a.price_at(now)?;
                 let cost = price.cost(*quantity);
-                (cost, a.version_of(price).to_string(), None, cost)
+                (cost, a.version_text(price), None, cost)
             }
         };
         // Shared budgets: a lease short of the unshaped worst case is asked for first.
@@ -2119,7 +2119,7 @@ impl Engine {
                 .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?;
             return Ok((
                 price.cost(u.quantity),
-                a.version_of(price).to_string(),
+                a.version_text(price),
                 Some(api.clone()),
                 false,
             ));
@@ -2149,7 +2149,7 @@ impl Engine {
         let drift = used.id != permitted;
         Ok((
             price.cost(&u.tokens),
-            used.version_of(price).to_string(),
+            used.version_text(price),
             Some(used.id.clone()),
             drift,
         ))

@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::money::{AmountError, Money, PicoPerToken};
@@ -137,6 +137,39 @@ impl fmt::Display for PriceVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}@{}", self.item, self.effective)
     }
+}
+
+/// A price version's text (`item@YYYY-MM-DD`), as [`PriceVersion`] prints it, written
+/// without `core::fmt` and without a `PriceVersion` between: every hold and settlement
+/// records one.
+pub fn version_text(item: &str, effective: NaiveDate) -> String {
+    let Ok(year) = u32::try_from(effective.year()) else {
+        return PriceVersion {
+            item: item.to_string(),
+            effective,
+        }
+        .to_string();
+    };
+    if year > 9999 {
+        return PriceVersion {
+            item: item.to_string(),
+            effective,
+        }
+        .to_string();
+    }
+    let mut s = String::with_capacity(item.len() + 11);
+    s.push_str(item);
+    for (sep, n, width) in [
+        ('@', year, 4),
+        ('-', effective.month(), 2),
+        ('-', effective.day(), 2),
+    ] {
+        s.push(sep);
+        for place in (0..width).rev() {
+            s.push(char::from(b'0' + (n / 10u32.pow(place) % 10) as u8));
+        }
+    }
+    s
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -397,6 +430,11 @@ impl Model {
             effective: price.effective,
         }
     }
+
+    /// [`Self::version_of`] as text.
+    pub fn version_text(&self, price: &TokenPrice) -> String {
+        version_text(&self.id, price.effective)
+    }
 }
 
 impl MeteredApi {
@@ -417,6 +455,11 @@ impl MeteredApi {
             item: self.id.clone(),
             effective: price.effective,
         }
+    }
+
+    /// [`Self::version_of`] as text.
+    pub fn version_text(&self, price: &CallPrice) -> String {
+        version_text(&self.id, price.effective)
     }
 }
 
@@ -465,6 +508,23 @@ impl CallPrice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The ledger records this text with every cost: it must stay what `Display`
+        /// printed, for every date chrono knows (years past 9999 and before 0 too).
+        #[test]
+        fn a_version_text_is_what_display_prints(
+            days in NaiveDate::MIN.num_days_from_ce()..=NaiveDate::MAX.num_days_from_ce(),
+            near in 0i32..3_660_000,
+            item in "[a-z0-9./-]{0,24}",
+        ) {
+            for d in [days, near] {
+                let Some(effective) = NaiveDate::from_num_days_from_ce_opt(d) else { continue };
+                let version = PriceVersion { item: item.clone(), effective };
+                proptest::prop_assert_eq!(version_text(&item, effective), version.to_string());
+            }
+        }
+    }
 
     const BOOK: &str = r#"
 version = "test"
