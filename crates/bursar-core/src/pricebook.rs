@@ -143,20 +143,17 @@ impl fmt::Display for PriceVersion {
 /// without `core::fmt` and without a `PriceVersion` between: every hold and settlement
 /// records one.
 pub fn version_text(item: &str, effective: NaiveDate) -> String {
-    let Ok(year) = u32::try_from(effective.year()) else {
-        return PriceVersion {
-            item: item.to_string(),
-            effective,
+    let year = match u32::try_from(effective.year()) {
+        Ok(year) if year <= 9999 => year,
+        // Signed and five-digit years: `Display`'s own form.
+        _ => {
+            return PriceVersion {
+                item: item.to_string(),
+                effective,
+            }
+            .to_string()
         }
-        .to_string();
     };
-    if year > 9999 {
-        return PriceVersion {
-            item: item.to_string(),
-            effective,
-        }
-        .to_string();
-    }
     let mut s = String::with_capacity(item.len() + 11);
     s.push_str(item);
     for (sep, n, width) in [

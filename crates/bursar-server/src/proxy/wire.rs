@@ -430,22 +430,16 @@ impl RequestBody {
     pub fn to_map(&self) -> Result<Map<String, Value>, ApiError> {
         self.fields
             .iter()
-            .map(|(n, _)| Ok((n.clone(), self.value(n)?.unwrap_or(Value::Null))))
+            .map(|(name, range)| {
+                let text = self.raw.get(range.clone()).unwrap_or_default();
+                Ok((name.clone(), parse_field(name, text)?))
+            })
             .collect()
     }
 
     /// A top-level field parsed from its text.
     fn value(&self, name: &str) -> Result<Option<Value>, ApiError> {
-        let Some(text) = self.text(name) else {
-            return Ok(None);
-        };
-        serde_json::from_slice(text).map(Some).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                format!("field `{name}` cannot be read: {e}"),
-            )
-        })
+        self.text(name).map(|t| parse_field(name, t)).transpose()
     }
 
     /// The body with the fields of `set` in place of its own (added when it has none):
@@ -517,6 +511,17 @@ struct PlainMessage<'a> {
     content: Cow<'a, str>,
     #[serde(default, borrow)]
     name: Option<Cow<'a, str>>,
+}
+
+/// A field's text as a value; what serde cannot read is 400 `invalid_json` naming it.
+fn parse_field(name: &str, text: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(text).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("field `{name}` cannot be read: {e}"),
+        )
+    })
 }
 
 fn twice(name: &str) -> ApiError {
