@@ -9,7 +9,7 @@
 //! Futures that wait on PostgreSQL or Redis are boxed where they are awaited
 //! (`Box::pin(shared.grant(…))`). An async function's future is as large as the largest
 //! future it awaits, and every caller's future includes it: unboxed, the network
-//! clients' futures made a proxied call's task 23 KB, copied whole at each spawn and
+//! clients' futures made a proxied call 23 KB, copied whole when it is boxed and at
 //! each state change, on every call, even on the embedded store that never awaits them.
 //! One allocation is nothing beside a network round trip.
 

@@ -13,9 +13,9 @@
 //! [`translate`]: the request, the answer, its errors and its stream are rewritten, and
 //! the usage is read from the provider's own answer first.
 //!
-//! The call runs in its own task, so a client that goes away does not cancel it half
-//! way: a non-streamed answer is still settled, and a stream is settled by the
-//! provider's [`DisconnectPolicy`].
+//! The call runs on the request's task, and goes on in a task of its own if the client
+//! goes away ([`Detachable`]), so nothing cancels it half way: a non-streamed answer is
+//! still settled, and a stream is settled by the provider's [`DisconnectPolicy`].
 
 pub mod translate;
 pub mod upstream;
@@ -23,6 +23,8 @@ pub mod wire;
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1253,14 +1255,63 @@ async fn start(
         cache,
     };
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(call.run(tx));
-    rx.await.unwrap_or_else(|_| {
-        Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the call's task ended without an answer",
-        ))
-    })
+    Detachable::new(call.run(tx))
+        .until(rx)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the call ended without an answer",
+            ))
+        })
+}
+
+/// A call run on the task of the request that waits for it, which goes on in a task
+/// of its own when that task drops it (the client went away) or stops waiting for it
+/// (the answer is out, a stream goes on): a call once started ends, settled or voided,
+/// whoever waits. Running it on the request's task saves a task and a hand-over a
+/// call; it is boxed so what is left of it can be moved to a task of its own.
+struct Detachable {
+    call: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Detachable {
+    fn new(call: impl Future<Output = ()> + Send + 'static) -> Self {
+        Detachable {
+            call: Some(Box::pin(call)),
+        }
+    }
+
+    /// Runs the call until `answer` is ready. What is left of the call then goes on in
+    /// a task of its own.
+    async fn until<T>(mut self, answer: impl Future<Output = T>) -> T {
+        let mut answer = std::pin::pin!(answer);
+        std::future::poll_fn(|cx| {
+            if let Some(call) = self.call.as_mut() {
+                if call.as_mut().poll(cx).is_ready() {
+                    self.call = None;
+                }
+            }
+            answer.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+impl Drop for Detachable {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(call)),
+            // Only when the runtime itself is going away: the hold expires by policy.
+            Err(e) => {
+                tracing::error!(error = %e, "a call was dropped outside the runtime; its hold will expire")
+            }
+        }
+    }
 }
 
 async fn endpoint(s: Arc<Services>, headers: HeaderMap, body: Body, ep: Endpoint) -> Response {
@@ -1337,4 +1388,72 @@ pub async fn models(State(s): State<Arc<Services>>, headers: HeaderMap) -> Respo
         .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": m.provider}))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive() -> usize {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    }
+
+    #[tokio::test]
+    async fn a_call_runs_on_the_task_that_waits_for_it() {
+        let request = tokio::spawn(async {
+            let (answer, answered) = oneshot::channel();
+            let call = async move {
+                tokio::task::yield_now().await;
+                let _ = answer.send(tokio::task::try_id());
+            };
+            let ran_on = Detachable::new(call).until(answered).await;
+            (tokio::task::id(), ran_on)
+        });
+        let (request, ran_on) = request.await.expect("the request's task ends");
+        assert_eq!(ran_on, Ok(Some(request)));
+        assert_eq!(
+            alive(),
+            0,
+            "a call that ends with its answer leaves no task"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_is_left_of_a_call_after_its_answer_goes_on_in_a_task() {
+        let (answer, answered) = oneshot::channel();
+        let (go, gone) = oneshot::channel::<()>();
+        let (done, finished) = oneshot::channel();
+        let call = async move {
+            let _ = answer.send(7);
+            // A stream: its events follow the answer.
+            let _ = gone.await;
+            let _ = done.send(());
+        };
+        assert_eq!(Detachable::new(call).until(answered).await, Ok(7));
+        assert_eq!(alive(), 1);
+        let _ = go.send(());
+        let ended = tokio::time::timeout(Duration::from_secs(5), finished).await;
+        assert_eq!(ended.ok(), Some(Ok(())), "the rest of the call ran");
+    }
+
+    #[tokio::test]
+    async fn a_call_its_request_drops_goes_on_in_a_task_of_its_own() {
+        let (answer, answered) = oneshot::channel::<u32>();
+        let (go, gone) = oneshot::channel::<()>();
+        let (done, finished) = oneshot::channel();
+        let call = async move {
+            // Waiting for the provider when the client goes.
+            let _ = gone.await;
+            let _ = done.send(());
+            drop(answer);
+        };
+        let waiting = Detachable::new(call).until(answered);
+        let cut = tokio::time::timeout(Duration::from_millis(20), waiting).await;
+        assert!(cut.is_err(), "the client went before the answer");
+        let _ = go.send(());
+        let ended = tokio::time::timeout(Duration::from_secs(5), finished).await;
+        assert_eq!(ended.ok(), Some(Ok(())), "the call went on to its end");
+    }
 }
