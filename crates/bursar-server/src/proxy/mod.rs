@@ -1288,9 +1288,17 @@ impl Detachable {
     async fn until<T>(mut self, answer: impl Future<Output = T>) -> T {
         let mut answer = std::pin::pin!(answer);
         std::future::poll_fn(|cx| {
-            if let Some(call) = self.call.as_mut() {
-                if call.as_mut().poll(cx).is_ready() {
-                    self.call = None;
+            // Taken out while it runs. A call that panics is dropped (its hold expires by
+            // policy, as a call's own task did when it panicked) and its answer's sender
+            // with it, so the client gets a 500, not a cut connection.
+            if let Some(mut call) = self.call.take() {
+                let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    call.as_mut().poll(cx)
+                }));
+                match polled {
+                    Ok(std::task::Poll::Pending) => self.call = Some(call),
+                    Ok(std::task::Poll::Ready(())) => {}
+                    Err(_) => tracing::error!("a proxied call panicked; its hold will expire"),
                 }
             }
             answer.as_mut().poll(cx)
@@ -1436,6 +1444,21 @@ mod tests {
         let _ = go.send(());
         let ended = tokio::time::timeout(Duration::from_secs(5), finished).await;
         assert_eq!(ended.ok(), Some(Ok(())), "the rest of the call ran");
+    }
+
+    #[tokio::test]
+    async fn a_call_that_panics_ends_without_an_answer_not_with_its_request() {
+        let (answer, answered) = oneshot::channel::<u32>();
+        let call = async move {
+            tokio::task::yield_now().await;
+            if answer.is_closed() {
+                return;
+            }
+            panic!("a bug in the call");
+        };
+        let r = Detachable::new(call).until(answered).await;
+        assert!(r.is_err(), "the answer's sender went with the call");
+        assert_eq!(alive(), 0, "nothing of the call was moved to a task");
     }
 
     #[tokio::test]
