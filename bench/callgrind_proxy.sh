@@ -32,7 +32,7 @@ work = sys.argv[1]
 # The request's path, and the writer: (label, a pattern of callgrind's function name).
 FUNCTIONS = [
     ("writer (its thread)", r"bursar_store::run_writer$"),
-    ("Call::run (the call's task)", r"bursar_server::proxy::Call::run::\{\{closure\}\}$"),
+    ("Call::run (the call)", r"bursar_server::proxy::Call::run::\{\{closure\}\}$"),
     ("reading the body", r"bursar_server::proxy::wire::RequestBody::parse$"),
     ("parse_chat (Bursar's and the simulator's)", r"bursar_server::proxy::wire::parse_chat$"),
     ("upstream_body", r"bursar_server::proxy::Call::upstream_body$"),

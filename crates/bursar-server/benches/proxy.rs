@@ -180,8 +180,8 @@ fn send(s: &Setup, router: &Router, body: String) {
         .header("content-type", "application/json")
         .body(Body::from(body))
         .unwrap();
-    // On the runtime's worker, as a connection's task runs it in the server: the call's
-    // own task then starts on the same thread.
+    // On the runtime's worker, as a connection's task runs it in the server (the call
+    // runs on that task).
     let router = router.clone();
     let body =
         s.rt.block_on(s.rt.spawn(async move {

@@ -305,7 +305,7 @@ fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>)
     }
 }
 
-/// One proxied call, as the task that runs it sees it.
+/// One proxied call, as the future that runs it sees it.
 struct Call {
     s: Arc<Services>,
     caller: Caller,
@@ -1270,8 +1270,9 @@ async fn start(
 /// A call run on the task of the request that waits for it, which goes on in a task
 /// of its own when that task drops it (the client went away) or stops waiting for it
 /// (the answer is out, a stream goes on): a call once started ends, settled or voided,
-/// whoever waits. Running it on the request's task saves a task and a hand-over a
-/// call; it is boxed so what is left of it can be moved to a task of its own.
+/// whoever waits. Running it on the request's task saves a task and a hand-over
+/// between two tasks on every call; it is boxed so what is left of it can be moved to
+/// a task of its own.
 struct Detachable {
     call: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
