@@ -2782,29 +2782,41 @@ mod tests {
         again.writer.join().unwrap();
     }
 
+    /// The plan SQLite makes for `sql` on the ledger at `path`, its steps joined.
+    fn query_plan(path: &std::path::Path, sql: &str, params: impl rusqlite::Params) -> String {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        plan.join("; ")
+    }
+
     /// A start reads the keys of the window through the index of keyed holds by time,
-    /// not by a scan of every keyed hold the ledger ever had.
+    /// not by a scan of every keyed hold the ledger ever had; a forgotten key is looked
+    /// up through the index by tenant and key.
     #[test]
-    fn a_start_reads_the_windows_keys_through_their_time_index() {
+    fn keyed_holds_are_read_through_their_indexes() {
         let dir = tempfile::tempdir().unwrap();
         let path = sqlite::ledger_path(dir.path());
         let opened = open_sqlite(&path, |_| {}).unwrap();
         drop(opened.handle);
         opened.writer.join().unwrap();
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let plan: Vec<String> = conn
-            .prepare(&format!(
-                "EXPLAIN QUERY PLAN {}",
-                sqlite::KEYS_OF_THE_WINDOW
-            ))
-            .unwrap()
-            .query_map([0i64], |r| r.get::<_, String>(3))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let plan = plan.join("; ");
+        let plan = query_plan(&path, sqlite::KEYS_OF_THE_WINDOW, [0i64]);
         assert!(
             plan.contains("USING INDEX ledger_idempotency_time"),
+            "the plan: {plan}"
+        );
+        let plan = query_plan(
+            &path,
+            sqlite::HOLD_BY_IDEMPOTENCY_KEY,
+            rusqlite::params!["t", "k", 0i64],
+        );
+        assert!(
+            plan.contains("USING INDEX ledger_idempotency (tenant=? AND <expr>=?)"),
             "the plan: {plan}"
         );
     }

@@ -317,6 +317,15 @@ pub(crate) const KEYS_OF_THE_WINDOW: &str = "SELECT l.at_ms, t.text, json_extrac
      FROM ledger l JOIN dict t ON t.id = l.tenant
      WHERE l.kind = 1 AND json_extract(l.detail, '$.idempotency_key') IS NOT NULL AND l.at_ms >= ?1";
 
+/// The first hold of tenant `?1` with idempotency key `?2` at or after `?3`: a key equal
+/// to `?2` is not NULL, so the partial index by tenant and key answers it.
+pub(crate) const HOLD_BY_IDEMPOTENCY_KEY: &str =
+    "SELECT l.auth, l.held, mu.text, pv.text, l.detail FROM ledger l
+     LEFT JOIN dict mu ON mu.id = l.model_used LEFT JOIN dict pv ON pv.id = l.price_version
+     WHERE l.kind = 1 AND l.tenant = (SELECT id FROM dict WHERE text = ?1)
+       AND json_extract(l.detail, '$.idempotency_key') = ?2 AND l.at_ms >= ?3
+     ORDER BY l.seq LIMIT 1";
+
 fn store_identity(conn: &Connection) -> Result<String, StoreError> {
     Ok(conn.query_row("SELECT v FROM meta WHERE k = 'store_id'", [], |r| r.get(0))?)
 }
@@ -845,13 +854,7 @@ impl Reader {
             return Ok(None);
         }
         let conn = self.conn.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT l.auth, l.held, mu.text, pv.text, l.detail FROM ledger l
-             LEFT JOIN dict mu ON mu.id = l.model_used LEFT JOIN dict pv ON pv.id = l.price_version
-             WHERE l.kind = 1 AND l.tenant = (SELECT id FROM dict WHERE text = ?1)
-               AND json_extract(l.detail, '$.idempotency_key') = ?2 AND l.at_ms >= ?3
-             ORDER BY l.seq LIMIT 1",
-        )?;
+        let mut stmt = conn.prepare_cached(HOLD_BY_IDEMPOTENCY_KEY)?;
         let mut rows = stmt.query(params![tenant, key, since_ms])?;
         let Some(r) = rows.next()? else {
             return Ok(None);
