@@ -450,61 +450,16 @@ mod tests {
         .into_bytes()
     }
 
-    fn any_entry() -> impl Strategy<Value = (Entry, Option<String>)> {
-        let text = || proptest::option::of(".{0,12}");
-        (
-            (any::<i64>(), 1..=6i64, any::<u128>(), ".{0,12}"),
-            (proptest::option::of(any::<u128>()), any::<[i64; 3]>()),
-            (text(), text(), text()),
-            (
-                any::<[u64; 4]>(),
-                any::<Option<u32>>(),
-                any::<u32>(),
-                text(),
-            ),
-        )
-            .prop_map(
-                |(
-                    (at_ms, kind, authorization, tenant),
-                    (key_id, [held, cost, charge]),
-                    (model_requested, model_used, price_version),
-                    ([input, cached, output, quantity], latency_ms, flags, detail),
-                )| {
-                    let e = Entry {
-                        at_ms,
-                        kind: EntryKind::from_code(kind).unwrap_or(EntryKind::Hold),
-                        authorization: Uuid::from_u128(authorization),
-                        tenant,
-                        key_id: key_id.map(Uuid::from_u128),
-                        held_delta: Money::from_nanos(held),
-                        cost_delta: Money::from_nanos(cost),
-                        charge_delta: Money::from_nanos(charge),
-                        model_requested,
-                        model_used,
-                        price_version,
-                        usage: TokenUsage {
-                            input_tokens: input,
-                            cached_input_tokens: cached,
-                            output_tokens: output,
-                        },
-                        quantity,
-                        latency_ms,
-                        flags,
-                        detail: None,
-                        hold: None,
-                    };
-                    (e, detail)
-                },
-            )
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]
 
         /// The canonical encoding written by hand is the one `format!` wrote, for any
         /// entry: numbers at their extremes and of either sign, any text, fields absent.
         #[test]
-        fn the_canonical_encoding_is_what_format_writes((e, detail) in any_entry()) {
+        fn the_canonical_encoding_is_what_format_writes(
+            e in crate::testing::entry(".{0,12}"),
+            detail in proptest::option::of(".{0,40}"),
+        ) {
             let mut out = Vec::new();
             e.write_canonical(&mut out, detail.as_deref());
             let by_format = canonical_by_format(&e, detail.as_deref());

@@ -4,8 +4,14 @@
 
 use proptest::prelude::*;
 
+use std::sync::Arc;
+
+use uuid::Uuid;
+
 use crate::budget::BucketKey;
-use crate::ledger::{HoldDetail, Tags};
+use crate::ledger::{Entry, EntryKind, HoldDetail, Tags};
+use crate::pricebook::TokenUsage;
+use crate::Money;
 
 /// A hold's detail with every field drawn, its texts from `text` (callers choose how
 /// hostile: escapes and control characters for JSON, any Unicode for binary records).
@@ -73,6 +79,59 @@ where
                 prompt_tokens,
                 quantity,
                 rate_tokens,
+            },
+        )
+}
+
+/// A ledger entry with every field drawn (numbers over their whole range, of either
+/// sign), its texts and its hold detail's from `text`.
+pub fn entry<S>(text: S) -> impl Strategy<Value = Entry>
+where
+    S: Strategy<Value = String> + Clone,
+{
+    let opt_text = || proptest::option::of(text.clone());
+    (
+        (
+            any::<i64>(),
+            1..=6i64,
+            any::<u128>(),
+            text.clone(),
+            any::<Option<u128>>(),
+        ),
+        any::<(i64, i64, i64)>(),
+        (opt_text(), opt_text(), opt_text()),
+        any::<(u64, u64, u64, u64, Option<u32>, u32)>(),
+        proptest::option::of(hold_detail(text.clone())),
+    )
+        .prop_map(
+            |(
+                (at_ms, kind, auth, tenant, key_id),
+                (held, cost, charge),
+                (model_requested, model_used, price_version),
+                (input_tokens, cached_input_tokens, output_tokens, quantity, latency_ms, flags),
+                detail,
+            )| Entry {
+                at_ms,
+                kind: EntryKind::from_code(kind).unwrap_or(EntryKind::Hold),
+                authorization: Uuid::from_u128(auth),
+                tenant,
+                key_id: key_id.map(Uuid::from_u128),
+                held_delta: Money::from_nanos(held),
+                cost_delta: Money::from_nanos(cost),
+                charge_delta: Money::from_nanos(charge),
+                model_requested,
+                model_used,
+                price_version,
+                usage: TokenUsage {
+                    input_tokens,
+                    cached_input_tokens,
+                    output_tokens,
+                },
+                quantity,
+                latency_ms,
+                flags,
+                detail: detail.map(Arc::new),
+                hold: None,
             },
         )
 }
