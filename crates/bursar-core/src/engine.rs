@@ -679,7 +679,7 @@ pub struct Prepared<'a> {
     shadow: Option<DenyCode>,
     priced: Priced<'a>,
     ttl: Duration,
-    applicable: Vec<Applicable>,
+    applicable: Vec<Applicable<'static>>,
     rate_checks: Vec<(RateCell, u64, u32)>,
     id: Uuid,
 }
@@ -793,9 +793,11 @@ pub struct Engine {
 }
 
 /// A budget applicable to a call, with the bucket it would use.
-struct Applicable {
+/// A budget that applies to a call, with its bucket: owned by a call being decided,
+/// borrowed from a hold's detail when the hold is settled (no copy of its texts).
+struct Applicable<'b> {
     budget: Arc<Budget>,
-    bucket: BucketKey,
+    bucket: Cow<'b, BucketKey>,
     tz: Tz,
 }
 
@@ -954,7 +956,7 @@ impl Engine {
         team: Option<&str>,
         tags: &Tags,
         now: DateTime<Utc>,
-    ) -> Vec<Applicable> {
+    ) -> Vec<Applicable<'static>> {
         let set = self.budgets.read().clone();
         let own = set
             .by_tenant
@@ -984,7 +986,7 @@ impl Engine {
             };
             out.push(Applicable {
                 budget: budget.clone(),
-                bucket,
+                bucket: Cow::Owned(bucket),
                 tz,
             });
         }
@@ -1054,7 +1056,7 @@ impl Engine {
             None => Vec::new(),
         };
         LeaseWant {
-            bucket: a.bucket.clone(),
+            bucket: a.bucket.as_ref().clone(),
             shortfall,
             limit: spec.limit,
             percent,
@@ -1914,7 +1916,10 @@ impl Engine {
             Metered::Api { api, .. } => Some(api.clone()),
         };
         let detail = Arc::new(HoldDetail {
-            buckets: applicable.iter().map(|a| a.bucket.clone()).collect(),
+            buckets: applicable
+                .iter()
+                .map(|a| a.bucket.as_ref().clone())
+                .collect(),
             tags: tags.clone(),
             team: team.clone(),
             user: key.user.as_deref().map(str::to_string),
@@ -2052,7 +2057,7 @@ impl Engine {
             .copied()
             .unwrap_or(Level::Normal);
         if level > last {
-            state.levels.insert(a.bucket.clone(), level);
+            state.levels.insert(a.bucket.as_ref().clone(), level);
             alerts.push(AlertEvent {
                 at_ms: now_ms,
                 tenant: a
@@ -2060,7 +2065,7 @@ impl Engine {
                     .tenant
                     .clone()
                     .or_else(|| (!tenant.is_empty()).then(|| tenant.to_string())),
-                bucket: a.bucket.clone(),
+                bucket: a.bucket.as_ref().clone(),
                 level,
                 limit,
                 used,
@@ -2294,7 +2299,7 @@ impl Engine {
             if let Some(budget) = budgets.get(&b.budget) {
                 let a = Applicable {
                     budget: budget.clone(),
-                    bucket: b.clone(),
+                    bucket: Cow::Borrowed(b),
                     tz: if budget.tenant.is_some() { tz } else { Tz::UTC },
                 };
                 let (_, limit) = Self::standing(state, &a, now);
@@ -2617,7 +2622,7 @@ impl Engine {
                 .map_or(Tz::UTC, |t| t.timezone);
             let a = Applicable {
                 budget: budget.clone(),
-                bucket,
+                bucket: Cow::Owned(bucket),
                 tz,
             };
             let (_, limit) = Self::standing(&state, &a, now);
