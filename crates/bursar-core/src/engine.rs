@@ -792,7 +792,6 @@ pub struct Engine {
     state: Mutex<State>,
 }
 
-/// A budget applicable to a call, with the bucket it would use.
 /// A budget that applies to a call, with its bucket: owned by a call being decided,
 /// borrowed from a hold's detail when the hold is settled (no copy of its texts).
 struct Applicable<'b> {
