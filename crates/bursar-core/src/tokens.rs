@@ -16,7 +16,7 @@
 //! worst case; a provider that reports more is settled at its real usage and the excess
 //! is recorded as an overage, never hidden.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
@@ -105,21 +105,70 @@ impl Counted {
     }
 }
 
-static COUNTED_O200K: LazyLock<Counted> = LazyLock::new(Counted::new);
-static COUNTED_CL100K: LazyLock<Counted> = LazyLock::new(Counted::new);
+/// An encoding's tables and its count cache, made at their first use or by [`load`].
+struct Encoding {
+    bpe: &'static bpe_openai::Tokenizer,
+    counted: Counted,
+}
 
-fn bpe_len(kind: TokenizerKind, text: &str) -> u64 {
-    match kind {
-        TokenizerKind::Cl100kBase => COUNTED_CL100K.count(bpe_openai::cl100k_base(), text),
-        TokenizerKind::O200kBase | TokenizerKind::Estimate => {
-            COUNTED_O200K.count(bpe_openai::o200k_base(), text)
-        }
+impl Encoding {
+    /// Makes the tables (a few hundred milliseconds, tens of megabytes) and the cache,
+    /// then says so in `loaded`.
+    fn make(bpe: fn() -> &'static bpe_openai::Tokenizer, loaded: &AtomicBool) -> Encoding {
+        let e = Encoding {
+            bpe: bpe(),
+            counted: Counted::new(),
+        };
+        loaded.store(true, Ordering::Release);
+        e
     }
 }
 
-/// How many texts were counted from the cache of recently counted texts, since start.
+static O200K_LOADED: AtomicBool = AtomicBool::new(false);
+static CL100K_LOADED: AtomicBool = AtomicBool::new(false);
+static O200K: LazyLock<Encoding> =
+    LazyLock::new(|| Encoding::make(bpe_openai::o200k_base, &O200K_LOADED));
+static CL100K: LazyLock<Encoding> =
+    LazyLock::new(|| Encoding::make(bpe_openai::cl100k_base, &CL100K_LOADED));
+
+/// The encoding `kind` counts with (`estimate` counts with `o200k_base`).
+fn encoding(kind: TokenizerKind) -> &'static LazyLock<Encoding> {
+    match kind {
+        TokenizerKind::Cl100kBase => &CL100K,
+        TokenizerKind::O200kBase | TokenizerKind::Estimate => &O200K,
+    }
+}
+
+fn bpe_len(kind: TokenizerKind, text: &str) -> u64 {
+    let e = &**encoding(kind);
+    e.counted.count(e.bpe, text)
+}
+
+/// Loads the tables `kind` counts with now, if they are not loaded yet, so that no call
+/// waits for them: the first text counted otherwise loads them, and every caller that
+/// counts with them meanwhile waits. Blocks for as long as that takes (a few hundred
+/// milliseconds); a gateway does it at start, off the runtime's workers.
+pub fn load(kind: TokenizerKind) {
+    LazyLock::force(encoding(kind));
+}
+
+/// Whether the tables `kind` counts with are loaded.
+pub fn is_loaded(kind: TokenizerKind) -> bool {
+    match kind {
+        TokenizerKind::Cl100kBase => &CL100K_LOADED,
+        TokenizerKind::O200kBase | TokenizerKind::Estimate => &O200K_LOADED,
+    }
+    .load(Ordering::Acquire)
+}
+
+/// How many texts were counted from the cache of recently counted texts, since start
+/// (without loading tables nothing has counted with yet).
 pub fn counted_from_cache() -> u64 {
-    COUNTED_O200K.hits.load(Ordering::Relaxed) + COUNTED_CL100K.hits.load(Ordering::Relaxed)
+    [TokenizerKind::O200kBase, TokenizerKind::Cl100kBase]
+        .into_iter()
+        .filter(|k| is_loaded(*k))
+        .map(|k| encoding(k).counted.hits.load(Ordering::Relaxed))
+        .sum()
 }
 
 /// Tokens of a plain text (embeddings input, a prompt).

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use bursar_client::{Client, Method};
 use bursar_core::config::{Config, DEFAULT_CONFIG, DEFAULT_DATA_DIR, DEFAULT_LISTEN};
-use bursar_core::pricebook::PriceBook;
+use bursar_core::pricebook::{PriceBook, TokenizerKind};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
@@ -429,6 +429,13 @@ async fn serve(config: ConfigArgs, listen: Option<String>, migrate: bool) -> Res
 
 async fn simulate(addr: &str, settings: bursar_core::providers::SimSettings) -> Result<()> {
     init_logs();
+    // Its counts' tables are loaded before it listens, so no call waits for them.
+    tokio::task::spawn_blocking(|| {
+        for kind in [TokenizerKind::O200kBase, TokenizerKind::Cl100kBase] {
+            bursar_core::tokens::load(kind);
+        }
+    })
+    .await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;

@@ -37,7 +37,7 @@ use bursar_core::engine::{
     AuthorizeRequest, Caller, ExpiryPolicy, Metered, Permit, Prompt, Settlement, Usage,
 };
 use bursar_core::ledger::Tags;
-use bursar_core::pricebook::{Model, TokenUsage};
+use bursar_core::pricebook::{Model, PriceBook, TokenUsage, TokenizerKind};
 use bursar_core::providers::{DisconnectPolicy, Provider};
 use bursar_core::tokens;
 use bursar_core::Money;
@@ -1068,6 +1068,27 @@ async fn cached(s: &Services, key: &[u8; 32]) -> Option<Arc<Cached>> {
 }
 
 /// What the proxy needs beyond the engine: routes, upstream clients and the cache.
+/// The tokenizers the models `routing` serves count with, each encoding once (none
+/// without a provider: the authorization API alone counts a text prompt only when one
+/// is sent, and loads its tokenizer then).
+pub fn tokenizers_served(
+    routing: &bursar_core::providers::Routing,
+    book: &PriceBook,
+) -> Vec<TokenizerKind> {
+    let mut kinds: Vec<TokenizerKind> = Vec::new();
+    for m in book.models() {
+        // `estimate` counts with `o200k_base`'s tables.
+        let kind = match m.tokenizer {
+            TokenizerKind::Estimate => TokenizerKind::O200kBase,
+            k => k,
+        };
+        if !kinds.contains(&kind) && routing.provider_for(m).is_ok() {
+            kinds.push(kind);
+        }
+    }
+    kinds
+}
+
 pub struct Proxy {
     pub routing: bursar_core::providers::Routing,
     pub upstreams: upstream::Upstreams,
