@@ -1067,7 +1067,6 @@ async fn cached(s: &Services, key: &[u8; 32]) -> Option<Arc<Cached>> {
     }
 }
 
-/// What the proxy needs beyond the engine: routes, upstream clients and the cache.
 /// The tokenizers the models `routing` serves count with, each encoding once (none
 /// without a provider: the authorization API alone counts a text prompt only when one
 /// is sent, and loads its tokenizer then).
@@ -1089,6 +1088,7 @@ pub fn tokenizers_served(
     kinds
 }
 
+/// What the proxy needs beyond the engine: routes, upstream clients and the cache.
 pub struct Proxy {
     pub routing: bursar_core::providers::Routing,
     pub upstreams: upstream::Upstreams,
