@@ -33,40 +33,32 @@ async fn build(config: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_loads_the_tokenizers_of_the_models_it_proxies_before_it_serves() {
     use TokenizerKind::{Cl100kBase, O200kBase};
-    // The authorization API alone: nothing is loaded (tens of megabytes it may never
-    // use; a text prompt loads its tokenizer when one comes).
-    build("").await;
-    assert!(!tokens::is_loaded(O200kBase), "no provider, no tables");
-    assert!(!tokens::is_loaded(Cl100kBase), "no provider, no tables");
-
-    // A provider of one model counted with `o200k_base`: its tables are there when the
-    // instance is built, and only those.
-    build(
-        r#"
-[[providers]]
-name = "sim"
-kind = "simulated"
-models = ["gpt-4o-mini"]
-"#,
-    )
-    .await;
-    assert!(tokens::is_loaded(O200kBase), "gpt-4o-mini's tables");
-    assert!(
-        !tokens::is_loaded(Cl100kBase),
-        "no model served counts with cl100k"
-    );
-
-    // A provider of every model: `cl100k_base` too (GPT-4 Turbo, text-embedding-3).
-    build(
-        r#"
-[[providers]]
-name = "sim"
-kind = "simulated"
-serves = ["*"]
-"#,
-    )
-    .await;
-    assert!(tokens::is_loaded(Cl100kBase), "cl100k's tables");
-    // Counting with them works, and counts as OpenAI does.
+    // In this order: tables once loaded stay loaded for the process.
+    let steps = [
+        // The authorization API alone: nothing is loaded (tens of megabytes it may never
+        // use; a text prompt loads its tokenizer when one comes).
+        ("no provider", "", false, false),
+        // A provider of one model counted with `o200k_base`: its tables only.
+        (
+            "a provider of gpt-4o-mini",
+            "[[providers]]\nname = \"sim\"\nkind = \"simulated\"\nmodels = [\"gpt-4o-mini\"]\n",
+            true,
+            false,
+        ),
+        // A provider of every model: `cl100k_base` too (GPT-4 Turbo, text-embedding-3).
+        (
+            "a provider of every model",
+            "[[providers]]\nname = \"sim\"\nkind = \"simulated\"\nserves = [\"*\"]\n",
+            true,
+            true,
+        ),
+    ];
+    for (what, config, o200k, cl100k) in steps {
+        build(config).await;
+        // Loaded when the instance is built, before it would listen.
+        assert_eq!(tokens::is_loaded(O200kBase), o200k, "{what}: o200k_base");
+        assert_eq!(tokens::is_loaded(Cl100kBase), cl100k, "{what}: cl100k_base");
+    }
+    // Counting with tables loaded this way works, and counts as OpenAI does.
     assert_eq!(tokens::count_text(Cl100kBase, "hello world"), 2);
 }
