@@ -526,6 +526,21 @@ impl Call {
                     "provider_timeout",
                     format!("provider `{}` did not answer within {t:?}", provider.name),
                 ),
+                // Not retried: the same request gets the same redirect.
+                Err(UpError::Redirected(status, ref location)) => {
+                    tracing::warn!(provider = %provider.name, location = location.as_deref().unwrap_or("none"), "the provider answered with a redirect, not followed: its base_url should be the address it names");
+                    metrics::counter!("bursar_provider_failures_total", "provider" => provider.name.clone())
+                        .increment(1);
+                    return HopEnd::Failed(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "provider_redirect",
+                        format!(
+                            "provider `{}` answered {}, a redirect, which Bursar does not follow: its base_url needs correcting",
+                            provider.name,
+                            status.as_u16()
+                        ),
+                    ));
+                }
                 Err(e @ UpError::Unreachable(_)) => ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "provider_unreachable",

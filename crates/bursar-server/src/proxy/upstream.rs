@@ -90,6 +90,11 @@ pub enum UpError {
     Timeout(Duration),
     #[error("the provider could not be reached: {0}")]
     Unreachable(String),
+    /// The provider answered with a redirect, which is not followed: the call would go
+    /// to an address nobody configured, and its body (a 307 or 308 sends it again) with
+    /// it. The status and the address it names, if any (logged, not told to the caller).
+    #[error("the provider answered {}, a redirect", .0.as_u16())]
+    Redirected(StatusCode, Option<String>),
 }
 
 pub struct Upstreams {
@@ -138,6 +143,8 @@ impl Upstreams {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            // A provider's redirect is its answer, not followed (`UpError::Redirected`).
+            .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(256)
             .build()
             .unwrap_or_default();
@@ -221,6 +228,14 @@ impl Upstreams {
             .map_err(|e| UpError::Unreachable(e.without_url().to_string()))?;
         let status =
             StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        if status.is_redirection() {
+            let location = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .map(str::to_string);
+            return Err(UpError::Redirected(status, location));
+        }
         if stream && status.is_success() {
             let s = resp
                 .bytes_stream()

@@ -165,10 +165,12 @@ backoff_max_ms = 10
 "#;
 
 /// An OpenAI-compatible upstream over real HTTP that the test switches between
-/// answering (as the simulator), failing with 500 and refusing with 400.
+/// answering (as the simulator), failing with 500, refusing with 400 and redirecting.
 struct Upstream {
     mode: AtomicU8,
     hits: AtomicUsize,
+    /// Calls that reached the address its redirects name.
+    elsewhere: AtomicUsize,
     sim: Simulator,
     /// The last request body it was sent.
     last: parking_lot::Mutex<Value>,
@@ -180,6 +182,9 @@ const OK: u8 = 0;
 const FAIL: u8 = 1;
 const REFUSE: u8 = 2;
 const MALFORMED: u8 = 3;
+/// 307 (the body would go again) to `ELSEWHERE` on the same server.
+const REDIRECT: u8 = 4;
+const ELSEWHERE: &str = "/elsewhere/v1/chat/completions";
 
 async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response {
     u.hits.fetch_add(1, Ordering::SeqCst);
@@ -193,6 +198,11 @@ async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response 
         )
             .into_response(),
         MALFORMED => (StatusCode::OK, "{\"choices\": [{\"message\": {\"content\": \"cut off").into_response(),
+        REDIRECT => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(axum::http::header::LOCATION, ELSEWHERE)],
+        )
+            .into_response(),
         _ => {
             let Ok(Value::Object(map)) = serde_json::from_slice(&body) else {
                 return StatusCode::BAD_REQUEST.into_response();
@@ -200,6 +210,15 @@ async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response 
             sim::into_response(u.sim.chat(Dialect::OpenAi, &map))
         }
     }
+}
+
+/// Where the upstream's redirects point: answers as the simulator, and counts.
+async fn upstream_elsewhere(State(u): State<Arc<Upstream>>, body: Bytes) -> Response {
+    u.elsewhere.fetch_add(1, Ordering::SeqCst);
+    let Ok(Value::Object(map)) = serde_json::from_slice(&body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    sim::into_response(u.sim.chat(Dialect::OpenAi, &map))
 }
 
 async fn spawn_proxy() -> (TestApp, Arc<Upstream>) {
@@ -217,6 +236,7 @@ async fn spawn_upstream() -> (Arc<Upstream>, String) {
     let up = Arc::new(Upstream {
         mode: AtomicU8::new(OK),
         hits: AtomicUsize::new(0),
+        elsewhere: AtomicUsize::new(0),
         sim: Simulator::new(SimSettings {
             completion_tokens: 20,
             ..SimSettings::default()
@@ -226,6 +246,7 @@ async fn spawn_upstream() -> (Arc<Upstream>, String) {
     });
     let router = axum::Router::new()
         .route("/v1/chat/completions", axum::routing::post(upstream_chat))
+        .route(ELSEWHERE, axum::routing::post(upstream_elsewhere))
         .with_state(up.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -763,6 +784,41 @@ async fn a_request_the_provider_refuses_is_not_retried_and_costs_nothing() {
     assert_eq!(entries[1].kind, EntryKind::Void);
     assert_eq!(entries[1].cost_delta, Money::ZERO);
     assert!(!app.services.proxy.upstreams.circuit_open("flaky"));
+}
+
+#[tokio::test]
+async fn a_provider_redirect_is_not_followed_and_costs_nothing() {
+    let (app, up) = spawn_proxy().await;
+    up.mode.store(REDIRECT, Ordering::SeqCst);
+    // gpt-3.5-turbo has no fallback: the redirect is the call's answer.
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("gpt-3.5-turbo", 50))
+        .await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "provider_redirect", "{:?}", r.body);
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        1,
+        "a redirect is not retried"
+    );
+    assert_eq!(
+        up.elsewhere.load(Ordering::SeqCst),
+        0,
+        "nor followed: the call never reaches an address nobody configured"
+    );
+    let entries = app.entries().await;
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[1].kind, EntryKind::Void);
+    assert_eq!(entries[1].cost_delta, Money::ZERO);
+    assert_eq!(app.services.engine.open_holds(), 0);
+    // With a fallback, the redirecting provider's hop fails and the next model answers.
+    let r = app
+        .post("/v1/chat/completions", MEMBER, chat("sonar", 50))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.headers["x-bursar-model"], "gpt-4o-mini");
+    assert_eq!(up.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(up.elsewhere.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
