@@ -779,11 +779,16 @@ async fn a_request_the_provider_refuses_is_not_retried_and_costs_nothing() {
         "the provider's own error"
     );
     assert_eq!(up.hits.load(Ordering::SeqCst), 1, "a 400 is never retried");
+    assert_one_call_voided_at_zero(&app).await;
+    assert!(!app.services.proxy.upstreams.circuit_open("flaky"));
+}
+
+/// The ledger holds one call: its hold, then its void at $0.
+async fn assert_one_call_voided_at_zero(app: &TestApp) {
     let entries = app.entries().await;
-    assert_eq!(entries.len(), 2);
+    assert_eq!(entries.len(), 2, "{entries:?}");
     assert_eq!(entries[1].kind, EntryKind::Void);
     assert_eq!(entries[1].cost_delta, Money::ZERO);
-    assert!(!app.services.proxy.upstreams.circuit_open("flaky"));
 }
 
 #[tokio::test]
@@ -806,10 +811,7 @@ async fn a_provider_redirect_is_not_followed_and_costs_nothing() {
         0,
         "nor followed: the call never reaches an address nobody configured"
     );
-    let entries = app.entries().await;
-    assert_eq!(entries.len(), 2);
-    assert_eq!(entries[1].kind, EntryKind::Void);
-    assert_eq!(entries[1].cost_delta, Money::ZERO);
+    assert_one_call_voided_at_zero(&app).await;
     assert_eq!(app.services.engine.open_holds(), 0);
     // With a fallback, the redirecting provider's hop fails and the next model answers.
     let r = app
