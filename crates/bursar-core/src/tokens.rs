@@ -111,36 +111,51 @@ struct Encoding {
     counted: Counted,
 }
 
-impl Encoding {
+/// An encoding, and whether it is made yet (known without making it).
+struct Table {
+    loaded: AtomicBool,
+    encoding: LazyLock<Encoding>,
+}
+
+impl Table {
     /// Makes the tables (a few hundred milliseconds, tens of megabytes) and the cache,
     /// then says so in `loaded`.
-    fn make(bpe: fn() -> &'static bpe_openai::Tokenizer, loaded: &AtomicBool) -> Encoding {
+    fn make(&self, bpe: fn() -> &'static bpe_openai::Tokenizer) -> Encoding {
         let e = Encoding {
             bpe: bpe(),
             counted: Counted::new(),
         };
-        loaded.store(true, Ordering::Release);
+        self.loaded.store(true, Ordering::Release);
         e
     }
 }
 
-static O200K_LOADED: AtomicBool = AtomicBool::new(false);
-static CL100K_LOADED: AtomicBool = AtomicBool::new(false);
-static O200K: LazyLock<Encoding> =
-    LazyLock::new(|| Encoding::make(bpe_openai::o200k_base, &O200K_LOADED));
-static CL100K: LazyLock<Encoding> =
-    LazyLock::new(|| Encoding::make(bpe_openai::cl100k_base, &CL100K_LOADED));
+static O200K: Table = Table {
+    loaded: AtomicBool::new(false),
+    encoding: LazyLock::new(|| O200K.make(bpe_openai::o200k_base)),
+};
+static CL100K: Table = Table {
+    loaded: AtomicBool::new(false),
+    encoding: LazyLock::new(|| CL100K.make(bpe_openai::cl100k_base)),
+};
 
-/// The encoding `kind` counts with (`estimate` counts with `o200k_base`).
-fn encoding(kind: TokenizerKind) -> &'static LazyLock<Encoding> {
+/// The encoding whose tables `kind` counts with: `estimate` counts with `o200k_base`'s.
+pub fn encoding_of(kind: TokenizerKind) -> TokenizerKind {
     match kind {
+        TokenizerKind::Estimate => TokenizerKind::O200kBase,
+        k => k,
+    }
+}
+
+fn table(kind: TokenizerKind) -> &'static Table {
+    match encoding_of(kind) {
         TokenizerKind::Cl100kBase => &CL100K,
-        TokenizerKind::O200kBase | TokenizerKind::Estimate => &O200K,
+        _ => &O200K,
     }
 }
 
 fn bpe_len(kind: TokenizerKind, text: &str) -> u64 {
-    let e = &**encoding(kind);
+    let e = &*table(kind).encoding;
     e.counted.count(e.bpe, text)
 }
 
@@ -149,25 +164,21 @@ fn bpe_len(kind: TokenizerKind, text: &str) -> u64 {
 /// counts with them meanwhile waits. Blocks for as long as that takes (a few hundred
 /// milliseconds); a gateway does it at start, off the runtime's workers.
 pub fn load(kind: TokenizerKind) {
-    LazyLock::force(encoding(kind));
+    LazyLock::force(&table(kind).encoding);
 }
 
 /// Whether the tables `kind` counts with are loaded.
 pub fn is_loaded(kind: TokenizerKind) -> bool {
-    match kind {
-        TokenizerKind::Cl100kBase => &CL100K_LOADED,
-        TokenizerKind::O200kBase | TokenizerKind::Estimate => &O200K_LOADED,
-    }
-    .load(Ordering::Acquire)
+    table(kind).loaded.load(Ordering::Acquire)
 }
 
 /// How many texts were counted from the cache of recently counted texts, since start
 /// (without loading tables nothing has counted with yet).
 pub fn counted_from_cache() -> u64 {
-    [TokenizerKind::O200kBase, TokenizerKind::Cl100kBase]
+    [&O200K, &CL100K]
         .into_iter()
-        .filter(|k| is_loaded(*k))
-        .map(|k| encoding(k).counted.hits.load(Ordering::Relaxed))
+        .filter(|t| t.loaded.load(Ordering::Acquire))
+        .map(|t| t.encoding.counted.hits.load(Ordering::Relaxed))
         .sum()
 }
 

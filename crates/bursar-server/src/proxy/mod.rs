@@ -1091,11 +1091,7 @@ pub fn tokenizers_served(
 ) -> Vec<TokenizerKind> {
     let mut kinds: Vec<TokenizerKind> = Vec::new();
     for m in book.models() {
-        // `estimate` counts with `o200k_base`'s tables.
-        let kind = match m.tokenizer {
-            TokenizerKind::Estimate => TokenizerKind::O200kBase,
-            k => k,
-        };
+        let kind = tokens::encoding_of(m.tokenizer);
         if !kinds.contains(&kind) && routing.provider_for(m).is_ok() {
             kinds.push(kind);
         }
