@@ -509,47 +509,58 @@ impl Call {
                 )
                 .await;
             *provider_time += t0.elapsed();
-            let failure = match r {
+            // The failure, and whether a retry may mend it.
+            let (failure, may_retry) = match r {
                 Ok(resp) if resp.status.is_success() => return HopEnd::Answer(resp),
                 Ok(resp) if !retryable(resp.status) => return HopEnd::Refused(resp),
-                Ok(resp) => ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "provider_error",
-                    format!(
-                        "provider `{}` answered {}",
-                        provider.name,
-                        resp.status.as_u16()
-                    ),
-                ),
-                Err(UpError::Timeout(t)) => ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "provider_timeout",
-                    format!("provider `{}` did not answer within {t:?}", provider.name),
-                ),
-                // Not retried: the same request gets the same redirect.
-                Err(UpError::Redirected(status, ref location)) => {
-                    tracing::warn!(provider = %provider.name, location = location.as_deref().unwrap_or("none"), "the provider answered with a redirect, not followed: its base_url should be the address it names");
-                    metrics::counter!("bursar_provider_failures_total", "provider" => provider.name.clone())
-                        .increment(1);
-                    return HopEnd::Failed(ApiError::new(
+                Ok(resp) => (
+                    ApiError::new(
                         StatusCode::BAD_GATEWAY,
-                        "provider_redirect",
+                        "provider_error",
                         format!(
-                            "provider `{}` answered {}, a redirect, which Bursar does not follow: its base_url needs correcting",
+                            "provider `{}` answered {}",
                             provider.name,
-                            status.as_u16()
+                            resp.status.as_u16()
                         ),
-                    ));
+                    ),
+                    true,
+                ),
+                Err(UpError::Timeout(t)) => (
+                    ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "provider_timeout",
+                        format!("provider `{}` did not answer within {t:?}", provider.name),
+                    ),
+                    true,
+                ),
+                // The same request gets the same redirect.
+                Err(UpError::Redirected(status, location)) => {
+                    tracing::warn!(provider = %provider.name, location = location.as_deref().unwrap_or("none"), "the provider answered with a redirect, not followed: its base_url should be the address it names");
+                    (
+                        ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "provider_redirect",
+                            format!(
+                                "provider `{}` answered {}, a redirect, which Bursar does not follow: its base_url needs correcting",
+                                provider.name,
+                                status.as_u16()
+                            ),
+                        ),
+                        false,
+                    )
                 }
-                Err(e @ UpError::Unreachable(_)) => ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "provider_unreachable",
-                    format!("provider `{}`: {e}", provider.name),
+                Err(e @ UpError::Unreachable(_)) => (
+                    ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "provider_unreachable",
+                        format!("provider `{}`: {e}", provider.name),
+                    ),
+                    true,
                 ),
             };
             metrics::counter!("bursar_provider_failures_total", "provider" => provider.name.clone())
                 .increment(1);
-            if attempt >= provider.max_retries {
+            if !may_retry || attempt >= provider.max_retries {
                 return HopEnd::Failed(failure);
             }
             let wait = self.s.proxy.routing.backoff(attempt, rand::random());
