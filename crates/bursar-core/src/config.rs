@@ -767,6 +767,50 @@ mod tests {
         assert!(!c.keys.is_empty());
     }
 
+    /// The commented providers of the default configuration are what a user uncomments:
+    /// they must parse, and the defaults they show must be the defaults.
+    #[test]
+    fn the_default_configs_commented_providers_parse_with_the_defaults_they_show() {
+        let mut text = String::new();
+        let mut in_block = false;
+        for line in DEFAULT_CONFIG.lines() {
+            in_block = line.starts_with("# [[providers]]") || (in_block && line.starts_with('#'));
+            let uncommented = line.strip_prefix("# ").or_else(|| line.strip_prefix('#'));
+            text.push_str(uncommented.filter(|_| in_block).unwrap_or(line));
+            text.push('\n');
+        }
+        let c = Config::parse(&text, &book(), Utc::now()).unwrap();
+        let names: Vec<&str> = c
+            .routing
+            .providers
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(names, ["openai", "anthropic", "simulated"]);
+        assert_eq!(
+            c.routing.providers[0].max_answer_bytes,
+            crate::providers::DEFAULT_MAX_ANSWER_BYTES
+        );
+        let shown: std::collections::BTreeMap<&str, &str> = text
+            .lines()
+            .skip_while(|l| *l != "name = \"openai\"")
+            .take_while(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(" = "))
+            .map(|(k, v)| (k, v.split_whitespace().next().unwrap_or("")))
+            .collect();
+        use crate::providers::*;
+        for (key, default) in [
+            ("timeout_ms", DEFAULT_TIMEOUT_MS.to_string()),
+            ("max_retries", DEFAULT_MAX_RETRIES.to_string()),
+            ("circuit_failures", DEFAULT_CIRCUIT_FAILURES.to_string()),
+            ("circuit_open_ms", DEFAULT_CIRCUIT_OPEN_MS.to_string()),
+            ("max_answer_bytes", DEFAULT_MAX_ANSWER_BYTES.to_string()),
+            ("on_disconnect", "\"cancel\"".to_string()),
+        ] {
+            assert_eq!(shown.get(key), Some(&default.as_str()), "{key}");
+        }
+    }
+
     #[test]
     fn unknown_keys_are_refused() {
         let err = Config::parse(
@@ -816,6 +860,15 @@ tenant = "acme"
 kind = "member"
 secret = "bsr_config_test_key_0000000000000"
 cache_ttl_secs = 0
+
+[[providers]]
+name = "broken"
+kind = "openai"
+base_url = "http://127.0.0.1:9"
+models = ["gpt-4o"]
+timeout_ms = 0
+circuit_failures = 0
+max_answer_bytes = 0
 "#;
         let err = Config::parse(text, &book(), Utc::now()).unwrap_err();
         let all = err.to_string();
@@ -832,9 +885,12 @@ cache_ttl_secs = 0
             "server.redis_prefix `my prefix`",
             "key `forever`: cache_ttl_secs must be 1",
             "engine.idempotency_window_secs must be between 3600",
+            "timeout_ms must be at least 1",
+            "circuit_failures must be at least 1",
+            "max_answer_bytes must be at least 1",
         ] {
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }
-        assert!(err.0.len() >= 12, "{all}");
+        assert!(err.0.len() >= 15, "{all}");
     }
 }

@@ -23,6 +23,10 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 120_000;
 pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
 /// How long an open circuit refuses calls before one probe is let through.
 pub const DEFAULT_CIRCUIT_OPEN_MS: u64 = 30_000;
+/// The longest whole (non-streamed) answer read from a provider: 256 MiB. The largest
+/// legitimate one is an embeddings answer for 2,048 inputs of 3,072 dimensions as
+/// indented JSON numbers, about 130 MB.
+pub const DEFAULT_MAX_ANSWER_BYTES: u64 = 256 << 20;
 
 /// The wire protocol a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -109,6 +113,7 @@ pub(crate) struct RawProvider {
     on_disconnect: Option<DisconnectPolicy>,
     circuit_failures: Option<u32>,
     circuit_open_ms: Option<u64>,
+    max_answer_bytes: Option<u64>,
     simulate: Option<SimSettings>,
 }
 
@@ -127,6 +132,9 @@ pub struct Provider {
     pub on_disconnect: DisconnectPolicy,
     pub circuit_failures: u32,
     pub circuit_open_ms: u64,
+    /// A whole answer longer than this is not read: the call is settled at its hold's
+    /// worst case (the provider billed it) and the client told why.
+    pub max_answer_bytes: u64,
     pub simulate: SimSettings,
 }
 
@@ -240,6 +248,9 @@ impl Routing {
             if rp.circuit_failures == Some(0) {
                 p.push(format!("{owner}: circuit_failures must be at least 1"));
             }
+            if rp.max_answer_bytes == Some(0) {
+                p.push(format!("{owner}: max_answer_bytes must be at least 1"));
+            }
             out.push(Provider {
                 name: rp.name,
                 kind: rp.kind,
@@ -252,6 +263,7 @@ impl Routing {
                 on_disconnect: rp.on_disconnect.unwrap_or_default(),
                 circuit_failures: rp.circuit_failures.unwrap_or(DEFAULT_CIRCUIT_FAILURES),
                 circuit_open_ms: rp.circuit_open_ms.unwrap_or(DEFAULT_CIRCUIT_OPEN_MS),
+                max_answer_bytes: rp.max_answer_bytes.unwrap_or(DEFAULT_MAX_ANSWER_BYTES),
                 simulate: sim,
             });
         }

@@ -332,6 +332,9 @@ enum HopEnd {
     Refused(UpResponse),
     /// 429, 5xx, timeouts and unreachable providers, after every retry.
     Failed(ApiError),
+    /// A 2xx answer longer than the provider's `max_answer_bytes`, not read: the
+    /// provider billed a call whose usage Bursar cannot see.
+    Unread(u64),
 }
 
 fn retryable(status: StatusCode) -> bool {
@@ -549,6 +552,18 @@ impl Call {
                         false,
                     )
                 }
+                Err(UpError::TooLarge(status, limit)) if status.is_success() => {
+                    return HopEnd::Unread(limit);
+                }
+                // An error answer too long to read: the same request would get it again.
+                Err(e @ UpError::TooLarge(..)) => (
+                    ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "provider_answer_too_large",
+                        format!("provider `{}`: {e}", provider.name),
+                    ),
+                    false,
+                ),
                 Err(e @ UpError::Unreachable(_)) => (
                     ApiError::new(
                         StatusCode::BAD_GATEWAY,
@@ -697,6 +712,19 @@ impl Call {
                     let _ = reply.send(Ok(r));
                     return;
                 }
+                HopEnd::Unread(limit) => {
+                    self.s.proxy.upstreams.record(provider, false);
+                    self.settle_unread(
+                        &permit,
+                        routed_model,
+                        provider,
+                        limit,
+                        provider_time,
+                        reply,
+                    )
+                    .await;
+                    return;
+                }
                 HopEnd::Failed(e) => {
                     self.s.proxy.upstreams.record(provider, false);
                     self.void_unbilled(&permit, "provider failed").await;
@@ -731,6 +759,39 @@ impl Call {
             cached_input_tokens: seen.usage.map_or(0, |u| u.cached_input_tokens),
             output_tokens: output,
         }
+    }
+
+    /// An answer too long to read: the provider billed it, so the call is settled at its
+    /// hold's worst case (the prompt and every output token the hold pays for), flagged
+    /// as estimated, and the client told. The next hop is not tried: it would spend again.
+    async fn settle_unread(
+        &self,
+        permit: &Permit,
+        model: &Model,
+        provider: &Provider,
+        limit: u64,
+        provider_time: Duration,
+        reply: oneshot::Sender<Result<Response, ApiError>>,
+    ) {
+        tracing::warn!(provider = %provider.name, limit, "an answer longer than max_answer_bytes was not read; settled at its hold");
+        let worst = u64::from(permit.max_tokens.unwrap_or(0));
+        let usage = self.counted_usage(permit, model, &Seen::default(), worst);
+        let result = match self.settle(permit, usage, None, true, provider_time).await {
+            Ok((settlement, ticket)) => match ticket.wait().await {
+                Ok(()) => Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_answer_too_large",
+                    format!(
+                        "provider `{}` answered with more than {limit} bytes (its max_answer_bytes), which Bursar did not read; the call was settled at ${}, its hold's worst case",
+                        provider.name, settlement.cost
+                    ),
+                )),
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e),
+        };
+        self.overhead(provider_time);
+        let _ = reply.send(result);
     }
 
     fn overhead(&self, provider_time: Duration) {

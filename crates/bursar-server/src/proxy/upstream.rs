@@ -95,6 +95,44 @@ pub enum UpError {
     /// it. The status and the address it names, if any (logged, not told to the caller).
     #[error("the provider answered {}, a redirect", .0.as_u16())]
     Redirected(StatusCode, Option<String>),
+    /// The provider's answer (with this status) was longer than the provider's
+    /// `max_answer_bytes`; it was not read.
+    #[error("the provider's answer ({}) was longer than {} bytes", .0.as_u16(), .1)]
+    TooLarge(StatusCode, u64),
+}
+
+/// Reads a whole answer, refusing one longer than `limit` bytes before it is held in
+/// memory: by its `Content-Length` when it gives one, else as its chunks arrive. An
+/// answer in one chunk is not copied.
+async fn read_whole(
+    mut resp: reqwest::Response,
+    status: StatusCode,
+    limit: u64,
+) -> Result<Bytes, UpError> {
+    let too_large = |len: usize| u64::try_from(len).map_or(true, |n| n > limit);
+    let failed = |e: reqwest::Error| UpError::Unreachable(e.without_url().to_string());
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(UpError::TooLarge(status, limit));
+    }
+    let Some(first) = resp.chunk().await.map_err(failed)? else {
+        return Ok(Bytes::new());
+    };
+    if too_large(first.len()) {
+        return Err(UpError::TooLarge(status, limit));
+    }
+    let Some(second) = resp.chunk().await.map_err(failed)? else {
+        return Ok(first);
+    };
+    let mut whole = first.to_vec();
+    let mut next = Some(second);
+    while let Some(chunk) = next {
+        if too_large(whole.len().saturating_add(chunk.len())) {
+            return Err(UpError::TooLarge(status, limit));
+        }
+        whole.extend_from_slice(&chunk);
+        next = resp.chunk().await.map_err(failed)?;
+    }
+    Ok(Bytes::from(whole))
 }
 
 pub struct Upstreams {
@@ -245,10 +283,9 @@ impl Upstreams {
                 body: UpBody::Stream(Box::pin(s)),
             });
         }
-        let bytes = tokio::time::timeout(p.timeout, resp.bytes())
+        let bytes = tokio::time::timeout(p.timeout, read_whole(resp, status, p.max_answer_bytes))
             .await
-            .map_err(|_| UpError::Timeout(p.timeout))?
-            .map_err(|e| UpError::Unreachable(e.without_url().to_string()))?;
+            .map_err(|_| UpError::Timeout(p.timeout))??;
         Ok(UpResponse {
             status,
             body: UpBody::Full(bytes),

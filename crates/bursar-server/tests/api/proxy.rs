@@ -106,6 +106,7 @@ models = ["gpt-3.5-turbo"]
 max_retries = 1
 circuit_failures = 2
 circuit_open_ms = 300
+max_answer_bytes = 65536
 
 [[providers]]
 name = "slow"
@@ -165,7 +166,8 @@ backoff_max_ms = 10
 "#;
 
 /// An OpenAI-compatible upstream over real HTTP that the test switches between
-/// answering (as the simulator), failing with 500, refusing with 400 and redirecting.
+/// answering (as the simulator), failing with 500, refusing with 400, redirecting and
+/// answering more than its provider's `max_answer_bytes`.
 struct Upstream {
     mode: AtomicU8,
     hits: AtomicUsize,
@@ -185,6 +187,33 @@ const MALFORMED: u8 = 3;
 /// 307 (the body would go again) to `ELSEWHERE` on the same server.
 const REDIRECT: u8 = 4;
 const ELSEWHERE: &str = "/elsewhere/v1/chat/completions";
+/// A 200 of 100 KB, over the `flaky` provider's `max_answer_bytes` (64 KiB), with its
+/// `Content-Length`; the same in chunks without one; the same as a 500.
+const HUGE: u8 = 5;
+const HUGE_CHUNKED: u8 = 6;
+const HUGE_FAILURE: u8 = 7;
+
+fn huge_answer(mode: u8) -> Response {
+    let body = json!({
+        "id": "chatcmpl-huge", "object": "chat.completion", "model": "gpt-3.5-turbo",
+        "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "a".repeat(100_000)}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 50, "total_tokens": 60},
+    })
+    .to_string();
+    match mode {
+        HUGE => (StatusCode::OK, body).into_response(),
+        HUGE_FAILURE => (StatusCode::INTERNAL_SERVER_ERROR, body).into_response(),
+        _ => {
+            let chunks: Vec<Result<Bytes, std::convert::Infallible>> = body
+                .as_bytes()
+                .chunks(16_384)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            Response::new(axum::body::Body::from_stream(futures::stream::iter(chunks)))
+        }
+    }
+}
 
 async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response {
     u.hits.fetch_add(1, Ordering::SeqCst);
@@ -198,6 +227,7 @@ async fn upstream_chat(State(u): State<Arc<Upstream>>, body: Bytes) -> Response 
         )
             .into_response(),
         MALFORMED => (StatusCode::OK, "{\"choices\": [{\"message\": {\"content\": \"cut off").into_response(),
+        HUGE | HUGE_CHUNKED | HUGE_FAILURE => huge_answer(u.mode.load(Ordering::SeqCst)),
         REDIRECT => (
             StatusCode::TEMPORARY_REDIRECT,
             [(axum::http::header::LOCATION, ELSEWHERE)],
@@ -821,6 +851,57 @@ async fn a_provider_redirect_is_not_followed_and_costs_nothing() {
     assert_eq!(r.headers["x-bursar-model"], "gpt-4o-mini");
     assert_eq!(up.hits.load(Ordering::SeqCst), 2);
     assert_eq!(up.elsewhere.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn an_answer_over_max_answer_bytes_is_not_read_and_a_billed_one_is_settled_at_its_hold() {
+    let price = PriceBook::builtin()
+        .unwrap()
+        .resolve("gpt-3.5-turbo")
+        .unwrap()
+        .price_at(start_time())
+        .unwrap()
+        .clone();
+    // (mode, billed): a 2xx was billed by the provider, a 500 was not. A gateway each, so
+    // no circuit is opened by the one before.
+    for (mode, billed) in [(HUGE, true), (HUGE_CHUNKED, true), (HUGE_FAILURE, false)] {
+        let (app, up) = spawn_proxy().await;
+        up.mode.store(mode, Ordering::SeqCst);
+        // gpt-3.5-turbo has no fallback; sonar's would spend again.
+        let r = app
+            .post("/v1/chat/completions", MEMBER, chat("gpt-3.5-turbo", 50))
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (502, "provider_answer_too_large"),
+            "mode {mode}: {:?}",
+            r.body["error"]
+        );
+        assert_eq!(
+            up.hits.load(Ordering::SeqCst),
+            1,
+            "mode {mode}: not retried (the provider would answer the same)"
+        );
+        let entries = app.entries().await;
+        let kinds: Vec<EntryKind> = entries.iter().map(|e| e.kind).collect();
+        if billed {
+            assert_eq!(
+                kinds,
+                vec![EntryKind::Hold, EntryKind::Settle],
+                "mode {mode}"
+            );
+            // The hold's worst case: the prompt and every output token it pays for.
+            let settle = &entries[1];
+            assert_eq!(settle.usage.output_tokens, 50, "mode {mode}");
+            assert!(settle.usage.input_tokens > 0, "mode {mode}");
+            assert_eq!(settle.cost_delta, price.cost(&settle.usage), "mode {mode}");
+            assert!(settle.cost_delta > Money::ZERO);
+            assert_ne!(settle.flags & flags::ESTIMATED, 0, "mode {mode}");
+        } else {
+            assert_one_call_voided_at_zero(&app).await;
+        }
+        assert_eq!(app.services.engine.open_holds(), 0, "mode {mode}");
+    }
 }
 
 #[tokio::test]
