@@ -13,6 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::Deserialize;
+use serde_path_to_error::Segment;
 use uuid::Uuid;
 
 use crate::budget::{Budget, BudgetSpec, EmergencyAction, ScopeKind, Selector, Thresholds, Window};
@@ -327,11 +328,92 @@ pub fn parse_budget_spec(
     }
 }
 
+/// Reads the file into its structure. Every unknown key is named with its place (not only
+/// the first: each is taken out and the file read again), and the checks that follow
+/// still run; a value of the wrong type ends the reading, named with its place.
+fn read_raw(text: &str) -> Result<(RawConfig, Vec<String>), ConfigErrors> {
+    let mut table: toml::Table =
+        toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+    let mut problems = Vec::new();
+    loop {
+        let e = match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+            Ok(raw) => return Ok((raw, problems)),
+            Err(e) => e,
+        };
+        // The deserializer's own message, without the place it adds on a line of its own.
+        let message = e.inner().to_string();
+        let message = message.lines().next().unwrap_or_default();
+        let mut path: Vec<&Segment> = e.path().iter().collect();
+        let unknown = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(key, _)| key);
+        // The place of an unknown key is the table holding it (the path may end with it).
+        if let (Some(key), Some(Segment::Map { key: last })) = (unknown, path.last()) {
+            if last == key {
+                path.pop();
+            }
+        }
+        let place = place_of(&path);
+        match unknown.filter(|key| remove_key(&mut table, &path, key)) {
+            Some(key) if place.is_empty() => problems.push(format!("unknown key `{key}`")),
+            Some(key) => problems.push(format!("{place}: unknown key `{key}`")),
+            None => {
+                problems.push(format!("{place}: {message}"));
+                return Err(ConfigErrors(problems));
+            }
+        }
+    }
+}
+
+/// A place in the file as a reader writes it: `plans[0].tasks.chat`.
+fn place_of(path: &[&Segment]) -> String {
+    let mut place = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => place.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !place.is_empty() {
+                    place.push('.');
+                }
+                place.push_str(key);
+            }
+            Segment::Unknown => place.push_str(".?"),
+        }
+    }
+    place
+}
+
+/// Takes `key` out of the table at `path`; false when there is no such table or key.
+fn remove_key(table: &mut toml::Table, path: &[&Segment], key: &str) -> bool {
+    let mut at: &mut toml::Table = table;
+    let mut segments = path.iter().copied().peekable();
+    while let Some(segment) = segments.next() {
+        let next = match segment {
+            Segment::Map { key } => at.get_mut(key.as_str()),
+            _ => None,
+        };
+        // An array of tables: the index follows its name.
+        let next = match (next, segments.peek()) {
+            (Some(toml::Value::Array(items)), Some(Segment::Seq { index })) => {
+                let index = *index;
+                segments.next();
+                items.get_mut(index)
+            }
+            (next, _) => next,
+        };
+        match next {
+            Some(toml::Value::Table(t)) => at = t,
+            _ => return false,
+        }
+    }
+    at.remove(key).is_some()
+}
+
 impl Config {
     /// Parses and checks a configuration against a price book.
     pub fn parse(text: &str, book: &PriceBook, now: DateTime<Utc>) -> Result<Config, ConfigErrors> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
-        let mut p: Vec<String> = Vec::new();
+        let (raw, mut p) = read_raw(text)?;
         let classes: BTreeSet<&str> = book.classes();
 
         let engine = EngineConfig {
@@ -820,13 +902,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
+        // A value of the wrong type ends the reading, named with its place.
+        let err = Config::parse(
+            "[[tenants]]\nid = \"acme\"\nplan = 5\n",
+            &book(),
+            Utc::now(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("tenants[0].plan: invalid type"),
+            "{err}"
+        );
     }
 
     #[test]
     fn every_problem_is_named() {
         let text = r#"
+shade = "dark"
+
 [server]
 redis_prefix = "my prefix"
+colour = "blue"
 
 [engine]
 idempotency_window_secs = 60
@@ -838,6 +934,7 @@ default_task = "chat"
 classes = ["tiny"]
 default_class = "huge"
 max_tokens = 0
+temperature = 0.5
 [plans.rate_limits.member]
 requests_per_minute = 0
 
@@ -845,6 +942,7 @@ requests_per_minute = 0
 id = "acme"
 plan = "gold"
 timezone = "Mars/Olympus"
+flavour = 1
 
 [[budgets]]
 tenant = "acme"
@@ -888,9 +986,14 @@ max_answer_bytes = 0
             "timeout_ms must be at least 1",
             "circuit_failures must be at least 1",
             "max_answer_bytes must be at least 1",
+            // Every unknown key, where it is, beside the other problems.
+            "unknown key `shade`",
+            "server: unknown key `colour`",
+            "tenants[0]: unknown key `flavour`",
+            "plans[0].tasks.chat: unknown key `temperature`",
         ] {
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }
-        assert!(err.0.len() >= 15, "{all}");
+        assert!(err.0.len() >= 19, "{all}");
     }
 }
