@@ -1043,3 +1043,167 @@ fn a_shared_instance_decides_within_its_leases_and_asks_before_anything_changes(
     let spare = engine.take_spare_leases(None);
     assert!(spare.iter().all(|(_, m)| *m == freed), "{spare:?}");
 }
+
+/// Every budget scope holds the calls it covers to its limit, each value on a counter of
+/// its own: a budget that fits exactly one call denies a second call with the same value,
+/// naming itself, and lets a call with another value (or none, for a tag) through. The
+/// global budget covers every call.
+#[test]
+fn every_budget_scope_limits_the_calls_it_covers_and_only_those() {
+    type Tag = fn(&mut Tags);
+    // (scope, the budget's own value, the tags of the covered calls, what else: another
+    // value's tags, or None for another key of the tenant).
+    let cases: [(&str, Option<&str>, Tag, Option<Tag>); 8] = [
+        (
+            "global",
+            None,
+            |_| {},
+            Some(|t| t.end_user = Some("u9".into())),
+        ),
+        ("api_key", None, |_| {}, None),
+        (
+            "end_user",
+            None,
+            |t| t.end_user = Some("u1".into()),
+            Some(|t| t.end_user = Some("u2".into())),
+        ),
+        (
+            "workflow",
+            None,
+            |t| t.workflow = Some("run-1".into()),
+            Some(|t| t.workflow = Some("run-2".into())),
+        ),
+        (
+            "agent",
+            None,
+            |t| t.agent = Some("CONTENT".into()),
+            Some(|t| t.agent = Some("SEO".into())),
+        ),
+        (
+            "feature",
+            Some("chat"),
+            |t| t.feature = Some("chat".into()),
+            Some(|_| {}),
+        ),
+        // A call without a task tag is of the plan's default task, `chat`.
+        (
+            "task",
+            Some("chat"),
+            |_| {},
+            Some(|t| t.task = Some("summarize".into())),
+        ),
+        (
+            "tag:env",
+            None,
+            |t| {
+                t.custom.insert("env".into(), "prod".into());
+            },
+            Some(|t| {
+                t.custom.insert("env".into(), "dev".into());
+            }),
+        ),
+    ];
+    let bob = "bsr_test_bob_0000000000000000000";
+    for (scope, value, covered, other) in cases {
+        let tenant = if scope == "global" {
+            ""
+        } else {
+            "tenant = \"acme\"\n"
+        };
+        let value = value.map_or(String::new(), |v| format!("value = \"{v}\"\n"));
+        // The plan gains a second task.
+        let text = config_text(["10", "10", "10", "10"]).replacen(
+            "max_tokens = 1000\n",
+            "max_tokens = 1000\n[plans.tasks.summarize]\nclasses = [\"small\"]\ndefault_class = \"small\"\nmax_tokens = 1000\n",
+            1,
+        );
+        let (engine, _) = build(&format!(
+            "{text}\n[[keys]]\nname = \"bob\"\ntenant = \"acme\"\nkind = \"member\"\nsecret = \"{bob}\"\n\
+             \n[[budgets]]\nid = \"under-test\"\n{tenant}scope = \"{scope}\"\n{value}window = \"daily\"\nlimit = \"0.00021\"\n"
+        ));
+        let sink = VecSink::default();
+        let ann = caller(&engine, "bsr_test_ann_0000000000000000000");
+        let call = |tags: Tag| {
+            let mut r = ask(1000, 100, None);
+            tags(&mut r.tags);
+            r
+        };
+        // $0.00021: the first call takes the whole budget.
+        let (p, ()) = engine
+            .authorize(&ann, call(covered), now(), &sink)
+            .unwrap_or_else(|d| panic!("{scope}: {d}"));
+        let view = p.budgets.iter().find(|b| &*b.budget_id == "under-test");
+        let view = view.unwrap_or_else(|| panic!("{scope}: not applied: {:?}", p.budgets));
+        assert_eq!(&*view.scope, scope);
+        assert_eq!(view.remaining, Money::ZERO, "{scope}");
+        let d = engine
+            .authorize(&ann, call(covered), now(), &sink)
+            .unwrap_err();
+        assert_eq!(d.code, DenyCode::BudgetExceeded, "{scope}: {d}");
+        assert!(d.message.contains("`under-test`"), "{scope}: {d}");
+        let elsewhere = match other {
+            Some(tags) => engine.authorize(&ann, call(tags), now(), &sink),
+            None => engine.authorize(&caller(&engine, bob), call(covered), now(), &sink),
+        };
+        if scope == "global" {
+            assert_eq!(elsewhere.unwrap_err().code, DenyCode::BudgetExceeded);
+        } else {
+            elsewhere.unwrap_or_else(|d| panic!("{scope}: another value is not limited: {d}"));
+        }
+    }
+}
+
+#[test]
+fn under_the_release_policy_an_expired_hold_costs_nothing_until_a_late_settle() {
+    let text = config_text(["10", "10", "10", "10"]).replacen(
+        "hold_ttl_secs = 60\n",
+        "hold_ttl_secs = 60\nexpiry_policy = \"release\"\n",
+        1,
+    );
+    let (engine, config) = build(&text);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let (p, ()) = engine
+        .authorize(&c, ask(1000, 100, None), now(), &sink)
+        .unwrap();
+    let later = now() + chrono::Duration::seconds(61);
+    assert_eq!(engine.expire_due(later, &sink).0, 1);
+    assert_eq!(engine.open_holds(), 0);
+    let expire = sink.entries.lock().last().cloned().unwrap();
+    assert_eq!(expire.kind, EntryKind::Expire);
+    assert_eq!(expire.cost_delta, Money::ZERO, "released, not charged");
+    assert_eq!(expire.held_delta, -p.held);
+    for c in engine.counters().values() {
+        assert_eq!((c.held, c.spent), (Money::ZERO, Money::ZERO));
+    }
+    // A settle that comes late records what the call cost, once.
+    let usage = usage_of(1000, 10);
+    let (late, ()) = engine
+        .settle("acme", p.authorization_id, usage.clone(), later, &sink)
+        .unwrap();
+    assert_eq!(late.outcome, Outcome::Expired);
+    let spent: Money = engine.counters().values().map(|c| c.spent).max().unwrap();
+    assert_eq!(spent, Money::parse("0.000156").unwrap());
+    let entries = sink.entries.lock().clone();
+    check_never_over(&entries, &limits_of(&config));
+}
+
+#[test]
+fn a_key_is_refused_from_its_expiry_on() {
+    let engine = engine_with(
+        "\n[[keys]]\nname = \"temp\"\ntenant = \"acme\"\nkind = \"member\"\nsecret = \"bsr_test_temp_000000000000000000\"\nexpires_at = \"2026-03-10T13:00:00Z\"\n",
+    );
+    let secret = "bsr_test_temp_000000000000000000";
+    let before = "2026-03-10T12:59:59Z".parse().unwrap();
+    assert!(engine.identify(secret, before).is_ok());
+    for at in ["2026-03-10T13:00:00Z", "2026-04-01T00:00:00Z"] {
+        let d = engine.identify(secret, at.parse().unwrap()).unwrap_err();
+        assert_eq!(d.code, DenyCode::ApiKeyExpired, "{at}");
+        assert_eq!(d.code.as_str(), "api_key_expired");
+    }
+    // Keys without an expiry are unaffected.
+    let far = "2030-01-01T00:00:00Z".parse().unwrap();
+    assert!(engine
+        .identify("bsr_test_ann_0000000000000000000", far)
+        .is_ok());
+}

@@ -1045,3 +1045,57 @@ async fn a_key_whose_hold_has_not_landed_is_not_forgotten() {
         unknown.body
     );
 }
+
+store_test!(a_plans_default_budgets_hold_each_of_its_tenants_and_follow_a_plan_change);
+/// A plan's default budgets apply to every tenant on it, each tenant on a counter of its
+/// own, from the moment the tenant is put on the plan, and no longer once it leaves it.
+/// The permit shows each budget's standing.
+async fn a_plans_default_budgets_hold_each_of_its_tenants_and_follow_a_plan_change(place: Place) {
+    // The free plan gains a daily default budget that fits one call of $0.00021.
+    let config = CONFIG.replacen(
+        "max_tokens = 100\n\n[[tenants]]",
+        "max_tokens = 100\n[[plans.budgets]]\nscope = \"tenant\"\nwindow = \"daily\"\nlimit = \"0.00021\"\n\n[[tenants]]",
+        1,
+    );
+    assert_ne!(config, CONFIG);
+    let app = spawn_app_at(&config, place).await;
+    let set_plan = |tenant: &'static str, plan: &'static str| {
+        let app = &app;
+        async move {
+            let path = format!("/v1/admin/tenants/{tenant}");
+            let body = json!({ "plan": plan });
+            let r = app
+                .send(reqwest::Method::PATCH, &path, ADMIN, Some(&body), None)
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+        }
+    };
+    // On `pro`, no such budget: two calls fit.
+    for _ in 0..2 {
+        let p = app.authorize(B_MEMBER, ask(1000, 100)).await;
+        assert_eq!(p.status, 200, "{:?}", p.body);
+        assert!(!p.body["budgets"].to_string().contains("b.plan.0"));
+    }
+    set_plan("b", "free").await;
+    set_plan("a", "free").await;
+    for (member, tenant) in [(B_MEMBER, "b"), (A_MEMBER, "a")] {
+        let p = app.authorize(member, ask(1000, 100)).await;
+        assert_eq!(p.status, 200, "{tenant}: {:?}", p.body);
+        let id = format!("{tenant}.plan.0");
+        let budgets = p.body["budgets"].as_array().unwrap();
+        let view = budgets.iter().find(|b| b["budget_id"] == id.as_str());
+        let view = view.unwrap_or_else(|| panic!("{tenant}: {budgets:?}"));
+        assert_eq!(view["scope"], "tenant");
+        assert_eq!(view["limit"], "0.00021");
+        assert_eq!(view["held"], "0.00021");
+        assert_eq!(view["remaining"], "0");
+        // The tenant's own counter is full; the other tenant's was its own.
+        let d = app.authorize(member, ask(1000, 100)).await;
+        assert_eq!((d.status, d.code()), (402, "budget_exceeded"), "{tenant}");
+        assert!(d.body["error"]["message"].as_str().unwrap().contains(&id));
+    }
+    // Back on `pro`, the plan's budget no longer holds `b`.
+    set_plan("b", "pro").await;
+    assert_eq!(app.authorize(B_MEMBER, ask(1000, 100)).await.status, 200);
+    assert_eq!(app.authorize(A_MEMBER, ask(1000, 100)).await.status, 402);
+}
