@@ -1,5 +1,9 @@
 //! Every bad input gets a clear error with a stable code, and loses nothing recorded.
 
+use std::time::Duration;
+
+use bursar_core::ledger::EntryKind;
+use bursar_core::Money;
 use serde_json::json;
 
 use crate::helpers::*;
@@ -172,6 +176,14 @@ async fn bad_settles_each_have_their_code_and_lose_nothing(place: Place) {
     assert_eq!((r.status, r.code()), (404, "authorization_not_found"));
     let r = app.settle(A_MEMBER, "not-an-id", usage.clone()).await;
     assert_eq!((r.status, r.code()), (404, "authorization_not_found"));
+    let r = app
+        .post(
+            "/v1/authorizations/0190c6a5-0000-7000-8000-000000000000/void",
+            A_MEMBER,
+            json!({}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (404, "authorization_not_found"));
     // Voided, then settled.
     let p = app.authorize(A_MEMBER, ask.clone()).await;
     let voided = p.body["authorization_id"].as_str().unwrap().to_string();
@@ -223,11 +235,35 @@ async fn bad_settles_each_have_their_code_and_lose_nothing(place: Place) {
         .settle(A_MEMBER, &open, json!({"usage": {"input_tokens": -1}}))
         .await;
     assert_eq!((r.status, r.code()), (422, "invalid_request"));
+    // More tokens than any model reads or writes.
+    let r = app
+        .settle(A_MEMBER, &open, json!({"usage": {"input_tokens": 1_000_000_000_000u64, "cached_input_tokens": 0, "output_tokens": 1}}))
+        .await;
+    assert_eq!((r.status, r.code()), (422, "invalid_usage"));
     assert_eq!(app.services.engine.open_holds(), 1);
-    // Expired: see the promises tests. Everything recorded still verifies.
     let v = app.verify().await;
     assert!(v.ok(), "{:?}", v.problems);
     assert_eq!(v.entries, 5);
+    // Expired (and charged by policy), then voided: refused, and the charge stands.
+    app.clock.advance(Duration::from_secs(61));
+    app.services.sweep().await.unwrap();
+    assert_eq!(app.services.engine.open_holds(), 0);
+    let r = app
+        .post(
+            &format!("/v1/authorizations/{open}/void"),
+            A_MEMBER,
+            json!({}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (409, "authorization_expired"));
+    let entries = app.entries().await;
+    assert_eq!(
+        entries.len(),
+        6,
+        "the expiry, and nothing for the refused void"
+    );
+    assert_eq!(entries[5].kind, EntryKind::Expire);
+    assert!(entries[5].cost_delta > Money::ZERO);
 }
 
 store_test!(bad_admin_input);

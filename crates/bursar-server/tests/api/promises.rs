@@ -1099,3 +1099,64 @@ async fn a_plans_default_budgets_hold_each_of_its_tenants_and_follow_a_plan_chan
     assert_eq!(app.authorize(B_MEMBER, ask(1000, 100)).await.status, 200);
     assert_eq!(app.authorize(A_MEMBER, ask(1000, 100)).await.status, 402);
 }
+
+store_test!(authorize_counts_a_prompt_with_its_models_tokenizer_and_holds_that);
+/// `messages` and `prompt` are counted with the model's own tokenizer (o200k for GPT-4o,
+/// cl100k for GPT-4 Turbo, the documented estimate for Claude), and the hold is that
+/// count and `max_tokens` at the model's price.
+async fn authorize_counts_a_prompt_with_its_models_tokenizer_and_holds_that(place: Place) {
+    use bursar_core::pricebook::{PriceBook, TokenUsage, TokenizerKind};
+    use bursar_core::tokens::{self, ChatMessage};
+    let app = spawn_app_at(CONFIG, place).await;
+    let book = PriceBook::builtin().unwrap();
+    // Text the encodings split differently, so a wrong tokenizer gives another count.
+    let text = "Résumé des dépenses: 12 345,67 € — 予算の確認をお願いします。fn main() { println!(\"{}\", x); }";
+    let messages = [
+        ChatMessage {
+            role: "system".into(),
+            content: "You count money.".into(),
+            name: None,
+        },
+        ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+            name: None,
+        },
+    ];
+    let o200k = tokens::count_text(TokenizerKind::O200kBase, text);
+    let cl100k = tokens::count_text(TokenizerKind::Cl100kBase, text);
+    let estimate = tokens::count_text(TokenizerKind::Estimate, text);
+    assert!(o200k != cl100k && cl100k != estimate && o200k != estimate);
+    let wire: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| json!({"role": m.role, "content": m.content}))
+        .collect();
+    for (model, kind) in [
+        ("gpt-4o-mini", TokenizerKind::O200kBase),
+        ("gpt-4-turbo", TokenizerKind::Cl100kBase),
+        ("claude-3-5-haiku", TokenizerKind::Estimate),
+    ] {
+        let m = book.resolve(model).unwrap();
+        assert_eq!(m.tokenizer, kind, "{model}");
+        for (body, expected) in [
+            (
+                json!({"model": model, "messages": wire, "max_tokens": 50}),
+                tokens::count_messages(kind, &messages),
+            ),
+            (
+                json!({"model": model, "prompt": text, "max_tokens": 50}),
+                tokens::count_text(kind, text),
+            ),
+        ] {
+            let p = app.authorize(A_MEMBER, body).await;
+            assert_eq!(p.status, 200, "{model}: {:?}", p.body);
+            assert_eq!(p.body["prompt_tokens"], expected, "{model}");
+            let held = m.price_at(start_time()).unwrap().cost(&TokenUsage {
+                input_tokens: expected,
+                cached_input_tokens: 0,
+                output_tokens: 50,
+            });
+            assert_eq!(p.body["held"], held.to_string(), "{model}");
+        }
+    }
+}
