@@ -1160,3 +1160,54 @@ async fn authorize_counts_a_prompt_with_its_models_tokenizer_and_holds_that(plac
         }
     }
 }
+
+store_test!(each_call_is_charged_by_the_rate_card_and_the_margin_is_reported);
+/// A call's charge follows its tenant's rate card: the plan's markup, or the fixed rate
+/// per 1,000 tokens of the agent it is tagged with; both cost and charge are recorded,
+/// and the tenant's usage reports their sums and the margin.
+async fn each_call_is_charged_by_the_rate_card_and_the_margin_is_reported(place: Place) {
+    let config = CONFIG.replacen(
+        "markup_bps = 15000\n",
+        "markup_bps = 15000\nagent_per_1k_tokens = { CONTENT = \"0.04\", SEO = \"0.03\" }\n",
+        1,
+    );
+    assert_ne!(config, CONFIG);
+    let app = spawn_app_at(&config, place).await;
+    // (agent, input tokens, output tokens, cost, charge)
+    let calls = [
+        // $0.15/M in, $0.60/M out; charged at 150 %.
+        (None, 1000, 100, "0.00021", "0.000315"),
+        // 1,100 tokens at $0.04 per 1,000.
+        (Some("CONTENT"), 1000, 100, "0.00021", "0.044"),
+        // 2,000 tokens at $0.03 per 1,000.
+        (Some("SEO"), 1500, 500, "0.000525", "0.06"),
+        // An agent without a rate of its own: the markup.
+        (Some("EMAIL"), 1000, 100, "0.00021", "0.000315"),
+    ];
+    let (mut cost, mut charge) = (Money::ZERO, Money::ZERO);
+    for (agent, input, output, c, ch) in calls {
+        let mut body = ask(input, output as u32);
+        if let Some(a) = agent {
+            body["tags"] = json!({ "agent": a });
+        }
+        let p = app.authorize(A_MEMBER, body).await;
+        assert_eq!(p.status, 200, "{:?}", p.body);
+        let id = p.body["authorization_id"].as_str().unwrap();
+        let usage = json!({"usage": {"input_tokens": input, "cached_input_tokens": 0, "output_tokens": output}});
+        let s = app.settle(A_MEMBER, id, usage).await;
+        assert_eq!(s.status, 200, "{:?}", s.body);
+        assert_eq!(
+            (s.body["cost"].as_str(), s.body["charge"].as_str()),
+            (Some(c), Some(ch)),
+            "{agent:?}"
+        );
+        cost = cost + Money::parse(c).unwrap();
+        charge = charge + Money::parse(ch).unwrap();
+    }
+    let u = app.get("/v1/admin/tenants/a/usage", A_ADMIN).await;
+    assert_eq!(u.status, 200, "{:?}", u.body);
+    assert_eq!(u.body["cost"], cost.to_string());
+    assert_eq!(u.body["charge"], charge.to_string());
+    assert_eq!(u.body["margin"], (charge - cost).to_string());
+    assert_eq!(u.body["margin"], "0.103475");
+}
