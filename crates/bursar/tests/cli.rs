@@ -19,7 +19,7 @@ mod common;
 mod relay;
 
 use bursar_store::Location;
-use common::{start, start_on, BIN};
+use common::{start, start_command, start_on, BIN};
 use std::ffi::OsString;
 const MEMBER: &str = "bsr_cli_member_key_00000000000000";
 
@@ -706,4 +706,89 @@ fn admin_commands_drive_a_running_bursar() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+/// `bursar serve` takes its configuration file, data directory and address from a flag,
+/// else the environment, else the configuration file; with none of them it runs the
+/// built-in demo configuration on `./bursar-data`.
+#[test]
+fn serve_takes_each_setting_from_a_flag_the_environment_or_the_file_else_the_defaults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    // A command with none of Bursar's variables from the test's own environment.
+    let serve = |args: &[&std::ffi::OsStr]| {
+        let mut c = Command::new(BIN);
+        c.arg("serve").args(args).current_dir(tmp.path());
+        for v in [
+            "BURSAR_CONFIG",
+            "BURSAR_DATA_DIR",
+            "BURSAR_DATABASE_URL",
+            "BURSAR_REDIS_URL",
+            "BURSAR_LISTEN",
+            "BURSAR_MIGRATE",
+        ] {
+            c.env_remove(v);
+        }
+        c
+    };
+    let serves = |server: &common::Server, key: &str| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let c = bursar_client::Client::new(&server.base, key);
+            c.authorize(
+                &bursar_client::Authorize::model("gpt-4o-mini").prompt_tokens(10),
+                None,
+            )
+            .await
+            .unwrap();
+        });
+    };
+    let ledger = |d: &Path| d.join("bursar.db").exists();
+
+    // The file names the address and the data directory.
+    let file_dir = dir("from-file");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{CONFIG}",
+        file_dir.display()
+    );
+    let config = write_config(tmp.path(), &text);
+    let server = start_command({ serve(&["--config".as_ref(), config.as_os_str()]) });
+    serves(&server, MEMBER);
+    drop(server);
+    assert!(ledger(&file_dir));
+
+    // The environment wins over the file, and names the file too.
+    let env_dir = dir("from-env");
+    let server = start_command({
+        let mut c = serve(&[]);
+        c.env("BURSAR_CONFIG", &config)
+            .env("BURSAR_DATA_DIR", &env_dir);
+        c
+    });
+    serves(&server, MEMBER);
+    drop(server);
+    assert!(ledger(&env_dir));
+
+    // A flag wins over the environment.
+    let flag_dir = dir("from-flag");
+    let server = start_command({
+        let mut c = serve(&["--data-dir".as_ref(), flag_dir.as_os_str()]);
+        c.env("BURSAR_CONFIG", &config)
+            .env("BURSAR_DATA_DIR", &env_dir);
+        c
+    });
+    serves(&server, MEMBER);
+    drop(server);
+    assert!(ledger(&flag_dir));
+
+    // None of them (but the address, so the test does not take port 8080): the demo
+    // configuration and its keys, on ./bursar-data.
+    let server = start_command({
+        let mut c = serve(&[]);
+        c.env("BURSAR_LISTEN", "127.0.0.1:0");
+        c
+    });
+    serves(&server, "bsr_demo_alice_member_key_000001");
+    drop(server);
+    assert!(ledger(&dir("bursar-data")));
 }

@@ -57,6 +57,19 @@ pub fn start_on(store_args: &[OsString], config: &Path) -> Server {
     wait_ready(child, "bursar is ready")
 }
 
+/// Starts `bursar serve` as `command` sets it up (arguments, environment, directory)
+/// and returns it once ready.
+// The child is owned by the returned `Server`, whose drop kills and reaps it.
+#[allow(clippy::zombie_processes)]
+pub fn start_command(mut command: Command) -> Server {
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_ready(child, "bursar is ready")
+}
+
 /// Reads a child's JSON logs until `ready` and returns it with the address it logged.
 fn wait_ready(mut child: Child, ready: &str) -> Server {
     let stderr = child.stderr.take().unwrap();
