@@ -594,6 +594,54 @@ source = "test"
         check_resolve("", None);
     }
 
+    /// The shipped book: the current models of the seven providers, each price with the
+    /// date it took effect and the page it comes from, each model with what a hold needs.
+    #[test]
+    fn the_shipped_book_prices_the_seven_providers_models_with_their_sources() {
+        let b = PriceBook::builtin().unwrap();
+        assert!(b.models().len() >= 40, "{} models", b.models().len());
+        for provider in [
+            "openai",
+            "anthropic",
+            "google",
+            "mistral",
+            "deepseek",
+            "perplexity",
+            "xai",
+        ] {
+            let n = b.models().iter().filter(|m| m.provider == provider).count();
+            assert!(n >= 3, "{provider}: {n} models");
+        }
+        let classes = b.classes();
+        for m in b.models() {
+            assert!(!m.prices.is_empty(), "{}", m.id);
+            assert!(classes.contains(m.class.as_str()));
+            assert!(m.context_window > 0, "{}", m.id);
+            assert!(m.max_output_tokens <= m.context_window, "{}", m.id);
+            let openai = m.provider == "openai";
+            assert_eq!(
+                m.tokenizer == TokenizerKind::Estimate,
+                !openai,
+                "{}: OpenAI's models count with their encoding, the others estimate",
+                m.id
+            );
+            for p in &m.prices {
+                assert!(p.source.starts_with("https://"), "{} {}: {}", m.id, p.effective, p.source);
+                assert!(p.cached_input <= p.input, "{} {}", m.id, p.effective);
+            }
+            assert!(
+                m.prices.windows(2).all(|w| w[0].effective < w[1].effective),
+                "{}: one price a date, in order",
+                m.id
+            );
+        }
+        for api in ["web_search", "patent_search"] {
+            let a = b.apis().iter().find(|a| a.id == api);
+            let a = a.unwrap_or_else(|| panic!("{api}"));
+            assert!(a.prices.iter().all(|p| p.source.starts_with("https://") && p.per_call > Money::ZERO));
+        }
+    }
+
     #[test]
     fn every_index_key_is_its_own_normal_form() {
         // What lets `resolve` look a request up as given before normalizing it.
