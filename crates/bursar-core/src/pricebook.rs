@@ -626,7 +626,13 @@ source = "test"
                 m.id
             );
             for p in &m.prices {
-                assert!(p.source.starts_with("https://"), "{} {}: {}", m.id, p.effective, p.source);
+                assert!(
+                    p.source.starts_with("https://"),
+                    "{} {}: {}",
+                    m.id,
+                    p.effective,
+                    p.source
+                );
                 assert!(p.cached_input <= p.input, "{} {}", m.id, p.effective);
             }
             assert!(
@@ -638,7 +644,10 @@ source = "test"
         for api in ["web_search", "patent_search"] {
             let a = b.apis().iter().find(|a| a.id == api);
             let a = a.unwrap_or_else(|| panic!("{api}"));
-            assert!(a.prices.iter().all(|p| p.source.starts_with("https://") && p.per_call > Money::ZERO));
+            assert!(a
+                .prices
+                .iter()
+                .all(|p| p.source.starts_with("https://") && p.per_call > Money::ZERO));
         }
     }
 

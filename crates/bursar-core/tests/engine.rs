@@ -1207,3 +1207,129 @@ fn a_key_is_refused_from_its_expiry_on() {
         .identify("bsr_test_ann_0000000000000000000", far)
         .is_ok());
 }
+
+/// One budget of a random hierarchy: its scope (an index into `PROP_SCOPES`), whether it
+/// names one value (else every value has its own counter), its tenant, its window and
+/// its limit in µ$.
+type PropBudget = (usize, bool, usize, bool, u32);
+const PROP_SCOPES: [&str; 8] = [
+    "global", "tenant", "team", "user", "api_key", "campaign", "tag:env", "workflow",
+];
+
+/// The configuration of a random hierarchy: `tenants` tenants of `teams` teams of
+/// `users` users, a key per user and one per tenant without a user, and `budgets`.
+fn hierarchy(
+    tenants: usize,
+    teams: usize,
+    users: usize,
+    budgets: &[PropBudget],
+) -> (String, Vec<(String, String)>) {
+    let mut text = String::from(
+        "[engine]\nhold_ttl_secs = 60\n\n[[plans]]\nid = \"pro\"\ndefault_task = \"chat\"\n[plans.tasks.chat]\nclasses = [\"small\", \"standard\"]\ndefault_class = \"small\"\nmax_tokens = 2000\n",
+    );
+    let mut keys = Vec::new();
+    let mut n = 0;
+    let mut key = |text: &mut String, tenant: &str, user: Option<&str>| {
+        n += 1;
+        let secret = format!("bsr_prop_key_{n:020}");
+        let user_line = user.map_or(String::new(), |u| format!("user = \"{u}\"\n"));
+        text.push_str(&format!("[[keys]]\nname = \"k{n}\"\ntenant = \"{tenant}\"\n{user_line}kind = \"member\"\nsecret = \"{secret}\"\n"));
+        keys.push((tenant.to_string(), secret));
+    };
+    for t in 0..tenants {
+        let tenant = format!("t{t}");
+        text.push_str(&format!("[[tenants]]\nid = \"{tenant}\"\nplan = \"pro\"\n"));
+        key(&mut text, &tenant, None);
+        for g in 0..teams {
+            text.push_str(&format!(
+                "[[teams]]\ntenant = \"{tenant}\"\nid = \"g{g}\"\n"
+            ));
+            for u in 0..users {
+                let user = format!("u{g}{u}");
+                text.push_str(&format!(
+                    "[[users]]\ntenant = \"{tenant}\"\nid = \"{user}\"\nteam = \"g{g}\"\n"
+                ));
+                key(&mut text, &tenant, Some(&user));
+            }
+        }
+    }
+    for (i, &(scope, one, tenant, daily, limit)) in budgets.iter().enumerate() {
+        let scope = PROP_SCOPES[scope];
+        let tenant = tenant % tenants;
+        let tenant_line = if scope == "global" {
+            String::new()
+        } else {
+            format!("tenant = \"t{tenant}\"\n")
+        };
+        // The value a budget may name: one its calls have.
+        let value = match scope {
+            "tenant" => Some(format!("t{tenant}")),
+            "team" => Some("g0".to_string()),
+            "user" => Some("u00".to_string()),
+            "campaign" | "tag:env" | "workflow" => Some("a".to_string()),
+            _ => None,
+        };
+        let value_line = match value.filter(|_| one) {
+            Some(v) => format!("value = \"{v}\"\n"),
+            None => String::new(),
+        };
+        let window = if daily { "daily" } else { "lifetime" };
+        let limit = Money::from_nanos(i64::from(limit) * 1_000);
+        text.push_str(&format!("[[budgets]]\nid = \"b{i}\"\n{tenant_line}scope = \"{scope}\"\n{value_line}window = \"{window}\"\nlimit = \"{limit}\"\n"));
+    }
+    (text, keys)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Promise 1 over random hierarchies (tenants, teams, users, keys), random budgets
+    /// on any scope, and random calls, settles, voids and expiries: after every entry,
+    /// no bucket holds and spends more than its limit, and the engine's counters are a
+    /// replay of the ledger.
+    #[test]
+    fn no_scope_of_a_random_hierarchy_is_ever_overspent(
+        shape in (1usize..=2, 1usize..=2, 1usize..=2),
+        budgets in proptest::collection::vec((0usize..8, any::<bool>(), 0usize..2, any::<bool>(), 1u32..3_000), 1..7),
+        ops in proptest::collection::vec((0u8..5, 0usize..16, 1u64..5_000, 1u32..2_000, 0u8..3), 1..150),
+    ) {
+        let (tenants, teams, users) = shape;
+        let (text, keys) = hierarchy(tenants, teams, users, &budgets);
+        let (engine, config) = build(&text);
+        let sink = VecSink::default();
+        let mut open: Vec<(String, uuid::Uuid, u64, u32)> = Vec::new();
+        let mut t = now();
+        for (op, who, prompt, max_out, tag) in ops {
+            match op {
+                0..=2 => {
+                    let (tenant, secret) = &keys[who % keys.len()];
+                    let c = caller(&engine, secret);
+                    let value = ["a", "b", "c"][tag as usize];
+                    let mut r = ask(prompt, max_out, Some(value));
+                    r.tags.workflow = Some(value.to_string());
+                    r.tags.custom.insert("env".into(), value.to_string());
+                    if let Ok((p, ())) = engine.authorize(&c, r, t, &sink) {
+                        open.push((tenant.clone(), p.authorization_id, p.prompt_tokens, p.max_tokens.unwrap_or(0)));
+                    }
+                }
+                3 => if let Some((tenant, id, pt, mt)) = open.pop() {
+                    let u = usage_of(pt, u64::from(mt) / 2);
+                    let (s, ()) = engine.settle(&tenant, id, u, t, &sink).unwrap();
+                    prop_assert_eq!(s.outcome, Outcome::Settled);
+                },
+                _ => {
+                    if open.is_empty() {
+                        t += chrono::Duration::seconds(61);
+                        engine.expire_due(t, &sink);
+                    } else {
+                        let (tenant, id, _, _) = open.remove(0);
+                        engine.void(&tenant, id, None, t, &sink).unwrap();
+                    }
+                }
+            }
+        }
+        let entries = sink.entries.lock().clone();
+        let counters = check_never_over(&entries, &limits_of(&config));
+        prop_assert_eq!(counters, engine.counters());
+    }
+}
