@@ -697,7 +697,7 @@ fn admin_commands_drive_a_running_bursar() {
     let id = keys[0]["id"].as_str().unwrap();
     let revoked = admin(&["keys", "revoke", "--tenant", "globex", id]);
     assert!(!revoked["revoked_at"].is_null());
-    // A tenant cannot be given its plan by a tenant admin: the CLI shows the API's error.
+    // A revoked key is refused.
     let out = Command::new(BIN)
         .args(["tenants", "set-plan", "globex", "pro"])
         .env("BURSAR_URL", &server.base)
@@ -706,6 +706,26 @@ fn admin_commands_drive_a_running_bursar() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    // A tenant cannot be given its plan by its own admin: the CLI shows the API's error.
+    let ops = admin(&[
+        "keys",
+        "create",
+        "--tenant",
+        "globex",
+        "--name",
+        "ops",
+        "--kind",
+        "tenant_admin",
+    ]);
+    let out = Command::new(BIN)
+        .args(["tenants", "set-plan", "globex", "pro"])
+        .env("BURSAR_URL", &server.base)
+        .env("BURSAR_ADMIN_KEY", ops["secret"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("403"), "{stderr}");
 }
 
 /// `bursar serve` takes its configuration file, data directory and address from a flag,

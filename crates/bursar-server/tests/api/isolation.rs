@@ -257,3 +257,80 @@ async fn secrets_are_shown_once_and_never_listed(place: Place) {
         "the secret is not stored"
     );
 }
+
+store_test!(a_tenant_admin_builds_its_tenant_through_the_api);
+/// A tenant admin creates a team, a user in it and a key for the user; the user's calls
+/// then count against a budget of the team, which a member key cannot change.
+async fn a_tenant_admin_builds_its_tenant_through_the_api(place: Place) {
+    let app = spawn_app_at(CONFIG, place).await;
+    let r = app
+        .post(
+            "/v1/admin/tenants/b/teams",
+            B_ADMIN,
+            json!({"id": "growth"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = app
+        .post(
+            "/v1/admin/tenants/b/users",
+            B_ADMIN,
+            json!({"id": "bea", "team": "growth"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // A user in a team that does not exist is refused.
+    let r = app
+        .post(
+            "/v1/admin/tenants/b/users",
+            B_ADMIN,
+            json!({"id": "bob", "team": "nowhere"}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (422, "unknown_team"), "{:?}", r.body);
+    let k = app
+        .post(
+            "/v1/admin/tenants/b/keys",
+            B_ADMIN,
+            json!({"name": "bea's", "user": "bea"}),
+        )
+        .await;
+    assert_eq!(k.status, 201, "{:?}", k.body);
+    let secret = k.body["secret"].as_str().unwrap().to_string();
+    // The team's budget fits one call of $0.00021.
+    let r = app
+        .post(
+            "/v1/admin/tenants/b/budgets",
+            B_ADMIN,
+            json!({"id": "growth-day", "scope": "team", "value": "growth", "window": "daily", "limit": "0.00021"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 1000, "max_tokens": 100});
+    let p = app.authorize(&secret, ask.clone()).await;
+    assert_eq!(p.status, 200, "{:?}", p.body);
+    let view = p.body["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["budget_id"] == "b.growth-day")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (view["value"].as_str(), view["remaining"].as_str()),
+        (Some("growth"), Some("0"))
+    );
+    let d = app.authorize(&secret, ask.clone()).await;
+    assert_eq!((d.status, d.code()), (402, "budget_exceeded"));
+    // Outside the team, the tenant's other keys are not held by it.
+    assert_eq!(app.authorize(B_MEMBER, ask).await.status, 200);
+    // A member key of the team cannot lift its budget.
+    let r = app
+        .post(
+            "/v1/admin/tenants/b/budgets",
+            &secret,
+            json!({"id": "growth-day", "scope": "team", "value": "growth", "window": "daily", "limit": "100"}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+}
