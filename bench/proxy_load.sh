@@ -11,6 +11,8 @@
 # SPEC's overhead targets are at a given rate: with oha installed (`cargo install oha`),
 # each latency also gets a run at RATE requests per second (default 5000), an open load
 # whose latencies are corrected for coordinated omission, straight and through Bursar.
+# LATS (default "0 50") picks the provider latencies, CONNS (default "1 16 64") the wrk
+# runs' connections; CONNS= (empty) leaves only the fixed-rate runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
@@ -40,7 +42,7 @@ quantile() { # $1 before-file $2 after-file $3 q [$4 metric]
 }
 
 printf '%-8s %-5s | %-28s | %-28s | %-10s | %-22s | %-22s | %s\n' latency conns "direct: rps p50 p99 (us)" "through bursar: rps p50 p99" "added p99" "bursar overhead p50/p99" "of which hold durable" "bursar CPU s, RSS"
-for lat in 0 50; do
+for lat in ${LATS:-0 50}; do
   if [ -n "$sim_pid" ]; then kill "$sim_pid"; wait "$sim_pid" 2>/dev/null || true; fi
   BURSAR_LOG=warn "$bin" simulate --listen "$SIM" --latency-ms "$lat" --completion-tokens 64 &
   sim_pid=$!
@@ -50,7 +52,7 @@ for lat in 0 50; do
     curl -fs "http://$target/v1/chat/completions" -H "Authorization: Bearer bsr_bench_member_00000000000000000" \
       -d '{"model":"gpt-4o-mini","max_tokens":8,"messages":[{"role":"user","content":"warm up"}]}' >/dev/null
   done
-  for conns in 1 16 64; do
+  for conns in ${CONNS-1 16 64}; do
     direct=$(wrk -t1 -c"$conns" -d"${secs}s" -s bench/chat.lua "http://$SIM" | grep RESULT)
     curl -fs "http://$GW/metrics" > "$data/m0"
     c0=$(cpu $pid)

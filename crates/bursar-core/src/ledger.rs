@@ -25,7 +25,12 @@ use crate::pricebook::TokenUsage;
 #[serde(rename_all = "snake_case")]
 pub enum EntryKind {
     Hold,
+    /// Records the call's cost and, in the same entry (its negative `held_delta`),
+    /// releases what its hold did not spend.
     Settle,
+    /// A release on its own. Not written today: a settle, void or expiry releases its
+    /// hold in its own entry. Kept, with its number, for readers of older ledgers and
+    /// for a partial release.
     Release,
     Void,
     Expire,
