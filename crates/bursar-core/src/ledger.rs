@@ -28,9 +28,8 @@ pub enum EntryKind {
     /// Records the call's cost and, in the same entry (its negative `held_delta`),
     /// releases what its hold did not spend.
     Settle,
-    /// A release on its own. Not written today: a settle, void or expiry releases its
-    /// hold in its own entry. Kept, with its number, for readers of older ledgers and
-    /// for a partial release.
+    /// A release on its own. Not written: a settle, void or expiry releases its hold in
+    /// its own entry. Kept so that the kinds keep the numbers they are stored as.
     Release,
     Void,
     Expire,
