@@ -772,7 +772,7 @@ fn serve_takes_each_setting_from_a_flag_the_environment_or_the_file_else_the_def
         file_dir.display()
     );
     let config = write_config(tmp.path(), &text);
-    let server = start_command({ serve(&["--config".as_ref(), config.as_os_str()]) });
+    let server = start_command(serve(&["--config".as_ref(), config.as_os_str()]));
     serves(&server, MEMBER);
     drop(server);
     assert!(ledger(&file_dir));

@@ -1201,8 +1201,8 @@ async fn each_call_is_charged_by_the_rate_card_and_the_margin_is_reported(place:
             (Some(c), Some(ch)),
             "{agent:?}"
         );
-        cost = cost + Money::parse(c).unwrap();
-        charge = charge + Money::parse(ch).unwrap();
+        cost += Money::parse(c).unwrap();
+        charge += Money::parse(ch).unwrap();
     }
     let u = app.get("/v1/admin/tenants/a/usage", A_ADMIN).await;
     assert_eq!(u.status, 200, "{:?}", u.body);
