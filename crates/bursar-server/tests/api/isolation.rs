@@ -263,49 +263,36 @@ store_test!(a_tenant_admin_builds_its_tenant_through_the_api);
 /// then count against a budget of the team, which a member key cannot change.
 async fn a_tenant_admin_builds_its_tenant_through_the_api(place: Place) {
     let app = spawn_app_at(CONFIG, place).await;
-    let r = app
-        .post(
-            "/v1/admin/tenants/b/teams",
-            B_ADMIN,
-            json!({"id": "growth"}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{:?}", r.body);
-    let r = app
-        .post(
-            "/v1/admin/tenants/b/users",
-            B_ADMIN,
-            json!({"id": "bea", "team": "growth"}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{:?}", r.body);
-    // A user in a team that does not exist is refused.
-    let r = app
-        .post(
-            "/v1/admin/tenants/b/users",
-            B_ADMIN,
+    // (what, body, the answer's status and code)
+    let steps = [
+        ("teams", json!({"id": "growth"}), 201, ""),
+        ("users", json!({"id": "bea", "team": "growth"}), 201, ""),
+        // A user in a team that does not exist is refused.
+        (
+            "users",
             json!({"id": "bob", "team": "nowhere"}),
-        )
-        .await;
-    assert_eq!((r.status, r.code()), (422, "unknown_team"), "{:?}", r.body);
-    let k = app
-        .post(
-            "/v1/admin/tenants/b/keys",
-            B_ADMIN,
-            json!({"name": "bea's", "user": "bea"}),
-        )
-        .await;
-    assert_eq!(k.status, 201, "{:?}", k.body);
-    let secret = k.body["secret"].as_str().unwrap().to_string();
-    // The team's budget fits one call of $0.00021.
-    let r = app
-        .post(
-            "/v1/admin/tenants/b/budgets",
-            B_ADMIN,
+            422,
+            "unknown_team",
+        ),
+        // The team's budget fits one call of $0.00021.
+        (
+            "budgets",
             json!({"id": "growth-day", "scope": "team", "value": "growth", "window": "daily", "limit": "0.00021"}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{:?}", r.body);
+            201,
+            "",
+        ),
+        ("keys", json!({"name": "bea's", "user": "bea"}), 201, ""),
+    ];
+    let mut secret = String::new();
+    for (what, body, status, code) in steps {
+        let r = app
+            .post(&format!("/v1/admin/tenants/b/{what}"), B_ADMIN, body)
+            .await;
+        assert_eq!((r.status, r.code()), (status, code), "{what}: {:?}", r.body);
+        if what == "keys" {
+            secret = r.body["secret"].as_str().unwrap().to_string();
+        }
+    }
     let ask = json!({"model": "gpt-4o-mini", "prompt_tokens": 1000, "max_tokens": 100});
     let p = app.authorize(&secret, ask.clone()).await;
     assert_eq!(p.status, 200, "{:?}", p.body);

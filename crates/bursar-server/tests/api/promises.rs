@@ -1046,19 +1046,25 @@ async fn a_key_whose_hold_has_not_landed_is_not_forgotten() {
     );
 }
 
+/// The test configuration with `from` (which must be in it) replaced by `to`, served on
+/// `place`.
+async fn spawn_edited(from: &str, to: &str, place: Place) -> TestApp {
+    assert!(CONFIG.contains(from), "{from}");
+    spawn_app_at(&CONFIG.replacen(from, to, 1), place).await
+}
+
 store_test!(a_plans_default_budgets_hold_each_of_its_tenants_and_follow_a_plan_change);
 /// A plan's default budgets apply to every tenant on it, each tenant on a counter of its
 /// own, from the moment the tenant is put on the plan, and no longer once it leaves it.
 /// The permit shows each budget's standing.
 async fn a_plans_default_budgets_hold_each_of_its_tenants_and_follow_a_plan_change(place: Place) {
     // The free plan gains a daily default budget that fits one call of $0.00021.
-    let config = CONFIG.replacen(
+    let app = spawn_edited(
         "max_tokens = 100\n\n[[tenants]]",
         "max_tokens = 100\n[[plans.budgets]]\nscope = \"tenant\"\nwindow = \"daily\"\nlimit = \"0.00021\"\n\n[[tenants]]",
-        1,
-    );
-    assert_ne!(config, CONFIG);
-    let app = spawn_app_at(&config, place).await;
+        place,
+    )
+    .await;
     let set_plan = |tenant: &'static str, plan: &'static str| {
         let app = &app;
         async move {
@@ -1166,13 +1172,12 @@ store_test!(each_call_is_charged_by_the_rate_card_and_the_margin_is_reported);
 /// per 1,000 tokens of the agent it is tagged with; both cost and charge are recorded,
 /// and the tenant's usage reports their sums and the margin.
 async fn each_call_is_charged_by_the_rate_card_and_the_margin_is_reported(place: Place) {
-    let config = CONFIG.replacen(
+    let app = spawn_edited(
         "markup_bps = 15000\n",
         "markup_bps = 15000\nagent_per_1k_tokens = { CONTENT = \"0.04\", SEO = \"0.03\" }\n",
-        1,
-    );
-    assert_ne!(config, CONFIG);
-    let app = spawn_app_at(&config, place).await;
+        place,
+    )
+    .await;
     // (agent, input tokens, output tokens, cost, charge)
     let calls = [
         // $0.15/M in, $0.60/M out; charged at 150 %.
