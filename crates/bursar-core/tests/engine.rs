@@ -1046,8 +1046,8 @@ fn a_shared_instance_decides_within_its_leases_and_asks_before_anything_changes(
 
 /// Every budget scope holds the calls it covers to its limit, each value on a counter of
 /// its own: a budget that fits exactly one call denies a second call with the same value,
-/// naming itself, and lets a call with another value (or none, for a tag) through. The
-/// global budget covers every call.
+/// naming itself, and lets a call with another value (or without the feature tag, or
+/// through another key) through. The global budget covers every call.
 #[test]
 fn every_budget_scope_limits_the_calls_it_covers_and_only_those() {
     type Tag = fn(&mut Tags);
