@@ -43,18 +43,13 @@ pub fn start_simulator(args: &[&str]) -> Server {
 
 /// Starts `bursar serve` on port 0 with the store given by `store_args` (`--data-dir …`
 /// or `--database-url …`) and reads the bound address from its ready log line.
-// The child is owned by the returned `Server`, whose drop kills and reaps it.
-#[allow(clippy::zombie_processes)]
 pub fn start_on(store_args: &[OsString], config: &Path) -> Server {
-    let child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(config)
-        .args(store_args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_ready(child, "bursar is ready")
+        .args(store_args);
+    start_command(command)
 }
 
 /// Starts `bursar serve` as `command` sets it up (arguments, environment, directory)
