@@ -8,9 +8,10 @@
 #
 # Without an argument it builds `cargo bench -p bursar-server --bench proxy --no-run` and
 # uses that binary. CALLS (default 60000) short chats are sent; PERF_KEEP=DIR keeps
-# perf.data and the folded stacks in DIR. Needs perf (linux-tools) and python3. Sampling
-# slows the call by about a fifth, so read the figures against each other, not against
-# the overhead histogram. The tokenizers' loading at start is in no phase below.
+# perf.data and the folded stacks in DIR. Needs perf (linux-tools) and python3. A phase's
+# figure is its samples ÷ the calls: a mean, the slow calls included, so the phases of
+# the overhead add up to more than the histogram's p50 the bench prints. The
+# tokenizers' loading at start is in no phase below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v perf >/dev/null || { echo "perf is needed (apt-get install linux-tools-generic)" >&2; exit 1; }
