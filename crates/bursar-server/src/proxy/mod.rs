@@ -1513,6 +1513,125 @@ mod tests {
             .num_alive_tasks()
     }
 
+    fn standing(
+        dimension: &'static str,
+        limit: u32,
+        remaining: u64,
+        reset_ms: u64,
+    ) -> bursar_core::engine::RateStanding {
+        bursar_core::engine::RateStanding {
+            dimension: dimension.into(),
+            per: "key".into(),
+            limit_per_minute: limit,
+            remaining,
+            reset_ms,
+        }
+    }
+
+    fn budget(remaining: Money) -> bursar_core::engine::BudgetView {
+        bursar_core::engine::BudgetView {
+            budget_id: "b".into(),
+            scope: "tenant".into(),
+            value: "acme".into(),
+            window: "daily".into(),
+            period_start: 0,
+            limit: Money::from_usd(10),
+            spent: Money::ZERO,
+            held: Money::ZERO,
+            remaining,
+            level: bursar_core::budget::Level::Normal,
+        }
+    }
+
+    #[test]
+    fn an_answer_carries_each_header_once_with_the_tightest_limit_of_each_dimension() {
+        let id = uuid::Uuid::now_v7();
+        let permit = Permit {
+            authorization_id: id,
+            model: Some("gpt-4o-mini".into()),
+            api: None,
+            price_version: "v".into(),
+            held: Money::from_nanos(1_500_000),
+            prompt_tokens: 10,
+            max_tokens: Some(64),
+            quantity: 0,
+            expires_at: chrono::DateTime::<chrono::Utc>::MIN_UTC,
+            downgraded_from: None,
+            shadow_denial: None,
+            budgets: vec![
+                budget(Money::from_nanos(9_000_000)),
+                budget(Money::from_nanos(4_000_000)),
+            ],
+            rate_limits: vec![
+                standing("requests", 100, 90, 600),
+                standing("tokens", 50_000, 40_000, 1_200),
+                standing("requests", 5, 3, 12_000),
+                standing("requests", 20, 19, 3_000),
+            ],
+            replayed: false,
+        };
+        let settlement = Settlement {
+            authorization_id: id,
+            outcome: bursar_core::engine::Outcome::Settled,
+            cost: Money::from_nanos(500_000),
+            charge: Money::from_nanos(750_000),
+            released: permit.held,
+            overage: Money::ZERO,
+            model_used: None,
+            price_version: "v".into(),
+            drift: false,
+            replayed: false,
+        };
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        add_headers(&mut h, &permit, Some(&settlement));
+        let get = |n: &str| {
+            let all: Vec<_> = h.get_all(n).iter().collect();
+            assert_eq!(all.len(), 1, "{n}: {all:?}");
+            all[0].to_str().unwrap().to_string()
+        };
+        assert_eq!(get("x-bursar-authorization-id"), id.to_string());
+        assert_eq!(get("x-bursar-model"), "gpt-4o-mini");
+        assert_eq!(get("x-bursar-held"), "0.0015");
+        assert_eq!(get("x-bursar-cost"), "0.0005");
+        assert_eq!(get("x-bursar-charge"), "0.00075");
+        // The lowest remaining budget, with what the settle released beyond the cost.
+        assert_eq!(get("x-bursar-remaining"), "0.005");
+        assert_eq!(get("x-ratelimit-limit-requests"), "5");
+        assert_eq!(get("x-ratelimit-remaining-requests"), "3");
+        assert_eq!(get("x-ratelimit-reset-requests"), "12000ms");
+        assert_eq!(get("x-ratelimit-limit-tokens"), "50000");
+        assert_eq!(get("x-ratelimit-remaining-tokens"), "40000");
+        assert_eq!(get("x-ratelimit-reset-tokens"), "1200ms");
+        assert_eq!(get("content-type"), "application/json");
+        assert_eq!(h.len(), 13);
+
+        // Before the settle: no cost, charge; a model name no header may carry is `-`;
+        // no rate limit, no x-ratelimit-*.
+        let permit = Permit {
+            model: Some("bad\nname".into()),
+            rate_limits: Vec::new(),
+            budgets: Vec::new(),
+            ..permit
+        };
+        let mut h = HeaderMap::new();
+        add_headers(&mut h, &permit, None);
+        let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "x-bursar-authorization-id",
+                "x-bursar-model",
+                "x-bursar-held"
+            ],
+            "{h:?}"
+        );
+        assert_eq!(h["x-bursar-model"], "-");
+    }
+
     #[tokio::test]
     async fn a_call_runs_on_the_task_that_waits_for_it() {
         let request = tokio::spawn(async {
