@@ -38,7 +38,7 @@ if [ "$mode" = --heaptrack ]; then serve "heaptrack -o $tmp/heap"; else serve ""
 keys=$(curl -fs http://127.0.0.1:18183/metrics | awk '/^bursar_api_keys/{print $2}')
 echo "loaded: $keys keys; RSS idle: $(awk '/VmRSS/{print $2" "$3}' /proc/$pid/status)"
 wrk -t1 -c64 -d20s -s bench/pairs.lua http://127.0.0.1:18183 | tail -n 1
-echo "RSS after 20 s of load: $(awk '/VmRSS/{print $2" "$3}' /proc/$pid/status) ($(awk '/RssAnon|RssFile/{printf "%s %s kB ", $1, $2}' /proc/$pid/status)), peak $(awk '/VmHWM/{print $2" "$3}' /proc/$pid/status)"
+echo "RSS after 20 s of load: $(awk '/VmRSS/{print $2" "$3}' /proc/$pid/status) ($(awk '/RssAnon|RssFile/{printf "%s %s kB ", $1, $2}' /proc/$pid/status)$(awk '/AnonHugePages/{printf "AnonHugePages %s kB", $2}' /proc/$pid/smaps_rollup 2>/dev/null)), peak $(awk '/VmHWM/{print $2" "$3}' /proc/$pid/status)"
 if [ "$mode" = --heaptrack ]; then
   kill $pid; wait 2>/dev/null || true; pid=
   heaptrack_print -f "$tmp"/heap.*zst --flamegraph-cost-type peak -F "$tmp/stacks.txt" >/dev/null
