@@ -1609,8 +1609,8 @@ mod tests {
         assert_eq!(get("content-type"), "application/json");
         assert_eq!(h.len(), 13);
 
-        // Before the settle: no cost, charge; a model name no header may carry is `-`;
-        // no rate limit, no x-ratelimit-*.
+        // Before the settle there is no cost nor charge; a model name no header may
+        // carry is `-`; with no rate limit there is no x-ratelimit-*.
         let permit = Permit {
             model: Some("bad\nname".into()),
             rate_limits: Vec::new(),
