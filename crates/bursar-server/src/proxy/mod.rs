@@ -1593,20 +1593,26 @@ mod tests {
             assert_eq!(all.len(), 1, "{n}: {all:?}");
             all[0].to_str().unwrap().to_string()
         };
-        assert_eq!(get("x-bursar-authorization-id"), id.to_string());
-        assert_eq!(get("x-bursar-model"), "gpt-4o-mini");
-        assert_eq!(get("x-bursar-held"), "0.0015");
-        assert_eq!(get("x-bursar-cost"), "0.0005");
-        assert_eq!(get("x-bursar-charge"), "0.00075");
-        // The lowest remaining budget, with what the settle released beyond the cost.
-        assert_eq!(get("x-bursar-remaining"), "0.005");
-        assert_eq!(get("x-ratelimit-limit-requests"), "5");
-        assert_eq!(get("x-ratelimit-remaining-requests"), "3");
-        assert_eq!(get("x-ratelimit-reset-requests"), "12000ms");
-        assert_eq!(get("x-ratelimit-limit-tokens"), "50000");
-        assert_eq!(get("x-ratelimit-remaining-tokens"), "40000");
-        assert_eq!(get("x-ratelimit-reset-tokens"), "1200ms");
-        assert_eq!(get("content-type"), "application/json");
+        let id_text = id.to_string();
+        let expected = [
+            ("x-bursar-authorization-id", id_text.as_str()),
+            ("x-bursar-model", "gpt-4o-mini"),
+            ("x-bursar-held", "0.0015"),
+            ("x-bursar-cost", "0.0005"),
+            ("x-bursar-charge", "0.00075"),
+            // The lowest remaining budget, with what the settle released beyond the cost.
+            ("x-bursar-remaining", "0.005"),
+            ("x-ratelimit-limit-requests", "5"),
+            ("x-ratelimit-remaining-requests", "3"),
+            ("x-ratelimit-reset-requests", "12000ms"),
+            ("x-ratelimit-limit-tokens", "50000"),
+            ("x-ratelimit-remaining-tokens", "40000"),
+            ("x-ratelimit-reset-tokens", "1200ms"),
+            ("content-type", "application/json"),
+        ];
+        for (name, value) in expected {
+            assert_eq!(get(name), value, "{name}");
+        }
         assert_eq!(h.len(), 13);
 
         // Before the settle there is no cost nor charge; a model name no header may
