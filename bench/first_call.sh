@@ -6,25 +6,22 @@
 # Usage: bench/first_call.sh [starts]   (default 3; BURSAR_BIN runs another build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${BURSAR_BIN:-}" ]; then cargo build --release -p bursar >/dev/null; fi
-bin=${BURSAR_BIN:-./target/release/bursar}
+. bench/lib.sh
+bench_start
 SIM=127.0.0.1:18192; GW=127.0.0.1:18193
-data=$(mktemp -d)
-sim_pid=""; pid=""
-trap 'kill $sim_pid $pid 2>/dev/null; wait 2>/dev/null; rm -rf "$data"' EXIT
 BURSAR_LOG=warn "$bin" simulate --listen "$SIM" &
 sim_pid=$!
 until curl -fs "http://$SIM/healthz" >/dev/null; do sleep 0.05; done
-{ cat bench/bench.toml; printf '\n[[providers]]\nname = "upstream"\nkind = "openai"\nbase_url = "http://%s"\nserves = ["*"]\n' "$SIM"; } > "$data/proxy.toml"
+proxy_config "$SIM" "$work/proxy.toml"
 body='{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Write one line about budgets."}]}'
 call() {
   curl -s -o /dev/null -w '%{time_total}' "http://$GW/v1/chat/completions" \
     -H "Authorization: Bearer bsr_bench_member_00000000000000000" -H "Content-Type: application/json" -d "$body"
 }
 for n in $(seq "${1:-3}"); do
-  rm -rf "$data/store"
+  rm -rf "$work/store"
   t0=$(date +%s.%N)
-  BURSAR_LOG=warn "$bin" serve --config "$data/proxy.toml" --data-dir "$data/store" --listen "$GW" &
+  BURSAR_LOG=warn "$bin" serve --config "$work/proxy.toml" --data-dir "$work/store" --listen "$GW" &
   pid=$!
   until curl -fs "http://$GW/readyz" >/dev/null 2>&1; do sleep 0.01; done
   t1=$(date +%s.%N)

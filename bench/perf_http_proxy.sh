@@ -15,15 +15,12 @@ command -v oha >/dev/null || { echo "oha is needed: cargo install oha --locked" 
 rate=${RATE:-5000}
 secs=${SECONDS_PROFILED:-5}
 hz=499
-if [ -z "${BURSAR_BIN:-}" ]; then cargo build --release -p bursar >/dev/null; fi
-bin=${BURSAR_BIN:-./target/release/bursar}
-work=$(mktemp -d)
-sim_pid=""; pid=""
-trap 'kill $sim_pid $pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+. bench/lib.sh
+bench_start
 SIM=127.0.0.1:18194; GW=127.0.0.1:18195
 BURSAR_LOG=warn "$bin" simulate --listen "$SIM" --latency-ms 0 --completion-tokens 64 &
 sim_pid=$!
-{ cat bench/bench.toml; printf '\n[[providers]]\nname = "upstream"\nkind = "openai"\nbase_url = "http://%s"\nserves = ["*"]\n' "$SIM"; } > "$work/proxy.toml"
+proxy_config "$SIM" "$work/proxy.toml"
 BURSAR_LOG=warn "$bin" serve --config "$work/proxy.toml" --data-dir "$work/store" --listen "$GW" &
 pid=$!
 for _ in $(seq 100); do curl -fs "http://$GW/readyz" >/dev/null && curl -fs "http://$SIM/healthz" >/dev/null && break; sleep 0.1; done

@@ -19,14 +19,11 @@ command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; ex
 secs=${1:-10}
 rate=${RATE:-5000}
 # BURSAR_BIN runs another build (say, the one before a change) instead of this tree's.
-if [ -z "${BURSAR_BIN:-}" ]; then cargo build --release -p bursar >/dev/null; fi
-bin=${BURSAR_BIN:-./target/release/bursar}
-data=$(mktemp -d)
-sim_pid=""; pid=""
-trap 'kill $sim_pid $pid 2>/dev/null && wait $sim_pid $pid 2>/dev/null; rm -rf "$data"' EXIT
+. bench/lib.sh
+bench_start
 SIM=127.0.0.1:18190; GW=127.0.0.1:18191
-{ cat bench/bench.toml; printf '\n[[providers]]\nname = "upstream"\nkind = "openai"\nbase_url = "http://%s"\nserves = ["*"]\n' "$SIM"; } > "$data/proxy.toml"
-BURSAR_LOG=warn "$bin" serve --config "$data/proxy.toml" --data-dir "$data/store" --listen "$GW" &
+proxy_config "$SIM" "$work/proxy.toml"
+BURSAR_LOG=warn "$bin" serve --config "$work/proxy.toml" --data-dir "$work/store" --listen "$GW" &
 pid=$!
 for _ in $(seq 50); do curl -fs "http://$GW/readyz" >/dev/null && break; sleep 0.2; done
 
@@ -54,18 +51,18 @@ for lat in ${LATS:-0 50}; do
   done
   for conns in ${CONNS-1 16 64}; do
     direct=$(wrk -t1 -c"$conns" -d"${secs}s" -s bench/chat.lua "http://$SIM" | grep RESULT)
-    curl -fs "http://$GW/metrics" > "$data/m0"
+    curl -fs "http://$GW/metrics" > "$work/m0"
     c0=$(cpu $pid)
     via=$(wrk -t1 -c"$conns" -d"${secs}s" -s bench/chat.lua "http://$GW" | grep RESULT)
     c1=$(cpu $pid)
-    curl -fs "http://$GW/metrics" > "$data/m1"
+    curl -fs "http://$GW/metrics" > "$work/m1"
     get() { echo "$1" | sed "s/.*$2=\([0-9]*\).*/\1/"; }
     added=$(( $(get "$via" p99_us) - $(get "$direct" p99_us) ))
     printf '%-8s %-5s | %7s %7s %9s  | %7s %7s %9s  | %7s us | %9s / %-9s s | %9s / %-9s s | %s s, %s\n' "${lat}ms" "$conns" \
       "$(get "$direct" rps)" "$(get "$direct" p50_us)" "$(get "$direct" p99_us)" \
       "$(get "$via" rps)" "$(get "$via" p50_us)" "$(get "$via" p99_us)" "$added" \
-      "$(quantile "$data/m0" "$data/m1" 0.5)" "$(quantile "$data/m0" "$data/m1" 0.99)" \
-      "$(quantile "$data/m0" "$data/m1" 0.5 bursar_hold_durable_seconds)" "$(quantile "$data/m0" "$data/m1" 0.99 bursar_hold_durable_seconds)" \
+      "$(quantile "$work/m0" "$work/m1" 0.5)" "$(quantile "$work/m0" "$work/m1" 0.99)" \
+      "$(quantile "$work/m0" "$work/m1" 0.5 bursar_hold_durable_seconds)" "$(quantile "$work/m0" "$work/m1" 0.99 bursar_hold_durable_seconds)" \
       "$(echo "scale=1; ($c1-$c0)/$(getconf CLK_TCK)" | bc)" "$(awk '/VmRSS/{print $2" "$3}' /proc/$pid/status)"
     [ "$(get "$via" non200)" = 0 ] || echo "   !! $(get "$via" non200) non-200 answers through Bursar"
   done
@@ -88,14 +85,14 @@ print(round(d["summary"]["requestsPerSec"]), round(p["p50"] * 1e6), round(p["p99
     fixed "$SIM" 2 >/dev/null
     read -r drps dp50 dp99 dbad <<<"$(fixed "$SIM" "$secs")"
     fixed "$GW" 2 >/dev/null
-    curl -fs "http://$GW/metrics" > "$data/m0"
+    curl -fs "http://$GW/metrics" > "$work/m0"
     c0=$(cpu $pid)
     read -r vrps vp50 vp99 vbad <<<"$(fixed "$GW" "$secs")"
     c1=$(cpu $pid)
-    curl -fs "http://$GW/metrics" > "$data/m1"
+    curl -fs "http://$GW/metrics" > "$work/m1"
     rate_rows+=$(printf '%-8s %-5s | %7s %7s %9s  | %7s %7s %9s  | %5s / %-5s us | %9s / %-9s s | %s µs\n' "${lat}ms" "$rconns" \
       "$drps" "$dp50" "$dp99" "$vrps" "$vp50" "$vp99" "$((vp50 - dp50))" "$((vp99 - dp99))" \
-      "$(quantile "$data/m0" "$data/m1" 0.5)" "$(quantile "$data/m0" "$data/m1" 0.99)" \
+      "$(quantile "$work/m0" "$work/m1" 0.5)" "$(quantile "$work/m0" "$work/m1" 0.99)" \
       "$(( (c1 - c0) * 1000000 / $(getconf CLK_TCK) / (vrps * secs) ))")$'\n'
     [ "$dbad$vbad" = 00 ] || rate_rows+="   !! failed or non-200 answers: $dbad straight, $vbad through Bursar"$'\n'
   fi
@@ -108,4 +105,4 @@ if [ -n "${rate_rows:-}" ]; then
 else
   echo "(no fixed-rate runs: oha is not installed; cargo install oha)"
 fi
-"$bin" ledger verify --config "$data/proxy.toml" --data-dir "$data/store" | tail -n 1
+"$bin" ledger verify --config "$work/proxy.toml" --data-dir "$work/store" | tail -n 1
