@@ -43,7 +43,7 @@ path, rate, secs, hz = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sy
 # (group, any of these parts of a frame's name); the first group that matches takes it.
 GROUPS = [
     ("the ledger writer thread", None, ("bursar-ledger-w",)),
-    ("the proxied call: the upstream request (reqwest, hyper client)", ("Call::attempts",), None),
+    ("the proxied call: the upstream request (hyper client)", ("Call::attempts",), None),
     ("the proxied call: Bursar's own work", ("bursar_server::proxy::start::",), None),
     ("upstream connections: sending the request, reading the answer", ("hyper::client", "hyper_util::client"), None),
     ("client connections: reading the request, writing the answer", ("hyper::proto::h1", "hyper::server", "hyper_util::server"), None),

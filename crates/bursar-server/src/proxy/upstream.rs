@@ -1,6 +1,6 @@
-//! Calls to providers: over HTTP with reqwest, or in process to the simulated provider,
-//! both seen by the proxy as a status and a body (whole, or a stream of bytes). Each
-//! provider has its circuit breaker here.
+//! Calls to providers: over HTTP with hyper's pooled client (TLS by rustls), or in
+//! process to the simulated provider, both seen by the proxy as a status and a body
+//! (whole, or a stream of bytes). Each provider has its circuit breaker here.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -8,10 +8,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::http::StatusCode;
+use axum::http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION};
+use axum::http::{Request, StatusCode, Uri};
 use bursar_core::providers::{CircuitBreaker, Provider, ProviderKind, Routing};
 use bursar_core::FastMap;
 use futures_util::{Stream, StreamExt};
+use http_body_util::{BodyDataStream, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 
 use super::wire::Dialect;
@@ -21,6 +28,10 @@ use crate::sim::{SimAnswer, Simulator};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Anthropic API version sent with every call.
 const ANTHROPIC_VERSION: &str = "2023-06-01";
+/// Idle connections kept open to each provider host.
+const IDLE_PER_HOST: usize = 256;
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
@@ -105,22 +116,27 @@ pub enum UpError {
 /// memory: by its `Content-Length` when it gives one, else as its chunks arrive. An
 /// answer in one chunk is not copied.
 async fn read_whole(
-    mut resp: reqwest::Response,
+    resp: hyper::Response<Incoming>,
     status: StatusCode,
     limit: u64,
 ) -> Result<Bytes, UpError> {
     let too_large = |len: usize| u64::try_from(len).map_or(true, |n| n > limit);
-    let failed = |e: reqwest::Error| UpError::Unreachable(e.without_url().to_string());
-    if resp.content_length().is_some_and(|n| n > limit) {
+    let declared = resp
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
         return Err(UpError::TooLarge(status, limit));
     }
-    let Some(first) = resp.chunk().await.map_err(failed)? else {
+    let mut body = resp.into_body();
+    let Some(first) = next_data(&mut body).await? else {
         return Ok(Bytes::new());
     };
     if too_large(first.len()) {
         return Err(UpError::TooLarge(status, limit));
     }
-    let Some(second) = resp.chunk().await.map_err(failed)? else {
+    let Some(second) = next_data(&mut body).await? else {
         return Ok(first);
     };
     let mut whole = first.to_vec();
@@ -130,18 +146,116 @@ async fn read_whole(
             return Err(UpError::TooLarge(status, limit));
         }
         whole.extend_from_slice(&chunk);
-        next = resp.chunk().await.map_err(failed)?;
+        next = next_data(&mut body).await?;
     }
     Ok(Bytes::from(whole))
 }
 
+/// The body's next chunk of data, skipping trailers; `None` at its end.
+async fn next_data(body: &mut Incoming) -> Result<Option<Bytes>, UpError> {
+    while let Some(frame) = body.frame().await {
+        match frame
+            .map_err(|e| UpError::Unreachable(error_chain(&e)))?
+            .into_data()
+        {
+            Ok(data) if !data.is_empty() => return Ok(Some(data)),
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// An error and its causes, as one line ("client error (Connect): tcp connect error:
+/// Connection refused (os error 111)"): the outermost alone says too little.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+/// The client to every HTTP provider: one pool of kept-alive HTTP/1.1 connections,
+/// `https://` over rustls with Mozilla's roots (webpki-roots), plain `http://` for
+/// local endpoints (vLLM, Ollama, the simulator on its own). Redirects are not
+/// followed (`UpError::Redirected`).
+fn http_client() -> HttpClient {
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let https = match builder.with_provider_and_webpki_roots(rustls::crypto::ring::default_provider()) {
+        Ok(b) => b,
+        // Not reached: ring's provider has every default protocol version.
+        Err(e) => {
+            tracing::error!(error = %e, "the TLS configuration was refused; using rustls' defaults");
+            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots()
+        }
+    }
+    .https_or_http()
+    .enable_http1()
+    .wrap_connector(tcp);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(IDLE_PER_HOST)
+        .build(https)
+}
+
+/// What is sent to one provider's endpoint, made once: its address and the headers
+/// every call carries.
+struct Target {
+    uri: Uri,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// The headers every call to `p` carries: the content type, its key (read from its
+/// environment variable, once) and Anthropic's version. A key is marked sensitive, so
+/// it is never logged.
+fn provider_headers(p: &Provider) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+    let key = p.api_key_env.as_ref().and_then(|var| match std::env::var(var) {
+        Ok(k) if !k.is_empty() => Some(k),
+        _ => {
+            tracing::warn!(provider = %p.name, variable = %var, "provider key variable is not set");
+            None
+        }
+    });
+    if let Some(key) = key {
+        let (name, value) = match p.kind {
+            ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key),
+            _ => (AUTHORIZATION, format!("Bearer {key}")),
+        };
+        match HeaderValue::from_str(&value) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                headers.push((name, v));
+            }
+            Err(_) => {
+                tracing::warn!(provider = %p.name, "provider key is not a valid header value; calls go without it")
+            }
+        }
+    }
+    if p.kind == ProviderKind::Anthropic {
+        headers.push((
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static(ANTHROPIC_VERSION),
+        ));
+    }
+    headers
+}
+
 pub struct Upstreams {
-    http: reqwest::Client,
-    /// Each HTTP provider's URL per endpoint, parsed once.
-    urls: FastMap<String, HashMap<Endpoint, reqwest::Url>>,
+    http: HttpClient,
+    /// Each HTTP provider's target per endpoint, made once.
+    targets: FastMap<String, HashMap<Endpoint, Target>>,
     sims: FastMap<String, Arc<Simulator>>,
     breakers: FastMap<String, Mutex<CircuitBreaker>>,
-    keys: FastMap<String, String>,
     epoch: Instant,
 }
 
@@ -150,17 +264,21 @@ impl Upstreams {
     pub fn new(routing: &Routing) -> Self {
         let mut sims = FastMap::default();
         let mut breakers = FastMap::default();
-        let mut keys = FastMap::default();
-        let mut urls = FastMap::default();
+        let mut targets = FastMap::default();
         for p in &routing.providers {
+            let headers = provider_headers(p);
             let parsed = [Endpoint::Chat, Endpoint::Messages, Endpoint::Embeddings]
                 .into_iter()
                 .filter_map(|ep| {
-                    let u = reqwest::Url::parse(&format!("{}{}", p.base_url, ep.path())).ok()?;
-                    Some((ep, u))
+                    let uri = format!("{}{}", p.base_url, ep.path()).parse::<Uri>().ok()?;
+                    let known = matches!(uri.scheme_str(), Some("http" | "https"));
+                    known.then(|| {
+                        let headers = headers.clone();
+                        (ep, Target { uri, headers })
+                    })
                 })
                 .collect();
-            urls.insert(p.name.clone(), parsed);
+            targets.insert(p.name.clone(), parsed);
             if p.kind == ProviderKind::Simulated {
                 sims.insert(p.name.clone(), Arc::new(Simulator::new(p.simulate.clone())));
             }
@@ -168,30 +286,12 @@ impl Upstreams {
                 p.name.clone(),
                 Mutex::new(CircuitBreaker::new(p.circuit_failures, p.circuit_open_ms)),
             );
-            if let Some(var) = &p.api_key_env {
-                match std::env::var(var) {
-                    Ok(k) if !k.is_empty() => {
-                        keys.insert(p.name.clone(), k);
-                    }
-                    _ => {
-                        tracing::warn!(provider = %p.name, variable = %var, "provider key variable is not set")
-                    }
-                }
-            }
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            // A provider's redirect is its answer, not followed (`UpError::Redirected`).
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(256)
-            .build()
-            .unwrap_or_default();
         Upstreams {
-            http,
-            urls,
+            http: http_client(),
+            targets,
             sims,
             breakers,
-            keys,
             epoch: Instant::now(),
         }
     }
@@ -240,44 +340,37 @@ impl Upstreams {
         if let Some(sim) = self.sims.get(&p.name) {
             return self.simulate(sim, p, ep, &body).await;
         }
-        let Some(url) = self.urls.get(&p.name).and_then(|m| m.get(&ep)) else {
+        let Some(target) = self.targets.get(&p.name).and_then(|m| m.get(&ep)) else {
             return Err(UpError::Unreachable(format!(
-                "`{}` is not a valid URL",
+                "`{}` is not a valid http:// or https:// URL",
                 p.base_url
             )));
         };
-        let mut req = self
-            .http
-            .post(url.clone())
-            .header("content-type", "application/json")
-            .body(body);
-        if let Some(key) = self.keys.get(&p.name) {
-            req = match p.kind {
-                ProviderKind::Anthropic => req.header("x-api-key", key),
-                _ => req.bearer_auth(key),
-            };
+        let mut req = Request::post(target.uri.clone());
+        if let Some(h) = req.headers_mut() {
+            h.reserve(target.headers.len());
+            for (name, value) in &target.headers {
+                h.insert(name, value.clone());
+            }
         }
-        if p.kind == ProviderKind::Anthropic {
-            req = req.header("anthropic-version", ANTHROPIC_VERSION);
-        }
-        let resp = tokio::time::timeout(p.timeout, req.send())
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| UpError::Unreachable(e.to_string()))?;
+        let resp = tokio::time::timeout(p.timeout, self.http.request(req))
             .await
             .map_err(|_| UpError::Timeout(p.timeout))?
-            .map_err(|e| UpError::Unreachable(e.without_url().to_string()))?;
-        let status =
-            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            .map_err(|e| UpError::Unreachable(error_chain(&e)))?;
+        let status = resp.status();
         if status.is_redirection() {
             let location = resp
                 .headers()
-                .get(reqwest::header::LOCATION)
+                .get(LOCATION)
                 .and_then(|l| l.to_str().ok())
                 .map(str::to_string);
             return Err(UpError::Redirected(status, location));
         }
         if stream && status.is_success() {
-            let s = resp
-                .bytes_stream()
-                .map(|r| r.map_err(|e| e.without_url().to_string()));
+            let s = BodyDataStream::new(resp.into_body()).map(|r| r.map_err(|e| error_chain(&e)));
             return Ok(UpResponse {
                 status,
                 body: UpBody::Stream(Box::pin(s)),
@@ -326,5 +419,143 @@ impl Upstreams {
                 body: UpBody::Stream(Box::pin(crate::sim::event_stream(events, delay))),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::http::HeaderMap;
+    use bursar_core::providers::{DisconnectPolicy, SimSettings};
+    use parking_lot::Mutex;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn provider(kind: ProviderKind, base_url: &str, api_key_env: Option<&str>) -> Provider {
+        Provider {
+            name: "up".into(),
+            kind,
+            base_url: base_url.into(),
+            api_key_env: api_key_env.map(str::to_string),
+            serves: vec![],
+            models: vec![],
+            timeout: Duration::from_secs(5),
+            max_retries: 0,
+            on_disconnect: DisconnectPolicy::default(),
+            circuit_failures: 5,
+            circuit_open_ms: 1000,
+            max_answer_bytes: 1 << 20,
+            simulate: SimSettings::default(),
+        }
+    }
+
+    fn upstreams(p: &Provider) -> Upstreams {
+        Upstreams::new(&Routing {
+            providers: vec![p.clone()],
+            ..Routing::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn an_openai_compatible_provider_gets_its_key_as_a_bearer_token_and_the_body_as_sent() {
+        let seen: Arc<Mutex<Option<(HeaderMap, Bytes)>>> = Arc::default();
+        let kept = seen.clone();
+        let router = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(move |headers: HeaderMap, body: Bytes| async move {
+                *kept.lock() = Some((headers, body));
+                (StatusCode::CREATED, "{\"answer\":1}")
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        // Only this test reads this variable.
+        std::env::set_var("BURSAR_TEST_UPSTREAM_KEY", "sk-upstream-test");
+        let p = provider(ProviderKind::Openai, &url, Some("BURSAR_TEST_UPSTREAM_KEY"));
+        let up = upstreams(&p);
+        for _ in 0..2 {
+            let body = Bytes::from_static(b"{\"model\":\"m\",  \"n\":1}");
+            let r = up
+                .send(&p, Endpoint::Chat, body.clone(), false)
+                .await
+                .unwrap();
+            assert_eq!(r.status, StatusCode::CREATED);
+            let UpBody::Full(answer) = r.body else {
+                panic!("a whole answer was asked for")
+            };
+            assert_eq!(&answer[..], b"{\"answer\":1}");
+            let (headers, sent) = seen.lock().take().unwrap();
+            assert_eq!(sent, body, "the body goes as written");
+            let header = |n: &str| {
+                headers
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            assert_eq!(
+                header("authorization").as_deref(),
+                Some("Bearer sk-upstream-test")
+            );
+            assert_eq!(header("content-type").as_deref(), Some("application/json"));
+            assert_eq!(
+                header("host"),
+                Some(url.trim_start_matches("http://").to_string())
+            );
+            assert_eq!(header("x-api-key"), None);
+            assert_eq!(header("anthropic-version"), None);
+        }
+    }
+
+    /// An `https://` provider is spoken to in TLS: what reaches its address first is a
+    /// TLS handshake record (content type 22, version 3.x), not an HTTP request.
+    #[tokio::test]
+    async fn an_https_provider_is_spoken_to_over_tls() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let first = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 3];
+            conn.read_exact(&mut head).await.unwrap();
+            head
+        });
+        let p = provider(ProviderKind::Openai, &format!("https://{addr}"), None);
+        let r = upstreams(&p)
+            .send(&p, Endpoint::Chat, Bytes::new(), false)
+            .await;
+        assert!(matches!(r, Err(UpError::Unreachable(_))), "{:?}", r.err());
+        let head = first.await.unwrap();
+        assert_eq!(head[0], 22, "a handshake record: {head:?}");
+        assert_eq!(head[1], 3, "TLS: {head:?}");
+    }
+
+    #[tokio::test]
+    async fn a_provider_that_cannot_be_reached_is_told_with_the_cause() {
+        // A port just freed: nothing listens there.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let p = provider(ProviderKind::Openai, &format!("http://{addr}"), None);
+        let r = upstreams(&p)
+            .send(&p, Endpoint::Chat, Bytes::new(), false)
+            .await;
+        let Err(UpError::Unreachable(why)) = r else {
+            panic!("{:?}", r.err())
+        };
+        assert!(why.contains("refused"), "{why}");
+
+        let p = provider(ProviderKind::Openai, "ftp://127.0.0.1", None);
+        let r = upstreams(&p)
+            .send(&p, Endpoint::Chat, Bytes::new(), false)
+            .await;
+        let Err(UpError::Unreachable(why)) = r else {
+            panic!("{:?}", r.err())
+        };
+        assert!(why.contains("not a valid http:// or https:// URL"), "{why}");
     }
 }
