@@ -78,6 +78,10 @@ pub struct ServerSection {
     pub price_book: Option<String>,
     #[serde(default)]
     pub durability: Durability,
+    /// Threads that run requests (`bursar serve`; default: one per core). Fewer than
+    /// the cores leaves the rest to the ledger writer and to whatever shares the
+    /// machine (ARCHITECTURE, "Decisions").
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -446,6 +450,9 @@ impl Config {
         }
         if raw.server.max_body_bytes == Some(0) {
             p.push("server.max_body_bytes must be greater than zero".into());
+        }
+        if raw.server.workers == Some(0) {
+            p.push("server.workers must be at least 1".into());
         }
         if let Some(prefix) = &raw.server.redis_prefix {
             if prefix.is_empty()
@@ -922,6 +929,7 @@ shade = "dark"
 
 [server]
 redis_prefix = "my prefix"
+workers = 0
 colour = "blue"
 
 [engine]
@@ -981,6 +989,7 @@ max_answer_bytes = 0
             "limit",
             "thresholds",
             "server.redis_prefix `my prefix`",
+            "server.workers must be at least 1",
             "key `forever`: cache_ttl_secs must be 1",
             "engine.idempotency_window_secs must be between 3600",
             "timeout_ms must be at least 1",
@@ -994,6 +1003,6 @@ max_answer_bytes = 0
         ] {
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }
-        assert!(err.0.len() >= 19, "{all}");
+        assert!(err.0.len() >= 20, "{all}");
     }
 }

@@ -896,6 +896,8 @@ pub async fn metrics_text(State(s): State<Arc<Services>>) -> impl IntoResponse {
     metrics::gauge!("bursar_open_holds").set(s.engine.open_holds() as f64);
     metrics::gauge!("bursar_api_keys").set(s.engine.key_count() as f64);
     metrics::gauge!("bursar_counters_in_memory").set(s.engine.counters_in_memory() as f64);
+    metrics::gauge!("bursar_runtime_workers")
+        .set(tokio::runtime::Handle::current().metrics().num_workers() as f64);
     if let Some(keys) = s.reader.idempotency_keys_remembered() {
         metrics::gauge!("bursar_idempotency_keys_remembered").set(keys as f64);
     }

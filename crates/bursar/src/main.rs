@@ -68,6 +68,9 @@ enum Command {
         /// database that is behind is refused).
         #[arg(long, env = "BURSAR_MIGRATE")]
         migrate: bool,
+        /// Threads that run requests (default: server.workers, else one per core).
+        #[arg(long, env = "BURSAR_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+        workers: Option<u16>,
     },
     /// Apply pending migrations to the PostgreSQL database.
     Migrate {
@@ -392,9 +395,9 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: ConfigArgs, listen: Option<String>, migrate: bool) -> Result<()> {
+/// `loaded` is read before the runtime starts, which it may size (`server.workers`).
+async fn serve(loaded: Loaded, listen: Option<String>, migrate: bool) -> Result<()> {
     init_logs();
-    let loaded = load(&config)?;
     let addr = listen
         .or_else(|| loaded.config.server.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
@@ -420,6 +423,7 @@ async fn serve(config: ConfigArgs, listen: Option<String>, migrate: bool) -> Res
         keys = services.engine.key_count(),
         open_holds = services.engine.open_holds(),
         expired_on_start = expired,
+        workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "bursar is ready"
     );
     bursar_server::spawn_sweeper(services.clone());
@@ -524,13 +528,20 @@ fn import_prices(
     Ok(())
 }
 
-async fn run(cli: Cli) -> Result<bool> {
+async fn run(cli: Cli, serving: Option<Loaded>) -> Result<bool> {
     match cli.command {
         Command::Serve {
             config,
             listen,
             migrate,
-        } => serve(config, listen, migrate).await.map(|()| true),
+            ..
+        } => {
+            let loaded = match serving {
+                Some(l) => l,
+                None => load(&config)?,
+            };
+            serve(loaded, listen, migrate).await.map(|()| true)
+        }
         Command::Migrate { config } => {
             let loaded = load(&config)?;
             anyhow::ensure!(
@@ -774,25 +785,43 @@ async fn run(cli: Cli) -> Result<bool> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `bursar serve` reads its configuration first: the file may say how many workers
+    // the runtime has (a flag or the environment wins over it).
+    let (serving, workers) = match &cli.command {
+        Command::Serve {
+            config, workers, ..
+        } => match load(config) {
+            Ok(loaded) => {
+                let workers = workers.map(usize::from).or(loaded.config.server.workers);
+                (Some(loaded), workers)
+            }
+            Err(e) => return failed(&e),
+        },
+        _ => (None, None),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, serving)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            if e.to_string().contains("configuration has") {
-                return ExitCode::from(2);
-            }
-            ExitCode::FAILURE
-        }
+        Err(e) => failed(&e),
     }
+}
+
+/// Prints the error; a configuration with problems exits with 2.
+fn failed(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    if e.to_string().contains("configuration has") {
+        return ExitCode::from(2);
+    }
+    ExitCode::FAILURE
 }

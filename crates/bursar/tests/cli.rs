@@ -746,12 +746,14 @@ fn serve_takes_each_setting_from_a_flag_the_environment_or_the_file_else_the_def
             "BURSAR_REDIS_URL",
             "BURSAR_LISTEN",
             "BURSAR_MIGRATE",
+            "BURSAR_WORKERS",
         ] {
             c.env_remove(v);
         }
         c
     };
-    let serves = |server: &common::Server, key: &str| {
+    // The call is permitted, and the runtime has `workers` threads running requests.
+    let serves = |server: &common::Server, key: &str, workers: usize| {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let c = bursar_client::Client::new(&server.base, key);
@@ -761,19 +763,31 @@ fn serve_takes_each_setting_from_a_flag_the_environment_or_the_file_else_the_def
             )
             .await
             .unwrap();
+            let metrics = reqwest::get(format!("{}/metrics", server.base))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let line = format!("\nbursar_runtime_workers {workers}\n");
+            assert!(
+                metrics.contains(&line),
+                "no `{}` in:\n{metrics}",
+                line.trim()
+            );
         });
     };
     let ledger = |d: &Path| d.join("bursar.db").exists();
 
-    // The file names the address and the data directory.
+    // The file names the address, the data directory and the workers.
     let file_dir = dir("from-file");
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{CONFIG}",
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nworkers = 3\n{CONFIG}",
         file_dir.display()
     );
     let config = write_config(tmp.path(), &text);
     let server = start_command(serve(&["--config".as_ref(), config.as_os_str()]));
-    serves(&server, MEMBER);
+    serves(&server, MEMBER, 3);
     drop(server);
     assert!(ledger(&file_dir));
 
@@ -782,22 +796,29 @@ fn serve_takes_each_setting_from_a_flag_the_environment_or_the_file_else_the_def
     let server = start_command({
         let mut c = serve(&[]);
         c.env("BURSAR_CONFIG", &config)
-            .env("BURSAR_DATA_DIR", &env_dir);
+            .env("BURSAR_DATA_DIR", &env_dir)
+            .env("BURSAR_WORKERS", "1");
         c
     });
-    serves(&server, MEMBER);
+    serves(&server, MEMBER, 1);
     drop(server);
     assert!(ledger(&env_dir));
 
     // A flag wins over the environment.
     let flag_dir = dir("from-flag");
     let server = start_command({
-        let mut c = serve(&["--data-dir".as_ref(), flag_dir.as_os_str()]);
+        let mut c = serve(&[
+            "--data-dir".as_ref(),
+            flag_dir.as_os_str(),
+            "--workers".as_ref(),
+            "2".as_ref(),
+        ]);
         c.env("BURSAR_CONFIG", &config)
-            .env("BURSAR_DATA_DIR", &env_dir);
+            .env("BURSAR_DATA_DIR", &env_dir)
+            .env("BURSAR_WORKERS", "1");
         c
     });
-    serves(&server, MEMBER);
+    serves(&server, MEMBER, 2);
     drop(server);
     assert!(ledger(&flag_dir));
 
@@ -808,7 +829,16 @@ fn serve_takes_each_setting_from_a_flag_the_environment_or_the_file_else_the_def
         c.env("BURSAR_LISTEN", "127.0.0.1:0");
         c
     });
-    serves(&server, "bsr_demo_alice_member_key_000001");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    serves(&server, "bsr_demo_alice_member_key_000001", cores);
     drop(server);
     assert!(ledger(&dir("bursar-data")));
+
+    // No workers is refused.
+    let out = serve(&["--workers".as_ref(), "0".as_ref()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workers"), "{err}");
 }
