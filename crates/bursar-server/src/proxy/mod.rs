@@ -17,6 +17,7 @@
 //! goes away ([`Detachable`]), so nothing cancels it half way: a non-streamed answer is
 //! still settled, and a stream is settled by the provider's [`DisconnectPolicy`].
 
+mod egress;
 pub mod translate;
 pub mod upstream;
 pub mod wire;

@@ -1,6 +1,7 @@
-//! Calls to providers: over HTTP with hyper's pooled client (TLS by rustls), or in
-//! process to the simulated provider, both seen by the proxy as a status and a body
-//! (whole, or a stream of bytes). Each provider has its circuit breaker here.
+//! Calls to providers: over HTTP (`egress`: hyper's pooled client, TLS by rustls, the
+//! environment's outbound proxy), or in process to the simulated provider, both seen by
+//! the proxy as a status and a body (whole, or a stream of bytes). Each provider has its
+//! circuit breaker here.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -8,19 +9,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION};
+use axum::http::header::{
+    HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION, PROXY_AUTHORIZATION,
+};
 use axum::http::{Request, StatusCode, Uri};
 use bursar_core::providers::{CircuitBreaker, Provider, ProviderKind, Routing};
 use bursar_core::FastMap;
 use futures_util::{Stream, StreamExt};
 use http_body_util::{BodyDataStream, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::proxy::matcher::Matcher;
 use parking_lot::Mutex;
 
+use super::egress::{self, Egress, HttpClient};
 use super::wire::Dialect;
 use crate::sim::{SimAnswer, Simulator};
 
@@ -30,8 +31,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// Idle connections kept open to each provider host.
 const IDLE_PER_HOST: usize = 256;
-
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
@@ -181,34 +180,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     line
 }
 
-/// The client to every HTTP provider: one pool of kept-alive HTTP/1.1 connections,
-/// `https://` over rustls with Mozilla's roots (webpki-roots), plain `http://` for
-/// local endpoints (vLLM, Ollama, the simulator on its own). Redirects are not
-/// followed (`UpError::Redirected`).
-fn http_client() -> HttpClient {
-    let mut tcp = HttpConnector::new();
-    tcp.enforce_http(false);
-    tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let https = match builder.with_provider_and_webpki_roots(rustls::crypto::ring::default_provider()) {
-        Ok(b) => b,
-        // Not reached: ring's provider has every default protocol version.
-        Err(e) => {
-            tracing::error!(error = %e, "the TLS configuration was refused; using rustls' defaults");
-            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots()
-        }
-    }
-    .https_or_http()
-    .enable_http1()
-    .wrap_connector(tcp);
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(IDLE_PER_HOST)
-        .build(https)
-}
-
 /// What is sent to one provider's endpoint, made once: its address and the headers
-/// every call carries.
+/// every call carries (with the outbound proxy's credentials when it forwards them).
 struct Target {
     uri: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -250,6 +223,14 @@ fn provider_headers(p: &Provider) -> Vec<(HeaderName, HeaderValue)> {
     headers
 }
 
+/// The outbound proxy calls to `p` go through, if any.
+fn proxy_of(egress: &Egress, p: &Provider) -> Option<Uri> {
+    if p.kind == ProviderKind::Simulated {
+        return None;
+    }
+    egress.proxy_for(&p.base_url.parse::<Uri>().ok()?)
+}
+
 pub struct Upstreams {
     http: HttpClient,
     /// Each HTTP provider's target per endpoint, made once.
@@ -260,8 +241,15 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// Reads each provider's key from its environment variable, once.
+    /// Reads each provider's key from its environment variable, and the outbound proxy
+    /// from `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY`, once.
     pub fn new(routing: &Routing) -> Self {
+        Self::with_proxies(routing, Matcher::from_env())
+    }
+
+    /// As [`Upstreams::new`], with the outbound proxies `proxies` decides.
+    pub fn with_proxies(routing: &Routing, proxies: Matcher) -> Self {
+        let (http, egress) = egress::client(proxies, CONNECT_TIMEOUT, IDLE_PER_HOST);
         let mut sims = FastMap::default();
         let mut breakers = FastMap::default();
         let mut targets = FastMap::default();
@@ -273,11 +261,17 @@ impl Upstreams {
                     let uri = format!("{}{}", p.base_url, ep.path()).parse::<Uri>().ok()?;
                     let known = matches!(uri.scheme_str(), Some("http" | "https"));
                     known.then(|| {
-                        let headers = headers.clone();
+                        let mut headers = headers.clone();
+                        if let Some(auth) = egress.forward_auth(&uri) {
+                            headers.push((PROXY_AUTHORIZATION, auth));
+                        }
                         (ep, Target { uri, headers })
                     })
                 })
                 .collect();
+            if let Some(proxy) = proxy_of(&egress, p) {
+                tracing::info!(provider = %p.name, %proxy, "calls to this provider go through an outbound proxy");
+            }
             targets.insert(p.name.clone(), parsed);
             if p.kind == ProviderKind::Simulated {
                 sims.insert(p.name.clone(), Arc::new(Simulator::new(p.simulate.clone())));
@@ -288,7 +282,7 @@ impl Upstreams {
             );
         }
         Upstreams {
-            http: http_client(),
+            http,
             targets,
             sims,
             breakers,
@@ -427,9 +421,10 @@ mod tests {
     use std::sync::Arc;
 
     use axum::http::HeaderMap;
+    use axum::http::Uri;
     use bursar_core::providers::{DisconnectPolicy, SimSettings};
     use parking_lot::Mutex;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -452,12 +447,31 @@ mod tests {
         }
     }
 
+    /// Upstreams for `p` alone, with no outbound proxy whatever the environment says.
     fn upstreams(p: &Provider) -> Upstreams {
-        Upstreams::new(&Routing {
-            providers: vec![p.clone()],
-            ..Routing::default()
-        })
+        upstreams_via(p, Matcher::builder().build())
     }
+
+    fn upstreams_via(p: &Provider, proxies: Matcher) -> Upstreams {
+        Upstreams::with_proxies(
+            &Routing {
+                providers: vec![p.clone()],
+                ..Routing::default()
+            },
+            proxies,
+        )
+    }
+
+    /// Serves `router` on a free local port; its address.
+    async fn serve(router: axum::Router) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        addr
+    }
+
+    /// `user:pass` in a Basic credential.
+    const USER_PASS: &str = "Basic dXNlcjpwYXNz";
 
     #[tokio::test]
     async fn an_openai_compatible_provider_gets_its_key_as_a_bearer_token_and_the_body_as_sent() {
@@ -557,5 +571,133 @@ mod tests {
             panic!("{:?}", r.err())
         };
         assert!(why.contains("not a valid http:// or https:// URL"), "{why}");
+    }
+
+    /// An `http://` provider behind a forwarding proxy: the request goes to the proxy,
+    /// in absolute form, with the proxy's credentials and the provider's key; the
+    /// provider's own address (which does not resolve) is never dialled.
+    #[tokio::test]
+    async fn an_http_provider_behind_a_proxy_is_reached_through_it_with_its_credentials() {
+        let seen: Arc<Mutex<Vec<(String, HeaderMap)>>> = Arc::default();
+        let kept = seen.clone();
+        let proxy = serve(axum::Router::new().fallback(
+            move |uri: Uri, headers: HeaderMap| async move {
+                kept.lock().push((uri.to_string(), headers));
+                "{\"via\":\"proxy\"}"
+            },
+        ))
+        .await;
+        std::env::set_var("BURSAR_TEST_PROXIED_KEY", "sk-proxied");
+        let p = provider(
+            ProviderKind::Openai,
+            "http://provider.invalid:8000",
+            Some("BURSAR_TEST_PROXIED_KEY"),
+        );
+        let proxies = Matcher::builder()
+            .http(format!("http://user:pass@{proxy}"))
+            .build();
+        let up = upstreams_via(&p, proxies);
+        for _ in 0..2 {
+            let r = up
+                .send(&p, Endpoint::Chat, Bytes::from_static(b"{}"), false)
+                .await
+                .unwrap();
+            let UpBody::Full(answer) = r.body else {
+                panic!("a whole answer was asked for")
+            };
+            assert_eq!(&answer[..], b"{\"via\":\"proxy\"}");
+        }
+        let seen = seen.lock();
+        assert_eq!(seen.len(), 2);
+        for (uri, headers) in seen.iter() {
+            assert_eq!(uri, "http://provider.invalid:8000/v1/chat/completions");
+            let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+            assert_eq!(header("proxy-authorization"), Some(USER_PASS));
+            assert_eq!(header("authorization"), Some("Bearer sk-proxied"));
+            assert_eq!(header("host"), Some("provider.invalid:8000"));
+        }
+    }
+
+    /// An `https://` provider behind a proxy: a `CONNECT` to the provider's host, with
+    /// the proxy's credentials, then TLS inside the tunnel (the proxy sees a handshake,
+    /// not the request).
+    #[tokio::test]
+    async fn an_https_provider_behind_a_proxy_is_tunnelled_to_then_spoken_to_in_tls() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        let seen = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                conn.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            conn.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .unwrap();
+            let mut tls = [0u8; 3];
+            conn.read_exact(&mut tls).await.unwrap();
+            (String::from_utf8(head).unwrap(), tls)
+        });
+        let p = provider(ProviderKind::Openai, "https://api.provider.invalid", None);
+        let proxies = Matcher::builder()
+            .https(format!("http://user:pass@{proxy}"))
+            .build();
+        let r = upstreams_via(&p, proxies)
+            .send(&p, Endpoint::Chat, Bytes::from_static(b"{}"), false)
+            .await;
+        assert!(matches!(r, Err(UpError::Unreachable(_))), "{:?}", r.err());
+        let (head, tls) = seen.await.unwrap();
+        assert!(
+            head.starts_with("CONNECT api.provider.invalid:443 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase().contains(&format!(
+                "proxy-authorization: {}",
+                USER_PASS.to_ascii_lowercase()
+            )),
+            "{head}"
+        );
+        assert_eq!(tls[0], 22, "a TLS handshake record: {tls:?}");
+        assert_eq!(tls[1], 3, "{tls:?}");
+    }
+
+    /// `NO_PROXY` sends a provider straight; a SOCKS proxy is refused, saying so.
+    #[tokio::test]
+    async fn no_proxy_goes_straight_and_a_socks_proxy_is_refused() {
+        let provider_addr = serve(axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(|| async { "{\"via\":\"straight\"}" }),
+        ))
+        .await;
+        let p = provider(
+            ProviderKind::Openai,
+            &format!("http://{provider_addr}"),
+            None,
+        );
+        // Nothing listens at the proxy's address.
+        let proxies = Matcher::builder()
+            .http("http://127.0.0.1:9")
+            .no("127.0.0.1")
+            .build();
+        let r = upstreams_via(&p, proxies)
+            .send(&p, Endpoint::Chat, Bytes::from_static(b"{}"), false)
+            .await
+            .unwrap();
+        let UpBody::Full(answer) = r.body else {
+            panic!("a whole answer was asked for")
+        };
+        assert_eq!(&answer[..], b"{\"via\":\"straight\"}");
+
+        let proxies = Matcher::builder().all("socks5://127.0.0.1:9").build();
+        let r = upstreams_via(&p, proxies)
+            .send(&p, Endpoint::Chat, Bytes::from_static(b"{}"), false)
+            .await;
+        let Err(UpError::Unreachable(why)) = r else {
+            panic!("{:?}", r.err())
+        };
+        assert!(why.contains("`socks5` is not supported"), "{why}");
     }
 }
