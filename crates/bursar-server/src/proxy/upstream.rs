@@ -473,6 +473,25 @@ mod tests {
     /// `user:pass` in a Basic credential.
     const USER_PASS: &str = "Basic dXNlcjpwYXNz";
 
+    /// A whole answer's body.
+    fn whole(r: UpResponse) -> Bytes {
+        let UpBody::Full(answer) = r.body else {
+            panic!("a whole answer was asked for")
+        };
+        answer
+    }
+
+    /// Why a call of `p` through `up` could not reach it.
+    async fn unreachable(up: &Upstreams, p: &Provider) -> String {
+        match up
+            .send(p, Endpoint::Chat, Bytes::from_static(b"{}"), false)
+            .await
+        {
+            Err(UpError::Unreachable(why)) => why,
+            r => panic!("{:?}", r.err()),
+        }
+    }
+
     #[tokio::test]
     async fn an_openai_compatible_provider_gets_its_key_as_a_bearer_token_and_the_body_as_sent() {
         let seen: Arc<Mutex<Option<(HeaderMap, Bytes)>>> = Arc::default();
@@ -498,10 +517,7 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(r.status, StatusCode::CREATED);
-            let UpBody::Full(answer) = r.body else {
-                panic!("a whole answer was asked for")
-            };
-            assert_eq!(&answer[..], b"{\"answer\":1}");
+            assert_eq!(&whole(r)[..], b"{\"answer\":1}");
             let (headers, sent) = seen.lock().take().unwrap();
             assert_eq!(sent, body, "the body goes as written");
             let header = |n: &str| {
@@ -555,21 +571,11 @@ mod tests {
             .local_addr()
             .unwrap();
         let p = provider(ProviderKind::Openai, &format!("http://{addr}"), None);
-        let r = upstreams(&p)
-            .send(&p, Endpoint::Chat, Bytes::new(), false)
-            .await;
-        let Err(UpError::Unreachable(why)) = r else {
-            panic!("{:?}", r.err())
-        };
+        let why = unreachable(&upstreams(&p), &p).await;
         assert!(why.contains("refused"), "{why}");
 
         let p = provider(ProviderKind::Openai, "ftp://127.0.0.1", None);
-        let r = upstreams(&p)
-            .send(&p, Endpoint::Chat, Bytes::new(), false)
-            .await;
-        let Err(UpError::Unreachable(why)) = r else {
-            panic!("{:?}", r.err())
-        };
+        let why = unreachable(&upstreams(&p), &p).await;
         assert!(why.contains("not a valid http:// or https:// URL"), "{why}");
     }
 
@@ -602,10 +608,7 @@ mod tests {
                 .send(&p, Endpoint::Chat, Bytes::from_static(b"{}"), false)
                 .await
                 .unwrap();
-            let UpBody::Full(answer) = r.body else {
-                panic!("a whole answer was asked for")
-            };
-            assert_eq!(&answer[..], b"{\"via\":\"proxy\"}");
+            assert_eq!(&whole(r)[..], b"{\"via\":\"proxy\"}");
         }
         let seen = seen.lock();
         assert_eq!(seen.len(), 2);
@@ -686,18 +689,10 @@ mod tests {
             .send(&p, Endpoint::Chat, Bytes::from_static(b"{}"), false)
             .await
             .unwrap();
-        let UpBody::Full(answer) = r.body else {
-            panic!("a whole answer was asked for")
-        };
-        assert_eq!(&answer[..], b"{\"via\":\"straight\"}");
+        assert_eq!(&whole(r)[..], b"{\"via\":\"straight\"}");
 
         let proxies = Matcher::builder().all("socks5://127.0.0.1:9").build();
-        let r = upstreams_via(&p, proxies)
-            .send(&p, Endpoint::Chat, Bytes::from_static(b"{}"), false)
-            .await;
-        let Err(UpError::Unreachable(why)) = r else {
-            panic!("{:?}", r.err())
-        };
+        let why = unreachable(&upstreams_via(&p, proxies), &p).await;
         assert!(why.contains("`socks5` is not supported"), "{why}");
     }
 }
