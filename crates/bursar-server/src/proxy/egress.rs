@@ -28,7 +28,7 @@ use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower::Service;
 
@@ -59,8 +59,11 @@ pub(super) fn client(
         tls: tokio_rustls::TlsConnector::from(tls),
         proxies: Arc::new(proxies),
     };
+    // The timer reaps connections idle for 90 s (hyper-util's default idle timeout),
+    // as reqwest's client did.
     let client = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(idle_per_host)
+        .pool_timer(TokioTimer::new())
         .build(egress.clone());
     (client, egress)
 }
