@@ -6,7 +6,8 @@
 # For each provider latency (0 and 50 ms) and connection count (1, 16, 64) it prints RPS,
 # p50 and p99 of both, the latency Bursar adds, Bursar's CPU seconds and RSS, and
 # Bursar's own overhead (its bursar_proxy_overhead_seconds histogram: request time minus
-# provider time) as the histogram buckets holding the p50 and p99.
+# provider time) as the histogram buckets holding the p50 and p99 (and, at the fixed
+# rate, the share of calls within the SPEC's 10 µs and 100 µs).
 # wrk keeps each connection busy, so those runs are at the most both servers can take. The
 # SPEC's overhead targets are at a given rate: with oha installed (`cargo install oha`),
 # each latency also gets a run at RATE requests per second (default 5000), an open load
@@ -28,6 +29,15 @@ pid=$!
 for _ in $(seq 50); do curl -fs "http://$GW/readyz" >/dev/null && break; sleep 0.2; done
 
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# The percent of a histogram diff's calls at or under $3 seconds (a bucket bound): the
+# buckets are coarse near the targets, this says how far from them a run is.
+share() { # $1 before-file $2 after-file $3 bound
+  local m=bursar_proxy_overhead_seconds
+  join -a 2 -e 0 -o 0,1.2,2.2 \
+       <(grep "^${m}_bucket" "$1" | sed 's/.*le="\([^"]*\)"} \(.*\)/\1 \2/' | sort) \
+       <(grep "^${m}_bucket" "$2" | sed 's/.*le="\([^"]*\)"} \(.*\)/\1 \2/' | sort) |
+    awk -v b="$3" '{d[$1]=$3-$2} END {printf "%.1f", (d["+Inf"] > 0 ? 100 * d[b] / d["+Inf"] : 0)}'
+}
 # The bucket bound (seconds) where the cumulative count of a histogram diff reaches q.
 quantile() { # $1 before-file $2 after-file $3 q [$4 metric]
   local m=${4:-bursar_proxy_overhead_seconds}
@@ -90,9 +100,10 @@ print(round(d["summary"]["requestsPerSec"]), round(p["p50"] * 1e6), round(p["p99
     read -r vrps vp50 vp99 vbad <<<"$(fixed "$GW" "$secs")"
     c1=$(cpu $pid)
     curl -fs "http://$GW/metrics" > "$work/m1"
-    rate_rows+=$(printf '%-8s %-5s | %7s %7s %9s  | %7s %7s %9s  | %5s / %-5s us | %9s / %-9s s | %s µs\n' "${lat}ms" "$rconns" \
+    rate_rows+=$(printf '%-8s %-5s | %7s %7s %9s  | %7s %7s %9s  | %5s / %-5s us | %9s / %-9s s | %5s %% / %-5s %% | %s µs\n' "${lat}ms" "$rconns" \
       "$drps" "$dp50" "$dp99" "$vrps" "$vp50" "$vp99" "$((vp50 - dp50))" "$((vp99 - dp99))" \
       "$(quantile "$work/m0" "$work/m1" 0.5)" "$(quantile "$work/m0" "$work/m1" 0.99)" \
+      "$(share "$work/m0" "$work/m1" 0.00001)" "$(share "$work/m0" "$work/m1" 0.0001)" \
       "$(( (c1 - c0) * 1000000 / $(getconf CLK_TCK) / (vrps * secs) ))")$'\n'
     [ "$dbad$vbad" = 00 ] || rate_rows+="   !! failed or non-200 answers: $dbad straight, $vbad through Bursar"$'\n'
   fi
@@ -100,7 +111,7 @@ done
 if [ -n "${rate_rows:-}" ]; then
   echo
   echo "at $rate requests per second (oha, open load, latency corrected):"
-  printf '%-8s %-5s | %-28s | %-28s | %-17s | %-22s | %s\n' latency conns "direct: rps p50 p99 (us)" "through bursar: rps p50 p99" "added p50 / p99" "bursar overhead p50/p99" "bursar CPU a call"
+  printf '%-8s %-5s | %-28s | %-28s | %-17s | %-22s | %-17s | %s\n' latency conns "direct: rps p50 p99 (us)" "through bursar: rps p50 p99" "added p50 / p99" "bursar overhead p50/p99" "<= 10 us / 100 us" "bursar CPU a call"
   printf '%s' "$rate_rows"
 else
   echo "(no fixed-rate runs: oha is not installed; cargo install oha)"
