@@ -503,9 +503,7 @@ mod tests {
                 (StatusCode::CREATED, "{\"answer\":1}")
             }),
         );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        let url = format!("http://{}", serve(router).await);
         // Only this test reads this variable.
         std::env::set_var("BURSAR_TEST_UPSTREAM_KEY", "sk-upstream-test");
         let p = provider(ProviderKind::Openai, &url, Some("BURSAR_TEST_UPSTREAM_KEY"));
