@@ -11,9 +11,14 @@
 //!   credentials (`Egress::forward_auth`).
 //! - The proxy itself may be `http://` or `https://`; other schemes (SOCKS) are refused
 //!   with a clear error.
+//!
+//! Providers' certificates are checked against Mozilla's roots (`webpki-roots`), plus the
+//! PEM certificates of the file `SSL_CERT_FILE` names, when set (as for OpenSSL and curl):
+//! for a self-hosted endpoint (vLLM, Ollama) behind a private certificate authority.
 
 use std::future::Future;
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,6 +34,8 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tower::Service;
 
@@ -38,9 +45,10 @@ type Plain = MaybeHttpsStream<TokioIo<TcpStream>>;
 pub(super) type HttpClient = Client<Egress, Full<Bytes>>;
 
 /// The client every HTTP provider is called through, with `proxies` deciding which
-/// calls go through an outbound proxy.
+/// calls go through an outbound proxy, and `extra_roots` trusted beside Mozilla's roots.
 pub(super) fn client(
     proxies: Matcher,
+    extra_roots: Vec<CertificateDer<'static>>,
     connect_timeout: Duration,
     idle_per_host: usize,
 ) -> (HttpClient, Egress) {
@@ -48,7 +56,7 @@ pub(super) fn client(
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
     tcp.set_connect_timeout(Some(connect_timeout));
-    let tls = tls_config();
+    let tls = tls_config(extra_roots);
     let direct = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((*tls).clone())
         .https_or_http()
@@ -68,12 +76,20 @@ pub(super) fn client(
     (client, egress)
 }
 
-/// rustls with ring and Mozilla's roots (`webpki-roots`): the same trust wherever
-/// Bursar runs, whatever the host's certificate store holds.
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore {
+/// rustls with ring, Mozilla's roots (`webpki-roots`: the same trust wherever Bursar
+/// runs, whatever the host's certificate store holds) and `extra_roots`.
+fn tls_config(extra_roots: Vec<CertificateDer<'static>>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
+    let (added, refused) = roots.add_parsable_certificates(extra_roots);
+    if refused > 0 {
+        tracing::error!(
+            added,
+            refused,
+            "some certificates of SSL_CERT_FILE are not valid CA certificates and are not trusted"
+        );
+    }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -89,6 +105,38 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
             .with_no_client_auth()
     });
     Arc::new(config)
+}
+
+/// The certificates of the file `SSL_CERT_FILE` names, trusted beside Mozilla's roots;
+/// none when it is not set. A file that cannot be read is logged as an error, naming
+/// it: calls to a provider it was for then fail their TLS handshake, saying why.
+pub(super) fn roots_from_env() -> Vec<CertificateDer<'static>> {
+    let Some(path) = std::env::var_os("SSL_CERT_FILE").filter(|p| !p.is_empty()) else {
+        return Vec::new();
+    };
+    match read_roots(Path::new(&path)) {
+        Ok(certs) => {
+            tracing::info!(file = %Path::new(&path).display(), certificates = certs.len(), "providers' certificates are also checked against SSL_CERT_FILE");
+            certs
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SSL_CERT_FILE is not used");
+            Vec::new()
+        }
+    }
+}
+
+/// The PEM certificates of `path`: at least one, every one readable.
+pub(super) fn read_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let what = |e: rustls::pki_types::pem::Error| format!("{}: {e}", path.display());
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(what)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(what)?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
 }
 
 /// The connector: straight to the provider, or through the proxy the environment

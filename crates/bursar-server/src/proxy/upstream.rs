@@ -241,15 +241,21 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// Reads each provider's key from its environment variable, and the outbound proxy
-    /// from `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY`, once.
+    /// Reads each provider's key from its environment variable, the outbound proxy from
+    /// `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY`, and the certificates to
+    /// trust beside Mozilla's roots from `SSL_CERT_FILE`, once.
     pub fn new(routing: &Routing) -> Self {
-        Self::with_proxies(routing, Matcher::from_env())
+        Self::with_egress(routing, Matcher::from_env(), egress::roots_from_env())
     }
 
-    /// As [`Upstreams::new`], with the outbound proxies `proxies` decides.
-    pub fn with_proxies(routing: &Routing, proxies: Matcher) -> Self {
-        let (http, egress) = egress::client(proxies, CONNECT_TIMEOUT, IDLE_PER_HOST);
+    /// As [`Upstreams::new`], with the outbound proxies `proxies` decides, and
+    /// `extra_roots` trusted beside Mozilla's roots.
+    fn with_egress(
+        routing: &Routing,
+        proxies: Matcher,
+        extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    ) -> Self {
+        let (http, egress) = egress::client(proxies, extra_roots, CONNECT_TIMEOUT, IDLE_PER_HOST);
         let mut sims = FastMap::default();
         let mut breakers = FastMap::default();
         let mut targets = FastMap::default();
@@ -453,12 +459,21 @@ mod tests {
     }
 
     fn upstreams_via(p: &Provider, proxies: Matcher) -> Upstreams {
-        Upstreams::with_proxies(
+        upstreams_trusting(p, proxies, Vec::new())
+    }
+
+    fn upstreams_trusting(
+        p: &Provider,
+        proxies: Matcher,
+        extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    ) -> Upstreams {
+        Upstreams::with_egress(
             &Routing {
                 providers: vec![p.clone()],
                 ..Routing::default()
             },
             proxies,
+            extra_roots,
         )
     }
 
@@ -692,5 +707,91 @@ mod tests {
         let proxies = Matcher::builder().all("socks5://127.0.0.1:9").build();
         let why = unreachable(&upstreams_via(&p, proxies), &p).await;
         assert!(why.contains("`socks5` is not supported"), "{why}");
+    }
+
+    /// An `https://` provider whose certificate a private authority signed
+    /// (`testdata/ca.pem`; for `127.0.0.1` and `localhost`, valid until 2126). Every
+    /// request it reads whole is answered `{"via":"tls"}`.
+    async fn provider_of_a_private_ca() -> std::net::SocketAddr {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_slice_iter(include_bytes!("testdata/provider.pem"))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(include_bytes!("testdata/provider.key")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                // A client that does not trust the authority ends the handshake.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8; 1];
+                    if tls.read_exact(&mut byte).await.is_err() {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let body = b"{\"via\":\"tls\"}";
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.write_all(body).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        addr
+    }
+
+    /// A provider behind a private certificate authority: refused as unknown with
+    /// Mozilla's roots alone, reached once the authority's certificate is trusted
+    /// (what `SSL_CERT_FILE` names, read by `read_roots`).
+    #[tokio::test]
+    async fn a_provider_of_a_private_authority_is_trusted_once_its_certificate_is_given() {
+        let addr = provider_of_a_private_ca().await;
+        let p = provider(ProviderKind::Openai, &format!("https://{addr}"), None);
+        let why = unreachable(&upstreams(&p), &p).await;
+        assert!(why.contains("UnknownIssuer"), "{why}");
+
+        let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/proxy/testdata/ca.pem");
+        let roots = egress::read_roots(&ca).unwrap();
+        assert_eq!(roots.len(), 1);
+        let up = upstreams_trusting(&p, Matcher::builder().build(), roots);
+        let r = up
+            .send(&p, Endpoint::Chat, Bytes::from_static(b"{}"), false)
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(&whole(r)[..], b"{\"via\":\"tls\"}");
+    }
+
+    /// A certificate file that is missing, or holds no certificate, is refused naming it.
+    #[test]
+    fn a_certificate_file_without_certificates_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let why = egress::read_roots(&missing).unwrap_err();
+        assert!(why.contains("missing.pem"), "{why}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let why = egress::read_roots(&empty).unwrap_err();
+        assert!(
+            why.contains("empty.pem") && why.contains("no PEM certificate"),
+            "{why}"
+        );
     }
 }
