@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper_util::client::proxy::matcher::Matcher;
 use parking_lot::Mutex;
 
-use super::egress::{self, Egress, HttpClient};
+use super::egress::{self, HttpClient};
 use super::wire::Dialect;
 use crate::sim::{SimAnswer, Simulator};
 
@@ -120,12 +120,11 @@ async fn read_whole(
     limit: u64,
 ) -> Result<Bytes, UpError> {
     let too_large = |len: usize| u64::try_from(len).map_or(true, |n| n > limit);
-    let declared = resp
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    // The body's exact size is its `Content-Length`, when it has one.
+    if hyper::body::Body::size_hint(resp.body())
+        .exact()
+        .is_some_and(|n| n > limit)
+    {
         return Err(UpError::TooLarge(status, limit));
     }
     let mut body = resp.into_body();
@@ -223,14 +222,6 @@ fn provider_headers(p: &Provider) -> Vec<(HeaderName, HeaderValue)> {
     headers
 }
 
-/// The outbound proxy calls to `p` go through, if any.
-fn proxy_of(egress: &Egress, p: &Provider) -> Option<Uri> {
-    if p.kind == ProviderKind::Simulated {
-        return None;
-    }
-    egress.proxy_for(&p.base_url.parse::<Uri>().ok()?)
-}
-
 pub struct Upstreams {
     http: HttpClient,
     /// Each HTTP provider's target per endpoint, made once.
@@ -261,21 +252,27 @@ impl Upstreams {
         let mut targets = FastMap::default();
         for p in &routing.providers {
             let headers = provider_headers(p);
-            let parsed = [Endpoint::Chat, Endpoint::Messages, Endpoint::Embeddings]
-                .into_iter()
-                .filter_map(|ep| {
-                    let uri = format!("{}{}", p.base_url, ep.path()).parse::<Uri>().ok()?;
-                    let known = matches!(uri.scheme_str(), Some("http" | "https"));
-                    known.then(|| {
-                        let mut headers = headers.clone();
-                        if let Some(auth) = egress.forward_auth(&uri) {
-                            headers.push((PROXY_AUTHORIZATION, auth));
-                        }
-                        (ep, Target { uri, headers })
+            let parsed: HashMap<Endpoint, Target> =
+                [Endpoint::Chat, Endpoint::Messages, Endpoint::Embeddings]
+                    .into_iter()
+                    .filter_map(|ep| {
+                        let uri = format!("{}{}", p.base_url, ep.path()).parse::<Uri>().ok()?;
+                        let known = matches!(uri.scheme_str(), Some("http" | "https"));
+                        known.then(|| {
+                            let mut headers = headers.clone();
+                            if let Some(auth) = egress.forward_auth(&uri) {
+                                headers.push((PROXY_AUTHORIZATION, auth));
+                            }
+                            (ep, Target { uri, headers })
+                        })
                     })
-                })
-                .collect();
-            if let Some(proxy) = proxy_of(&egress, p) {
+                    .collect();
+            // The simulated provider has no target: it answers in process.
+            let proxy = parsed
+                .values()
+                .next()
+                .and_then(|t| egress.proxy_for(&t.uri));
+            if let Some(proxy) = proxy {
                 tracing::info!(provider = %p.name, %proxy, "calls to this provider go through an outbound proxy");
             }
             targets.insert(p.name.clone(), parsed);
