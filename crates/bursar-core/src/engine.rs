@@ -679,7 +679,7 @@ pub struct Prepared<'a> {
     shadow: Option<DenyCode>,
     priced: Priced<'a>,
     ttl: Duration,
-    applicable: Vec<Applicable<'static>>,
+    applicable: Scoped,
     rate_checks: Vec<(RateCell, u64, u32)>,
     id: Uuid,
 }
@@ -792,12 +792,37 @@ pub struct Engine {
     state: Mutex<State>,
 }
 
-/// A budget that applies to a call, with its bucket: owned by a call being decided,
-/// borrowed from a hold's detail when the hold is settled (no copy of its texts).
+/// A budget that applies to a call, with its bucket, borrowed from where they are kept
+/// (a call's [`Scoped`], a hold's detail): no copy of their texts.
+#[derive(Clone, Copy)]
 struct Applicable<'b> {
-    budget: Arc<Budget>,
-    bucket: Cow<'b, BucketKey>,
+    budget: &'b Budget,
+    bucket: &'b BucketKey,
     tz: Tz,
+}
+
+/// The budgets a call counts against, and their buckets. The buckets are made once, when
+/// the call is prepared, and shared with its hold's detail.
+struct Scoped {
+    budgets: Vec<(Arc<Budget>, Tz)>,
+    buckets: Arc<[BucketKey]>,
+}
+
+impl Scoped {
+    fn iter(&self) -> impl Iterator<Item = Applicable<'_>> + Clone + '_ {
+        self.budgets
+            .iter()
+            .zip(self.buckets.iter())
+            .map(|((budget, tz), bucket)| Applicable {
+                budget,
+                bucket,
+                tz: *tz,
+            })
+    }
+
+    fn len(&self) -> usize {
+        self.buckets.len()
+    }
 }
 
 fn ms(t: DateTime<Utc>) -> i64 {
@@ -955,14 +980,15 @@ impl Engine {
         team: Option<&str>,
         tags: &Tags,
         now: DateTime<Utc>,
-    ) -> Vec<Applicable<'static>> {
+    ) -> Scoped {
         let set = self.budgets.read().clone();
         let own = set
             .by_tenant
             .get(&tenant.id)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let mut out = Vec::with_capacity(set.global.len() + own.len());
+        let mut budgets = Vec::with_capacity(set.global.len() + own.len());
+        let mut buckets = Vec::with_capacity(budgets.capacity());
         for (budget, tz) in set
             .global
             .iter()
@@ -978,18 +1004,17 @@ impl Engine {
                     continue;
                 }
             }
-            let bucket = BucketKey {
+            buckets.push(BucketKey {
                 budget: budget.id.clone(),
                 period_start: budget.spec.window.period_start(now, tz),
                 value,
-            };
-            out.push(Applicable {
-                budget: budget.clone(),
-                bucket: Cow::Owned(bucket),
-                tz,
             });
+            budgets.push((budget.clone(), tz));
         }
-        out
+        Scoped {
+            budgets,
+            buckets: buckets.into(),
+        }
     }
 
     /// Used (held + spent) and limit of a bucket at `now`, rolling windows and rollover
@@ -1010,7 +1035,7 @@ impl Engine {
                     held: sum.held + c.held,
                     spent: sum.spent + c.spent,
                 }),
-            None => state.counters.get(&a.bucket).copied().unwrap_or_default(),
+            None => state.counters.get(a.bucket).copied().unwrap_or_default(),
         };
         let mut limit = spec.limit;
         if let Some(prev) = Self::rollover_from(a, now) {
@@ -1055,7 +1080,7 @@ impl Engine {
             None => Vec::new(),
         };
         LeaseWant {
-            bucket: a.bucket.as_ref().clone(),
+            bucket: a.bucket.clone(),
             shortfall,
             limit: spec.limit,
             percent,
@@ -1244,7 +1269,7 @@ impl Engine {
     /// A counter with the other instances' use of its bucket added as spent (shared
     /// budgets: what a caller is shown is the use of all instances).
     fn with_elsewhere(state: &State, a: &Applicable, mut c: Counter) -> Counter {
-        if let Some(e) = state.elsewhere.get(&a.bucket) {
+        if let Some(e) = state.elsewhere.get(a.bucket) {
             c.spent += *e;
         }
         c
@@ -1732,8 +1757,8 @@ impl Engine {
         let mut downgrade = false;
         let mut standings = Vec::with_capacity(applicable.len());
         let mut lease_rooms = Vec::new();
-        for a in applicable {
-            let (counter, limit) = Self::standing(&state, a, now);
+        for a in applicable.iter() {
+            let (counter, limit) = Self::standing(&state, &a, now);
             let t = &a.budget.spec.thresholds;
             let level = Level::of(counter.used(), limit, t);
             let effective_limit = match t.emergency_action {
@@ -1754,11 +1779,11 @@ impl Engine {
                 Some(allowance) => {
                     let used_here = state
                         .counters
-                        .get(&a.bucket)
+                        .get(a.bucket)
                         .map(|c| c.used())
                         .unwrap_or_default();
                     let lease_room = allowance
-                        .get(&a.bucket)
+                        .get(a.bucket)
                         .copied()
                         .unwrap_or_default()
                         .saturating_sub(used_here);
@@ -1835,7 +1860,7 @@ impl Engine {
                 .iter()
                 .zip(&lease_rooms)
                 .filter(|(_, r)| **r < worst_case)
-                .map(|(a, r)| Self::lease_want(a, worst_case.saturating_sub(*r), now))
+                .map(|(a, r)| Self::lease_want(&a, worst_case.saturating_sub(*r), now))
                 .collect();
             if !leases.is_empty() {
                 let mut d = Denial::new(
@@ -1881,19 +1906,19 @@ impl Engine {
         let mut views = Vec::with_capacity(applicable.len());
         let mut alerts = Vec::new();
         for (a, (counter, limit)) in applicable.iter().zip(&standings) {
-            with_counter(&mut state.counters, &a.bucket, |c| c.held += held);
+            with_counter(&mut state.counters, a.bucket, |c| c.held += held);
             let after = Counter {
                 held: counter.held + held,
                 spent: counter.spent,
             };
             views.push(Self::view(
-                a,
-                Self::with_elsewhere(&state, a, after),
+                &a,
+                Self::with_elsewhere(&state, &a, after),
                 *limit,
             ));
             Self::note_level(
                 &mut state,
-                a,
+                &a,
                 after.used(),
                 *limit,
                 now_ms,
@@ -1915,10 +1940,7 @@ impl Engine {
             Metered::Api { api, .. } => Some(api.clone()),
         };
         let detail = Arc::new(HoldDetail {
-            buckets: applicable
-                .iter()
-                .map(|a| a.bucket.as_ref().clone())
-                .collect(),
+            buckets: applicable.buckets.clone(),
             tags: tags.clone(),
             team: team.clone(),
             user: key.user.as_deref().map(str::to_string),
@@ -2046,17 +2068,13 @@ impl Engine {
         let used = used
             + state
                 .elsewhere
-                .get(&a.bucket)
+                .get(a.bucket)
                 .copied()
                 .unwrap_or(Money::ZERO);
         let level = Level::of(used, limit, &a.budget.spec.thresholds);
-        let last = state
-            .levels
-            .get(&a.bucket)
-            .copied()
-            .unwrap_or(Level::Normal);
+        let last = state.levels.get(a.bucket).copied().unwrap_or(Level::Normal);
         if level > last {
-            state.levels.insert(a.bucket.as_ref().clone(), level);
+            state.levels.insert(a.bucket.clone(), level);
             alerts.push(AlertEvent {
                 at_ms: now_ms,
                 tenant: a
@@ -2064,7 +2082,7 @@ impl Engine {
                     .tenant
                     .clone()
                     .or_else(|| (!tenant.is_empty()).then(|| tenant.to_string())),
-                bucket: a.bucket.as_ref().clone(),
+                bucket: a.bucket.clone(),
                 level,
                 limit,
                 used,
@@ -2289,7 +2307,7 @@ impl Engine {
             .get(&hold.tenant)
             .map_or(Tz::UTC, |t| t.timezone);
         let mut alerts = Vec::new();
-        for b in &hold.detail.buckets {
+        for b in hold.detail.buckets.iter() {
             let used = with_counter(&mut state.counters, b, |c| {
                 c.held += held_delta;
                 c.spent += cost_delta;
@@ -2297,8 +2315,8 @@ impl Engine {
             });
             if let Some(budget) = budgets.get(&b.budget) {
                 let a = Applicable {
-                    budget: budget.clone(),
-                    bucket: Cow::Borrowed(b),
+                    budget,
+                    bucket: b,
                     tz: if budget.tenant.is_some() { tz } else { Tz::UTC },
                 };
                 let (_, limit) = Self::standing(state, &a, now);
@@ -2620,8 +2638,8 @@ impl Engine {
                 .and_then(|t| dir.tenants.get(t))
                 .map_or(Tz::UTC, |t| t.timezone);
             let a = Applicable {
-                budget: budget.clone(),
-                bucket: Cow::Owned(bucket),
+                budget,
+                bucket: &bucket,
                 tz,
             };
             let (_, limit) = Self::standing(&state, &a, now);
@@ -2739,8 +2757,8 @@ impl Engine {
         applicable
             .iter()
             .map(|a| {
-                let (c, l) = Self::standing(&state, a, now);
-                Self::view(a, Self::with_elsewhere(&state, a, c), l)
+                let (c, l) = Self::standing(&state, &a, now);
+                Self::view(&a, Self::with_elsewhere(&state, &a, c), l)
             })
             .collect()
     }
@@ -2829,7 +2847,7 @@ impl Engine {
                 EntryKind::Hold => {
                     let Some(d) = &e.detail else { return };
                     if !state.counters_restored {
-                        for b in &d.buckets {
+                        for b in d.buckets.iter() {
                             state.counters.entry(b.clone()).or_default().held += e.held_delta;
                         }
                     }
@@ -2856,7 +2874,7 @@ impl Engine {
                     });
                     let Some(hold) = hold else { return };
                     if !state.counters_restored {
-                        for b in &hold.detail.buckets {
+                        for b in hold.detail.buckets.iter() {
                             let c = state.counters.entry(b.clone()).or_default();
                             c.held += e.held_delta;
                             c.spent += e.cost_delta;

@@ -123,7 +123,8 @@ pub struct Tags {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldDetail {
     /// The buckets the hold is on; settle, void and expire act on the same ones.
-    pub buckets: Vec<BucketKey>,
+    /// Shared with the engine's hold (and the call that made it): one copy a hold.
+    pub buckets: Arc<[BucketKey]>,
     pub tags: Tags,
     pub team: Option<String>,
     pub user: Option<String>,
@@ -175,7 +176,7 @@ impl Entry {
         self.detail
             .as_ref()
             .or(self.hold.as_ref())
-            .map_or(&[], |d| d.buckets.as_slice())
+            .map_or(&[], |d| &d.buckets[..])
     }
 }
 
@@ -316,7 +317,7 @@ impl Replay {
             }
             return;
         };
-        for b in &detail.buckets {
+        for b in detail.buckets.iter() {
             let c = self.counters.entry(b.clone()).or_default();
             c.held += e.held_delta;
             c.spent += e.cost_delta;
@@ -405,7 +406,7 @@ mod tests {
         };
         tags.custom.insert("env".into(), "prod".into());
         h.detail = Some(Arc::new(HoldDetail {
-            buckets: Vec::new(),
+            buckets: Arc::new([]),
             tags,
             team: Some("core".into()),
             user: None,

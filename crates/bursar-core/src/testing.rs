@@ -68,7 +68,7 @@ where
                 (team, user, idempotency_key, fingerprint),
                 (expires_at_ms, max_tokens, prompt_tokens, quantity, rate_tokens),
             )| HoldDetail {
-                buckets,
+                buckets: buckets.into(),
                 tags,
                 team,
                 user,

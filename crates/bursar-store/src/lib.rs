@@ -1641,11 +1641,11 @@ mod tests {
     fn entry(n: u64, held: i64) -> Entry {
         let detail = (held != 0).then(|| {
             Arc::new(HoldDetail {
-                buckets: vec![BucketKey {
+                buckets: Arc::new([BucketKey {
                     budget: "b".into(),
                     value: "t".into(),
                     period_start: 0,
-                }],
+                }]),
                 tags: Default::default(),
                 team: None,
                 user: None,

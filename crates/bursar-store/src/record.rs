@@ -207,7 +207,7 @@ fn hold_detail(out: &mut Vec<u8>, d: &HoldDetail) {
         budget,
         value,
         period_start,
-    } in buckets
+    } in buckets.iter()
     {
         text(out, budget);
         text(out, value);
@@ -397,7 +397,7 @@ impl<'a> Reader<'a> {
             metadata: self.map()?,
         };
         Ok(HoldDetail {
-            buckets,
+            buckets: buckets.into(),
             tags,
             team: self.opt_text()?,
             user: self.opt_text()?,
@@ -433,7 +433,7 @@ mod tests {
                 .map(|(e, on_hold)| Entry {
                     // What the record notes of a hold it acts on: that there is one.
                     hold: on_hold.then(|| Arc::new(HoldDetail {
-                        buckets: Vec::new(),
+                        buckets: Arc::new([]),
                         tags: Tags::default(),
                         team: None,
                         user: None,
@@ -540,11 +540,11 @@ mod tests {
             latency_ms: None,
             flags: 0,
             detail: Some(Arc::new(HoldDetail {
-                buckets: vec![BucketKey {
+                buckets: Arc::new([BucketKey {
                     budget: "team-day".into(),
                     value: "growth".into(),
                     period_start: 1_795_993_200,
-                }],
+                }]),
                 tags: Tags::default(),
                 team: Some("growth".into()),
                 user: None,
