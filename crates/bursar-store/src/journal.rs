@@ -244,6 +244,8 @@ pub struct Journal {
     segment_bytes: u64,
     current: parking_lot::Mutex<Current>,
     broken: Arc<AtomicBool>,
+    /// The alerts of the appends that have none (most): shared, not made for each.
+    no_alerts: Arc<[AlertEvent]>,
 }
 
 impl Journal {
@@ -264,6 +266,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             store: store.to_string(),
             segment_bytes,
+            no_alerts: Arc::new([]),
             current: parking_lot::Mutex::new(Current { segment, next: 1 }),
             broken,
         })
@@ -290,7 +293,11 @@ impl Journal {
         mut send: impl FnMut(Command),
     ) -> Record {
         let entries: Arc<[Entry]> = entries.into();
-        let alerts: Arc<[AlertEvent]> = alerts.into();
+        let alerts: Arc<[AlertEvent]> = if alerts.is_empty() {
+            self.no_alerts.clone()
+        } else {
+            alerts.into()
+        };
         let mut c = self.current.lock();
         if c.segment.written.load(Ordering::Relaxed) >= self.segment_bytes {
             match Segment::create(&self.dir, &self.store, self.broken.clone()) {
