@@ -142,11 +142,17 @@ impl Money {
 
     /// Appends the amount as [`fmt::Display`] writes it (the text of its JSON string).
     pub fn write_to(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(scaled_digits(
+        self.with_text(|t| out.extend_from_slice(t));
+    }
+
+    /// Hands the amount's text, as [`fmt::Display`] writes it, to `f`, for a caller that
+    /// copies it into a buffer of its own.
+    pub fn with_text<R>(self, f: impl FnOnce(&[u8]) -> R) -> R {
+        f(scaled_digits(
             self.0,
             MONEY_DECIMALS,
             &mut [0; SCALED_BYTES],
-        ));
+        ))
     }
 
     pub const fn nanos(self) -> i64 {

@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use tower::ServiceExt;
 
 /// The allocator of the `bursar` binary, so the figures are those of the server.
+#[cfg(not(feature = "bench-system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

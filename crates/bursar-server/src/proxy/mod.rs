@@ -42,6 +42,7 @@ use bursar_core::pricebook::{Model, PriceBook, TokenUsage, TokenizerKind};
 use bursar_core::providers::{DisconnectPolicy, Provider};
 use bursar_core::tokens;
 use bursar_core::Money;
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -203,54 +204,47 @@ mod names {
         HeaderName::from_static("x-ratelimit-reset-tokens");
 }
 
-fn header_value(v: impl HeaderText) -> HeaderValue {
-    v.header()
-}
+/// The values of Bursar's own headers on one answer, written one after another into
+/// one buffer and handed out as slices of it: one allocation for an answer's ten values,
+/// not one (or two) each, and no `core::fmt` between. Text that is no valid header value
+/// (a model name, say) becomes `-`.
+struct HeaderValues(BytesMut);
 
-/// A value Bursar writes into a header of its own: written once into the header's
-/// bytes, without `core::fmt` and a `String` between (an answer carries up to ten).
-/// Text that is no valid header value (a model name, say) becomes `-`.
-trait HeaderText {
-    fn header(self) -> HeaderValue;
-}
-
-fn header_bytes(b: &[u8]) -> HeaderValue {
-    HeaderValue::from_bytes(b).unwrap_or(HeaderValue::from_static("-"))
-}
-
-impl HeaderText for &str {
-    fn header(self) -> HeaderValue {
-        header_bytes(self.as_bytes())
+impl HeaderValues {
+    /// Room for the longest answer's values (an id, a model name, five amounts, six
+    /// rate-limit figures) without growing.
+    fn new() -> Self {
+        HeaderValues(BytesMut::with_capacity(256))
     }
-}
 
-impl HeaderText for Money {
-    fn header(self) -> HeaderValue {
-        let mut b = Vec::with_capacity(24);
-        self.write_to(&mut b);
-        header_bytes(&b)
+    /// The bytes written since the last value, as a value.
+    fn take(&mut self) -> HeaderValue {
+        HeaderValue::from_maybe_shared(self.0.split().freeze())
+            .unwrap_or(HeaderValue::from_static("-"))
     }
-}
 
-impl HeaderText for uuid::Uuid {
-    fn header(self) -> HeaderValue {
-        header_bytes(
-            self.hyphenated()
+    fn text(&mut self, t: &[u8]) -> HeaderValue {
+        self.0.extend_from_slice(t);
+        self.take()
+    }
+
+    fn money(&mut self, m: Money) -> HeaderValue {
+        m.with_text(|t| self.text(t))
+    }
+
+    fn id(&mut self, id: uuid::Uuid) -> HeaderValue {
+        self.text(
+            id.hyphenated()
                 .encode_lower(&mut uuid::Uuid::encode_buffer())
                 .as_bytes(),
         )
     }
-}
 
-impl HeaderText for u64 {
-    fn header(self) -> HeaderValue {
-        HeaderValue::from(self)
-    }
-}
-
-impl HeaderText for u32 {
-    fn header(self) -> HeaderValue {
-        HeaderValue::from(self)
+    fn number(&mut self, n: u64, unit: &str) -> HeaderValue {
+        self.0
+            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        self.0.extend_from_slice(unit.as_bytes());
+        self.take()
     }
 }
 
@@ -258,33 +252,36 @@ impl HeaderText for u32 {
 /// held (and, once settled, the cost, the charge and what is left), and the caller's rate
 /// limits in OpenAI's `x-ratelimit-*` form.
 fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>) {
+    // Grown once, not once for every few headers.
+    h.reserve(6 + 3 * permit.rate_limits.len().min(2));
+    let mut v = HeaderValues::new();
     h.insert(
         names::AUTHORIZATION_ID.clone(),
-        header_value(permit.authorization_id),
+        v.id(permit.authorization_id),
     );
     if let Some(m) = &permit.model {
-        h.insert(names::MODEL.clone(), header_value(m.as_str()));
+        h.insert(names::MODEL.clone(), v.text(m.as_bytes()));
     }
-    h.insert(names::HELD.clone(), header_value(permit.held));
+    h.insert(names::HELD.clone(), v.money(permit.held));
     let released_extra = settled.map_or(Money::ZERO, |st| permit.held.saturating_sub(st.cost));
     if let Some(st) = settled {
-        h.insert(names::COST.clone(), header_value(st.cost));
-        h.insert(names::CHARGE.clone(), header_value(st.charge));
+        h.insert(names::COST.clone(), v.money(st.cost));
+        h.insert(names::CHARGE.clone(), v.money(st.charge));
     }
     if let Some(remaining) = permit.budgets.iter().map(|b| b.remaining).min() {
         let now = remaining.saturating_add(released_extra).max(Money::ZERO);
-        h.insert(names::REMAINING.clone(), header_value(now));
+        h.insert(names::REMAINING.clone(), v.money(now));
     }
     // The most restrictive limit of each dimension is the one a client must respect.
-    let mut tightest: Vec<&bursar_core::engine::RateStanding> = Vec::new();
+    let mut tightest: [Option<&bursar_core::engine::RateStanding>; 2] = [None, None];
     for r in &permit.rate_limits {
-        match tightest.iter_mut().find(|t| t.dimension == r.dimension) {
-            Some(t) if r.remaining < t.remaining => *t = r,
-            Some(_) => {}
-            None => tightest.push(r),
+        let slot = &mut tightest[usize::from(r.dimension != "requests")];
+        match slot {
+            Some(t) if r.remaining >= t.remaining => {}
+            _ => *slot = Some(r),
         }
     }
-    for r in tightest {
+    for r in tightest.into_iter().flatten() {
         let (limit, remaining, reset) = match r.dimension.as_ref() {
             "requests" => (
                 &names::LIMIT_REQUESTS,
@@ -297,12 +294,9 @@ fn add_headers(h: &mut HeaderMap, permit: &Permit, settled: Option<&Settlement>)
                 &names::RESET_TOKENS,
             ),
         };
-        h.insert(limit.clone(), header_value(r.limit_per_minute));
-        h.insert(remaining.clone(), header_value(r.remaining));
-        h.insert(
-            reset.clone(),
-            header_bytes(&[itoa::Buffer::new().format(r.reset_ms).as_bytes(), b"ms"].concat()),
-        );
+        h.insert(limit.clone(), v.number(u64::from(r.limit_per_minute), ""));
+        h.insert(remaining.clone(), v.number(r.remaining, ""));
+        h.insert(reset.clone(), v.number(r.reset_ms, "ms"));
     }
 }
 
@@ -434,13 +428,14 @@ impl Call {
         up: Dialect,
     ) -> Result<Bytes, ApiError> {
         let client = self.dialect();
-        let routed = permit.model.clone().unwrap_or_default();
         let model = if hop == 0 && permit.downgraded_from.is_none() {
             self.client_model.clone()
         } else {
-            routed
+            permit.model.clone().unwrap_or_default()
         };
-        let mut set: Vec<(&'static str, Value)> = vec![("model", Value::String(model))];
+        // The fields Bursar sets: the model, the output cap, the stream's options.
+        let mut set: [Option<(&'static str, Value)>; 3] =
+            [Some(("model", Value::String(model))), None, None];
         if self.ep != Endpoint::Embeddings {
             if let Some(mt) = permit.max_tokens {
                 let field = if up == Dialect::Anthropic {
@@ -452,7 +447,7 @@ impl Call {
                 } else {
                     "max_tokens"
                 };
-                set.push((field, json!(mt)));
+                set[1] = Some((field, json!(mt)));
             }
             if self.req.stream && up == Dialect::OpenAi {
                 let mut opts = match self.body.field("stream_options")?.map(Cow::into_owned) {
@@ -460,23 +455,22 @@ impl Call {
                     _ => Map::new(),
                 };
                 opts.insert("include_usage".into(), Value::Bool(true));
-                set.push(("stream_options", Value::Object(opts)));
+                set[2] = Some(("stream_options", Value::Object(opts)));
             }
         }
         let bytes = if up == client || self.ep == Endpoint::Embeddings {
             // The client's own body: each field as the client wrote it, but those Bursar
             // sets and those it counted from a parsed value (sent as parsed).
-            let fields: Vec<(&str, &Value)> = self
-                .req
-                .counted
-                .iter()
-                .chain(&set)
-                .map(|(k, v)| (*k, v))
-                .collect();
-            self.body.with_fields(&fields)
+            self.body.with_fields(
+                self.req
+                    .counted
+                    .iter()
+                    .chain(set.iter().flatten())
+                    .map(|(k, v)| (*k, v)),
+            )
         } else {
             let mut body = translate::request(client, up, &self.body.to_map()?)?;
-            for (k, v) in set {
+            for (k, v) in set.into_iter().flatten() {
                 body.insert(k.into(), v);
             }
             serde_json::to_vec(&Value::Object(body))
@@ -1238,11 +1232,12 @@ async fn answer_from_cache(
         .into_response();
     let h = resp.headers_mut();
     h.insert(names::CACHE.clone(), HeaderValue::from_static("hit"));
-    h.insert(names::AUTHORIZATION_ID.clone(), header_value(id));
-    h.insert(names::MODEL.clone(), header_value(hit.model.as_str()));
-    h.insert(names::COST.clone(), header_value(Money::ZERO));
-    h.insert(names::CHARGE.clone(), header_value(Money::ZERO));
-    h.insert(names::COST_SAVED.clone(), header_value(saved));
+    let mut v = HeaderValues::new();
+    h.insert(names::AUTHORIZATION_ID.clone(), v.id(id));
+    h.insert(names::MODEL.clone(), v.text(hit.model.as_bytes()));
+    h.insert(names::COST.clone(), v.money(Money::ZERO));
+    h.insert(names::CHARGE.clone(), v.money(Money::ZERO));
+    h.insert(names::COST_SAVED.clone(), v.money(saved));
     Ok(resp)
 }
 

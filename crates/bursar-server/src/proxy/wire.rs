@@ -444,7 +444,10 @@ impl RequestBody {
 
     /// The body with the fields of `set` in place of its own (added when it has none):
     /// every other field is copied as the client wrote it, in the client's order.
-    pub fn with_fields(&self, set: &[(&str, &Value)]) -> Result<Vec<u8>, serde_json::Error> {
+    pub fn with_fields<'v>(
+        &self,
+        set: impl IntoIterator<Item = (&'v str, &'v Value)> + Clone,
+    ) -> Result<Vec<u8>, serde_json::Error> {
         let mut out = Vec::with_capacity(self.raw.len() + 64);
         out.push(b'{');
         let mut first = true;
@@ -454,7 +457,7 @@ impl RequestBody {
             }
         };
         for (name, range) in &self.fields {
-            if set.iter().any(|(k, _)| k == name) {
+            if set.clone().into_iter().any(|(k, _)| k == name) {
                 continue;
             }
             let Some(text) = self.raw.get(range.clone()) else {
@@ -1428,7 +1431,10 @@ mod tests {
                 assert_eq!(v.as_deref(), Some(&json!(format!("{k}!"))), "{n} fields");
             }
             assert!(body.field("absent").unwrap().is_none());
-            assert_eq!(body.with_fields(&[]).unwrap(), raw.as_bytes());
+            assert_eq!(
+                body.with_fields(std::iter::empty()).unwrap(),
+                raw.as_bytes()
+            );
             // The same name again, first, last or in the middle.
             for at in [0, n / 2, n] {
                 let mut twice = fields.clone();
@@ -1489,7 +1495,7 @@ mod tests {
         let body = RequestBody::parse(Bytes::from(raw)).unwrap();
         let req = parse_chat(Dialect::OpenAi, &body).unwrap();
         assert!(req.counted.is_empty(), "plain messages go as written");
-        let out = body.with_fields(&[]).unwrap();
+        let out = body.with_fields(std::iter::empty()).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), raw.replace(' ', ""));
         assert_eq!(body.to_map().unwrap_err().code, "invalid_json");
     }
@@ -1504,7 +1510,7 @@ mod tests {
         let names: Vec<&str> = req.counted.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, ["system", "tools", "messages"]);
         let fields: Vec<(&str, &Value)> = req.counted.iter().map(|(k, v)| (*k, v)).collect();
-        let out = String::from_utf8(body.with_fields(&fields).unwrap()).unwrap();
+        let out = String::from_utf8(body.with_fields(fields.iter().copied()).unwrap()).unwrap();
         // Each name once, the copy counted (serde's: the last).
         assert!(RequestBody::parse(Bytes::from(out.clone())).is_ok());
         assert!(
@@ -1674,7 +1680,7 @@ mod tests {
                 set.push(("max_tokens", json!(7)));
             }
             let refs: Vec<(&str, &Value)> = set.iter().map(|(k, v)| (*k, v)).collect();
-            let out = body.with_fields(&refs).unwrap();
+            let out = body.with_fields(refs.iter().copied()).unwrap();
             let mut expected = map;
             for (k, v) in &set {
                 expected.insert((*k).to_string(), v.clone());
