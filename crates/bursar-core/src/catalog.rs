@@ -267,8 +267,28 @@ pub struct Plan {
 pub struct Directory {
     pub tenants: FastMap<String, Tenant>,
     pub teams: FastMap<(String, String), Team>,
-    pub users: FastMap<(String, String), User>,
+    /// By tenant and user id; looked up on every call by [`UserRef`], without copying
+    /// the two names into a key.
+    pub users: hashbrown::HashMap<(String, String), User, foldhash::fast::RandomState>,
     pub plans: FastMap<String, Plan>,
+}
+
+/// A user's key in [`Directory::users`], borrowed: a tenant id and a user id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserRef<'a>(pub &'a str, pub &'a str);
+
+impl std::hash::Hash for UserRef<'_> {
+    /// As the owned key `(String, String)` hashes: each string in turn.
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.hash(h);
+        self.1.hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<(String, String)> for UserRef<'_> {
+    fn equivalent(&self, key: &(String, String)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
 }
 
 /// API keys by hash, and by id for admin operations.
@@ -387,6 +407,27 @@ impl KeyRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_is_found_by_its_borrowed_names_and_only_in_its_tenant() {
+        let mut dir = Directory::default();
+        for (tenant, id, role) in [("acme", "ann", "admin"), ("beta", "ann", "viewer")] {
+            let user = User {
+                tenant: tenant.into(),
+                id: id.into(),
+                team: None,
+                role: role.into(),
+            };
+            dir.users.insert((tenant.into(), id.into()), user);
+        }
+        let role = |t: &str, u: &str| dir.users.get(&UserRef(t, u)).map(|u| u.role.as_str());
+        assert_eq!(role("acme", "ann"), Some("admin"));
+        assert_eq!(role("beta", "ann"), Some("viewer"));
+        assert_eq!(role("acme", "bob"), None);
+        // The names are not run together: ("ac", "meann") is no key of ("acme", "ann").
+        assert_eq!(role("ac", "meann"), None);
+        assert_eq!(role("acmeann", ""), None);
+    }
 
     fn key(id: u128, secret: &str, tenant: &str) -> ApiKey {
         ApiKey {

@@ -25,6 +25,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use uuid::Uuid;
 
 use crate::budget::{
@@ -32,7 +33,7 @@ use crate::budget::{
 };
 use crate::catalog::{
     ApiKey, Directory, EnforcementMode, FailurePolicy, KeyHash, KeyKind, KeyRing, LimitPer, Plan,
-    Tenant,
+    Tenant, UserRef,
 };
 use crate::ledger::{flags, AlertEvent, Entry, EntryKind, HoldDetail, Tags};
 use crate::money::{Money, PICOS_PER_NANO};
@@ -1439,7 +1440,7 @@ impl Engine {
         let user = key
             .user
             .as_ref()
-            .and_then(|u| dir.users.get(&(tenant_id.clone(), u.to_string())));
+            .and_then(|u| dir.users.get(&UserRef(&tenant_id, u)));
         let team = key
             .team
             .as_deref()
@@ -1700,7 +1701,8 @@ impl Engine {
 
         // Rate limits: this instance's cells are checked here and taken with the hold;
         // a distributed limiter's were taken before (and are given back if this denies).
-        let mut rate_updates: Vec<(RateCell, Gcra)> = Vec::new();
+        // A call's rate cells and budgets are few: kept on the stack.
+        let mut rate_updates: SmallVec<[(RateCell, Gcra); 4]> = SmallVec::new();
         let mut rate_limits = Vec::with_capacity(rate_checks.len());
         for (i, (cell, n, per_minute)) in rate_checks.iter().enumerate() {
             let outcome = match rates {
@@ -1755,7 +1757,7 @@ impl Engine {
         // the others' use is not the bound: the leases are).
         let mut room = Money::MAX;
         let mut downgrade = false;
-        let mut standings = Vec::with_capacity(applicable.len());
+        let mut standings: SmallVec<[(Counter, Money); 8]> = SmallVec::new();
         let mut lease_rooms = Vec::new();
         for a in applicable.iter() {
             let (counter, limit) = Self::standing(&state, &a, now);
@@ -2146,7 +2148,7 @@ impl Engine {
                 false,
             ));
         }
-        let permitted = hold.model.clone().unwrap_or_default();
+        let permitted = hold.model.as_deref().unwrap_or_default();
         let used = match &u.model_used {
             Some(m) => self
                 .book
@@ -2154,7 +2156,7 @@ impl Engine {
                 .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?,
             None => self
                 .book
-                .resolve(&permitted)
+                .resolve(permitted)
                 .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?,
         };
         if u.tokens.cached_input_tokens > u.tokens.input_tokens {
@@ -2276,7 +2278,7 @@ impl Engine {
         state.finished.insert(
             id,
             Box::new(Finished {
-                tenant: hold.tenant.clone(),
+                tenant: hold.tenant,
                 usage,
                 settlement: settlement.clone(),
                 finished_at_ms: now_ms,
@@ -2745,7 +2747,7 @@ impl Engine {
             .key
             .user
             .as_ref()
-            .and_then(|u| dir.users.get(&(tenant.id.clone(), u.to_string())));
+            .and_then(|u| dir.users.get(&UserRef(&tenant.id, u)));
         let team = caller
             .key
             .team
