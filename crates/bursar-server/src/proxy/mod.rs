@@ -205,9 +205,10 @@ mod names {
 }
 
 /// The values of Bursar's own headers on one answer, written one after another into
-/// one buffer and handed out as slices of it: one allocation for an answer's ten values,
-/// not one (or two) each, and no `core::fmt` between. Text that is no valid header value
-/// (a model name, say) becomes `-`.
+/// one buffer and handed out as slices of it: two allocations for an answer's ten values
+/// (the buffer and, at the first slice, its shared count), not one or two each, and no
+/// `core::fmt` between. Text that is no valid header value (a model name, say) becomes
+/// `-`.
 struct HeaderValues(BytesMut);
 
 impl HeaderValues {
