@@ -15,6 +15,7 @@
 //! boundary between hold and settle never moves money between periods.
 
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -316,11 +317,12 @@ impl fmt::Debug for TextsCache {
 }
 
 /// One counter: a budget, a scope value and a period. Travels as its compact text form,
-/// `budget|value|period_start`, which keeps ledger entries small.
+/// `budget|value|period_start`, which keeps ledger entries small. Its texts are shared
+/// (a call's buckets take them from the budget and the call's scope values, uncopied).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BucketKey {
-    pub budget: String,
-    pub value: String,
+    pub budget: Arc<str>,
+    pub value: Arc<str>,
     pub period_start: i64,
 }
 
@@ -349,8 +351,8 @@ impl BucketKey {
         let period_start = it.next()?.parse().ok()?;
         let (budget, value) = it.next()?.split_once('|')?;
         Some(BucketKey {
-            budget: budget.to_string(),
-            value: value.to_string(),
+            budget: budget.into(),
+            value: value.into(),
             period_start,
         })
     }

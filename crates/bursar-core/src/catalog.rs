@@ -64,7 +64,7 @@ pub enum KeyKind {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tenant {
-    pub id: String,
+    pub id: Arc<str>,
     pub name: String,
     pub plan: String,
     pub timezone: Tz,
@@ -92,7 +92,7 @@ pub struct Team {
 pub struct User {
     pub tenant: String,
     pub id: String,
-    pub team: Option<String>,
+    pub team: Option<Arc<str>>,
     pub role: String,
 }
 

@@ -535,7 +535,7 @@ impl Config {
                 let model = match &l.model {
                     None => None,
                     Some(m) => match book.resolve(m) {
-                        Ok(m) => Some(m.id.clone()),
+                        Ok(m) => Some(m.id.to_string()),
                         Err(e) => {
                             p.push(format!("{owner}: limit {i}: {e}"));
                             None
@@ -638,7 +638,7 @@ impl Config {
             };
             let tenant = Tenant {
                 name: t.name.unwrap_or_else(|| t.id.clone()),
-                id: t.id.clone(),
+                id: t.id.as_str().into(),
                 plan: t.plan,
                 timezone: tz,
                 mode: t.mode.unwrap_or_default(),
@@ -694,7 +694,7 @@ impl Config {
             let user = User {
                 tenant: u.tenant.clone(),
                 id: u.id.clone(),
-                team: u.team,
+                team: u.team.map(Into::into),
                 role: u.role.unwrap_or_else(|| "member".into()),
             };
             if dir.users.insert((u.tenant, u.id.clone()), user).is_some() {

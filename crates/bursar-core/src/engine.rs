@@ -242,12 +242,12 @@ pub enum Prompt {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Metered {
     Model {
-        model: String,
+        model: Arc<str>,
         prompt: Prompt,
         max_tokens: Option<u32>,
     },
     Api {
-        api: String,
+        api: Arc<str>,
         quantity: u64,
     },
 }
@@ -270,7 +270,8 @@ pub struct BudgetView {
     pub budget_id: Arc<str>,
     #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub scope: Arc<str>,
-    pub value: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub value: Arc<str>,
     #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub window: Arc<str>,
     pub period_start: i64,
@@ -285,15 +286,19 @@ pub struct BudgetView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Permit {
     pub authorization_id: Uuid,
-    pub model: Option<String>,
-    pub api: Option<String>,
-    pub price_version: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub model: Option<Arc<str>>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub api: Option<Arc<str>>,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub price_version: Arc<str>,
     pub held: Money,
     pub prompt_tokens: u64,
     pub max_tokens: Option<u32>,
     pub quantity: u64,
     pub expires_at: DateTime<Utc>,
-    pub downgraded_from: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub downgraded_from: Option<Arc<str>>,
     /// In shadow mode: the denial that enforce mode would have returned.
     pub shadow_denial: Option<DenyCode>,
     pub budgets: Vec<BudgetView>,
@@ -327,7 +332,8 @@ pub struct Usage {
     pub tokens: TokenUsage,
     pub quantity: u64,
     /// The model the provider says it used; defaults to the permitted model.
-    pub model_used: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub model_used: Option<Arc<str>>,
     pub latency_ms: Option<u32>,
     /// Usage counted by the caller rather than reported by the provider.
     pub estimated: bool,
@@ -351,8 +357,10 @@ pub struct Settlement {
     pub charge: Money,
     pub released: Money,
     pub overage: Money,
-    pub model_used: Option<String>,
-    pub price_version: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub model_used: Option<Arc<str>>,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub price_version: Arc<str>,
     pub drift: bool,
     pub replayed: bool,
 }
@@ -403,13 +411,13 @@ impl FinishError {
 struct Hold {
     /// When the hold was made: prices are those in effect then.
     at_ms: i64,
-    tenant: String,
+    tenant: Arc<str>,
     key_id: Option<Uuid>,
     detail: Arc<HoldDetail>,
     held: Money,
-    model: Option<String>,
-    api: Option<String>,
-    price_version: String,
+    model: Option<Arc<str>>,
+    api: Option<Arc<str>>,
+    price_version: Arc<str>,
     expires_at_ms: i64,
     agent: Option<String>,
     /// The answer, kept only when an idempotency key may ask for it again.
@@ -524,10 +532,19 @@ impl Aged for IdempotencyRecord {
     }
 }
 
+/// What a call's usage cost, at the price of the model it used.
+struct UsagePriced {
+    cost: Money,
+    price_version: Arc<str>,
+    model_used: Option<Arc<str>>,
+    /// The model used is not the one permitted.
+    drift: bool,
+}
+
 /// A finished authorization, kept for a while to answer retries.
 #[derive(Debug, Clone)]
 struct Finished {
-    tenant: String,
+    tenant: Arc<str>,
     usage: Option<Usage>,
     settlement: Settlement,
     finished_at_ms: i64,
@@ -565,10 +582,10 @@ fn with_counter<R>(
 enum Subject {
     Key(Uuid),
     /// Tenant and user.
-    User(String, String),
-    Tenant(String),
+    User(Arc<str>, String),
+    Tenant(Arc<str>),
     /// Tenant and model (or metered API).
-    Model(String, String),
+    Model(Arc<str>, Arc<str>),
 }
 
 /// The role limits of a plan, as a cell's `limit`; shared limits use their index.
@@ -669,12 +686,12 @@ pub struct Prepared<'a> {
     dir: Arc<Directory>,
     req: AuthorizeRequest,
     now: DateTime<Utc>,
-    tenant_id: String,
+    tenant_id: Arc<str>,
     plan_id: String,
     task_name: String,
     role: String,
     tags: Tags,
-    team: Option<String>,
+    team: Option<Arc<str>>,
     mode: EnforcementMode,
     fail_open: bool,
     shadow: Option<DenyCode>,
@@ -834,8 +851,8 @@ fn ms(t: DateTime<Utc>) -> i64 {
 pub fn permit_of_hold(
     authorization: Uuid,
     held: Money,
-    item: Option<String>,
-    price_version: Option<String>,
+    item: Option<Arc<str>>,
+    price_version: Option<Arc<str>>,
     d: &HoldDetail,
     replayed: bool,
 ) -> Permit {
@@ -950,27 +967,30 @@ impl Engine {
         Ok(Caller { key })
     }
 
-    /// The scope value of a call for a budget scope, if the call has one.
+    /// The scope value of a call for a budget scope, if the call has one. The tenant's,
+    /// team's and user's are shared, not copied.
     fn scope_value(
         scope: &ScopeKind,
-        tenant: &str,
+        tenant: &Arc<str>,
         key: &ApiKey,
-        team: Option<&str>,
+        team: Option<&Arc<str>>,
         tags: &Tags,
-    ) -> Option<String> {
+    ) -> Option<Arc<str>> {
+        static GLOBAL: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "*".into());
+        let tag = |t: &Option<String>| t.as_deref().map(Arc::from);
         match scope {
-            ScopeKind::Global => Some("*".to_string()),
-            ScopeKind::Tenant => Some(tenant.to_string()),
-            ScopeKind::Team => team.map(str::to_string),
-            ScopeKind::User => key.user.as_deref().map(str::to_string),
-            ScopeKind::ApiKey => Some(key.id.to_string()),
-            ScopeKind::EndUser => tags.end_user.clone(),
-            ScopeKind::Workflow => tags.workflow.clone(),
-            ScopeKind::Campaign => tags.campaign.clone(),
-            ScopeKind::Agent => tags.agent.clone(),
-            ScopeKind::Feature => tags.feature.clone(),
-            ScopeKind::Task => tags.task.clone(),
-            ScopeKind::Tag(k) => tags.custom.get(k).cloned(),
+            ScopeKind::Global => Some(GLOBAL.clone()),
+            ScopeKind::Tenant => Some(tenant.clone()),
+            ScopeKind::Team => team.cloned(),
+            ScopeKind::User => key.user.clone(),
+            ScopeKind::ApiKey => Some(key.id.to_string().into()),
+            ScopeKind::EndUser => tag(&tags.end_user),
+            ScopeKind::Workflow => tag(&tags.workflow),
+            ScopeKind::Campaign => tag(&tags.campaign),
+            ScopeKind::Agent => tag(&tags.agent),
+            ScopeKind::Feature => tag(&tags.feature),
+            ScopeKind::Task => tag(&tags.task),
+            ScopeKind::Tag(k) => tags.custom.get(k).map(|v| Arc::from(v.as_str())),
         }
     }
 
@@ -978,14 +998,14 @@ impl Engine {
         &self,
         tenant: &Tenant,
         key: &ApiKey,
-        team: Option<&str>,
+        team: Option<&Arc<str>>,
         tags: &Tags,
         now: DateTime<Utc>,
     ) -> Scoped {
         let set = self.budgets.read().clone();
         let own = set
             .by_tenant
-            .get(&tenant.id)
+            .get(&*tenant.id)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         let mut budgets = Vec::with_capacity(set.global.len() + own.len());
@@ -1001,12 +1021,12 @@ impl Engine {
                 continue;
             };
             if let Selector::Value(v) = &budget.spec.selector {
-                if *v != value {
+                if **v != *value {
                     continue;
                 }
             }
             buckets.push(BucketKey {
-                budget: budget.id.clone(),
+                budget: budget.texts().id.clone(),
                 period_start: budget.spec.window.period_start(now, tz),
                 value,
             });
@@ -1192,7 +1212,7 @@ impl Engine {
     /// (a late settle here would record its true cost).
     pub fn is_expired_unreconciled(&self, tenant: &str, id: Uuid) -> bool {
         self.state.lock().finished.get(&id).is_some_and(|f| {
-            f.tenant == tenant && f.settlement.outcome == Outcome::Expired && f.hold.is_some()
+            *f.tenant == *tenant && f.settlement.outcome == Outcome::Expired && f.hold.is_some()
         })
     }
 
@@ -1210,7 +1230,7 @@ impl Engine {
             .lock()
             .holds
             .get(&id)
-            .is_some_and(|h| h.tenant == tenant)
+            .is_some_and(|h| *h.tenant == *tenant)
     }
 
     /// Shared budgets: another instance finished this hold; forget it without any
@@ -1353,7 +1373,7 @@ impl Engine {
             at_ms: ms(now),
             kind: EntryKind::Adjustment,
             authorization: id,
-            tenant: caller.key.tenant.as_deref().unwrap_or_default().to_string(),
+            tenant: caller.key.tenant.as_deref().unwrap_or_default().into(),
             key_id: Some(caller.key.id),
             held_delta: Money::ZERO,
             cost_delta: Money::ZERO,
@@ -1424,13 +1444,16 @@ impl Engine {
             ));
         };
         let dir = self.directory();
-        let tenant_id = key.tenant.as_deref().unwrap_or_default().to_string();
-        let tenant = dir.tenants.get(&tenant_id).ok_or_else(|| {
-            Denial::new(
-                DenyCode::TenantNotFound,
-                "the key's tenant no longer exists",
-            )
-        })?;
+        let tenant = dir
+            .tenants
+            .get(key.tenant.as_deref().unwrap_or_default())
+            .ok_or_else(|| {
+                Denial::new(
+                    DenyCode::TenantNotFound,
+                    "the key's tenant no longer exists",
+                )
+            })?;
+        let tenant_id = tenant.id.clone();
         let plan = dir.plans.get(&tenant.plan).ok_or_else(|| {
             Denial::new(
                 DenyCode::TenantNotFound,
@@ -1443,8 +1466,7 @@ impl Engine {
             .and_then(|u| dir.users.get(&UserRef(&tenant_id, u)));
         let team = key
             .team
-            .as_deref()
-            .map(str::to_string)
+            .clone()
             .or_else(|| user.and_then(|u| u.team.clone()));
         let role = key
             .role
@@ -1560,7 +1582,7 @@ impl Engine {
         };
 
         let ttl = req.ttl.unwrap_or(self.config.hold_ttl).min(MAX_HOLD_TTL);
-        let applicable = self.applicable(tenant, key, team.as_deref(), &tags, now);
+        let applicable = self.applicable(tenant, key, team.as_ref(), &tags, now);
         let limits = plan.rate_limits.get(&role).copied().unwrap_or_default();
 
         // The rate limits to check: checked and taken by `decide`, or by a distributed
@@ -1611,7 +1633,7 @@ impl Engine {
                     (LimitPer::User, Some(u)) => Subject::User(tenant_id.clone(), u.to_string()),
                     (LimitPer::Key | LimitPer::User, _) => Subject::Key(key.id),
                     (LimitPer::Tenant, _) => Subject::Tenant(tenant_id.clone()),
-                    (LimitPer::Model, _) => Subject::Model(tenant_id.clone(), item.to_string()),
+                    (LimitPer::Model, _) => Subject::Model(tenant_id.clone(), priced.item_arc()),
                 };
                 let index = u16::try_from(i).unwrap_or(ROLE_LIMIT - 1);
                 add(index, subject, l.requests_per_minute, l.tokens_per_minute);
@@ -1674,7 +1696,7 @@ impl Engine {
 
         // Idempotency: a retry gets the first answer, a different request gets 409.
         if let Some(k) = &req.idempotency_key {
-            if let Some(rec) = state.idempotency.get(&(tenant_id.clone(), k.clone())) {
+            if let Some(rec) = state.idempotency.get(&(tenant_id.to_string(), k.clone())) {
                 if rec.fingerprint != req.fingerprint {
                     return Err(Denial::new(
                         DenyCode::IdempotencyKeyReused,
@@ -1945,7 +1967,7 @@ impl Engine {
             buckets: applicable.buckets.clone(),
             tags: tags.clone(),
             team: team.clone(),
-            user: key.user.as_deref().map(str::to_string),
+            user: key.user.clone(),
             expires_at_ms,
             idempotency_key: req.idempotency_key.clone(),
             fingerprint: req.fingerprint.clone(),
@@ -2005,7 +2027,7 @@ impl Engine {
         };
         if let Some(k) = &req.idempotency_key {
             state.idempotency.insert(
-                (tenant_id.clone(), k.clone()),
+                (tenant_id.to_string(), k.clone()),
                 IdempotencyRecord {
                     fingerprint: req.fingerprint.clone(),
                     authorization: id,
@@ -2064,7 +2086,7 @@ impl Engine {
         used: Money,
         limit: Money,
         now_ms: i64,
-        tenant: &str,
+        tenant: &Arc<str>,
         alerts: &mut Vec<AlertEvent>,
     ) {
         let used = used
@@ -2082,8 +2104,9 @@ impl Engine {
                 tenant: a
                     .budget
                     .tenant
-                    .clone()
-                    .or_else(|| (!tenant.is_empty()).then(|| tenant.to_string())),
+                    .as_deref()
+                    .map(Arc::from)
+                    .or_else(|| (!tenant.is_empty()).then(|| tenant.clone())),
                 bucket: a.bucket.clone(),
                 level,
                 limit,
@@ -2123,14 +2146,14 @@ impl Engine {
         hold: &Hold,
         usage: Option<&Usage>,
         now: DateTime<Utc>,
-    ) -> Result<(Money, String, Option<String>, bool), FinishError> {
+    ) -> Result<UsagePriced, FinishError> {
         let Some(u) = usage else {
-            return Ok((
-                Money::ZERO,
-                hold.price_version.clone(),
-                hold.model.clone().or(hold.api.clone()),
-                false,
-            ));
+            return Ok(UsagePriced {
+                cost: Money::ZERO,
+                price_version: hold.price_version.clone(),
+                model_used: hold.model.clone().or(hold.api.clone()),
+                drift: false,
+            });
         };
         if let Some(api) = &hold.api {
             let a = self
@@ -2141,12 +2164,12 @@ impl Engine {
             let price = a
                 .price_at(at)
                 .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?;
-            return Ok((
-                price.cost(u.quantity),
-                a.version_text(price),
-                Some(api.clone()),
-                false,
-            ));
+            return Ok(UsagePriced {
+                cost: price.cost(u.quantity),
+                price_version: a.version_text(price),
+                model_used: Some(api.clone()),
+                drift: false,
+            });
         }
         let permitted = hold.model.as_deref().unwrap_or_default();
         let used = match &u.model_used {
@@ -2170,13 +2193,12 @@ impl Engine {
         let price = used
             .price_at(at)
             .map_err(|e| FinishError::new(FinishCode::UnknownModel, e.to_string()))?;
-        let drift = used.id != permitted;
-        Ok((
-            price.cost(&u.tokens),
-            used.version_text(price),
-            Some(used.id.clone()),
-            drift,
-        ))
+        Ok(UsagePriced {
+            cost: price.cost(&u.tokens),
+            price_version: used.version_text(price),
+            model_used: Some(used.id.clone()),
+            drift: *used.id != *permitted,
+        })
     }
 
     fn finish<S: LedgerSink>(
@@ -2201,11 +2223,15 @@ impl Engine {
         }
         let now_ms = ms(now);
         let mut state = self.state.lock();
-        let Some(hold) = state.holds.get(&id).filter(|h| h.tenant == tenant) else {
+        let Some(hold) = state.holds.get(&id).filter(|h| *h.tenant == *tenant) else {
             return self.finish_finished(&mut state, tenant, id, usage, outcome, now, sink);
         };
-        let (cost, price_version, model_used, drift) =
-            self.price_usage(hold, usage.as_ref(), now)?;
+        let UsagePriced {
+            cost,
+            price_version,
+            model_used,
+            drift,
+        } = self.price_usage(hold, usage.as_ref(), now)?;
         let tokens = usage.as_ref().map(|u| u.tokens).unwrap_or_default();
         let quantity = usage.as_ref().map_or(0, |u| u.quantity);
         let charge = self.charge_for(
@@ -2306,7 +2332,7 @@ impl Engine {
         let dir = self.directory.read().clone();
         let tz = dir
             .tenants
-            .get(&hold.tenant)
+            .get(&*hold.tenant)
             .map_or(Tz::UTC, |t| t.timezone);
         let mut alerts = Vec::new();
         for b in hold.detail.buckets.iter() {
@@ -2376,7 +2402,7 @@ impl Engine {
         let Some(f) = state
             .finished
             .get(&id)
-            .filter(|f| f.tenant == tenant)
+            .filter(|f| *f.tenant == *tenant)
             .cloned()
         else {
             return Err(FinishError::new(
@@ -2419,8 +2445,12 @@ impl Engine {
                 // against what the expiry charged, once, and still answer 409.
                 if let (Some(hold), Some(u)) = (f.hold.clone(), usage.as_ref()) {
                     let now_ms = ms(now);
-                    let (cost, price_version, model_used, drift) =
-                        self.price_usage(&hold, Some(u), now)?;
+                    let UsagePriced {
+                        cost,
+                        price_version,
+                        model_used,
+                        drift,
+                    } = self.price_usage(&hold, Some(u), now)?;
                     let delta = cost - f.settlement.cost;
                     let charge = self.charge_for(
                         tenant,
@@ -2433,7 +2463,7 @@ impl Engine {
                         at_ms: now_ms,
                         kind: EntryKind::Adjustment,
                         authorization: id,
-                        tenant: tenant.to_string(),
+                        tenant: f.tenant.clone(),
                         key_id: hold.key_id,
                         held_delta: Money::ZERO,
                         cost_delta: delta,
@@ -2646,7 +2676,7 @@ impl Engine {
             };
             let (_, limit) = Self::standing(&state, &a, now);
             // A global budget's alert names no tenant here (no call crossed it).
-            let tenant = budget.tenant.clone().unwrap_or_default();
+            let tenant: Arc<str> = budget.tenant.as_deref().unwrap_or_default().into();
             Self::note_level(&mut state, &a, own, limit, now_ms, &tenant, &mut alerts);
         }
         (!alerts.is_empty()).then(|| sink.append(Vec::new(), alerts))
@@ -2689,7 +2719,7 @@ impl Engine {
             .collect();
         // A budget this engine does not know (not loaded yet, or deleted and perhaps
         // re-created under its id) keeps its counters.
-        let gone = |k: &BucketKey| match keep_from.get(k.budget.as_str()) {
+        let gone = |k: &BucketKey| match keep_from.get(&*k.budget) {
             Some(Some(from)) => k.period_start < *from,
             Some(None) | None => false,
         };
@@ -2751,10 +2781,9 @@ impl Engine {
         let team = caller
             .key
             .team
-            .as_deref()
-            .map(str::to_string)
+            .clone()
             .or_else(|| user.and_then(|u| u.team.clone()));
-        let applicable = self.applicable(tenant, &caller.key, team.as_deref(), tags, now);
+        let applicable = self.applicable(tenant, &caller.key, team.as_ref(), tags, now);
         let state = self.state.lock();
         applicable
             .iter()
@@ -2771,7 +2800,7 @@ impl Engine {
         let mut v: Vec<_> = state
             .counters
             .iter()
-            .filter(|(k, _)| k.budget == budget_id)
+            .filter(|(k, _)| *k.budget == *budget_id)
             .map(|(k, c)| (k.clone(), *c))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -2855,7 +2884,7 @@ impl Engine {
                     }
                     if let Some(k) = &d.idempotency_key {
                         state.idempotency.insert(
-                            (e.tenant.clone(), k.clone()),
+                            (e.tenant.to_string(), k.clone()),
                             IdempotencyRecord {
                                 fingerprint: d.fingerprint.clone(),
                                 authorization: e.authorization,
@@ -2907,7 +2936,7 @@ enum Priced<'a> {
         max_tokens: u32,
     },
     Api {
-        api: String,
+        api: Arc<str>,
         quantity: u64,
     },
 }
@@ -2915,10 +2944,19 @@ enum Priced<'a> {
 impl Priced<'_> {
     /// The model or metered API priced.
     fn item_id(&self) -> &str {
+        self.item_arc_ref()
+    }
+
+    fn item_arc_ref(&self) -> &Arc<str> {
         match self {
             Priced::Model { model, .. } => &model.id,
             Priced::Api { api, .. } => api,
         }
+    }
+
+    /// [`Self::item_id`], shared.
+    fn item_arc(&self) -> Arc<str> {
+        self.item_arc_ref().clone()
     }
 
     fn estimated_tokens(&self) -> u64 {
@@ -2953,7 +2991,7 @@ pub fn plan_budgets(tenant: &Tenant, plan: &Plan) -> Vec<Budget> {
         .map(|(i, spec)| {
             Budget::new(
                 plan_budget_id(&tenant.id, i),
-                Some(tenant.id.clone()),
+                Some(tenant.id.to_string()),
                 spec.clone(),
             )
         })
@@ -2981,7 +3019,7 @@ mod tests {
                 released: Money::ZERO,
                 overage: Money::ZERO,
                 model_used: None,
-                price_version: String::new(),
+                price_version: "".into(),
                 drift: false,
                 replayed: false,
             },

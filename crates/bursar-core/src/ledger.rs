@@ -126,8 +126,8 @@ pub struct HoldDetail {
     /// Shared with the engine's hold (and the call that made it): one copy a hold.
     pub buckets: Arc<[BucketKey]>,
     pub tags: Tags,
-    pub team: Option<String>,
-    pub user: Option<String>,
+    pub team: Option<Arc<str>>,
+    pub user: Option<Arc<str>>,
     pub expires_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -147,7 +147,7 @@ pub struct Entry {
     pub at_ms: i64,
     pub kind: EntryKind,
     pub authorization: Uuid,
-    pub tenant: String,
+    pub tenant: Arc<str>,
     pub key_id: Option<Uuid>,
     /// Change to the money held on the entry's buckets.
     pub held_delta: Money,
@@ -155,9 +155,9 @@ pub struct Entry {
     pub cost_delta: Money,
     /// Change to what the tenant is charged (rate card).
     pub charge_delta: Money,
-    pub model_requested: Option<String>,
-    pub model_used: Option<String>,
-    pub price_version: Option<String>,
+    pub model_requested: Option<Arc<str>>,
+    pub model_used: Option<Arc<str>>,
+    pub price_version: Option<Arc<str>>,
     pub usage: TokenUsage,
     pub quantity: u64,
     pub latency_ms: Option<u32>,
@@ -240,8 +240,12 @@ impl Entry {
             int(out, m.nanos());
             out.push(SEP);
         }
-        for t in [&self.model_requested, &self.model_used, &self.price_version] {
-            text(out, t.as_deref().unwrap_or_default());
+        for t in [
+            self.model_requested.as_deref(),
+            self.model_used.as_deref(),
+            self.price_version.as_deref(),
+        ] {
+            text(out, t.unwrap_or_default());
             out.push(SEP);
         }
         int(out, self.usage.input_tokens);
@@ -285,7 +289,7 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlertEvent {
     pub at_ms: i64,
-    pub tenant: Option<String>,
+    pub tenant: Option<Arc<str>>,
     pub bucket: BucketKey,
     pub level: Level,
     pub limit: Money,

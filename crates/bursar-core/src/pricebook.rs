@@ -12,6 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
@@ -93,6 +94,10 @@ pub struct TokenPrice {
     pub cached_input: PicoPerToken,
     pub per_request: Money,
     pub source: String,
+    /// This price's version text (`model@YYYY-MM-DD`), made once when the book is read:
+    /// every hold and settlement records it.
+    #[serde(skip)]
+    pub version: Arc<str>,
 }
 
 /// The price of one call (or unit) of a metered API from one date on.
@@ -101,11 +106,14 @@ pub struct CallPrice {
     pub effective: NaiveDate,
     pub per_call: Money,
     pub source: String,
+    /// This price's version text (`api@YYYY-MM-DD`), made once when the book is read.
+    #[serde(skip)]
+    pub version: Arc<str>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Model {
-    pub id: String,
+    pub id: Arc<str>,
     pub provider: String,
     pub class: String,
     pub context_window: u32,
@@ -118,7 +126,7 @@ pub struct Model {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MeteredApi {
-    pub id: String,
+    pub id: Arc<str>,
     pub provider: String,
     pub unit: String,
     /// Sorted by `effective`, oldest first.
@@ -285,6 +293,7 @@ impl PriceBook {
                             parse_money("per_request", &owner, r, &mut problems)
                         }),
                         source: p.source.clone(),
+                        version: version_text(&m.id, p.effective).into(),
                     }
                 })
                 .collect();
@@ -296,7 +305,7 @@ impl PriceBook {
                 problems.push(format!("{owner}: max_output_tokens is 0"));
             }
             models.push(Model {
-                id: m.id,
+                id: m.id.into(),
                 provider: m.provider,
                 class: m.class,
                 context_window: m.context_window,
@@ -319,11 +328,12 @@ impl PriceBook {
                     effective: p.effective,
                     per_call: parse_money("per_call", &owner, &p.per_call, &mut problems),
                     source: p.source.clone(),
+                    version: version_text(&a.id, p.effective).into(),
                 })
                 .collect();
             prices.sort_by_key(|p| p.effective);
             apis.push(MeteredApi {
-                id: a.id,
+                id: a.id.into(),
                 provider: a.provider,
                 unit: a.unit,
                 prices,
@@ -331,7 +341,7 @@ impl PriceBook {
         }
         let mut model_index: FastMap<String, usize> = FastMap::default();
         for (i, m) in models.iter().enumerate() {
-            for name in std::iter::once(&m.id).chain(m.aliases.iter()) {
+            for name in std::iter::once(&*m.id).chain(m.aliases.iter().map(String::as_str)) {
                 let key = normalize_key(name);
                 if let Some(&j) = model_index.get(&key) {
                     if j != i {
@@ -416,21 +426,21 @@ impl Model {
             .rev()
             .find(|p| p.effective <= day)
             .ok_or_else(|| LookupError::NoPriceInEffect {
-                item: self.id.clone(),
+                item: self.id.to_string(),
                 date: day,
             })
     }
 
     pub fn version_of(&self, price: &TokenPrice) -> PriceVersion {
         PriceVersion {
-            item: self.id.clone(),
+            item: self.id.to_string(),
             effective: price.effective,
         }
     }
 
-    /// [`Self::version_of`] as text.
-    pub fn version_text(&self, price: &TokenPrice) -> String {
-        version_text(&self.id, price.effective)
+    /// [`Self::version_of`] as text, shared: `price` is one of this model's.
+    pub fn version_text(&self, price: &TokenPrice) -> Arc<str> {
+        price.version.clone()
     }
 }
 
@@ -442,21 +452,21 @@ impl MeteredApi {
             .rev()
             .find(|p| p.effective <= day)
             .ok_or_else(|| LookupError::NoPriceInEffect {
-                item: self.id.clone(),
+                item: self.id.to_string(),
                 date: day,
             })
     }
 
     pub fn version_of(&self, price: &CallPrice) -> PriceVersion {
         PriceVersion {
-            item: self.id.clone(),
+            item: self.id.to_string(),
             effective: price.effective,
         }
     }
 
-    /// [`Self::version_of`] as text.
-    pub fn version_text(&self, price: &CallPrice) -> String {
-        version_text(&self.id, price.effective)
+    /// [`Self::version_of`] as text, shared: `price` is one of this API's.
+    pub fn version_text(&self, price: &CallPrice) -> Arc<str> {
+        price.version.clone()
     }
 }
 
@@ -642,7 +652,7 @@ source = "test"
             );
         }
         for api in ["web_search", "patent_search"] {
-            let a = b.apis().iter().find(|a| a.id == api);
+            let a = b.apis().iter().find(|a| &*a.id == api);
             let a = a.unwrap_or_else(|| panic!("{api}"));
             assert!(a
                 .prices

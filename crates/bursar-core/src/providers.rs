@@ -5,6 +5,7 @@
 //! server's. Time comes in as milliseconds of a monotonic clock, randomness as a number.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -157,7 +158,7 @@ pub struct Routing {
     /// Alias (exact text) → the model id it stands for.
     pub aliases: BTreeMap<String, String>,
     /// Canonical model id → the canonical ids to try, in order, when it fails.
-    pub fallbacks: BTreeMap<String, Vec<String>>,
+    pub fallbacks: BTreeMap<Arc<str>, Vec<Arc<str>>>,
     pub default_provider: Option<String>,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
@@ -238,7 +239,7 @@ impl Routing {
             let mut models = Vec::new();
             for m in &rp.models {
                 match book.resolve(m) {
-                    Ok(model) => models.push(model.id.clone()),
+                    Ok(model) => models.push(model.id.to_string()),
                     Err(e) => p.push(format!("{owner}: {e}")),
                 }
             }
@@ -271,7 +272,7 @@ impl Routing {
         for (alias, target) in raw.aliases {
             match book.resolve(&target) {
                 Ok(m) => {
-                    aliases.insert(alias, m.id.clone());
+                    aliases.insert(alias, m.id.to_string());
                 }
                 Err(e) => p.push(format!("routing alias `{alias}`: {e}")),
             }
@@ -322,8 +323,8 @@ impl Routing {
     }
 
     /// The models to try, in order: the routed one, then its fallbacks.
-    pub fn chain(&self, canonical: &str) -> Vec<String> {
-        let mut v = vec![canonical.to_string()];
+    pub fn chain(&self, canonical: &Arc<str>) -> Vec<Arc<str>> {
+        let mut v = vec![canonical.clone()];
         if let Some(f) = self.fallbacks.get(canonical) {
             v.extend(f.iter().cloned());
         }
@@ -335,7 +336,7 @@ impl Routing {
     pub fn provider_for(&self, model: &Model) -> Result<&Provider, NoProvider> {
         self.providers
             .iter()
-            .find(|p| p.models.iter().any(|m| m == &model.id))
+            .find(|p| p.models.iter().any(|m| **m == *model.id))
             .or_else(|| {
                 self.providers
                     .iter()
@@ -352,7 +353,7 @@ impl Routing {
                     .and_then(|d| self.providers.iter().find(|p| &p.name == d))
             })
             .ok_or_else(|| NoProvider {
-                model: model.id.clone(),
+                model: model.id.to_string(),
                 provider: model.provider.clone(),
             })
     }

@@ -24,8 +24,8 @@ where
     let buckets = proptest::collection::vec(
         (text.clone(), text.clone(), any::<i64>()).prop_map(|(budget, value, period_start)| {
             BucketKey {
-                budget,
-                value,
+                budget: budget.into(),
+                value: value.into(),
                 period_start,
             }
         }),
@@ -70,8 +70,8 @@ where
             )| HoldDetail {
                 buckets: buckets.into(),
                 tags,
-                team,
-                user,
+                team: team.map(Into::into),
+                user: user.map(Into::into),
                 expires_at_ms,
                 idempotency_key,
                 fingerprint,
@@ -114,14 +114,14 @@ where
                 at_ms,
                 kind: EntryKind::from_code(kind).unwrap_or(EntryKind::Hold),
                 authorization: Uuid::from_u128(auth),
-                tenant,
+                tenant: tenant.into(),
                 key_id: key_id.map(Uuid::from_u128),
                 held_delta: Money::from_nanos(held),
                 cost_delta: Money::from_nanos(cost),
                 charge_delta: Money::from_nanos(charge),
-                model_requested,
-                model_used,
-                price_version,
+                model_requested: model_requested.map(Into::into),
+                model_used: model_used.map(Into::into),
+                price_version: price_version.map(Into::into),
                 usage: TokenUsage {
                     input_tokens,
                     cached_input_tokens,

@@ -174,7 +174,7 @@ fn check_never_over(
         replay.apply(i as u64 + 1, e);
         for b in e.buckets() {
             let c = replay.counters[b];
-            let limit = limits[&b.budget];
+            let limit = limits[&*b.budget];
             assert!(
                 c.used() <= limit,
                 "entry {i}: bucket {b} at {} over its limit {limit}",
@@ -330,6 +330,93 @@ fn finished_outcomes_in_memory_stay_bounded_between_sweeps() {
         .settle("acme", first.unwrap(), usage, at, &sink)
         .unwrap_err();
     assert_eq!(e.code, FinishCode::AuthorizationNotFound);
+}
+
+/// A decision and its settle share the texts they record with where they come from (the
+/// price book, the directory, the key, the budgets in force): none is copied per call.
+#[test]
+fn a_call_shares_the_texts_it_records_instead_of_copying_them() {
+    let (engine, _) = engine(["1000000", "1000000", "1000000", "1000000"]);
+    let sink = VecSink::default();
+    let c = caller(&engine, "bsr_test_ann_0000000000000000000");
+    let (p, ()) = engine
+        .authorize(&c, ask(10, 16, Some("spring")), now(), &sink)
+        .unwrap();
+    let book = engine.price_book();
+    let model = book.resolve("gpt-4o-mini").unwrap();
+    let version = &model.price_at(now()).unwrap().version;
+    let dir = engine.directory();
+    let tenant = &dir.tenants["acme"].id;
+    let budgets = engine.budgets();
+    let same = |a: &Arc<str>, b: &Arc<str>, what: &str| {
+        assert!(Arc::ptr_eq(a, b), "{what}: `{a}` is a copy of `{b}`");
+    };
+
+    same(p.model.as_ref().unwrap(), &model.id, "the permit's model");
+    same(&p.price_version, version, "the permit's price version");
+    let hold = sink.entries.lock()[0].clone();
+    same(&hold.tenant, tenant, "the hold's tenant");
+    same(
+        hold.model_used.as_ref().unwrap(),
+        &model.id,
+        "the hold's model",
+    );
+    same(
+        hold.price_version.as_ref().unwrap(),
+        version,
+        "the hold's price version",
+    );
+    let detail = hold.detail.as_ref().unwrap();
+    same(
+        detail.user.as_ref().unwrap(),
+        c.key.user.as_ref().unwrap(),
+        "the detail's user",
+    );
+    assert_eq!(detail.buckets.len(), 4, "tenant, team, user and campaign");
+    for (bucket, view) in detail.buckets.iter().zip(&p.budgets) {
+        let budget = budgets.get(&bucket.budget).unwrap();
+        same(&bucket.budget, &budget.texts().id, "a bucket's budget");
+        same(&view.value, &bucket.value, "a view's scope value");
+    }
+    let by_id = |id: &str| detail.buckets.iter().find(|b| &*b.budget == id).unwrap();
+    same(
+        &by_id("acme-month").value,
+        tenant,
+        "the tenant bucket's value",
+    );
+    same(
+        &by_id("ann-day").value,
+        c.key.user.as_ref().unwrap(),
+        "the user bucket's value",
+    );
+    let team = dir.users.values().find(|u| u.id == "ann").unwrap();
+    same(
+        &by_id("growth-day").value,
+        team.team.as_ref().unwrap(),
+        "the team bucket's value",
+    );
+
+    let (s, ()) = engine
+        .settle("acme", p.authorization_id, usage_of(10, 4), now(), &sink)
+        .unwrap();
+    same(&s.price_version, version, "the settlement's price version");
+    same(
+        s.model_used.as_ref().unwrap(),
+        &model.id,
+        "the settlement's model",
+    );
+    let settle = sink.entries.lock()[1].clone();
+    assert_eq!(settle.kind, EntryKind::Settle);
+    same(&settle.tenant, tenant, "the settle's tenant");
+    same(
+        settle.price_version.as_ref().unwrap(),
+        version,
+        "the settle's price version",
+    );
+    assert!(
+        Arc::ptr_eq(settle.hold.as_ref().unwrap(), detail),
+        "the settle names its hold's detail"
+    );
 }
 
 #[test]

@@ -101,7 +101,7 @@ pub fn apply_catalog_row(engine: &Engine, catalog: &mut CatalogState, r: &Catalo
     let ok = match r.kind.as_str() {
         "tenant" => serde_json::from_str::<Tenant>(body)
             .map(|t| {
-                catalog.directory.tenants.insert(t.id.clone(), t);
+                catalog.directory.tenants.insert(t.id.to_string(), t);
             })
             .is_ok(),
         "team" => serde_json::from_str::<Team>(body)
@@ -290,7 +290,7 @@ pub async fn create_tenant(
     }
     let tenant = Tenant {
         name: b.name.unwrap_or_else(|| b.id.clone()),
-        id: b.id.clone(),
+        id: b.id.as_str().into(),
         plan: b.plan,
         timezone: tz,
         mode: b.mode.unwrap_or_default(),
@@ -301,7 +301,7 @@ pub async fn create_tenant(
     catalog
         .directory
         .tenants
-        .insert(tenant.id.clone(), tenant.clone());
+        .insert(tenant.id.to_string(), tenant.clone());
     publish(&s, &catalog);
     Ok((StatusCode::CREATED, Json(tenant)))
 }
@@ -379,7 +379,10 @@ pub async fn update_tenant(
         t.failure_policy = f;
     }
     commit(&s, vec![row("tenant", &t.id, &t)]).await?;
-    catalog.directory.tenants.insert(t.id.clone(), t.clone());
+    catalog
+        .directory
+        .tenants
+        .insert(t.id.to_string(), t.clone());
     publish(&s, &catalog);
     Ok(Json(t))
 }
@@ -457,7 +460,7 @@ pub async fn create_user(
     let user = User {
         tenant: tenant.clone(),
         id: b.id,
-        team: b.team,
+        team: b.team.map(Into::into),
         role: b.role.unwrap_or_else(|| "member".into()),
     };
     commit(
@@ -708,7 +711,7 @@ pub struct BucketView {
 fn bucket_views(v: Vec<(BucketKey, Counter)>) -> Vec<BucketView> {
     v.into_iter()
         .map(|(k, c)| BucketView {
-            value: k.value,
+            value: k.value.to_string(),
             period_start: k.period_start,
             held: c.held,
             spent: c.spent,

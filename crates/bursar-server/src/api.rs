@@ -162,7 +162,7 @@ fn to_request(body: AuthorizeBody) -> Result<Metered, ApiError> {
                     )),
                 };
             Ok(Metered::Model {
-                model,
+                model: model.into(),
                 prompt,
                 max_tokens: body.max_tokens,
             })
@@ -179,7 +179,7 @@ fn to_request(body: AuthorizeBody) -> Result<Metered, ApiError> {
                 ));
             }
             Ok(Metered::Api {
-                api,
+                api: api.into(),
                 quantity: body.quantity.unwrap_or(1),
             })
         }
@@ -282,8 +282,8 @@ pub async fn authorize(
                     return Ok(Answer(permit_of_hold(
                         h.authorization,
                         h.held,
-                        h.model_used,
-                        h.price_version,
+                        h.model_used.map(Into::into),
+                        h.price_version.map(Into::into),
                         &h.detail,
                         true,
                     )));
@@ -421,8 +421,8 @@ async fn finished_in_store(
                 charge: row.charge,
                 released: row.released,
                 overage: row.cost.saturating_sub(row.released).max(Money::ZERO),
-                model_used: row.model_used,
-                price_version: row.price_version,
+                model_used: row.model_used.map(Into::into),
+                price_version: row.price_version.into(),
                 drift: row.flags & bursar_core::ledger::flags::DRIFT != 0,
                 replayed: true,
             }));
@@ -559,7 +559,7 @@ pub async fn settle(
     let usage = Usage {
         tokens: b.usage.unwrap_or_default(),
         quantity: b.quantity.unwrap_or(0),
-        model_used: b.model_used,
+        model_used: b.model_used.map(Into::into),
         latency_ms: b.latency_ms,
         estimated: b.estimated,
     };
@@ -587,7 +587,7 @@ pub async fn void(
     let usage = (b.usage.is_some() || b.quantity.is_some()).then(|| Usage {
         tokens: b.usage.unwrap_or_default(),
         quantity: b.quantity.unwrap_or(0),
-        model_used: b.model_used,
+        model_used: b.model_used.map(Into::into),
         latency_ms: None,
         estimated: false,
     });

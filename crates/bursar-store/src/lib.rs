@@ -961,14 +961,14 @@ fn build_entry(
         at_ms: r.at_ms,
         kind,
         authorization: r.auth,
-        tenant: r.tenant.unwrap_or_default(),
+        tenant: r.tenant.unwrap_or_default().into(),
         key_id: r.key_id,
         held_delta: Money::from_nanos(r.held),
         cost_delta: Money::from_nanos(r.cost),
         charge_delta: Money::from_nanos(r.charge),
-        model_requested: r.model_requested,
-        model_used: r.model_used,
-        price_version: r.price_version,
+        model_requested: r.model_requested.map(Into::into),
+        model_used: r.model_used.map(Into::into),
+        price_version: r.price_version.map(Into::into),
         usage: TokenUsage {
             input_tokens: from_i64(r.input_tokens),
             cached_input_tokens: from_i64(r.cached_input_tokens),
@@ -1858,7 +1858,7 @@ mod tests {
         let writer = thread::spawn(move || {
             for n in 1..=1_500u64 {
                 let mut e = entry(n, 0);
-                e.tenant = format!("tenant-{n}");
+                e.tenant = format!("tenant-{n}").into();
                 handle.append(vec![e], Vec::new()).wait_blocking().unwrap();
             }
         });

@@ -358,14 +358,14 @@ impl<'a> Reader<'a> {
             at_ms,
             kind,
             authorization,
-            tenant,
+            tenant: tenant.into(),
             key_id,
             held_delta,
             cost_delta,
             charge_delta,
-            model_requested,
-            model_used,
-            price_version,
+            model_requested: model_requested.map(Into::into),
+            model_used: model_used.map(Into::into),
+            price_version: price_version.map(Into::into),
             usage,
             quantity,
             latency_ms,
@@ -381,8 +381,8 @@ impl<'a> Reader<'a> {
         let mut buckets = Vec::new();
         for _ in 0..n {
             buckets.push(BucketKey {
-                budget: self.text()?,
-                value: self.text()?,
+                budget: self.text()?.into(),
+                value: self.text()?.into(),
                 period_start: self.int()?,
             });
         }
@@ -399,8 +399,8 @@ impl<'a> Reader<'a> {
         Ok(HoldDetail {
             buckets: buckets.into(),
             tags,
-            team: self.opt_text()?,
-            user: self.opt_text()?,
+            team: self.opt_text()?.map(Into::into),
+            user: self.opt_text()?.map(Into::into),
             expires_at_ms: self.int()?,
             idempotency_key: self.opt_text()?,
             fingerprint: self.opt_text()?,

@@ -489,7 +489,7 @@ fn idempotency_keys(cmd: &Command) -> impl Iterator<Item = (i64, &str, &str)> {
     };
     entries.iter().filter_map(|e| {
         let key = e.detail.as_ref()?.idempotency_key.as_deref()?;
-        (e.kind == EntryKind::Hold).then_some((e.at_ms, e.tenant.as_str(), key))
+        (e.kind == EntryKind::Hold).then_some((e.at_ms, &*e.tenant, key))
     })
 }
 

@@ -154,7 +154,7 @@ async fn three_instances_on_one_database_permit_exactly_what_the_budget_fits() {
     let counters: HashMap<BucketKey, Counter> = replay.counters;
     let bucket = counters
         .iter()
-        .find(|(b, _)| b.budget == "shared")
+        .find(|(b, _)| &*b.budget == "shared")
         .map(|(_, c)| *c)
         .unwrap();
     assert_eq!(bucket.spent, limit, "all of it spent, none of it over");

@@ -310,7 +310,7 @@ struct Call {
     body: wire::RequestBody,
     /// The model the client asked for (after aliases), sent upstream on the first hop.
     client_model: String,
-    chain: Vec<String>,
+    chain: Vec<Arc<str>>,
     /// What was read of the request: the prompt to count with each hop's tokenizer, the
     /// output cap, streaming.
     req: wire::ChatRequest,
@@ -382,14 +382,15 @@ impl Call {
         provider_time: Duration,
     ) -> Result<(Settlement, Ticket), ApiError> {
         // A reported model the price book does not know cannot be priced: the call is
-        // priced as routed, and the mismatch is logged and counted.
-        let model_used = reported.filter(|m| {
-            let known = self.s.engine.price_book().resolve(m).is_ok();
-            if !known {
+        // priced as routed, and the mismatch is logged and counted. A known one is
+        // passed on by its canonical id.
+        let model_used = reported.and_then(|m| {
+            let known = self.s.engine.price_book().resolve(&m).ok();
+            if known.is_none() {
                 tracing::warn!(reported = %m, "provider reported a model the price book does not know");
                 metrics::counter!("bursar_unknown_reported_model_total").increment(1);
             }
-            known
+            known.map(|k| k.id.clone())
         });
         let usage = Usage {
             tokens: usage,
@@ -432,7 +433,7 @@ impl Call {
         let model = if hop == 0 && permit.downgraded_from.is_none() {
             self.client_model.clone()
         } else {
-            permit.model.clone().unwrap_or_default()
+            permit.model.as_deref().unwrap_or_default().to_string()
         };
         // The fields Bursar sets: the model, the output cap, the stream's options.
         let mut set: [Option<(&'static str, Value)>; 3] =
@@ -1091,7 +1092,7 @@ pub const CACHE_MAX_BYTES: u64 = 64 << 20;
 /// A cached answer: what it cost to make, so a hit can record the cost saved.
 pub struct Cached {
     body: Bytes,
-    model: String,
+    model: Arc<str>,
     usage: TokenUsage,
     expires_at: chrono::DateTime<chrono::Utc>,
 }
@@ -1099,7 +1100,7 @@ pub struct Cached {
 /// How a cached answer is kept in Redis: a JSON line of what it cost, then the body.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CachedHead {
-    model: String,
+    model: Arc<str>,
     usage: TokenUsage,
     expires_at_ms: i64,
 }

@@ -28,7 +28,7 @@ async fn assert_never_over(
     for (i, e) in entries.iter().enumerate() {
         replay.apply(i as u64 + 1, e);
         for b in e.buckets() {
-            if let Some(limit) = limits.get(&b.budget) {
+            if let Some(limit) = limits.get(&*b.budget) {
                 let used = replay.counters[b].used();
                 assert!(
                     used <= *limit,

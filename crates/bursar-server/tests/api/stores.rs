@@ -398,7 +398,7 @@ async fn the_store_away_fails_closed_or_open_as_configured_and_all_lands_when_it
     );
     let a_holds = entries
         .iter()
-        .filter(|e| e.kind == EntryKind::Hold && e.tenant == "a")
+        .filter(|e| e.kind == EntryKind::Hold && &*e.tenant == "a")
         .count();
     assert_eq!(a_holds, 1, "only the call after the outage");
     let keyed_holds = entries
