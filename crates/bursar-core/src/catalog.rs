@@ -93,7 +93,7 @@ pub struct User {
     pub tenant: String,
     pub id: String,
     pub team: Option<Arc<str>>,
-    pub role: String,
+    pub role: Arc<str>,
 }
 
 /// The SHA-256 of an API key's secret; the secret itself is never stored.
@@ -420,7 +420,7 @@ mod tests {
             };
             dir.users.insert((tenant.into(), id.into()), user);
         }
-        let role = |t: &str, u: &str| dir.users.get(&UserRef(t, u)).map(|u| u.role.as_str());
+        let role = |t: &str, u: &str| dir.users.get(&UserRef(t, u)).map(|u| &*u.role);
         assert_eq!(role("acme", "ann"), Some("admin"));
         assert_eq!(role("beta", "ann"), Some("viewer"));
         assert_eq!(role("acme", "bob"), None);

@@ -695,7 +695,7 @@ impl Config {
                 tenant: u.tenant.clone(),
                 id: u.id.clone(),
                 team: u.team.map(Into::into),
-                role: u.role.unwrap_or_else(|| "member".into()),
+                role: u.role.as_deref().unwrap_or("member").into(),
             };
             if dir.users.insert((u.tenant, u.id.clone()), user).is_some() {
                 p.push(format!("user `{}`: declared twice", u.id));

@@ -687,9 +687,7 @@ pub struct Prepared<'a> {
     req: AuthorizeRequest,
     now: DateTime<Utc>,
     tenant_id: Arc<str>,
-    plan_id: String,
-    task_name: String,
-    role: String,
+    role: Arc<str>,
     tags: Tags,
     team: Option<Arc<str>>,
     mode: EnforcementMode,
@@ -1433,7 +1431,7 @@ impl Engine {
     pub fn prepare(
         &self,
         caller: &Caller,
-        req: AuthorizeRequest,
+        mut req: AuthorizeRequest,
         now: DateTime<Utc>,
     ) -> Result<Prepared<'_>, Denial> {
         let key = &caller.key;
@@ -1468,18 +1466,20 @@ impl Engine {
             .team
             .clone()
             .or_else(|| user.and_then(|u| u.team.clone()));
+        static DEFAULT_ROLE: std::sync::LazyLock<Arc<str>> =
+            std::sync::LazyLock::new(|| "default".into());
         let role = key
             .role
-            .as_deref()
-            .map(str::to_string)
-            .or_else(|| user.map(|u| u.role.clone()))
-            .unwrap_or_else(|| "default".to_string());
-        let mut tags = req.tags.clone();
-        let task_name = tags
-            .task
             .clone()
-            .unwrap_or_else(|| plan.default_task.clone());
-        tags.task = Some(task_name.clone());
+            .or_else(|| user.map(|u| u.role.clone()))
+            .unwrap_or_else(|| DEFAULT_ROLE.clone());
+        // The call's tags are its own from here on (the request keeps what `decide`
+        // reads: the metered item and the idempotency key).
+        let mut tags = std::mem::take(&mut req.tags);
+        if tags.task.is_none() {
+            tags.task = Some(plan.default_task.clone());
+        }
+        let task_name = tags.task.as_deref().unwrap_or_default();
         let mode = tenant.mode;
         // In shadow mode the first denial is remembered and the call goes on.
         let mut shadow: Option<DenyCode> = None;
@@ -1503,7 +1503,7 @@ impl Engine {
                 ))?;
             }
         }
-        let task = plan.tasks.get(&task_name);
+        let task = plan.tasks.get(task_name);
         if task.is_none() {
             gate(Denial::new(
                 DenyCode::TaskNotInPlan,
@@ -1583,7 +1583,7 @@ impl Engine {
 
         let ttl = req.ttl.unwrap_or(self.config.hold_ttl).min(MAX_HOLD_TTL);
         let applicable = self.applicable(tenant, key, team.as_ref(), &tags, now);
-        let limits = plan.rate_limits.get(&role).copied().unwrap_or_default();
+        let limits = plan.rate_limits.get(&*role).copied().unwrap_or_default();
 
         // The rate limits to check: checked and taken by `decide`, or by a distributed
         // limiter before it.
@@ -1624,7 +1624,7 @@ impl Engine {
             );
             let item = priced.item_id();
             for (i, l) in plan.limits.iter().enumerate() {
-                if l.role.as_ref().is_some_and(|r| r != &role)
+                if l.role.as_ref().is_some_and(|r| **r != *role)
                     || l.model.as_ref().is_some_and(|m| m != item)
                 {
                     continue;
@@ -1642,12 +1642,10 @@ impl Engine {
         Ok(Prepared {
             key: key.clone(),
             fail_open: tenant.failure_policy == FailurePolicy::FailOpen,
-            plan_id: plan.id.clone(),
             dir: dir.clone(),
             req,
             now,
             tenant_id,
-            task_name,
             role,
             tags,
             team,
@@ -1827,11 +1825,14 @@ impl Engine {
 
         let mut priced = prepared.priced.clone();
         if downgrade {
-            let task = prepared
-                .dir
-                .plans
-                .get(&prepared.plan_id)
-                .and_then(|p| p.tasks.get(&prepared.task_name));
+            // The plan and task `prepare` gated, from the same directory.
+            let dir = &prepared.dir;
+            let task = dir
+                .tenants
+                .get(&*prepared.tenant_id)
+                .and_then(|t| dir.plans.get(&t.plan))
+                .zip(prepared.tags.task.as_deref())
+                .and_then(|(p, task)| p.tasks.get(task));
             if let (Priced::Model { model, .. }, Some(t)) = (&mut priced, task) {
                 if let Some(cheaper) = self.cheapest_allowed(model, &t.classes, now) {
                     downgraded_from = Some(model.id.clone());

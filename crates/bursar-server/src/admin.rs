@@ -461,7 +461,7 @@ pub async fn create_user(
         tenant: tenant.clone(),
         id: b.id,
         team: b.team.map(Into::into),
-        role: b.role.unwrap_or_else(|| "member".into()),
+        role: b.role.as_deref().unwrap_or("member").into(),
     };
     commit(
         &s,
