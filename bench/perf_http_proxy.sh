@@ -8,6 +8,8 @@
 # histogram counts (with the settle's journal record, written after the reply).
 #
 #   bench/perf_http_proxy.sh            # needs perf, oha, python3; BURSAR_BIN runs another build
+#   TOP=30 bench/perf_http_proxy.sh     # also the 30 heaviest places of Bursar's own work, each
+#                                       # the innermost Bursar function of a sample -> its leaf
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v perf >/dev/null || { echo "perf is needed (apt-get install linux-tools-generic)" >&2; exit 1; }
@@ -37,9 +39,18 @@ sleep 2
 perf record -q -F $hz -e cpu-clock --call-graph dwarf,8192 -p "$pid" -o "$work/perf.data" -- sleep "$secs" 2>/dev/null
 wait $oha_pid
 perf script -i "$work/perf.data" -F comm,tid,ip,sym 2>/dev/null > "$work/stacks.txt"
-python3 - "$work/stacks.txt" "$rate" "$secs" "$hz" <<'PY'
-import sys
-path, rate, secs, hz = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+python3 - "$work/stacks.txt" "$rate" "$secs" "$hz" "${TOP:-0}" <<'PY'
+import collections, re, sys
+path, rate, secs, hz, top = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+OWN = "the proxied call: Bursar's own work"
+places = collections.Counter()
+def clean(f):
+    f = re.sub(r"\+0x[0-9a-f]+$", "", f)
+    return re.sub(r"::h[0-9a-f]{16}$", "", f)[:90]
+def place(frames):
+    leaf = clean(frames[0]) if frames else "?"
+    inner = next((clean(fr) for fr in frames if "bursar" in fr), "?")
+    return inner if inner == leaf else f"{inner}  -> {leaf}"
 # (group, any of these parts of a frame's name); the first group that matches takes it.
 GROUPS = [
     ("the ledger writer thread", None, ("bursar-ledger-w",)),
@@ -71,6 +82,8 @@ with open(path) as f:
             if comms and comm.startswith(comms) or parts and any(p in fr for fr in frames for p in parts):
                 counts[name] += 1
                 in_kernel[name] += k
+                if name == OWN and top:
+                    places[place(frames)] += 1
                 return
         other[0] += 1
         other[1] += k
@@ -89,4 +102,8 @@ print(f"  {'group':<66} {'µs':>6} {'in system calls':>16}")
 for name, _, _ in GROUPS:
     print(f"  {name:<66} {counts[name] * us:6.1f} {in_kernel[name] * us:16.1f}")
 print(f"  {'the rest (metrics, logging, allocator, idle spinning)':<66} {other[0] * us:6.1f} {other[1] * us:16.1f}")
+if top:
+    print(f"{OWN}, its heaviest places (µs a call):")
+    for p, n in places.most_common(top):
+        print(f"  {n * us:6.2f}  {p}")
 PY
