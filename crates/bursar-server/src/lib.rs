@@ -459,9 +459,21 @@ impl Services {
             .limiter
             .as_ref()
             .filter(|_| prepared.rate_checks().len() > 0);
-        let Some(limiter) = limiter else {
-            return self.hold(&prepared, Rates::Local, fail_open).await;
-        };
+        match limiter {
+            None => self.hold(&prepared, Rates::Local, fail_open).await,
+            // Boxed: its state is not carried in every call's future.
+            Some(limiter) => Box::pin(self.limited(&prepared, limiter, fail_open)).await,
+        }
+    }
+
+    /// [`Services::authorize`] with a distributed rate limiter: the limits are taken in
+    /// Redis first, and given back if the call is refused.
+    async fn limited(
+        &self,
+        prepared: &Prepared<'_>,
+        limiter: &limiter::Limiter,
+        fail_open: bool,
+    ) -> Result<Permit, ApiError> {
         let strict = prepared.enforces();
         let taken = match Box::pin(limiter.take(prepared.rate_checks(), strict)).await {
             Ok(t) => t,
@@ -469,12 +481,12 @@ impl Services {
                 // This tenant goes on under this instance's own rate-limit cells.
                 tracing::warn!(error = %e, tenant = prepared.tenant(), "Redis unreachable: rate limits counted by this instance (fail open)");
                 metrics::counter!("bursar_fail_open_total", "part" => "redis").increment(1);
-                return self.hold(&prepared, Rates::Local, fail_open).await;
+                return self.hold(prepared, Rates::Local, fail_open).await;
             }
             Err(e) => return Err(ApiError::rate_limiter_unavailable(e.to_string())),
         };
         let r = self
-            .hold(&prepared, Rates::Taken(&taken.outcomes), fail_open)
+            .hold(prepared, Rates::Taken(&taken.outcomes), fail_open)
             .await;
         // A call that is refused, or a retry answered with its first permit, takes nothing.
         if r.as_ref().map_or(true, |p| p.replayed) {
@@ -495,8 +507,13 @@ impl Services {
             self.engine
                 .decide(prepared, &self.ledger, Leases::FailOpen, rates)
                 .map_err(ApiError::from)
+        } else if self.shared.is_none() {
+            self.engine
+                .decide(prepared, &self.ledger, Leases::AskForMore, rates)
+                .map_err(ApiError::from)
         } else {
-            match self.decide(prepared, rates).await {
+            // Boxed: the lease rounds' state is not carried in every call's future.
+            match Box::pin(self.decide(prepared, rates)).await {
                 // The store went away while a lease was asked for.
                 Err(e)
                     if e.code == "store_unavailable"
