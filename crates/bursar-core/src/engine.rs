@@ -1371,7 +1371,7 @@ impl Engine {
             at_ms: ms(now),
             kind: EntryKind::Adjustment,
             authorization: id,
-            tenant: caller.key.tenant.as_deref().unwrap_or_default().into(),
+            tenant: caller.key.tenant.clone().unwrap_or_else(|| "".into()),
             key_id: Some(caller.key.id),
             held_delta: Money::ZERO,
             cost_delta: Money::ZERO,
@@ -1625,7 +1625,7 @@ impl Engine {
             let item = priced.item_id();
             for (i, l) in plan.limits.iter().enumerate() {
                 if l.role.as_ref().is_some_and(|r| **r != *role)
-                    || l.model.as_ref().is_some_and(|m| m != item)
+                    || l.model.as_ref().is_some_and(|m| **m != **item)
                 {
                     continue;
                 }
@@ -1633,7 +1633,7 @@ impl Engine {
                     (LimitPer::User, Some(u)) => Subject::User(tenant_id.clone(), u.to_string()),
                     (LimitPer::Key | LimitPer::User, _) => Subject::Key(key.id),
                     (LimitPer::Tenant, _) => Subject::Tenant(tenant_id.clone()),
-                    (LimitPer::Model, _) => Subject::Model(tenant_id.clone(), priced.item_arc()),
+                    (LimitPer::Model, _) => Subject::Model(tenant_id.clone(), item.clone()),
                 };
                 let index = u16::try_from(i).unwrap_or(ROLE_LIMIT - 1);
                 add(index, subject, l.requests_per_minute, l.tokens_per_minute);
@@ -2944,20 +2944,11 @@ enum Priced<'a> {
 
 impl Priced<'_> {
     /// The model or metered API priced.
-    fn item_id(&self) -> &str {
-        self.item_arc_ref()
-    }
-
-    fn item_arc_ref(&self) -> &Arc<str> {
+    fn item_id(&self) -> &Arc<str> {
         match self {
             Priced::Model { model, .. } => &model.id,
             Priced::Api { api, .. } => api,
         }
-    }
-
-    /// [`Self::item_id`], shared.
-    fn item_arc(&self) -> Arc<str> {
-        self.item_arc_ref().clone()
     }
 
     fn estimated_tokens(&self) -> u64 {
