@@ -507,13 +507,9 @@ impl Services {
             self.engine
                 .decide(prepared, &self.ledger, Leases::FailOpen, rates)
                 .map_err(ApiError::from)
-        } else if self.shared.is_none() {
-            self.engine
-                .decide(prepared, &self.ledger, Leases::AskForMore, rates)
-                .map_err(ApiError::from)
-        } else {
+        } else if let Some(shared) = &self.shared {
             // Boxed: the lease rounds' state is not carried in every call's future.
-            match Box::pin(self.decide(prepared, rates)).await {
+            match Box::pin(self.decide_shared(shared, prepared, rates)).await {
                 // The store went away while a lease was asked for.
                 Err(e)
                     if e.code == "store_unavailable"
@@ -527,6 +523,10 @@ impl Services {
                 }
                 other => other,
             }
+        } else {
+            self.engine
+                .decide(prepared, &self.ledger, Leases::AskForMore, rates)
+                .map_err(ApiError::from)
         };
         let (permit, ticket) = decided?;
         let landed = if fail_open {
@@ -585,16 +585,14 @@ impl Services {
             .is_some_and(|t| t.failure_policy == FailurePolicy::FailOpen)
     }
 
-    async fn decide(
+    /// A decision with shared budgets: a call a larger lease would let through waits
+    /// for the lease rounds.
+    async fn decide_shared(
         &self,
+        shared: &bursar_store::postgres::Shared,
         prepared: &Prepared<'_>,
         rates: Rates<'_>,
     ) -> Result<(Permit, bursar_store::Ticket), ApiError> {
-        let Some(shared) = &self.shared else {
-            return Ok(self
-                .engine
-                .decide(prepared, &self.ledger, Leases::AskForMore, rates)?);
-        };
         for round in 0..LEASE_ROUNDS {
             match self
                 .engine
